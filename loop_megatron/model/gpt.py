@@ -1,0 +1,109 @@
+"""The Loop-Residual GPT: embeddings, optional prelude, the loop stack, optional coda, tied LM head."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..parallel import (VocabParallelEmbedding, gather_from_tp_region, get_tensor_model_parallel_rank,
+                        vocab_parallel_cross_entropy)
+from .block import Block
+from .kv_cache import KVCache
+from .loop import LoopStack
+
+IGNORE_INDEX = -100
+
+
+class LoopGPT(nn.Module):
+    """GPT-2 (pre-LN, GELU, learned positions, tied embeddings) whose middle is a LoopStack.
+
+    forward(input_ids, labels) returns (logits, loss): `loss` is the mean token cross-entropy over labels
+    that are not IGNORE_INDEX (None without labels); `logits` are the full-vocabulary logits (gathered
+    over TP ranks, vocab padding removed), returned when no labels are given or `return_logits=True`.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        std = cfg.init_method_std
+        # GPT-2's scaled init: each residual branch's output projection shrinks with the number of
+        # residual additions, which for a looped model is 2 per *applied* block (effective depth).
+        output_std = std / math.sqrt(2 * cfg.effective_depth)
+        self.wte = VocabParallelEmbedding(cfg.padded_vocab_size, cfg.hidden_size,
+                                          init_fn=lambda w: nn.init.normal_(w, std=std))
+        self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        nn.init.normal_(self.wpe.weight, std=std)
+        self.prelude = nn.ModuleList([Block(cfg, output_std) for _ in range(cfg.prelude_layers)])
+        self.loop = LoopStack(cfg, output_std)
+        self.coda = nn.ModuleList([Block(cfg, output_std) for _ in range(cfg.coda_layers)])
+        self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+
+    # ------------------------------------------------------------------------------------------------
+    def hidden_states(self, input_ids: torch.Tensor, num_loops: Optional[int] = None,
+                      kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Final-LayerNorm hidden states [batch, seq, hidden]."""
+        T = input_ids.shape[1]
+        offset = 0
+        if kv_cache is not None:
+            kv_cache.begin()
+            offset = kv_cache.seq_len
+        if offset + T > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {offset + T} tokens exceeds model.max_position_embeddings "
+                             f"({self.cfg.max_position_embeddings}).")
+        positions = torch.arange(offset, offset + T, device=input_ids.device)
+        x = self.wte(input_ids) + self.wpe(positions)
+        x = F.dropout(x, self.cfg.hidden_dropout, self.training)
+        for block in self.prelude:
+            x = block(x, kv_cache)
+        x = self.loop(x, num_loops=num_loops, kv_cache=kv_cache)
+        for block in self.coda:
+            x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.end(T)
+        return self.ln_f(x)
+
+    def logits_parallel(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This TP rank's vocabulary slice of the logits, vocab padding set to -inf."""
+        logits = self.wte.logits_parallel(hidden)
+        if self.cfg.padded_vocab_size != self.cfg.vocab_size:
+            per_rank = logits.shape[-1]
+            start = get_tensor_model_parallel_rank() * per_rank
+            is_padding = torch.arange(start, start + per_rank, device=logits.device) >= self.cfg.vocab_size
+            if bool(is_padding.any()):
+                logits = logits.masked_fill(is_padding, float("-inf"))
+        return logits
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
+                num_loops: Optional[int] = None, kv_cache: Optional[KVCache] = None,
+                return_logits: Optional[bool] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        hidden = self.hidden_states(input_ids, num_loops=num_loops, kv_cache=kv_cache)
+        logits_parallel = self.logits_parallel(hidden)
+        loss = None
+        if labels is not None:
+            keep = labels != IGNORE_INDEX
+            per_token = vocab_parallel_cross_entropy(logits_parallel, labels.masked_fill(~keep, 0))
+            loss = (per_token * keep).sum() / keep.sum().clamp(min=1)
+        if return_logits is None:
+            return_logits = labels is None
+        logits = gather_from_tp_region(logits_parallel)[..., :self.cfg.vocab_size] if return_logits else None
+        return logits, loss
+
+    # ------------------------------------------------------------------------------------------------
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters on this rank (shared loop weights counted once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.wte.weight.numel() + self.wpe.weight.numel()
+        return n
+
+    def no_decay_parameter_names(self):
+        """Parameters AdamW should not decay: biases, LayerNorm weights and loop gates."""
+        names = []
+        for name, p in self.named_parameters():
+            if p.ndim < 2 or name.endswith("gates"):
+                names.append(name)
+        return names

@@ -1,0 +1,137 @@
+"""Megatron-style tensor-parallel layers.
+
+Each layer first builds the *full* (TP=1) weight with the caller's init function, from the same RNG
+stream on every TP rank, and keeps only its shard. A TP=2 model therefore starts from exactly the
+weights of the TP=1 model built with the same seed, which is what makes TP=2 vs TP=1 comparisons exact.
+
+Sharded parameters carry Megatron's attributes (`tensor_model_parallel`, `partition_dim`,
+`partition_stride`) so DeepSpeed counts them per rank in gradient norms and so checkpoint tools know
+how to merge shards. `partition_stride` > 1 means the full tensor is a concatenation of `stride`
+logical blocks along `partition_dim` (q, k, v in the fused attention projection), each sharded
+separately: shard r = cat(block_0[r], block_1[r], ...).
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .mappings import copy_to_tp_region, gather_from_tp_region, reduce_from_tp_region
+from .state import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+InitFn = Callable[[torch.Tensor], None]
+
+
+def shard_tensor(full: torch.Tensor, dim: int, stride: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's shard of `full` along `dim` (see module docstring for `stride`)."""
+    if world == 1:
+        return full
+    blocks = full.chunk(stride, dim=dim)
+    return torch.cat([b.chunk(world, dim=dim)[rank] for b in blocks], dim=dim).contiguous()
+
+
+def merge_shards(shards: List[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Inverse of `shard_tensor` over all ranks: the full tensor from every rank's shard."""
+    if len(shards) == 1:
+        return shards[0]
+    per_rank_blocks = [s.chunk(stride, dim=dim) for s in shards]
+    return torch.cat([torch.cat([blocks[i] for blocks in per_rank_blocks], dim=dim) for i in range(stride)], dim=dim)
+
+
+def _mark_parallel(param: nn.Parameter, dim: int, stride: int) -> None:
+    param.tensor_model_parallel = True
+    param.partition_dim = dim
+    param.partition_stride = stride
+
+
+def _sharded_parameter(shape, dim: int, stride: int, init_fn: InitFn) -> nn.Parameter:
+    full = torch.empty(shape)
+    init_fn(full)
+    shard = shard_tensor(full, dim, stride, get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+    param = nn.Parameter(shard.clone())
+    if get_tensor_model_parallel_world_size() > 1:
+        _mark_parallel(param, dim, stride)
+    else:
+        # Keep the layout metadata even at TP=1 so checkpoint tools can describe the tensor.
+        param.partition_dim, param.partition_stride = dim, stride
+    return param
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x A^T + b with A split by output rows: each TP rank computes a slice of the outputs.
+
+    Input is replicated across TP ranks; output stays sharded (the next RowParallelLinear consumes it)
+    unless `gather_output`. At TP=1 this is nn.Linear.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
+                 init_fn: Optional[InitFn] = None, stride: int = 1):
+        super().__init__()
+        world = get_tensor_model_parallel_world_size()
+        assert out_features % (world * stride) == 0, "output features must divide evenly over TP ranks"
+        self.in_features, self.out_features = in_features, out_features
+        self.gather_output = gather_output
+        init_fn = init_fn or (lambda w: nn.init.normal_(w, std=0.02))
+        self.weight = _sharded_parameter((out_features, in_features), 0, stride, init_fn)
+        if bias:
+            self.bias = _sharded_parameter((out_features,), 0, stride, nn.init.zeros_)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(copy_to_tp_region(x), self.weight, self.bias)
+        return gather_from_tp_region(y) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x A^T + b with A split by input columns: each rank holds a slice of the inputs.
+
+    The partial products are summed over the TP group; the bias is replicated and added once after the
+    reduction. At TP=1 this is nn.Linear.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init_fn: Optional[InitFn] = None):
+        super().__init__()
+        world = get_tensor_model_parallel_world_size()
+        assert in_features % world == 0, "input features must divide evenly over TP ranks"
+        self.in_features, self.out_features = in_features, out_features
+        init_fn = init_fn or (lambda w: nn.init.normal_(w, std=0.02))
+        self.weight = _sharded_parameter((out_features, in_features), 1, 1, init_fn)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_from_tp_region(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding whose rows (the vocabulary) are split over TP ranks.
+
+    Each rank looks up the ids that fall in its range, zeroes the rest, and the TP all-reduce assembles
+    the full embedding. The same weight serves as the tied output layer (`logits_parallel`).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, init_fn: Optional[InitFn] = None):
+        super().__init__()
+        world, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        assert num_embeddings % world == 0, "vocabulary must divide evenly over TP ranks"
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.per_rank = num_embeddings // world
+        self.vocab_start = rank * self.per_rank
+        init_fn = init_fn or (lambda w: nn.init.normal_(w, std=0.02))
+        self.weight = _sharded_parameter((num_embeddings, embedding_dim), 0, 1, init_fn)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if get_tensor_model_parallel_world_size() == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp_region(out)
+
+    def logits_parallel(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied output layer: this rank's slice of the vocabulary logits."""
+        return F.linear(copy_to_tp_region(hidden), self.weight)

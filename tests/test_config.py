@@ -1,0 +1,97 @@
+"""Config presets, loading and validate()'s one-sentence rejections."""
+import json
+
+import pytest
+
+from loop_megatron.config import PRESETS, Config, ConfigError, describe_fields, load_config, preset
+
+
+def rejected(cfg: Config, world_size=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        cfg.validate(world_size)
+    return str(info.value)
+
+
+def test_every_preset_validates():
+    for name in PRESETS:
+        preset(name).validate()
+
+
+def test_paper_variant_shapes():
+    assert preset("loop-67m").model.effective_depth == 48
+    assert preset("loop-81m").model.effective_depth == 36
+    assert preset("gpt2-124m").model.loop_gates == "none"
+
+
+def test_heads_not_divisible_by_tp_names_the_fields():
+    cfg = preset("tiny-2l-2loop")
+    cfg.parallel.tensor_model_parallel_size = 3
+    msg = rejected(cfg)
+    assert "model.num_attention_heads" in msg and "tensor_model_parallel_size" in msg
+
+
+def test_vocab_not_divisible_by_tp_names_the_field():
+    cfg = preset("tiny-2l-2loop")
+    cfg.model.make_vocab_size_divisible_by = 1  # 50257 is odd
+    cfg.parallel.tensor_model_parallel_size = 2
+    msg = rejected(cfg)
+    assert "model.vocab_size" in msg and "tensor_model_parallel_size" in msg
+
+
+@pytest.mark.parametrize("field", ["num_loops", "inner_loops"])
+def test_loops_below_one_name_the_field(field):
+    cfg = preset("tiny-2l-2loop")
+    setattr(cfg.model, field, 0)
+    assert f"model.{field}" in rejected(cfg)
+
+
+def test_sequence_longer_than_position_table():
+    cfg = preset("tiny-2l-2loop")
+    cfg.data.seq_length = cfg.model.max_position_embeddings + 1
+    msg = rejected(cfg)
+    assert "data.seq_length" in msg and "model.max_position_embeddings" in msg
+
+
+def test_unknown_preset_names_it():
+    with pytest.raises(ConfigError, match="preset: unknown preset 'loop-9000m'"):
+        preset("loop-9000m")
+
+
+def test_unknown_field_names_it(tmp_path):
+    with pytest.raises(ConfigError, match="model.num_loopz: unknown field"):
+        load_config("tiny-1l", overrides=["model.num_loopz=3"])
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"training": {"lrr": 1.0}}))
+    with pytest.raises(ConfigError, match=r"training.lrr: unknown field \(from .*c.json\)"):
+        load_config(path=str(path))
+
+
+def test_bad_enum_and_type_name_the_field():
+    cfg = preset("tiny-1l")
+    cfg.model.loop_gates = "matrix"
+    assert "model.loop_gates" in rejected(cfg)
+    with pytest.raises(ConfigError, match="model.num_loops: expected an integer"):
+        load_config("tiny-1l", overrides=["model.num_loops=many"])
+
+
+def test_batch_arithmetic_checked_against_world_size():
+    cfg = preset("tiny-1l")
+    cfg.training.micro_batch_size, cfg.training.global_batch_size = 4, 10
+    msg = rejected(cfg, world_size=2)
+    assert "training.global_batch_size" in msg and "training.micro_batch_size" in msg
+
+
+def test_yaml_file_with_preset_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny-2l-2loop\nmodel:\n  num_loops: 5\ntraining:\n  lr: 0.001\n")
+    cfg = load_config(path=str(path), overrides=["model.loop_gates=scalar", "train_iters=7"])
+    assert (cfg.model.num_layers, cfg.model.num_loops, cfg.model.loop_gates) == (2, 5, "scalar")
+    assert cfg.training.lr == 0.001 and cfg.training.train_iters == 7
+    cfg.validate()
+
+
+def test_every_field_has_a_docstring():
+    reference = describe_fields()
+    for line in reference.splitlines():
+        if line.startswith("| `"):
+            assert not line.rstrip().endswith("|  |"), line
