@@ -272,6 +272,7 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "tiny-2l-2loop": {"model": dict(_TINY, num_layers=2, num_loops=2), "data": dict(_TINY_DATA)},
     "tiny-2l-3loop": {"model": dict(_TINY, num_layers=2, num_loops=3), "data": dict(_TINY_DATA)},
     "tiny-1l-4loop": {"model": dict(_TINY, num_layers=1, num_loops=4), "data": dict(_TINY_DATA)},
+    "tiny-2l": {"model": dict(_TINY, num_layers=2, num_loops=1, loop_gates="none"), "data": dict(_TINY_DATA)},
     "tiny-1l": {"model": dict(_TINY, num_layers=1, num_loops=1, loop_gates="none"), "data": dict(_TINY_DATA)},
     "tiny-1l-2loop": {"model": dict(_TINY, num_layers=1, num_loops=2), "data": dict(_TINY_DATA)},
 }
@@ -286,6 +287,7 @@ PRESET_DESCRIPTIONS = {
     "tiny-2l-2loop": "CPU: 2 shared layers x 2 loops (d=128)",
     "tiny-2l-3loop": "CPU: 2 shared layers x 3 loops (d=128)",
     "tiny-1l-4loop": "CPU: 1 shared layer x 4 loops (d=128)",
+    "tiny-2l": "CPU: 2 layers, no loop (d=128): same parameters as tiny-2l-*loop",
     "tiny-1l": "CPU: 1 layer, no loop (d=128)",
     "tiny-1l-2loop": "CPU: 1 shared layer x 2 loops (d=128)",
 }
