@@ -1,0 +1,7 @@
+"""Make `import loop_megatron` work when a tool is run as `python tools/X.py` from a source checkout."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
