@@ -26,7 +26,7 @@ setup(
         "datasets",
         "matplotlib",
         "safetensors",
-        "transformers>=4.40",
+        "transformers>=5.0",
         "ninja",
     ],
     extras_require={

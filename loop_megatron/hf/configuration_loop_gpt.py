@@ -1,0 +1,61 @@
+"""Hugging Face configuration of a Loop-Residual GPT (Ng & Wang, arXiv 2409.14199).
+
+Self-contained (imports only transformers) so that it can be copied into an exported model folder and
+loaded with ``trust_remote_code=True``. Field names follow GPT-2's config where they exist.
+"""
+from transformers import PretrainedConfig
+
+
+class LoopGPTConfig(PretrainedConfig):
+    """GPT-2 whose stack of `n_layer` shared blocks is applied `num_loops` times with gates.
+
+    One outer iteration n applies each shared block `inner_loops` times in place, then mixes
+    ``x = x + a_n * (h - x)``; `prelude_layers` unshared blocks run before the loop and `coda_layers`
+    after it. `num_hidden_layers` is the number of block *applications* per forward pass (one KV-cache
+    layer each); it is derived from the other fields.
+    """
+
+    model_type = "loop_gpt"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "max_position_embeddings": "n_positions",
+        "num_attention_heads": "n_head",
+    }
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_head: int = 12
+    n_inner: int | None = None
+    n_layer: int = 12
+    num_loops: int = 1
+    inner_loops: int = 1
+    prelude_layers: int = 0
+    coda_layers: int = 0
+    loop_gates: str = "vector"
+    num_hidden_layers: int = 12
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.0
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        if self.loop_gates not in ("vector", "scalar", "none"):
+            raise ValueError(f"loop_gates must be 'vector', 'scalar' or 'none', got {self.loop_gates!r}.")
+        self.num_hidden_layers = self.applications(self.num_loops)
+        super().__post_init__(**kwargs)
+
+    def applications(self, num_loops: int) -> int:
+        """Block applications per forward pass with `num_loops` outer iterations."""
+        return self.prelude_layers + num_loops * self.n_layer * self.inner_loops + self.coda_layers
+
+
+__all__ = ["LoopGPTConfig"]

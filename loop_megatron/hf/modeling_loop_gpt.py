@@ -1,0 +1,241 @@
+"""Hugging Face model of a Loop-Residual GPT (Ng & Wang, arXiv 2409.14199), for trust_remote_code.
+
+Self-contained: imports only torch and transformers (plus the sibling configuration file), so it can be
+copied into an exported model folder. A GPT-2 (pre-LayerNorm, GELU tanh, learned positions, tied
+embeddings) whose middle is a stack of `n_layer` shared blocks applied `num_loops` times:
+
+    for n in 1..N:  h = x;  for each block k: repeat inner_loops times: h = block_k(h)
+                    x = x + a_n * (h - x)          (a_n: learned gate; 'none' means x = h)
+
+The shared blocks are stored once. Every block *application* has its own key/value cache entry (the
+same weights see a different hidden state each time), so the cache is a `DynamicCache` with one layer
+index per application, in application order: prelude blocks, loop applications, coda blocks.
+Iterations beyond the trained count (``num_loops=`` larger than ``config.num_loops``) reuse the last gate.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_loop_gpt import LoopGPTConfig
+
+
+class LoopGPTAttention(nn.Module):
+    """Causal multi-head self-attention; `qkv` is nn.Linear with output rows [q; k; v]."""
+
+    def __init__(self, config: LoopGPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_pdrop = config.attn_pdrop
+
+    def forward(self, x, mask, past_key_values: Optional[Cache], layer_idx: int):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, layer_idx)
+        dropout_p = self.attn_pdrop if self.training else 0.0
+        if isinstance(mask, str):  # "causal": no cache offset, no padding
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class LoopGPTMLP(nn.Module):
+    def __init__(self, config: LoopGPTConfig):
+        super().__init__()
+        inner = config.n_inner or 4 * config.n_embd
+        self.fc = nn.Linear(config.n_embd, inner)
+        self.proj = nn.Linear(inner, config.n_embd)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class LoopGPTBlock(nn.Module):
+    """Pre-LayerNorm GPT-2 block."""
+
+    def __init__(self, config: LoopGPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = LoopGPTAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = LoopGPTMLP(config)
+        self.drop = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x, mask, past_key_values, layer_idx):
+        x = x + self.drop(self.attn(self.ln_1(x), mask, past_key_values, layer_idx))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class LoopGPTLoop(nn.Module):
+    """The shared blocks and the per-iteration gates ([num_loops, d] 'vector', [num_loops, 1] 'scalar')."""
+
+    def __init__(self, config: LoopGPTConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList([LoopGPTBlock(config) for _ in range(config.n_layer)])
+        if config.loop_gates == "vector":
+            self.gates = nn.Parameter(torch.ones(config.num_loops, config.n_embd))
+        elif config.loop_gates == "scalar":
+            self.gates = nn.Parameter(torch.ones(config.num_loops, 1))
+        else:
+            self.register_parameter("gates", None)
+
+
+class LoopGPTPreTrainedModel(PreTrainedModel):
+    config_class = LoopGPTConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["LoopGPTBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, LoopGPTLoop) and module.gates is not None:
+            init.ones_(module.gates)
+
+
+class LoopGPTModel(LoopGPTPreTrainedModel):
+    def __init__(self, config: LoopGPTConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.prelude = nn.ModuleList([LoopGPTBlock(config) for _ in range(config.prelude_layers)])
+        self.loop = LoopGPTLoop(config)
+        self.coda = nn.ModuleList([LoopGPTBlock(config) for _ in range(config.coda_layers)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings):
+        self.wte = new_embeddings
+
+    @staticmethod
+    def _mask(attention_mask, batch, T, past, device):
+        """'causal' when plain causal attention suffices, else a bool mask [B or 1, 1, T, past + T]."""
+        if attention_mask is not None and attention_mask.ndim == 2 and bool(attention_mask.all()):
+            attention_mask = None
+        if attention_mask is None and past == 0:
+            return "causal"
+        S = past + T
+        if attention_mask is None and T == 1:
+            return None
+        rows = torch.arange(past, S, device=device)[:, None]
+        cols = torch.arange(S, device=device)[None, :]
+        mask = (cols <= rows)[None, None]  # [1, 1, T, S]
+        if attention_mask is not None:
+            if attention_mask.ndim == 4:
+                return attention_mask if attention_mask.dtype == torch.bool else attention_mask >= 0
+            keep = attention_mask[:, None, None, -S:].to(torch.bool)
+            # A padded query would see no key at all (NaN); let it see itself.
+            mask = (mask & keep) | (cols == rows)[None, None]
+        return mask
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, num_loops: Optional[int] = None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        num_loops = num_loops or self.config.num_loops
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if not use_cache:
+            past_key_values = None
+        if past_key_values is not None:
+            needed = self.config.applications(num_loops)
+            layers = getattr(past_key_values, "layers", None)
+            if layers is not None and getattr(past_key_values, "layer_class_to_replicate", None) is None:
+                while len(layers) < needed:  # more loops than the config's: more applications to cache
+                    layers.append(DynamicLayer())
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None]
+        if past + T > self.config.n_positions:
+            raise ValueError(f"sequence of {past + T} tokens exceeds n_positions ({self.config.n_positions}).")
+        mask = self._mask(attention_mask, B, T, past, inputs_embeds.device)
+        x = self.drop(inputs_embeds + self.wpe(position_ids))
+
+        slot = 0
+        for block in self.prelude:
+            x = block(x, mask, past_key_values, slot)
+            slot += 1
+        gates = self.loop.gates
+        for n in range(num_loops):
+            h = x
+            for block in self.loop.blocks:
+                for _ in range(self.config.inner_loops):
+                    h = block(h, mask, past_key_values, slot)
+                    slot += 1
+            if gates is None:
+                x = h
+            else:
+                x = x + gates[min(n, gates.shape[0] - 1)] * (h - x)
+        for block in self.coda:
+            x = block(x, mask, past_key_values, slot)
+            slot += 1
+        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x), past_key_values=past_key_values)
+
+
+class LoopGPTForCausalLM(LoopGPTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: LoopGPTConfig):
+        super().__init__(config)
+        self.transformer = LoopGPTModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.transformer.wte
+
+    def set_input_embeddings(self, new_embeddings):
+        self.transformer.wte = new_embeddings
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, num_loops: Optional[int] = None,
+                logits_to_keep=0, **kwargs):
+        """`labels` are shifted inside (labels = input_ids for language modelling; -100 is ignored).
+        `num_loops` overrides the number of loop iterations for this call."""
+        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                               use_cache=use_cache, num_loops=num_loops)
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].float()
+            shift_labels = labels[:, 1:].to(logits.device)
+            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                   ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+
+__all__ = ["LoopGPTForCausalLM", "LoopGPTModel", "LoopGPTPreTrainedModel"]

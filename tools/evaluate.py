@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Held-out loss and perplexity of a loop_megatron checkpoint, optionally versus the number of loops.
+
+Examples:
+  python tools/evaluate.py --load checkpoints/loop-81m --data-path data/sotu_text_document
+  python tools/evaluate.py --load checkpoints/loop-81m --data-path data/sotu_text_document \\
+      --eval-split test --loops 1 2 4 6 8 --json results/loops.json
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("Examples:")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Examples:" + __doc__.split("Examples:", 1)[1])
+    p.add_argument("--load", required=True, metavar="CKPT_DIR", help="checkpoint: the --save folder or a tag folder.")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: 'latest').")
+    p.add_argument("--data-path", nargs="+", required=True,
+                   help="indexed-dataset prefix(es) without .bin/.idx, optionally weighted: 0.7 a 0.3 b.")
+    p.add_argument("--split", default="949,50,1", help="train,valid,test proportions by document (default 949,50,1).")
+    p.add_argument("--eval-split", choices=("valid", "test"), default="valid", help="split to evaluate (default valid).")
+    p.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the checkpoint's).")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="samples per forward pass (default 8).")
+    p.add_argument("--eval-iters", type=int, default=None,
+                   help="micro-batches to evaluate (default: the whole split).")
+    p.add_argument("--loops", type=int, nargs="+", default=None,
+                   help="loop counts to evaluate at (default: the trained count); several print a table.")
+    p.add_argument("--seed", type=int, default=1234, help="sample-order seed (default 1234).")
+    p.add_argument("--data-cache-path", default=None, help="folder for cached sample indices.")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON.")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from loop_megatron.checkpoint_io import CheckpointError
+    from loop_megatron.config import ConfigError
+    from loop_megatron.data.errors import DataError
+    from loop_megatron.evaluation import evaluate_checkpoint, markdown_table, write_json
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        results, meta = evaluate_checkpoint(args.load, args.data_path, split=args.split, eval_split=args.eval_split,
+                                      seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                                      eval_iters=args.eval_iters, loops=args.loops, tag=args.tag, seed=args.seed,
+                                      cache_dir=args.data_cache_path, device=device)
+    except (CheckpointError, ConfigError, DataError, ValueError) as exc:
+        print(f"evaluate.py: error: {exc}", file=sys.stderr)
+        return 1
+    trained = meta["config"]["model"]["num_loops"]
+    if len(results) == 1:
+        r = results[0]
+        print(f"{args.eval_split} loss {r.loss:.4f} | perplexity {r.perplexity:.2f} | loops {r.loops} | "
+              f"{r.tokens} tokens in {r.batches} batches")
+    else:
+        print(f"{args.eval_split} split of {' '.join(args.data_path)} ({results[0].tokens} tokens per row; "
+              f"* = trained loop count)\n")
+        print(markdown_table(results, trained_loops=trained))
+    if args.json:
+        write_json(results, args.json, checkpoint=meta["path"], iteration=meta.get("iteration"),
+                   data_path=args.data_path, split=args.split, eval_split=args.eval_split,
+                   trained_loops=trained)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

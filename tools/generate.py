@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Sample text from a loop_megatron checkpoint (GPT-2 tokenizer, KV cache across loop iterations).
+
+Examples:
+  python tools/generate.py --load checkpoints/loop-81m --prompt "The state of the Union is" --max-new-tokens 50
+  python tools/generate.py --load checkpoints/loop-81m --prompt "Fellow citizens" --temperature 0   # greedy
+  python tools/generate.py --load checkpoints/loop-81m --prompt "We" --top-p 0.9 --seed 1 --loops 8
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("Examples:")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Examples:" + __doc__.split("Examples:", 1)[1])
+    p.add_argument("--load", required=True, metavar="CKPT_DIR", help="checkpoint: the --save folder or a tag folder.")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: 'latest').")
+    p.add_argument("--prompt", required=True, help="text to continue.")
+    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default 50).")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8).")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens.")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this probability mass.")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling.")
+    p.add_argument("--loops", type=int, default=None, help="loop iterations (default: the trained count).")
+    p.add_argument("--num-samples", type=int, default=1, help="independent continuations to print (default 1).")
+    p.add_argument("--ignore-eod", action="store_true", help="keep generating after <|endoftext|>.")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from loop_megatron.checkpoint_io import CheckpointError, load_model
+    from loop_megatron.config import ConfigError
+    from loop_megatron.data.tokenizer import GPT2Tokenizer
+    from loop_megatron.generation import generate
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if args.loops is not None and args.loops < 1:
+            raise ValueError(f"--loops must be >= 1, got {args.loops}.")
+        model = load_model(args.load, args.tag, num_loops=args.loops, device=device)
+        tok = GPT2Tokenizer()
+        prompt = tok.encode(args.prompt)
+        if not prompt:
+            raise ValueError("--prompt encodes to no tokens; give some text.")
+        for i in range(args.num_samples):
+            seed = None if args.seed is None else args.seed + i
+            out = generate(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=seed,
+                           eos_token_id=None if args.ignore_eod else tok.eod)
+            new = out[0, len(prompt):].tolist()
+            if not args.ignore_eod and tok.eod in new:
+                new = new[:new.index(tok.eod)]
+            if args.num_samples > 1:
+                print(f"--- sample {i + 1} ---")
+            print(args.prompt + tok.decode(new))
+    except (CheckpointError, ConfigError, ValueError) as exc:
+        print(f"generate.py: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
