@@ -170,7 +170,8 @@ class TrainingConfig:
     """Step at which cosine decay reaches min_lr; 0 means train_iters."""
 
     weight_decay: float = 0.1
-    """AdamW decoupled weight decay (not applied to biases, norms, gates or embeddings of positions)."""
+    """AdamW decoupled weight decay, not applied to the model's no_decay_parameter_names() (biases,
+    LayerNorm weights and loop gates)."""
 
     adam_beta1: float = 0.9
     """AdamW beta1."""
@@ -224,8 +225,17 @@ class TrainingConfig:
     tensorboard_dir: str = ""
     """TensorBoard event folder ('' = <run_dir>/tensorboard)."""
 
-    run_dir: str = "runs/default"
-    """Run folder: resolved config YAML, logs, and defaults for save/tensorboard."""
+    run_dir: str = ""
+    """Run folder: resolved config YAML (config.yaml), per-step metrics (metrics.jsonl), summary.json and
+    the default TensorBoard folder; '' = runs/<preset name, or 'custom' without a preset>."""
+
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device, the denominator of MFU; 0 = look the GPU up in a table
+    (H100/H200 989, A100 312: bf16 dense), and no MFU on CPU or an unknown device."""
+
+    ds_skip_shm_comm: bool = True
+    """Skip DeepSpeed's shared-memory CPU all-reduce op (deepspeed_shm_comm). It only serves DeepSpeed's
+    inference all-reduce, never training, and its first use JIT-compiles for about a minute."""
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig, "training": TrainingConfig}

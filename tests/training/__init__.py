@@ -1,0 +1,1 @@
+"""Tests of loop_megatron.training (DeepSpeed trainer)."""

@@ -1,0 +1,62 @@
+"""Shared pieces of the training tests: a small synthetic corpus and a tiny fp32 config."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Dict
+
+import numpy as np
+
+from loop_megatron.config import Config, preset, set_field
+from loop_megatron.data.indexed_dataset import IndexedDatasetBuilder
+
+VOCAB = 256
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write_corpus(directory: str, name: str = "syn_text_document", documents: int = 240, seed: int = 0) -> str:
+    """A Megatron .bin/.idx pair of learnable token patterns (arithmetic runs mod 250); returns the prefix."""
+    os.makedirs(directory, exist_ok=True)
+    prefix = os.path.join(directory, name)
+    if os.path.exists(prefix + ".idx"):
+        return prefix
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for _ in range(documents):
+        n = int(rng.integers(20, 90))
+        start, step = int(rng.integers(0, 250)), int(rng.integers(1, 5))
+        builder.add_document([(start + step * k) % 250 for k in range(n)] + [VOCAB - 1])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def tiny_config(prefix: str, run_dir: str, **overrides: Any) -> Config:
+    """hidden 32, 2 layers x 2 loops (vector gates), vocab 256, seq 16, fp32, few steps."""
+    cfg = preset("tiny-2l-2loop")
+    values: Dict[str, Any] = {
+        "model.hidden_size": 32, "model.num_attention_heads": 4, "model.vocab_size": VOCAB,
+        "model.make_vocab_size_divisible_by": 1, "model.max_position_embeddings": 32,
+        "data.data_path": [prefix], "data.seq_length": 16, "data.split": "90,10,0",
+        "data.data_cache_path": os.path.join(run_dir, "index_cache"),
+        "training.micro_batch_size": 2, "training.train_iters": 4, "training.lr": 3e-3, "training.min_lr": 3e-4,
+        "training.lr_warmup_iters": 1, "training.log_interval": 100, "training.eval_interval": 0,
+        "training.eval_iters": 2, "training.precision": "fp32", "training.run_dir": run_dir,
+        "training.seed": 7,
+    }
+    values.update(overrides)
+    for key, value in values.items():
+        set_field(cfg, key, value, "test")
+    return cfg
+
+
+def cli_env() -> Dict[str, str]:
+    """Environment for running the CLI as a subprocess from the repo root."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+PYTHON = sys.executable
