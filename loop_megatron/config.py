@@ -207,6 +207,11 @@ class TrainingConfig:
     load: str = ""
     """Checkpoint folder to resume from ('' = start fresh)."""
 
+    init_from: str = ""
+    """Start from the weights (model.pt) of this checkpoint folder, e.g. one made from a Hugging Face GPT-2
+    by `tools/convert_checkpoint.py --from-hf`, at iteration 0 with a fresh optimizer and schedule. The
+    model shape must match; TP size and ZeRO stage may differ. Ignored when `load` finds a checkpoint."""
+
     save_interval: int = 0
     """Save every N steps (0 = only at the end and on SIGTERM/SIGINT)."""
 

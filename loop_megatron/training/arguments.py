@@ -63,6 +63,9 @@ CONFIG_FLAGS: List[Tuple[str, str, object, str]] = [
     ("--save", "training.save", str, "Checkpoint folder (none = no checkpoints)."),
     ("--load", "training.load", str,
      "Checkpoint folder to resume from (its 'latest' tag); a folder without checkpoints starts fresh."),
+    ("--init-from", "training.init_from", str,
+     "Initialise weights from this checkpoint's model.pt (e.g. one imported with tools/convert_checkpoint.py "
+     "--from-hf) and train from iteration 0 with a fresh optimizer; ignored when --load resumes a run."),
     ("--save-interval", "training.save_interval", int,
      "Save every N steps (0 = only at the end and on SIGTERM/SIGINT)."),
     ("--keep-last", "training.keep_last", int,

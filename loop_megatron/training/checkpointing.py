@@ -82,8 +82,8 @@ def read_meta(directory: str, tag: str) -> Dict[str, Any]:
     return meta
 
 
-def check_compatible(meta: Dict[str, Any], cfg: Config, where: str, world: int) -> None:
-    """ConfigError (one sentence) when the checkpoint cannot be resumed by this run."""
+def check_same_shape(meta: Dict[str, Any], cfg: Config, where: str) -> None:
+    """ConfigError (one sentence listing every difference) when the checkpoint's model has another shape."""
     saved_model = (meta.get("config") or {}).get("model") or {}
     diffs = []
     for name in SHAPE_FIELDS:
@@ -94,6 +94,11 @@ def check_compatible(meta: Dict[str, Any], cfg: Config, where: str, world: int) 
     if diffs:
         raise ConfigError(f"checkpoint {where} has a different model shape ({', '.join(diffs)}); "
                           "refusing to load it.")
+
+
+def check_compatible(meta: Dict[str, Any], cfg: Config, where: str, world: int) -> None:
+    """ConfigError (one sentence) when the checkpoint cannot be resumed by this run."""
+    check_same_shape(meta, cfg, where)
     tp_saved, tp = meta.get("tensor_model_parallel_size"), cfg.parallel.tensor_model_parallel_size
     if tp_saved != tp:
         raise ConfigError(f"checkpoint {where} was saved with tensor_model_parallel_size {tp_saved} but this run "
@@ -121,6 +126,23 @@ def find_resume(cfg: Config, world: int) -> Optional[Tuple[str, Dict[str, Any]]]
     meta = read_meta(load, tag)
     check_compatible(meta, cfg, os.path.join(load, tag), world)
     return tag, meta
+
+
+def find_init_from(cfg: Config) -> Optional[str]:
+    """Path of the model.pt to initialise from (training.init_from), after checking its shape; None if unset."""
+    if not cfg.training.init_from:
+        return None
+    from ..checkpoint_io import CheckpointError, resolve_checkpoint
+
+    try:
+        folder = resolve_checkpoint(cfg.training.init_from)
+    except CheckpointError as exc:
+        raise ConfigError(f"training.init_from: {exc}") from None
+    meta_path = os.path.join(folder, "meta.json")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    check_same_shape(meta, cfg, folder)
+    return os.path.join(folder, "model.pt")
 
 
 # ----------------------------------------------------------------------------------------------------

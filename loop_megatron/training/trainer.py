@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, save_yaml
-from ..model import LoopGPT, model_summary
+from ..model import LoopGPT, load_full_state_dict, model_summary
 from ..parallel import (ModelParallelUnit, destroy_model_parallel, get_data_parallel_group,
                         get_data_parallel_rank, get_data_parallel_world_size, get_tensor_model_parallel_group,
                         get_tensor_model_parallel_world_size, initialize_model_parallel, set_seed)
@@ -42,7 +42,8 @@ def preflight(cfg: Config, opts: RunOptions) -> Dict[str, Any]:
     precision = resolve_precision(cfg)
     check_data_paths(cfg.data.data_path)
     resume = checkpointing.find_resume(cfg, world)
-    return {"world": world, "ds_base": ds_base, "precision": precision, "resume": resume}
+    init_from = checkpointing.find_init_from(cfg) if resume is None else None
+    return {"world": world, "ds_base": ds_base, "precision": precision, "resume": resume, "init_from": init_from}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,6 +165,10 @@ def pretrain(cfg: Config, opts: Optional[RunOptions] = None, return_state_dict: 
         train_ds, valid_ds = build_datasets(cfg, dp)
         summary_info = model_summary(cfg.model, seq)
         model = LoopGPT(cfg.model)
+        if checks["init_from"]:
+            # Before deepspeed.initialize: every rank keeps its TP shard, ZeRO then partitions as usual.
+            load_full_state_dict(model, torch.load(checks["init_from"], map_location="cpu", weights_only=True))
+            log.print(f"initialised weights from {checks['init_from']}")
         ds_config = build_ds_config(cfg, dp, checks["precision"], checks["ds_base"])
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=parameter_groups(model, t.weight_decay), config=ds_config,

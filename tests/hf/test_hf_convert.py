@@ -284,13 +284,7 @@ def test_cli_help_names_the_neox_style_flags():
         assert flag in proc.stdout
 
 
-# ----------------------------------------------------------------------------------------------------
-# A checkpoint written by the trainer with TP=2 under ZeRO-3
-# ----------------------------------------------------------------------------------------------------
-def test_trainer_tp2_zero3_checkpoint_converts(tmp_path):
-    if not os.path.isfile(os.path.join(ROOT, "loop_megatron", "train.py")):
-        pytest.skip("loop_megatron/train.py does not exist yet (the trainer CLI is being written); "
-                    "this test trains 2 steps with TP=2 / ZeRO-3 on 2 processes and converts the result.")
+def write_random_corpus(tmp_path) -> str:
     import numpy as np
 
     from loop_megatron.data.indexed_dataset import IndexedDatasetBuilder
@@ -301,6 +295,14 @@ def test_trainer_tp2_zero3_checkpoint_converts(tmp_path):
     for _ in range(64):
         builder.add_document(rng.integers(0, VOCAB, size=int(rng.integers(40, 120))).tolist())
     builder.finalize(prefix + ".idx")
+    return prefix
+
+
+# ----------------------------------------------------------------------------------------------------
+# A checkpoint written by the trainer with TP=2 under ZeRO-3
+# ----------------------------------------------------------------------------------------------------
+def test_trainer_tp2_zero3_checkpoint_converts(tmp_path):
+    prefix = write_random_corpus(tmp_path)
     save = str(tmp_path / "save")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -317,3 +319,36 @@ def test_trainer_tp2_zero3_checkpoint_converts(tmp_path):
     convert_checkpoint_to_hf(save, out)
     hf = load_hf(out, trust_remote_code=True)
     assert_same_logits(model, hf, cfg.model.vocab_size)
+
+
+def test_trainer_initialises_from_an_imported_hf_gpt2_under_tp2(tmp_path):
+    """HF GPT-2 -> our checkpoint -> trainer --init-from with TP=2 / ZeRO-2: the weights the trainer
+    starts from (saved at iteration 0 after sharding over TP and partitioning by ZeRO) are the HF ones."""
+    hf_dir = str(tmp_path / "gpt2")
+    make_local_gpt2(hf_dir, n_layer=2)
+    imported = str(tmp_path / "imported")
+    convert_hf_to_checkpoint(hf_dir, imported)
+    _, sd_imported, _ = load_checkpoint(imported)
+    prefix = write_random_corpus(tmp_path)
+    save = str(tmp_path / "save")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "loop_megatron.train", "--init-from", imported, "--num-layers", "2", "--loops", "1",
+           "--loop-gates", "none", "--hidden-size", "64", "--num-attention-heads", "4",
+           "--override", f"model.vocab_size={VOCAB}", "--override", "model.max_position_embeddings=64",
+           "--tensor-model-parallel-size", "2", "--zero-stage", "2", "--data-path", prefix, "--split", "90,10,0",
+           "--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "0", "--eval-iters", "1",
+           "--precision", "fp32", "--save", save, "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "initialised weights from" in proc.stdout + proc.stderr
+    _, sd_started, _ = load_checkpoint(save)
+    assert set(sd_started) == set(sd_imported)
+    for k in sd_imported:
+        assert torch.equal(sd_started[k], sd_imported[k]), k
+    # A shape mismatch is refused before anything starts, naming the field.
+    bad = cmd[:]
+    bad[bad.index("--hidden-size") + 1] = "32"
+    proc = subprocess.run(bad, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0
+    assert "model.hidden_size 64 there vs 32 here" in proc.stdout + proc.stderr
