@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Write (or check) docs/configuration.md, the configuration reference built from the field docstrings
+in loop_megatron/config.py.
+
+    python tools/config_reference.py            # rewrite docs/configuration.md
+    python tools/config_reference.py --check    # exit 1 if it is out of date (the tests run this)
+"""
+import argparse
+import os
+import sys
+
+import _bootstrap  # noqa: F401  (repo root on sys.path)
+
+from loop_megatron.config import PRESET_DESCRIPTIONS, describe_fields
+
+TARGET = os.path.join(_bootstrap.ROOT, "docs", "configuration.md")
+
+
+def render() -> str:
+    presets = "\n".join(f"| `{name}` | {text} |" for name, text in PRESET_DESCRIPTIONS.items())
+    return (
+        "# Configuration reference\n\n"
+        "Generated from the docstrings in `loop_megatron/config.py` by `python tools/config_reference.py`; "
+        "do not edit by hand.\n\n"
+        "A run's config is: a preset (`--preset`), then a YAML/JSON file (`--config`, which may name its own "
+        "`preset:`), then the trainer's flags, then `--override section.field=value`. `validate()` rejects "
+        "impossible settings with one sentence naming the field. The resolved config is saved as "
+        "`<run_dir>/config.yaml` and inside every checkpoint's `meta.json`.\n\n"
+        "## Presets\n\n| preset | what it is |\n|---|---|\n" + presets + "\n\n## Fields\n\n" + describe_fields()
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="fail if docs/configuration.md is out of date")
+    args = parser.parse_args()
+    text = render()
+    if args.check:
+        current = open(TARGET, encoding="utf-8").read() if os.path.exists(TARGET) else ""
+        if current != text:
+            print(f"{TARGET} is out of date: run python tools/config_reference.py", file=sys.stderr)
+            return 1
+        return 0
+    tmp = TARGET + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, TARGET)
+    print(f"wrote {TARGET}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
