@@ -36,7 +36,6 @@ setup(
     entry_points={
         "console_scripts": [
             "loop-megatron-train=loop_megatron.train:main",
-            "loop-megatron-model-info=loop_megatron.cli.model_info:main",
         ]
     },
 )
