@@ -17,7 +17,17 @@ import torch
 
 from ..config import Config, ConfigError
 
-DEFAULT_STAGE_FILES = {0: "zero0.json", 1: "zero1.json", 2: "zero2.json", 3: "zero3.json"}
+# ZeRO tuning used when no --deepspeed-config file is given (the same values as ds_configs/zero*.json).
+# DeepSpeed's own default buckets are 5e8 elements: ~1.9 GiB of fp32 buffers per rank under ZeRO-1/2/3,
+# far more than a small model's whole state (see bench/train_bench.py).
+DEFAULT_ZERO_TUNING = {
+    1: {"reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000},
+    2: {"overlap_comm": False, "contiguous_gradients": True, "reduce_scatter": True,
+        "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000},
+    3: {"overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": 50_000_000,
+        "stage3_prefetch_bucket_size": 50_000_000, "stage3_param_persistence_threshold": 100_000,
+        "stage3_gather_16bit_weights_on_model_save": False},
+}
 
 
 def load_ds_file(path: str) -> Dict[str, Any]:
@@ -128,7 +138,7 @@ def build_ds_config(cfg: Config, dp_size: int, precision: str, base: Optional[Di
         ds[kind] = section
     if "bfloat16" in ds:  # old alias of "bf16"
         ds.pop("bfloat16")
-    zero = dict(ds.get("zero_optimization") or {})
+    zero = dict(ds.get("zero_optimization") or DEFAULT_ZERO_TUNING.get(t.zero_stage, {}))
     zero["stage"] = t.zero_stage
     if t.cpu_offload:
         offload = dict(zero.get("offload_optimizer") or {})
