@@ -190,7 +190,8 @@ def main() -> int:
                    help="ZeRO stage of the loops table (default 0, so the step's peak is activations only)")
     p.add_argument("--bucket-elements", type=int, default=0,
                    help="set DeepSpeed's reduce/allgather bucket sizes (and ZeRO-3 prefetch/persistence limits) to "
-                        "this many elements; default: DeepSpeed's defaults, as the trainer uses them")
+                        "this many elements; default: the trainer's own defaults (training/ds_config.py "
+                        "DEFAULT_ZERO_TUNING, 5e7-element buckets)")
     p.add_argument("--skip-zero", action="store_true")
     p.add_argument("--skip-loops", action="store_true")
     args = p.parse_args()
@@ -211,7 +212,7 @@ def main() -> int:
           f"{precision}, d={args.hidden_size}, micro batch {args.micro_batch} x seq {args.seq} per rank "
           f"({tokens} tokens/step); MiB per rank, the largest rank shown"
           + (f"; DeepSpeed buckets {args.bucket_elements:,} elements" if args.bucket_elements else
-             "; DeepSpeed's default bucket sizes"), flush=True)
+             "; the trainer's default ZeRO buckets (5e7 elements)"), flush=True)
     header = "| {} | tokens/s | step ms | states MiB | peak MiB | step Δ MiB |\n|---|---:|---:|---:|---:|---:|"
     tables = []
     started = time.perf_counter()

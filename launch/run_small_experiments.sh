@@ -3,6 +3,7 @@
 # 2 cores; `make experiments`). Runs one after another, single process each (no launcher needed):
 #
 #   tiny-4l               4 layers, no loop                      (the deep baseline)
+#   tiny-2l               2 layers, no loop                      (same parameters as the 2-layer loops)
 #   tiny-2l-2loop         2 shared layers x 2 loops, vector gates
 #   tiny-2l-2loop-nogate  the same without gates (--loop-gates none)
 #   tiny-2l-3loop         2 shared layers x 3 loops, vector gates
@@ -43,6 +44,7 @@ ONLY="${ONLY:-}"
 # name  preset  trained-loops  extra trainer flags
 RUNS=(
     "tiny-4l              tiny-4l        1"
+    "tiny-2l              tiny-2l        1"
     "tiny-2l-2loop        tiny-2l-2loop  2"
     "tiny-2l-2loop-nogate tiny-2l-2loop  2 --loop-gates none"
     "tiny-2l-3loop        tiny-2l-3loop  3"
