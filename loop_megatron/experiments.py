@@ -320,6 +320,13 @@ def plot_loss_curves(runs: Sequence[Run], path: str, smoothing: float = 0.6, x_a
         ax.set_ylabel("cross-entropy (nats/token)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str) -> str:
+    """Write a matplotlib figure as PNG under a temporary name, then rename (never a half-written plot)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
@@ -461,13 +468,7 @@ def plot_loss_vs_loops(evals: Sequence[LoopEval], path: str) -> str:
     ax.set_title("loss vs. loop count")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -41,6 +41,11 @@ class LoopGPT(nn.Module):
         self.loop = LoopStack(cfg, output_std)
         self.coda = nn.ModuleList([Block(cfg, output_std) for _ in range(cfg.coda_layers)])
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        # Which of this rank's vocabulary rows are padding: fixed at construction, so the forward pass
+        # neither rebuilds it nor syncs with the host to ask whether any exist. Not saved in checkpoints.
+        start = get_tensor_model_parallel_rank() * self.wte.per_rank
+        is_padding = torch.arange(start, start + self.wte.per_rank) >= cfg.vocab_size
+        self.register_buffer("vocab_padding_mask", is_padding if bool(is_padding.any()) else None, persistent=False)
 
     # ------------------------------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, num_loops: Optional[int] = None,
@@ -69,12 +74,8 @@ class LoopGPT(nn.Module):
     def logits_parallel(self, hidden: torch.Tensor) -> torch.Tensor:
         """This TP rank's vocabulary slice of the logits, vocab padding set to -inf."""
         logits = self.wte.logits_parallel(hidden)
-        if self.cfg.padded_vocab_size != self.cfg.vocab_size:
-            per_rank = logits.shape[-1]
-            start = get_tensor_model_parallel_rank() * per_rank
-            is_padding = torch.arange(start, start + per_rank, device=logits.device) >= self.cfg.vocab_size
-            if bool(is_padding.any()):
-                logits = logits.masked_fill(is_padding, float("-inf"))
+        if self.vocab_padding_mask is not None:
+            logits = logits.masked_fill(self.vocab_padding_mask, float("-inf"))
         return logits
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,

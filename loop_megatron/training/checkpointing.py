@@ -27,21 +27,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..checkpoint_io import FORMAT, VERSION, tag_for  # the layout's one definition (tools read it too)
 from ..config import Config, ConfigError
 from ..model import full_state_dict
 from .distributed import barrier, rank, world_size
 
-FORMAT = "loop_megatron"
-VERSION = 1
 TAG_RE = re.compile(r"^iter_(\d{7,})$")
 # Model fields that change parameter shapes or what the weights mean: a checkpoint must agree on all.
 SHAPE_FIELDS = ("vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings", "hidden_size",
                 "num_attention_heads", "ffn_hidden_size", "num_layers", "num_loops", "inner_loops",
                 "prelude_layers", "coda_layers", "loop_gates")
-
-
-def tag_for(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
 
 
 def _atomic_write_text(path: str, text: str) -> None:
