@@ -229,7 +229,7 @@ def pretrain(cfg: Config, opts: Optional[RunOptions] = None, return_state_dict: 
         while iteration < t.train_iters:
             t0 = time.perf_counter()
             lr = lr_at(iteration, t)
-            loss_sum = torch.zeros((), dtype=torch.float64)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=dev)  # on device: no host sync per micro-batch
             grad_norm = None
             for m in range(accum):
                 x, y = split_inputs(next(batches), dev)
@@ -238,7 +238,7 @@ def pretrain(cfg: Config, opts: Optional[RunOptions] = None, return_state_dict: 
                 if manual_grad_norm and m == accum - 1:
                     grad_norm = tp_aware_grad_norm(engine.module)
                 engine.step()
-                loss_sum += loss.detach().double().cpu()
+                loss_sum += loss.detach().double()
             if grad_norm is None:
                 norm = engine.get_global_grad_norm()
                 grad_norm = float(norm) if norm is not None else None
