@@ -7,7 +7,7 @@ checkpointing off and per-iteration.
 Peak memory is measured above the level before the step (weights and gradient buffers excluded) and is
 also shown in units of one hidden-state tensor (batch x seq x hidden, fp32): with per-iteration
 checkpointing each extra loop should add about one or two of those; without it, a whole iteration's
-activations. On CPU, memory is sampled after every ATen op (see loop_megatron/profiling.py).
+activations. On CPU, memory is sampled after every ATen op (see loop_megatron/utils/profiling.py).
 """
 import argparse
 import os
@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from loop_megatron.config import ModelConfig  # noqa: E402
 from loop_megatron.model import LoopGPT  # noqa: E402
-from loop_megatron.profiling import PeakMemory  # noqa: E402
+from loop_megatron.utils.profiling import PeakMemory  # noqa: E402
 
 
 def measure(cfg: ModelConfig, batch: int, seq: int, device: torch.device, repeats: int):

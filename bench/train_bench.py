@@ -13,7 +13,7 @@ Columns (MiB, per rank, the largest over ranks):
            state and DeepSpeed's buffers (what ZeRO partitions)
   peak     highest heap use during a step, same zero point: states + activations + transients
   step Δ   peak minus the level at the start of the step: activations and transient buffers
-On CPU memory is sampled after every ATen op (loop_megatron/profiling.py); on CUDA it is
+On CPU memory is sampled after every ATen op (loop_megatron/utils/profiling.py); on CUDA it is
 torch.cuda.max_memory_allocated. tokens/s counts all ranks (micro batch x ranks x sequence / step time).
 """
 import argparse
@@ -42,7 +42,7 @@ def free_port() -> int:
 
 
 def bytes_in_use(device: torch.device) -> int:
-    from loop_megatron.profiling import cpu_bytes_in_use
+    from loop_megatron.utils.profiling import cpu_bytes_in_use
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -57,7 +57,7 @@ def run_job(job: dict, device: torch.device) -> dict:
     from loop_megatron.config import Config
     from loop_megatron.model import LoopGPT, parameter_count
     from loop_megatron.parallel import ModelParallelUnit, get_data_parallel_rank, get_data_parallel_world_size
-    from loop_megatron.profiling import PeakMemory
+    from loop_megatron.utils.profiling import PeakMemory
     from loop_megatron.training.ds_config import build_ds_config
     from loop_megatron.training.optim import parameter_groups
 

@@ -18,4 +18,4 @@
 # Runs resume from SAVE_ROOT/<preset> when a checkpoint is there. Extra trainer flags can follow.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"
-exec "$PYTHON" -m loop_megatron.launch_utils paper "$@"
+exec "$PYTHON" -m loop_megatron.launch.cli paper "$@"

@@ -71,7 +71,7 @@ if [ -z "${TRAIN_ITERS:-}" ] && [ -f "$RUNS_DIR/train_iters" ]; then
 fi
 if [ -z "${TRAIN_ITERS:-}" ]; then
     echo "=== timing $SLOWEST to fit ${#RUNS[@]} runs into $BUDGET_MINUTES minutes ==="
-    TRAIN_ITERS="$("$PYTHON" -m loop_megatron.experiments calibrate --budget-minutes "$BUDGET_MINUTES" \
+    TRAIN_ITERS="$("$PYTHON" -m loop_megatron.experiments.cli calibrate --budget-minutes "$BUDGET_MINUTES" \
         --runs "${#RUNS[@]}" --reserve-minutes 8 -- --preset "$SLOWEST" "${COMMON[@]}")"
 fi
 echo "$TRAIN_ITERS" > "$RUNS_DIR/train_iters"
@@ -87,7 +87,7 @@ for spec in "${RUNS[@]}"; do
     read -r name preset loops extra <<< "$spec"
     i=$((i + 1))
     selected "$name" || continue
-    if "$PYTHON" -m loop_megatron.experiments is-complete "$RUNS_DIR/$name" "$TRAIN_ITERS"; then
+    if "$PYTHON" -m loop_megatron.experiments.cli is-complete "$RUNS_DIR/$name" "$TRAIN_ITERS"; then
         echo "=== [$i/${#RUNS[@]}] $name: already trained, skipping ==="
         continue
     fi

@@ -24,4 +24,4 @@
 # A missing or malformed hostfile stops here with one sentence, before anything starts.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"
-exec "$PYTHON" -m loop_megatron.launch_utils train "$@"
+exec "$PYTHON" -m loop_megatron.launch.cli train "$@"

@@ -101,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.perf_counter()
 
     from .data import DataError, prepare_default_corpus
-    from .launch_utils import gpu_count
+    from .launch.environment import gpu_count
 
     env = dict(os.environ)
     if not gpu_count():
@@ -147,7 +147,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("\n[demo] 3/3 results (same data, same tokens, same parameter count):\n", flush=True)
     print(format_table(summaries, {n: w for n, _, w in RUNS}))
     try:
-        from .experiments import load_run, plot_loss_curves
+        from .experiments.plots import plot_loss_curves
+        from .experiments.records import load_run
 
         png = plot_loss_curves([load_run(os.path.join(args.runs_dir, n)) for n, _, _ in RUNS],
                                os.path.join(args.runs_dir, "loss_curves.png"))

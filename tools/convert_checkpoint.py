@@ -44,7 +44,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from loop_megatron.checkpoint_io import CheckpointError
+    from loop_megatron.checkpoint import CheckpointError
     from loop_megatron.config import ConfigError
     from loop_megatron.hf.convert import ConversionError, convert_checkpoint_to_hf, convert_hf_to_checkpoint
 

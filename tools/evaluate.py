@@ -40,10 +40,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from loop_megatron.checkpoint_io import CheckpointError
+    from loop_megatron.checkpoint import CheckpointError
     from loop_megatron.config import ConfigError
     from loop_megatron.data.errors import DataError
-    from loop_megatron.evaluation import evaluate_checkpoint, markdown_table, write_json
+    from loop_megatron.inference.evaluation import evaluate_checkpoint, markdown_table, write_json
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

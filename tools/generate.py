@@ -36,10 +36,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from loop_megatron.checkpoint_io import CheckpointError, load_model
+    from loop_megatron.checkpoint import CheckpointError, load_model
     from loop_megatron.config import ConfigError
     from loop_megatron.data.tokenizer import GPT2Tokenizer
-    from loop_megatron.generation import generate
+    from loop_megatron.inference.generation import generate
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -8,13 +8,13 @@
 Writes OUT/loss_curves.png (train and valid loss, one line per run), OUT/results.md (the table: params,
 unique layers, loops, effective depth, tokens seen, final losses, tokens/s, step time relative to the
 1-layer baseline) and, with --eval-json, OUT/loss_vs_loops.png and OUT/loss_vs_loops.md.
-The logic lives in loop_megatron/experiments.py.
+The logic lives in loop_megatron/experiments/.
 """
 import sys
 
 import _bootstrap  # noqa: F401  (repo root on sys.path)
 
-from loop_megatron.experiments import main
+from loop_megatron.experiments.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="plot_runs.py"))

@@ -10,8 +10,8 @@ import os
 import random
 from typing import Iterator, List, Optional
 
+from ..utils.fs import atomic_open, exclusive_lock
 from .errors import DataError
-from .fsutil import exclusive_lock, remove_quietly, temp_path
 from .indexed_dataset import IndexedDataset, dataset_exists
 
 DEFAULT_SHUFFLE_SEED = 1234
@@ -50,18 +50,11 @@ def iter_sotu_documents(shuffle_seed: Optional[int] = DEFAULT_SHUFFLE_SEED, limi
 
 def write_sotu_jsonl(path: str, shuffle_seed: Optional[int] = DEFAULT_SHUFFLE_SEED, limit: Optional[int] = None) -> int:
     """Write the speeches to a JSONL file (atomically); return the number of documents."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = temp_path(path)
     count = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for doc in iter_sotu_documents(shuffle_seed, limit):
-                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-                count += 1
-        os.replace(tmp, path)
-    except BaseException:
-        remove_quietly(tmp)
-        raise
+    with atomic_open(path, "w", make_parent=True) as f:
+        for doc in iter_sotu_documents(shuffle_seed, limit):
+            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 

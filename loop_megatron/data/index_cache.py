@@ -14,8 +14,8 @@ from typing import Callable, Dict, Tuple
 
 import numpy as np
 
+from ..utils.fs import atomic_open, exclusive_lock, write_json
 from .errors import DataError
-from .fsutil import exclusive_lock, remove_quietly, temp_path
 
 # Bump when the meaning of cached arrays changes, so old caches are not reused.
 CACHE_FORMAT = 1
@@ -82,19 +82,9 @@ def load_or_build(
             return arrays, False, base
         built = build()
         for key, arr in built.items():
-            path = f"{base}-{key}.npy"
-            tmp = temp_path(path)
-            try:
-                with open(tmp, "wb") as f:  # a file object stops np.save appending ".npy" to tmp
-                    np.save(f, arr, allow_pickle=False)
-                os.replace(tmp, path)
-            except BaseException:
-                remove_quietly(tmp)
-                raise
-        tmp = temp_path(desc_path)
-        with open(tmp, "w") as f:
-            json.dump({"arrays": sorted(built), "description": description}, f, indent=1)
-        os.replace(tmp, desc_path)
+            with atomic_open(f"{base}-{key}.npy", "wb") as f:  # a file object stops np.save appending ".npy"
+                np.save(f, arr, allow_pickle=False)
+        write_json(desc_path, {"arrays": sorted(built), "description": description}, indent=1)
     return _load(base, sorted(built)), True, base
 
 

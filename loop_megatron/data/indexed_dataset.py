@@ -23,8 +23,8 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
+from ..utils.fs import remove_quietly, temp_path
 from .errors import DataError
-from .fsutil import remove_quietly, temp_path
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..checkpoint_io import CheckpointError, load_checkpoint, save_checkpoint_files
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint_files
 from ..config import Config, ModelConfig
+from ..utils import fs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REMOTE_CODE_FILES = ("configuration_loop_gpt.py", "modeling_loop_gpt.py")
@@ -140,18 +140,11 @@ def write_tokenizer(out_dir: str, model_max_length: int) -> None:
         pass
 
 
-def _replace_dir(tmp_dir: str, out_dir: str) -> None:
-    if os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp_dir, out_dir)
-
-
 def _prepare_out_dir(out_dir: str, overwrite: bool) -> str:
+    """A temporary folder beside `out_dir` to build the export in (moved into place when complete)."""
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not overwrite:
         raise ConversionError(f"{out_dir}: already exists and is not empty; pass --overwrite to replace it.")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp-", dir=parent)
+    return fs.temp_dir_beside(out_dir)
 
 
 def _record(cfg: Config, meta: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -260,7 +253,7 @@ def export_to_hf(sd: Dict[str, torch.Tensor], cfg: Config, out_dir: str, dtype: 
             for name in REMOTE_CODE_FILES:
                 shutil.copyfile(os.path.join(HERE, name), os.path.join(tmp, name))
         write_tokenizer(tmp, m.max_position_embeddings)
-        _replace_dir(tmp, out_dir)
+        fs.replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,7 +1,8 @@
 """Process setup: a world of one without a launcher, DeepSpeed's distributed init, device choice.
 
 Backend and device are detected, never configured: NCCL and cuda:LOCAL_RANK when CUDA is available,
-gloo and CPU otherwise.
+gloo and CPU otherwise. `rank()`, `world_size()` and `barrier()` live in `loop_megatron.utils.distributed`
+(the checkpoint writer needs them too).
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import socket
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 
 def free_port() -> int:
@@ -79,15 +79,3 @@ def init_distributed(local_rank: Optional[int] = None, skip_shm_comm: bool = Tru
         skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend=backend_name(), auto_mpi_discovery=False)
 
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1

@@ -16,19 +16,20 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from .. import checkpoint
 from ..config import Config, save_yaml
 from ..model import LoopGPT, load_full_state_dict, model_summary
 from ..parallel import (ModelParallelUnit, destroy_model_parallel, get_data_parallel_group,
                         get_data_parallel_rank, get_data_parallel_world_size, get_tensor_model_parallel_group,
                         get_tensor_model_parallel_world_size, initialize_model_parallel, set_seed)
-from . import checkpointing
 from .arguments import RunOptions
 from .data import EvalBatchSampler, TrainBatchSampler, build_datasets, check_data_paths, loader, split_inputs
 from .distributed import device as current_device
-from .distributed import env_world_size, init_distributed, rank, world_size
+from .distributed import env_world_size, init_distributed
 from .ds_config import adopt_ds_file_settings, build_ds_config, resolve_precision
 from .monitor import RunLogger, Throughput, peak_flops_per_device, progress_line, write_summary
 from .optim import WarmupCosineLR, lr_at, parameter_groups
+from ..utils.distributed import rank, world_size
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -41,8 +42,8 @@ def preflight(cfg: Config, opts: RunOptions) -> Dict[str, Any]:
     cfg.validate(world)
     precision = resolve_precision(cfg)
     check_data_paths(cfg.data.data_path)
-    resume = checkpointing.find_resume(cfg, world)
-    init_from = checkpointing.find_init_from(cfg) if resume is None else None
+    resume = checkpoint.find_resume(cfg, world)
+    init_from = checkpoint.find_init_from(cfg) if resume is None else None
     return {"world": world, "ds_base": ds_base, "precision": precision, "resume": resume, "init_from": init_from}
 
 
@@ -177,7 +178,7 @@ def pretrain(cfg: Config, opts: Optional[RunOptions] = None, return_state_dict: 
         iteration = 0
         if checks["resume"] is not None:
             tag, _ = checks["resume"]
-            client = checkpointing.load_checkpoint(engine, t.load, tag)
+            client = checkpoint.load_engine_checkpoint(engine, t.load, tag)
             iteration = int(client.get("iteration", 0))
             log.print(f"resumed from {os.path.join(t.load, tag)} at iteration {iteration}")
         elif t.load:
@@ -216,7 +217,7 @@ def pretrain(cfg: Config, opts: Optional[RunOptions] = None, return_state_dict: 
         def save(it: int) -> None:
             nonlocal last_saved
             if t.save and last_saved != it:
-                path = checkpointing.save_checkpoint(engine, cfg, it, it * gbs)
+                path = checkpoint.save_engine_checkpoint(engine, cfg, it, it * gbs)
                 last_saved = it
                 log.print(f"saved checkpoint {path}")
 
@@ -321,7 +322,7 @@ def pretrain(cfg: Config, opts: Optional[RunOptions] = None, return_state_dict: 
         result = dict(summary, records=records, valid_losses=valid_losses, stopped=stopped,
                       start_iteration=start_iteration)
         if return_state_dict:
-            result["state_dict"] = checkpointing.consolidated_state_dict(engine, t.zero_stage)
+            result["state_dict"] = checkpoint.consolidated_state_dict(engine, t.zero_stage)
         return result
     finally:
         stop.uninstall()

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from loop_megatron.checkpoint_io import save_checkpoint_files
+from loop_megatron.checkpoint import save_checkpoint_files
 from loop_megatron.config import Config, preset
 from loop_megatron.model import LoopGPT, full_state_dict
 

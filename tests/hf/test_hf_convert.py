@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loop_megatron.checkpoint_io import load_checkpoint, load_model
+from loop_megatron.checkpoint import load_checkpoint, load_model
 from loop_megatron.config import preset
 from loop_megatron.hf import convert_checkpoint_to_hf, convert_hf_to_checkpoint
 from loop_megatron.hf.convert import ConversionError

@@ -138,7 +138,7 @@ class _FailingEngine:
 
 def test_latest_only_after_a_complete_save(tmp_path):
     from loop_megatron.model import LoopGPT
-    from loop_megatron.training import checkpointing
+    from loop_megatron import checkpoint
 
     prefix = write_corpus(str(tmp_path / "data"))
     ck = str(tmp_path / "ck")
@@ -147,10 +147,10 @@ def test_latest_only_after_a_complete_save(tmp_path):
     with open(os.path.join(ck, "latest"), "w") as f:
         f.write("iter_0000004\n")
     with pytest.raises(OSError):
-        checkpointing.save_checkpoint(_FailingEngine(LoopGPT(cfg.model)), cfg, 5, 20)
+        checkpoint.save_engine_checkpoint(_FailingEngine(LoopGPT(cfg.model)), cfg, 5, 20)
     assert open(os.path.join(ck, "latest")).read().strip() == "iter_0000004"
     assert not os.path.exists(os.path.join(ck, "iter_0000005"))
     # An unfinished save is never mistaken for a checkpoint, and the next save cleans it up.
-    assert checkpointing.list_checkpoints(ck) == [(4, "iter_0000004")]
-    checkpointing.prune(ck, keep_last=3, keep="iter_0000006")
+    assert checkpoint.list_checkpoints(ck) == [(4, "iter_0000004")]
+    checkpoint.prune(ck, keep_last=3, keep="iter_0000006")
     assert sorted(os.listdir(ck)) == ["iter_0000004", "latest"]

@@ -3,7 +3,13 @@ import os
 
 import pytest
 
-from loop_megatron import launch_utils as lu
+from loop_megatron.launch import cli
+from loop_megatron.launch.commands import REPO_ROOT, build_deepspeed_command, plan_launch
+from loop_megatron.launch.environment import cpu_environment
+from loop_megatron.launch.errors import LaunchError
+from loop_megatron.launch.hostfile import parse_hostfile_text, read_hostfile, write_hostfile
+from loop_megatron.launch.memory import zero_model_state_bytes
+from loop_megatron.launch.paper import PAPER_PRESETS, paper_batch_sizes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -16,7 +22,7 @@ worker-0 slots=8   # node 0
 worker-1    slots=4 max_slots=8
 # worker-2 slots=8
 """
-    hosts = lu.parse_hostfile_text(text, "hostfile h")
+    hosts = parse_hostfile_text(text, "hostfile h")
     assert list(hosts.items()) == [("worker-0", 8), ("worker-1", 4)]
 
 
@@ -28,8 +34,8 @@ worker-1    slots=4 max_slots=8
     ("a slots=1 junk\n", 1, "expected 'HOSTNAME slots=N'"),
 ])
 def test_bad_hostfile_line_is_one_sentence_naming_the_line(bad, line, words):
-    with pytest.raises(lu.LaunchError) as info:
-        lu.parse_hostfile_text(bad, "hostfile my_hosts")
+    with pytest.raises(LaunchError) as info:
+        parse_hostfile_text(bad, "hostfile my_hosts")
     message = str(info.value)
     assert message.startswith(f"hostfile my_hosts, line {line}:")
     assert words in message
@@ -37,21 +43,21 @@ def test_bad_hostfile_line_is_one_sentence_naming_the_line(bad, line, words):
 
 
 def test_hostfile_without_hosts_is_refused():
-    with pytest.raises(lu.LaunchError, match="names no host"):
-        lu.parse_hostfile_text("# only a comment\n\n", "hostfile h")
+    with pytest.raises(LaunchError, match="names no host"):
+        parse_hostfile_text("# only a comment\n\n", "hostfile h")
 
 
 def test_missing_hostfile_is_one_sentence(tmp_path):
     path = str(tmp_path / "nope")
-    with pytest.raises(lu.LaunchError) as info:
-        lu.read_hostfile(path)
+    with pytest.raises(LaunchError) as info:
+        read_hostfile(path)
     assert str(info.value).startswith(f"hostfile {path} does not exist;")
     assert "\n" not in str(info.value)
 
 
 def test_hostfile_round_trip(tmp_path):
-    path = lu.write_hostfile(str(tmp_path / "hf"), {"localhost": 2, "node-b": 1})
-    assert lu.read_hostfile(path) == {"localhost": 2, "node-b": 1}
+    path = write_hostfile(str(tmp_path / "hf"), {"localhost": 2, "node-b": 1})
+    assert read_hostfile(path) == {"localhost": 2, "node-b": 1}
     assert os.listdir(tmp_path) == ["hf"]  # no temporary left behind
 
 
@@ -59,25 +65,25 @@ def test_hostfile_round_trip(tmp_path):
 # Commands and plans
 # ---------------------------------------------------------------------------------------------------
 def test_build_deepspeed_command_local():
-    cmd = lu.build_deepspeed_command("hf", ["--preset", "tiny-1l", "--train-iters", "3"], master_addr="127.0.0.1",
+    cmd = build_deepspeed_command("hf", ["--preset", "tiny-1l", "--train-iters", "3"], master_addr="127.0.0.1",
                                      master_port=1234, no_ssh_check=True)
     assert cmd == ["deepspeed", "--hostfile", "hf", "--master_addr", "127.0.0.1", "--master_port", "1234",
                    "--no_ssh_check", "--module", "loop_megatron.train", "--preset", "tiny-1l", "--train-iters", "3"]
 
 
 def test_build_deepspeed_command_no_ssh_needs_node_rank():
-    cmd = lu.build_deepspeed_command("hf", [], master_addr="10.0.0.1", master_port=29500, no_ssh=True, node_rank=1,
+    cmd = build_deepspeed_command("hf", [], master_addr="10.0.0.1", master_port=29500, no_ssh=True, node_rank=1,
                                      num_nodes=2, num_gpus=8)
     assert cmd[:3] == ["deepspeed", "--hostfile", "hf"]
     assert "--no_ssh" in cmd and cmd[cmd.index("--node_rank") + 1] == "1"
     assert cmd[cmd.index("--num_nodes") + 1] == "2" and cmd[cmd.index("--num_gpus") + 1] == "8"
     assert cmd[-2:] == ["--module", "loop_megatron.train"]
-    with pytest.raises(lu.LaunchError, match="--node-rank"):
-        lu.build_deepspeed_command("hf", [], no_ssh=True)
+    with pytest.raises(LaunchError, match="--node-rank"):
+        build_deepspeed_command("hf", [], no_ssh=True)
 
 
 def test_plan_without_hostfile_on_cpu_writes_localhost_hostfile(tmp_path):
-    plan = lu.plan_launch(["--train-iters", "5"], preset="tiny-2l", num_gpus=2, gpus=0, environ={},
+    plan = plan_launch(["--train-iters", "5"], preset="tiny-2l", num_gpus=2, gpus=0, environ={},
                           generated_hostfile_dir=str(tmp_path), deepspeed=["deepspeed"])
     assert plan.mode == "local" and plan.hosts == {"localhost": 2} and plan.world_size == 2
     assert open(plan.hostfile).read() == "localhost slots=2\n"
@@ -87,26 +93,27 @@ def test_plan_without_hostfile_on_cpu_writes_localhost_hostfile(tmp_path):
                                            "--train-iters", "5"]
     assert plan.env["DS_ACCELERATOR"] == "cpu"
     assert int(plan.env["OMP_NUM_THREADS"]) >= 1
-    assert lu.REPO_ROOT in plan.env["PYTHONPATH"]
+    assert REPO_ROOT in plan.env["PYTHONPATH"]
+    assert os.path.isfile(os.path.join(REPO_ROOT, "loop_megatron", "train.py"))  # the checkout, not the package
 
 
 def test_plan_on_gpu_machine_sets_no_cpu_env(tmp_path):
-    plan = lu.plan_launch([], gpus=4, environ={}, generated_hostfile_dir=str(tmp_path), deepspeed=["deepspeed"])
+    plan = plan_launch([], gpus=4, environ={}, generated_hostfile_dir=str(tmp_path), deepspeed=["deepspeed"])
     assert plan.hosts == {"localhost": 4}
     assert "DS_ACCELERATOR" not in plan.env and "OMP_NUM_THREADS" not in plan.env
-    with pytest.raises(lu.LaunchError, match="more GPUs than this machine has"):
-        lu.plan_launch([], gpus=4, num_gpus=8, environ={}, generated_hostfile_dir=str(tmp_path))
+    with pytest.raises(LaunchError, match="more GPUs than this machine has"):
+        plan_launch([], gpus=4, num_gpus=8, environ={}, generated_hostfile_dir=str(tmp_path))
 
 
 def test_cpu_env_keeps_user_settings():
-    env = lu.cpu_environment(2, {"OMP_NUM_THREADS": "7"})
+    env = cpu_environment(2, {"OMP_NUM_THREADS": "7"})
     assert "OMP_NUM_THREADS" not in env and env["DS_ACCELERATOR"] == "cpu"
 
 
 def test_plan_localhost_hostfile(tmp_path):
     hf = tmp_path / "hosts"
     hf.write_text("localhost slots=2\n")
-    plan = lu.plan_launch(["--seed", "3"], hostfile=str(hf), gpus=0, environ={}, deepspeed=["deepspeed"])
+    plan = plan_launch(["--seed", "3"], hostfile=str(hf), gpus=0, environ={}, deepspeed=["deepspeed"])
     assert plan.mode == "local" and not plan.generated_hostfile
     assert plan.command[:3] == ["deepspeed", "--hostfile", str(hf)]
     assert "--no_ssh_check" in plan.command
@@ -115,7 +122,7 @@ def test_plan_localhost_hostfile(tmp_path):
 def test_plan_two_nodes_without_ssh(tmp_path):
     hf = tmp_path / "hosts"
     hf.write_text("node-a slots=1\nnode-b slots=1\n")
-    plan = lu.plan_launch([], hostfile=str(hf), no_ssh=True, node_rank=1, master_addr="127.0.0.1",
+    plan = plan_launch([], hostfile=str(hf), no_ssh=True, node_rank=1, master_addr="127.0.0.1",
                           master_port=29511, gpus=0, environ={}, deepspeed=["deepspeed"])
     assert plan.mode == "no-ssh" and plan.world_size == 2
     cmd = plan.command
@@ -123,23 +130,23 @@ def test_plan_two_nodes_without_ssh(tmp_path):
     for kwargs, words in [(dict(node_rank=None, master_addr="x"), "--node-rank"),
                           (dict(node_rank=2, master_addr="x"), "outside 0..1"),
                           (dict(node_rank=0, master_addr=None), "--master-addr")]:
-        with pytest.raises(lu.LaunchError, match=words):
-            lu.plan_launch([], hostfile=str(hf), no_ssh=True, gpus=0, environ={}, **kwargs)
+        with pytest.raises(LaunchError, match=words):
+            plan_launch([], hostfile=str(hf), no_ssh=True, gpus=0, environ={}, **kwargs)
 
 
 def test_plan_errors_before_anything_starts(tmp_path):
-    with pytest.raises(lu.LaunchError, match="does not exist"):
-        lu.plan_launch([], hostfile=str(tmp_path / "missing"), gpus=0, environ={})
-    with pytest.raises(lu.LaunchError, match="needs --hostfile"):
-        lu.plan_launch([], num_nodes=2, gpus=0, environ={})
+    with pytest.raises(LaunchError, match="does not exist"):
+        plan_launch([], hostfile=str(tmp_path / "missing"), gpus=0, environ={})
+    with pytest.raises(LaunchError, match="needs --hostfile"):
+        plan_launch([], num_nodes=2, gpus=0, environ={})
     hf = tmp_path / "hosts"
     hf.write_text("a slots=1\n")
-    with pytest.raises(lu.LaunchError, match="more than the 1 host"):
-        lu.plan_launch([], hostfile=str(hf), num_nodes=3, gpus=0, environ={})
+    with pytest.raises(LaunchError, match="more than the 1 host"):
+        plan_launch([], hostfile=str(hf), num_nodes=3, gpus=0, environ={})
 
 
 def test_train_cli_missing_hostfile_exits_nonzero(tmp_path, capsys):
-    status = lu.main(["train", "--hostfile", str(tmp_path / "absent"), "--preset", "tiny-1l"])
+    status = cli.main(["train", "--hostfile", str(tmp_path / "absent"), "--preset", "tiny-1l"])
     err = capsys.readouterr().err
     assert status != 0
     assert err.strip().count("\n") == 0 and "does not exist" in err
@@ -148,7 +155,7 @@ def test_train_cli_missing_hostfile_exits_nonzero(tmp_path, capsys):
 def test_train_cli_forwards_unknown_and_passthrough_args_in_order(tmp_path, capsys, monkeypatch):
     hf = tmp_path / "hosts"
     hf.write_text("localhost slots=1\n")
-    status = lu.main(["train", "--hostfile", str(hf), "--dry-run", "--preset", "tiny-1l", "--train-iters", "9",
+    status = cli.main(["train", "--hostfile", str(hf), "--dry-run", "--preset", "tiny-1l", "--train-iters", "9",
                       "--", "--train-iters", "4", "--num-layers", "2"])
     out = capsys.readouterr().out
     assert status == 0
@@ -162,7 +169,7 @@ def test_train_cli_forwards_unknown_and_passthrough_args_in_order(tmp_path, caps
 # ---------------------------------------------------------------------------------------------------
 def test_zero_estimates_follow_the_stated_formulas():
     P, largest, n = 100_000_000, 40_000_000, 8
-    mem = lu.zero_model_state_bytes(P, largest, nodes=2, gpus_per_node=4)
+    mem = zero_model_state_bytes(P, largest, nodes=2, gpus_per_node=4)
     assert mem["zero0"] == 20 * P
     assert mem["zero1"] == 4 * P + 16 * P // n
     assert mem["zero2"] == 2 * P + int(18 * P / n)          # DeepSpeed's estimator
@@ -172,15 +179,15 @@ def test_zero_estimates_follow_the_stated_formulas():
 
 def test_paper_batch_sizes_stay_in_nanogpt_range():
     for dp in (1, 2, 4, 8, 16, 32, 64):
-        micro, global_batch = lu.paper_batch_sizes(12, dp)
+        micro, global_batch = paper_batch_sizes(12, dp)
         assert global_batch % (micro * dp) == 0
         assert 480 <= global_batch <= 512 or micro == 1
 
 
 def test_paper_dry_run_prints_table_and_commands(capsys):
-    assert lu.main(["paper", "--dry-run", "--nodes", "2", "--gpus-per-node", "8"]) == 0
+    assert cli.main(["paper", "--dry-run", "--nodes", "2", "--gpus-per-node", "8"]) == 0
     out = capsys.readouterr().out
-    for name in lu.PAPER_PRESETS:
+    for name in PAPER_PRESETS:
         assert f"| {name} |" in out
         assert f"--preset {name}" in out
     assert out.count("deepspeed --hostfile HOSTFILE --num_nodes 2 --num_gpus 8") == 5
@@ -188,5 +195,5 @@ def test_paper_dry_run_prints_table_and_commands(capsys):
 
 
 def test_paper_run_without_hostfile_is_refused(capsys):
-    assert lu.main(["paper"]) != 0
+    assert cli.main(["paper"]) != 0
     assert "needs --hostfile" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from loop_megatron.data.indexed_dataset import IndexedDatasetBuilder
-from loop_megatron.evaluation import build_eval_dataset, evaluate, evaluate_checkpoint, markdown_table
+from loop_megatron.inference.evaluation import build_eval_dataset, evaluate, evaluate_checkpoint, markdown_table
 from tests.hf.helpers import VOCAB, make_checkpoint, tiny_config, tool_main
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from loop_megatron.generation import filter_logits, generate, sample_next_token
+from loop_megatron.inference.generation import filter_logits, generate, sample_next_token
 from loop_megatron.hf import convert_checkpoint_to_hf
 from tests.hf.helpers import VOCAB, build_model, load_hf, make_checkpoint, tiny_config, tool_main
 

@@ -7,10 +7,14 @@ import sys
 import pytest
 import yaml
 
-from loop_megatron import experiments as ex
 from loop_megatron.config import preset
+from loop_megatron.experiments.budget import iterations_for_budget
+from loop_megatron.experiments.plots import plot_loss_vs_loops
+from loop_megatron.experiments.records import ExperimentError, expand_run_dirs, load_eval_json, load_run, load_runs
+from loop_megatron.experiments.report import write_report
+from loop_megatron.experiments.tables import loops_markdown, results_markdown
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def make_run(root, name, preset_name, *, gates=None, step_time, train, valid, params=None, write_summary=True):
@@ -67,20 +71,20 @@ def table_rows(markdown):
 
 def test_load_run_reads_events_config_and_summary(runs):
     _, dirs = runs
-    run = ex.load_run(dirs[0])
+    run = load_run(dirs[0])
     assert run.name == "tiny-2l-2loop"
     assert [s for s, _ in run.scalars["train/loss"]] == list(range(1, 51))
     assert run.scalars["valid/loss"] == [(25, pytest.approx(6.1)), (50, pytest.approx(5.6))]
     assert run.gates == "vector" and run.num_loops == 2 and run.unique_layers == 2 and run.effective_depth == 4
     assert run.label == "tiny-2l-2loop: 2L x 2 loops, vector gates, 6.87M"
-    assert ex.load_run(dirs[1]).label == "tiny-2l-2loop-nogate: 2L x 2 loops, no gates, 6.87M"
-    assert ex.load_run(dirs[2]).label == "tiny-1l: 1L, 6.67M"
+    assert load_run(dirs[1]).label == "tiny-2l-2loop-nogate: 2L x 2 loops, no gates, 6.87M"
+    assert load_run(dirs[2]).label == "tiny-1l: 1L, 6.67M"
 
 
 def test_report_writes_png_and_table_with_right_values(runs, tmp_path):
     root, dirs = runs
     out = str(tmp_path / "out")
-    written = ex.write_report([os.path.join(root, "*")], out)
+    written = write_report([os.path.join(root, "*")], out)
     png = os.path.join(out, "loss_curves.png")
     assert written["loss_curves"] == png
     with open(png, "rb") as f:
@@ -105,8 +109,8 @@ def test_baseline_falls_back_to_first_run_and_values_fall_back_to_events(tmp_pat
     a = make_run(root, "a", "tiny-2l-3loop", step_time=0.6, train=[(1, 7.0), (2, 6.5)], valid=[(2, 6.7)],
                  write_summary=False)
     b = make_run(root, "b", "tiny-4l", step_time=0.3, train=[(1, 7.1), (2, 6.9)], valid=[(2, 6.95)])
-    runs = ex.load_runs([a, b])
-    text = ex.results_markdown(runs)
+    runs = load_runs([a, b])
+    text = results_markdown(runs)
     assert "step time (x a)" in text
     rows = table_rows(text)
     assert rows["a"][3] == "3" and rows["a"][4] == "6"      # loops and depth from config.yaml
@@ -117,10 +121,10 @@ def test_baseline_falls_back_to_first_run_and_values_fall_back_to_events(tmp_pat
 
 def test_bad_run_folder_is_one_sentence(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ex.ExperimentError, match="not a run folder"):
-        ex.load_run(str(tmp_path / "empty"))
-    with pytest.raises(ex.ExperimentError, match="matches no run folder"):
-        ex.expand_run_dirs([str(tmp_path / "nothing*")])
+    with pytest.raises(ExperimentError, match="not a run folder"):
+        load_run(str(tmp_path / "empty"))
+    with pytest.raises(ExperimentError, match="matches no run folder"):
+        expand_run_dirs([str(tmp_path / "nothing*")])
 
 
 def write_eval(path, trained, losses):
@@ -133,22 +137,22 @@ def write_eval(path, trained, losses):
 def test_loss_vs_loops_table_and_png(tmp_path):
     write_eval(tmp_path / "tiny-2l-2loop.json", 2, {1: 6.5, 2: 5.6, 3: 5.55, 4: 5.7})
     write_eval(tmp_path / "tiny-1l-4loop.json", 4, {8: 6.0, 1: 7.0, 4: 5.9})
-    evals = [ex.load_eval_json(str(tmp_path / n)) for n in ("tiny-2l-2loop.json", "tiny-1l-4loop.json")]
+    evals = [load_eval_json(str(tmp_path / n)) for n in ("tiny-2l-2loop.json", "tiny-1l-4loop.json")]
     assert [p["loops"] for p in evals[1].points] == [1, 4, 8]
-    table = ex.loops_markdown(evals)
+    table = loops_markdown(evals)
     lines = table.splitlines()
     assert lines[0] == "| model | trained loops | 1 loop | 2 loops | 3 loops | 4 loops | 8 loops | best |"
     assert lines[2] == "| tiny-2l-2loop | 2 | 6.5000 | 5.6000* | 5.5500 | 5.7000 | – | 3 loops |"
     assert lines[3] == "| tiny-1l-4loop | 4 | 7.0000 | – | – | 5.9000* | 6.0000 | 4 loops |"
-    png = ex.plot_loss_vs_loops(evals, str(tmp_path / "out" / "loss_vs_loops.png"))
+    png = plot_loss_vs_loops(evals, str(tmp_path / "out" / "loss_vs_loops.png"))
     assert open(png, "rb").read(4) == b"\x89PNG"
 
 
 def test_bad_eval_json_names_the_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"results": [{"loss": 1.0}]}))
-    with pytest.raises(ex.ExperimentError, match=r"bad\.json: results\[0\] lacks 'loops'"):
-        ex.load_eval_json(str(bad))
+    with pytest.raises(ExperimentError, match=r"bad\.json: results\[0\] lacks 'loops'"):
+        load_eval_json(str(bad))
 
 
 def test_cli_end_to_end(runs, tmp_path):
@@ -169,5 +173,5 @@ def test_cli_end_to_end(runs, tmp_path):
 
 def test_iterations_for_budget():
     # 8 runs in 60 min with 6 min reserved: 405 s each, minus 25 s startup, over 1.12 s per step.
-    assert ex.iterations_for_budget(1.0, 60, 8) == 330
-    assert ex.iterations_for_budget(100.0, 10, 8) == 20  # never below the minimum
+    assert iterations_for_budget(1.0, 60, 8) == 330
+    assert iterations_for_budget(100.0, 10, 8) == 20  # never below the minimum

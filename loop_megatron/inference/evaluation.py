@@ -6,13 +6,13 @@ held-out samples at each count. Single process, TP=1.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from ..utils import fs
 
 IGNORE = -100
 
@@ -64,7 +64,7 @@ def evaluate(model, dataset, micro_batch_size: int = 8, eval_iters: Optional[int
 def build_eval_dataset(data_path: Sequence[str], split: str, seq_length: int, eval_split: str = "valid",
                        seed: int = 1234, cache_dir: Optional[str] = None):
     """One epoch of the valid or test split of `data_path` (Megatron prefixes, optionally weighted)."""
-    from .data.gpt_dataset import build_train_valid_test_datasets
+    from ..data.gpt_dataset import build_train_valid_test_datasets
 
     if eval_split not in ("valid", "test"):
         raise ValueError(f"eval split must be 'valid' or 'test', got {eval_split!r}.")
@@ -83,8 +83,8 @@ def evaluate_checkpoint(load: str, data_path: Sequence[str], split: str = "949,5
                         cache_dir: Optional[str] = None, device: str = "cpu") -> Tuple[List[EvalResult], Dict[str, Any]]:
     """Load a checkpoint and evaluate it once per entry of `loops` (default: its trained loop count).
     Returns (results, checkpoint meta); meta["config"]["model"]["num_loops"] is the trained count."""
-    from .checkpoint_io import load_checkpoint
-    from .model import LoopGPT, load_full_state_dict
+    from ..checkpoint import load_checkpoint
+    from ..model import LoopGPT, load_full_state_dict
 
     cfg, sd, meta = load_checkpoint(load, tag)
     model = LoopGPT(cfg.model)
@@ -114,8 +114,4 @@ def markdown_table(results: Sequence[EvalResult], trained_loops: Optional[int] =
 
 def write_json(results: Sequence[EvalResult], path: str, **extra) -> None:
     data = dict(extra, results=[asdict(r) for r in results])
-    tmp = path + ".tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    fs.write_json(path, data, indent=2, make_parent=True)

@@ -1,0 +1,83 @@
+"""Markdown tables: the results of training runs and held-out loss against the loop count."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+from .records import ExperimentError, LoopEval, Run, format_params
+
+
+def baseline_run(runs: Sequence[Run], name: Optional[str] = None) -> Optional[Run]:
+    """The run step times are compared to: `name` (run or preset name) if given, else the 1-layer
+    baseline tiny-1l (or lite-45m) when present, else the first run."""
+    if not runs:
+        return None
+    wanted = [name] if name else ["tiny-1l", "lite-45m"]
+    for w in wanted:
+        for run in runs:
+            if run.name == w:
+                return run
+        for run in runs:
+            if run.preset == w and run.num_loops == 1:
+                return run
+    if name:
+        raise ExperimentError(f"--baseline {name}: no run of that name or preset.")
+    return runs[0]
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def results_rows(runs: Sequence[Run], baseline: Optional[Run] = None) -> List[Dict[str, Any]]:
+    base_time = baseline.step_time if baseline is not None else None
+    rows = []
+    for run in runs:
+        rel = run.step_time / base_time if run.step_time and base_time else None
+        rows.append({"run": run.name, "params": run.params, "unique_layers": run.unique_layers,
+                     "loops": run.num_loops, "inner_loops": run.inner_loops, "gates": run.gates,
+                     "effective_depth": run.effective_depth, "tokens_seen": run.tokens_seen,
+                     "final_train_loss": run.final_train_loss, "final_valid_loss": run.final_valid_loss,
+                     "tokens_per_sec": run.tokens_per_sec, "step_time": run.step_time, "relative_step_time": rel})
+    return rows
+
+
+def results_markdown(runs: Sequence[Run], baseline: Optional[Run] = None) -> str:
+    """| run | params | unique layers | loops | effective depth | gates | tokens seen | final train loss |
+    final valid loss | tokens/s | step time (x baseline) |"""
+    baseline = baseline if baseline is not None else baseline_run(runs)
+    base_name = baseline.name if baseline is not None else "baseline"
+    lines = [f"| run | params | unique layers | loops | effective depth | gates | tokens seen | final train loss | "
+             f"final valid loss | tokens/s | step time (x {base_name}) |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in results_rows(runs, baseline):
+        loops = f"{r['loops']}" + (f" x {r['inner_loops']} inner" if r["inner_loops"] > 1 else "")
+        gates = r["gates"] if (r["loops"] > 1 or r["inner_loops"] > 1) else "–"
+        tokens = f"{int(r['tokens_seen']):,}" if r["tokens_seen"] is not None else "–"
+        lines.append(f"| {r['run']} | {format_params(r['params']) if r['params'] is not None else '–'} | "
+                     f"{_fmt(r['unique_layers'], 'd')} | {loops} | {_fmt(r['effective_depth'], 'd')} | {gates} | "
+                     f"{tokens} | {_fmt(r['final_train_loss'], '.4f')} | {_fmt(r['final_valid_loss'], '.4f')} | "
+                     f"{_fmt(r['tokens_per_sec'], ',.0f')} | {_fmt(r['relative_step_time'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def loops_markdown(evals: Sequence[LoopEval], metric: str = "loss") -> str:
+    """One row per model, one column per loop count evaluated; * marks the trained loop count."""
+    counts = sorted({p["loops"] for e in evals for p in e.points})
+    header = "| model | trained loops | " + " | ".join(f"{n} loop{'s' if n > 1 else ''}" for n in counts) + \
+             " | best |"
+    lines = [header, "|---|---:|" + "---:|" * len(counts) + "---|"]
+    for e in evals:
+        by_loops = {p["loops"]: p[metric] for p in e.points}
+        cells = []
+        for n in counts:
+            if n in by_loops:
+                mark = "*" if n == e.trained_loops else ""
+                cells.append(f"{by_loops[n]:.4f}{mark}" if metric == "loss" else f"{by_loops[n]:.2f}{mark}")
+            else:
+                cells.append("–")
+        best = min(e.points, key=lambda p: p[metric])
+        lines.append(f"| {e.name} | {e.trained_loops if e.trained_loops is not None else '–'} | "
+                     + " | ".join(cells) + f" | {best['loops']} loops |")
+    lines.append("")
+    lines.append(f"Held-out {metric} at each loop count (* = the loop count the model was trained with).")
+    return "\n".join(lines)
