@@ -19,6 +19,8 @@ from typing import Dict, Optional
 
 import torch
 
+from ..utils import fs
+
 # bf16 dense peak TFLOP/s per device (vendor datasheets, SXM parts).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
@@ -122,8 +124,4 @@ def progress_line(iteration: int, total: int, loss: float, lr: float, grad_norm:
 
 
 def write_summary(path: str, summary: Dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    fs.write_json(path, summary, indent=2, trailing_newline=True)

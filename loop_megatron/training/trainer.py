@@ -1,17 +1,28 @@
 """The training run: checks, DeepSpeed engine, step loop, evaluation, checkpoints, logging.
 
-`pretrain(cfg, opts)` runs one whole training job on this process (one rank). Everything that can be
-checked without building anything (config, data files, DeepSpeed JSON, precision, the checkpoint to
-resume) is checked first, so a bad setting stops before torch.distributed, the model or DeepSpeed start.
+`pretrain(cfg, opts)` runs one whole training job on this process (one rank). `preflight` first checks
+everything that can be checked without building anything (config, data files, DeepSpeed JSON, precision,
+the checkpoint to resume), so a bad setting stops before torch.distributed, the model or DeepSpeed
+start. Then a `Trainer` runs the job in named phases, each one method, which are also the places new
+features thread into:
+
+    setup()                     processes and groups, run folder, data, model, DeepSpeed engine, resume
+    train()                     the loop, top to bottom on one screen
+    train_step(batch, it)       one optimizer step over the step's micro-batches; settings that vary per
+                                iteration (a sampled loop depth, a loop-count schedule) are derived from `it`
+    evaluate()                  the loss on every named validation set (today one, "valid")
+    save()                      a checkpoint of the current iteration (collective; `loop_megatron.checkpoint`)
+    log_step(), log_progress()  per-step records and the periodic progress line
+    summary()                   summary.json and what `pretrain` returns
 """
 from __future__ import annotations
 
 import collections
 import math
 import os
-import signal
 import time
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,22 +30,22 @@ import torch.distributed as dist
 from .. import checkpoint
 from ..config import Config, save_yaml
 from ..model import LoopGPT, load_full_state_dict, model_summary
-from ..parallel import (ModelParallelUnit, destroy_model_parallel, get_data_parallel_group,
-                        get_data_parallel_rank, get_data_parallel_world_size, get_tensor_model_parallel_group,
-                        get_tensor_model_parallel_world_size, initialize_model_parallel, set_seed)
+from ..parallel import (ModelParallelUnit, destroy_model_parallel, get_data_parallel_group, get_data_parallel_rank,
+                        get_data_parallel_world_size, initialize_model_parallel, set_seed)
+from ..utils.distributed import rank, world_size
 from .arguments import RunOptions
 from .data import EvalBatchSampler, TrainBatchSampler, build_datasets, check_data_paths, loader, split_inputs
+from .diagnostics import gate_means, tp_aware_grad_norm
 from .distributed import device as current_device
 from .distributed import env_world_size, init_distributed
 from .ds_config import adopt_ds_file_settings, build_ds_config, resolve_precision
 from .monitor import RunLogger, Throughput, peak_flops_per_device, progress_line, write_summary
 from .optim import WarmupCosineLR, lr_at, parameter_groups
-from ..utils.distributed import rank, world_size
+from .signals import StopRequest
+
+PRIMARY_VALID = "valid"  # the validation set whose loss is the run's final_valid_loss
 
 
-# ----------------------------------------------------------------------------------------------------
-# Checks before any heavy work
-# ----------------------------------------------------------------------------------------------------
 def preflight(cfg: Config, opts: RunOptions) -> Dict[str, Any]:
     """Raise ConfigError (one sentence) for anything that cannot work. Touches no process group."""
     world = dist.get_world_size() if dist.is_initialized() else env_world_size()
@@ -47,289 +58,333 @@ def preflight(cfg: Config, opts: RunOptions) -> Dict[str, Any]:
     return {"world": world, "ds_base": ds_base, "precision": precision, "resume": resume, "init_from": init_from}
 
 
-# ----------------------------------------------------------------------------------------------------
-# Pieces of the loop
-# ----------------------------------------------------------------------------------------------------
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop finishes the step, saves and returns. A second signal of
-    the same kind gets the default behaviour back (kill)."""
+@dataclass
+class StepResult:
+    """What one optimizer step reports (the same on every rank)."""
 
-    def __init__(self):
-        self.requested = False
-        self.signal_name = None
-        self._previous = {}
-
-    def _handler(self, signum, frame):
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-    def install(self) -> None:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, self._handler)
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            try:
-                signal.signal(sig, handler)
-            except (ValueError, TypeError):
-                pass
-        self._previous.clear()
+    loss: float
+    """Mean over the step's micro-batches and the data-parallel ranks."""
+    lr: float
+    grad_norm: Optional[float]
+    stop: bool
+    """A stop signal arrived on some rank: save and return after this step."""
 
 
-def tp_aware_grad_norm(module: torch.nn.Module) -> float:
-    """L2 norm of all gradients, counting TP-replicated parameters once (used where DeepSpeed's fp32
-    ZeRO-0 path clips without reporting the norm). Collective over the TP group."""
-    dev = current_device()
-    sums = torch.zeros(2, dtype=torch.float64, device=dev)  # [sharded, replicated] sums of squares
-    for p in module.parameters():
-        if p.grad is not None:
-            sharded = bool(getattr(p, "tensor_model_parallel", False))
-            sums[0 if sharded else 1] += p.grad.detach().double().pow(2).sum().to(dev)
-    if get_tensor_model_parallel_world_size() > 1:
-        sharded_sum = sums[:1].clone()
-        dist.all_reduce(sharded_sum, group=get_tensor_model_parallel_group())
-        sums[0] = sharded_sum[0]
-    return float(sums.sum().sqrt())
+class Trainer:
+    """One training job on this rank; `pretrain` is setup() -> train() -> close()."""
 
+    def __init__(self, cfg: Config, opts: RunOptions, checks: Dict[str, Any]):
+        self.cfg, self.opts, self.checks = cfg, opts, checks
+        self.engine = None
+        self.log: Optional[RunLogger] = None  # set once the run folder exists; close() tears down only then
+        self.stop = StopRequest()
+        self.iteration = self.start_iteration = 0
+        self.stopped = False
+        self.window = Throughput()
+        self.last_window_losses: collections.deque = collections.deque(maxlen=max(1, cfg.training.log_interval))
+        self.step_times: List[float] = []
+        self.records: List[Dict[str, Any]] = []
+        self.valid_losses: Dict[int, float] = {}
+        self.final_valid = float("nan")
+        self.last_eval_iteration: Optional[int] = None
+        self.last_saved: Optional[int] = None
 
-def gate_means(module: torch.nn.Module, zero_stage: int) -> List[float]:
-    """Mean of each iteration's gate (collective under ZeRO-3)."""
-    gates = getattr(getattr(module, "loop", None), "gates", None)
-    if gates is None:
-        return []
-    if zero_stage == 3:
-        import deepspeed
+    # ------------------------------------------------------------------------------------------------
+    # The loop
+    # ------------------------------------------------------------------------------------------------
+    def train(self) -> Dict[str, Any]:
+        """Step until train_iters (or a stop signal), evaluating and saving on schedule; then a last
+        evaluation and save. Returns `summary()`."""
+        t = self.cfg.training
+        self.stop.install()
+        batches = self.train_batches()
+        while self.iteration < t.train_iters:
+            t0 = time.perf_counter()
+            step = self.train_step(self.next_batch(batches), self.iteration)
+            self.iteration += 1
+            self.log_step(step, time.perf_counter() - t0)
+            if self.opts.debug_sleep_per_iter > 0:
+                time.sleep(self.opts.debug_sleep_per_iter)
+            if self._every(t.eval_interval) and self.iteration < t.train_iters:
+                self.evaluate()
+            if self._every(t.save_interval):
+                self.save()
+            if step.stop:
+                self.log_stop()
+                self.stopped = True
+                break
+        if not self.stopped and self.last_eval_iteration != self.iteration:
+            self.evaluate()
+        self.save()
+        return self.summary()
 
-        with deepspeed.zero.GatheredParameters([gates], modifier_rank=None):
-            return [float(g.float().mean()) for g in gates.detach()]
-    return [float(g.float().mean()) for g in gates.detach()]
+    def train_step(self, micro_batches: Sequence[torch.Tensor], iteration: int) -> StepResult:
+        """One optimizer step: forward/backward/step per micro-batch (DeepSpeed applies the update at the
+        accumulation boundary), then one all-reduce for the DP-mean loss and the stop flag."""
+        lr = lr_at(iteration, self.cfg.training)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on device: no host sync per micro-batch
+        grad_norm = None
+        for m, tokens in enumerate(micro_batches):
+            x, y = split_inputs(tokens, self.device)
+            _, loss = self.engine(x, labels=y)
+            self.engine.backward(loss)
+            if self.manual_grad_norm and m == len(micro_batches) - 1:
+                grad_norm = tp_aware_grad_norm(self.engine.module)
+            self.engine.step()
+            loss_sum += loss.detach().double()
+        if grad_norm is None:
+            norm = self.engine.get_global_grad_norm()
+            grad_norm = float(norm) if norm is not None else None
+        # TP ranks hold equal losses, so the sum over all ranks / world size is the DP mean.
+        flags = torch.tensor([float(loss_sum) / len(micro_batches), 1.0 if self.stop.requested else 0.0],
+                             dtype=torch.float64, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flags)
+        return StepResult(loss=float(flags[0]) / world_size(), lr=lr, grad_norm=grad_norm, stop=bool(flags[1] > 0))
 
+    def evaluate(self) -> Dict[str, float]:
+        """Mean loss on every named validation set at the current iteration, logged and remembered."""
+        if not self.valid_sets or self.cfg.training.eval_iters <= 0:
+            return {}
+        losses = {name: self._eval_loss(dataset) for name, dataset in self.valid_sets.items()}
+        self.last_eval_iteration = self.iteration
+        for name, loss in losses.items():
+            self.log_eval(name, loss)
+        return losses
 
-@torch.no_grad()
-def evaluate(engine, valid_ds, cfg: Config, dp: int, dp_rank: int, dev: torch.device) -> float:
-    """Mean loss over eval_iters micro-batches of this rank, averaged over the DP group."""
-    t = cfg.training
-    engine.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=dev)
-    gen = torch.Generator().manual_seed(0)  # the DataLoader's seed draw must not touch the global RNG
-    for tokens in loader(valid_ds, EvalBatchSampler(t.eval_iters, t.micro_batch_size, dp, dp_rank),
-                         cfg.data.num_workers, generator=gen):
-        x, y = split_inputs(tokens, dev)
-        _, loss = engine(x, labels=y)
-        total[0] += loss.detach().double()
-        total[1] += 1
-    engine.train()
-    if dist.is_initialized():
-        dist.all_reduce(total, group=get_data_parallel_group())
-    return float(total[0] / total[1].clamp(min=1))
+    def save(self) -> None:
+        """Checkpoint the current iteration on every rank (skipped without --save, or if just saved/loaded)."""
+        if self.cfg.training.save and self.last_saved != self.iteration:
+            path = checkpoint.save_engine_checkpoint(self.engine, self.cfg, self.iteration,
+                                                     self.iteration * self.global_batch)
+            self.last_saved = self.iteration
+            self.log.print(f"saved checkpoint {path}")
 
+    # ------------------------------------------------------------------------------------------------
+    # Setup
+    # ------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Processes and groups, run folder and logger, data, model, DeepSpeed engine, resume."""
+        import deepspeed  # after the checks: importing it is the first heavy step
 
-# ----------------------------------------------------------------------------------------------------
-# The run
-# ----------------------------------------------------------------------------------------------------
-def pretrain(cfg: Config, opts: Optional[RunOptions] = None, return_state_dict: bool = False) -> Dict[str, Any]:
-    """Train according to `cfg` on this rank. Returns the summary (plus per-step records on every rank)."""
-    opts = opts or RunOptions()
-    checks = preflight(cfg, opts)
-    import deepspeed  # after the checks: importing it is the first heavy step
-    t, tp = cfg.training, cfg.parallel.tensor_model_parallel_size
+        cfg, t = self.cfg, self.cfg.training
+        init_distributed(self.opts.local_rank, skip_shm_comm=t.ds_skip_shm_comm)
+        initialize_model_parallel(cfg.parallel.tensor_model_parallel_size)
+        self.dp, self.dp_rank = get_data_parallel_world_size(), get_data_parallel_rank()
+        self.global_batch = t.global_batch_size or t.micro_batch_size * self.dp
+        self.accum = self.global_batch // (t.micro_batch_size * self.dp)
+        self.seq = cfg.data.seq_length
+        self.device = current_device()
+        set_seed(t.seed)
+        self.is_rank0 = rank() == 0
+        self._open_run_dir()
 
-    # ---- processes and groups -----------------------------------------------------------------------
-    init_distributed(opts.local_rank, skip_shm_comm=t.ds_skip_shm_comm)
-    initialize_model_parallel(tp)
-    dp, dp_rank = get_data_parallel_world_size(), get_data_parallel_rank()
-    gbs = t.global_batch_size or t.micro_batch_size * dp
-    accum = gbs // (t.micro_batch_size * dp)
-    seq = cfg.data.seq_length
-    dev = current_device()
-    set_seed(t.seed)
-    is_rank0 = rank() == 0
+        self.train_ds, valid_ds = build_datasets(cfg, self.dp)
+        self.valid_sets = {PRIMARY_VALID: valid_ds} if valid_ds is not None else {}
+        self.model_info = model_summary(cfg.model, self.seq)
+        self.engine = self._build_engine(deepspeed)
+        self._resume()
+        self.log.print(f"training {self.model_info['params'] / 1e6:.2f}M parameters (effective depth "
+                       f"{cfg.model.effective_depth}) on {world_size()} rank(s): TP "
+                       f"{cfg.parallel.tensor_model_parallel_size} x DP {self.dp}, micro batch {t.micro_batch_size} "
+                       f"x accumulation {self.accum} = global batch {self.global_batch}, ZeRO {t.zero_stage}, "
+                       f"{self.checks['precision']}, {self.iteration}/{t.train_iters} steps done")
+        self.peak_flops = peak_flops_per_device(t.peak_tflops)
+        self.manual_grad_norm = t.zero_stage == 0 and self.checks["precision"] == "fp32"
+        self.gated = cfg.model.loop_gates != "none"
 
-    if not t.run_dir:
-        t.run_dir = os.path.join("runs", opts.preset or "custom")
-    run_dir = t.run_dir
-    tb_dir = t.tensorboard_dir or os.path.join(run_dir, "tensorboard")
-    if is_rank0:
-        os.makedirs(run_dir, exist_ok=True)
-        save_yaml(cfg, os.path.join(run_dir, "config.yaml"))
-    log = RunLogger(run_dir, tb_dir, enabled=is_rank0)
-    engine = None
-    stop = StopRequest()
-    try:
-        # ---- data, model, engine --------------------------------------------------------------------
-        train_ds, valid_ds = build_datasets(cfg, dp)
-        summary_info = model_summary(cfg.model, seq)
+    def _open_run_dir(self) -> None:
+        t = self.cfg.training
+        if not t.run_dir:
+            t.run_dir = os.path.join("runs", self.opts.preset or "custom")
+        self.run_dir = t.run_dir
+        tb_dir = t.tensorboard_dir or os.path.join(self.run_dir, "tensorboard")
+        if self.is_rank0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_yaml(self.cfg, os.path.join(self.run_dir, "config.yaml"))
+        self.log = RunLogger(self.run_dir, tb_dir, enabled=self.is_rank0)
+
+    def _build_engine(self, deepspeed):
+        cfg, t = self.cfg, self.cfg.training
         model = LoopGPT(cfg.model)
-        if checks["init_from"]:
+        if self.checks["init_from"]:
             # Before deepspeed.initialize: every rank keeps its TP shard, ZeRO then partitions as usual.
-            load_full_state_dict(model, torch.load(checks["init_from"], map_location="cpu", weights_only=True))
-            log.print(f"initialised weights from {checks['init_from']}")
-        ds_config = build_ds_config(cfg, dp, checks["precision"], checks["ds_base"])
+            load_full_state_dict(model, torch.load(self.checks["init_from"], map_location="cpu", weights_only=True))
+            self.log.print(f"initialised weights from {self.checks['init_from']}")
+        ds_config = build_ds_config(cfg, self.dp, self.checks["precision"], self.checks["ds_base"])
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=parameter_groups(model, t.weight_decay), config=ds_config,
             mpu=ModelParallelUnit(), lr_scheduler=lambda opt: WarmupCosineLR(opt, t))
-        del model
-        iteration = 0
-        if checks["resume"] is not None:
-            tag, _ = checks["resume"]
-            client = checkpoint.load_engine_checkpoint(engine, t.load, tag)
-            iteration = int(client.get("iteration", 0))
-            log.print(f"resumed from {os.path.join(t.load, tag)} at iteration {iteration}")
+        return engine
+
+    def _resume(self) -> None:
+        t, resume = self.cfg.training, self.checks["resume"]
+        if resume is not None:
+            tag, _ = resume
+            client = checkpoint.load_engine_checkpoint(self.engine, t.load, tag)
+            self.iteration = int(client.get("iteration", 0))
+            self.log.print(f"resumed from {os.path.join(t.load, tag)} at iteration {self.iteration}")
         elif t.load:
-            log.print(f"no checkpoint in {t.load} (no 'latest' file); starting from scratch")
-        start_iteration = iteration
-        log.print(f"training {summary_info['params'] / 1e6:.2f}M parameters (effective depth "
-                  f"{cfg.model.effective_depth}) on {world_size()} rank(s): TP {tp} x DP {dp}, micro batch "
-                  f"{t.micro_batch_size} x accumulation {accum} = global batch {gbs}, ZeRO {t.zero_stage}, "
-                  f"{checks['precision']}, {iteration}/{t.train_iters} steps done")
+            self.log.print(f"no checkpoint in {t.load} (no 'latest' file); starting from scratch")
+        self.start_iteration = self.iteration
+        same_folder = resume is not None and os.path.abspath(t.save or "") == os.path.abspath(t.load)
+        self.last_saved = self.iteration if same_folder else None  # do not re-save the checkpoint just loaded
 
-        flops_per_token = summary_info["flops_per_token"]
-        peak = peak_flops_per_device(t.peak_tflops)
-        manual_grad_norm = t.zero_stage == 0 and checks["precision"] == "fp32"
-        gated = cfg.model.loop_gates != "none"
-        window = Throughput()
-        last_window_losses: collections.deque = collections.deque(maxlen=max(1, t.log_interval))
-        step_times: List[float] = []
-        records: List[Dict[str, Any]] = []
-        valid_losses: Dict[int, float] = {}
-        same_folder = checks["resume"] is not None and os.path.abspath(t.save or "") == os.path.abspath(t.load)
-        last_saved = iteration if same_folder else None  # do not re-save the checkpoint just loaded
-        last_eval_iteration = None
-        final_valid = float("nan")
-
-        def run_eval(it: int) -> None:
-            nonlocal final_valid, last_eval_iteration
-            if valid_ds is None or t.eval_iters <= 0:
-                return
-            v = evaluate(engine, valid_ds, cfg, dp, dp_rank, dev)
-            final_valid, last_eval_iteration = v, it
-            valid_losses[it] = v
-            log.scalars(it, {"valid/loss": v})
-            log.record({"iteration": it, "valid_loss": v})
-            log.print(f"iter {it}/{t.train_iters} | valid loss {v:.4f} | valid ppl {math.exp(min(v, 50)):.2f}")
-
-        def save(it: int) -> None:
-            nonlocal last_saved
-            if t.save and last_saved != it:
-                path = checkpoint.save_engine_checkpoint(engine, cfg, it, it * gbs)
-                last_saved = it
-                log.print(f"saved checkpoint {path}")
-
-        stop.install()
+    # ------------------------------------------------------------------------------------------------
+    # Data
+    # ------------------------------------------------------------------------------------------------
+    def train_batches(self) -> Iterator[torch.Tensor]:
+        """This rank's training micro-batches from the current iteration on (empty when there is nothing
+        left to train)."""
+        t = self.cfg.training
+        if self.train_ds is None or self.iteration >= t.train_iters:
+            return iter(())
         gen = torch.Generator().manual_seed(t.seed)  # keeps the DataLoader's seed draw off the global RNG
-        batches = iter(loader(train_ds, TrainBatchSampler(iteration, t.train_iters, gbs, t.micro_batch_size,
-                                                          dp, dp_rank), cfg.data.num_workers, generator=gen)) \
-            if train_ds is not None and iteration < t.train_iters else iter(())
-        stopped = False
-        while iteration < t.train_iters:
-            t0 = time.perf_counter()
-            lr = lr_at(iteration, t)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=dev)  # on device: no host sync per micro-batch
-            grad_norm = None
-            for m in range(accum):
-                x, y = split_inputs(next(batches), dev)
-                _, loss = engine(x, labels=y)
-                engine.backward(loss)
-                if manual_grad_norm and m == accum - 1:
-                    grad_norm = tp_aware_grad_norm(engine.module)
-                engine.step()
-                loss_sum += loss.detach().double()
-            if grad_norm is None:
-                norm = engine.get_global_grad_norm()
-                grad_norm = float(norm) if norm is not None else None
-            iteration += 1
-            # One all-reduce for the DP-mean loss and the stop flag (TP ranks hold equal losses).
-            flags = torch.tensor([float(loss_sum) / accum, 1.0 if stop.requested else 0.0], dtype=torch.float64,
-                                 device=dev)
-            if dist.is_initialized():
-                dist.all_reduce(flags)
-            step_loss = float(flags[0]) / world_size()
-            stop_now = bool(flags[1] > 0)
-            step_time = time.perf_counter() - t0
-            step_times.append(step_time)
-            window.add(step_loss, step_time, grad_norm)
-            last_window_losses.append(step_loss)
-            tokens_seen = iteration * gbs * seq
-            log.scalars(iteration, {"train/loss": step_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                                    "train/tokens_seen": tokens_seen})
-            record = {"iteration": iteration, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                      "step_time": step_time, "tokens_seen": tokens_seen}
-            records.append(record)
-            log.record(record)
+        sampler = TrainBatchSampler(self.iteration, t.train_iters, self.global_batch, t.micro_batch_size,
+                                    self.dp, self.dp_rank)
+        return iter(loader(self.train_ds, sampler, self.cfg.data.num_workers, generator=gen))
 
-            if t.log_interval > 0 and (iteration % t.log_interval == 0 or iteration == t.train_iters or stop_now):
-                mean_time = window.mean_step_time()
-                tokens_per_sec = gbs * seq / mean_time
-                mfu = flops_per_token * tokens_per_sec / (peak * world_size()) if peak else None
-                scalars = {"train/tokens_per_sec": tokens_per_sec, "train/step_time": mean_time}
-                if mfu is not None:
-                    scalars["train/mfu"] = mfu
-                if gated:
-                    for n, g in enumerate(gate_means(engine.module, t.zero_stage), start=1):
-                        scalars[f"gates/iter_{n}_mean"] = g
-                log.scalars(iteration, scalars)
-                recent = step_times[1:] if len(step_times) > 1 else step_times
-                eta = (t.train_iters - iteration) * (sum(recent) / len(recent))
-                log.print(progress_line(iteration, t.train_iters, window.mean_loss(), lr,
-                                        (sum(window.grad_norms) / len(window.grad_norms)) if window.grad_norms
-                                        else None, tokens_per_sec, mean_time, mfu, eta))
-                log.flush()
-                window.reset()
+    def next_batch(self, batches: Iterator[torch.Tensor]) -> List[torch.Tensor]:
+        """The micro-batches of one optimizer step (gradient accumulation)."""
+        return [next(batches) for _ in range(self.accum)]
 
-            if opts.debug_sleep_per_iter > 0:
-                time.sleep(opts.debug_sleep_per_iter)
-            if t.eval_interval > 0 and iteration % t.eval_interval == 0 and iteration < t.train_iters:
-                run_eval(iteration)
-            if t.save_interval > 0 and iteration % t.save_interval == 0:
-                save(iteration)
-            if stop_now:
-                log.print(f"stop requested ({stop.signal_name or 'signal on another rank'}) at iteration "
-                          f"{iteration}; {'saving and exiting' if t.save else 'exiting (no --save folder)'}")
-                stopped = True
-                break
+    @torch.no_grad()
+    def _eval_loss(self, dataset) -> float:
+        """Mean loss over eval_iters micro-batches of this rank, averaged over the DP group."""
+        t = self.cfg.training
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        gen = torch.Generator().manual_seed(0)  # the DataLoader's seed draw must not touch the global RNG
+        for tokens in loader(dataset, EvalBatchSampler(t.eval_iters, t.micro_batch_size, self.dp, self.dp_rank),
+                             self.cfg.data.num_workers, generator=gen):
+            x, y = split_inputs(tokens, self.device)
+            _, loss = self.engine(x, labels=y)
+            total[0] += loss.detach().double()
+            total[1] += 1
+        self.engine.train()
+        if dist.is_initialized():
+            dist.all_reduce(total, group=get_data_parallel_group())
+        return float(total[0] / total[1].clamp(min=1))
 
-        if not stopped and last_eval_iteration != iteration:
-            run_eval(iteration)
-        save(iteration)
+    # ------------------------------------------------------------------------------------------------
+    # Logging and the summary
+    # ------------------------------------------------------------------------------------------------
+    def _every(self, interval: int) -> bool:
+        return interval > 0 and self.iteration % interval == 0
 
-        recent = step_times[1:] if len(step_times) > 1 else step_times
-        mean_step = sum(recent) / len(recent) if recent else float("nan")
+    def log_step(self, step: StepResult, step_time: float) -> None:
+        """Per-step scalars and record; the progress line every log_interval (and at the end or a stop)."""
+        t = self.cfg.training
+        self.step_times.append(step_time)
+        self.window.add(step.loss, step_time, step.grad_norm)
+        self.last_window_losses.append(step.loss)
+        tokens_seen = self.iteration * self.global_batch * self.seq
+        self.log.scalars(self.iteration, {"train/loss": step.loss, "train/lr": step.lr,
+                                          "train/grad_norm": step.grad_norm, "train/tokens_seen": tokens_seen})
+        record = {"iteration": self.iteration, "loss": step.loss, "lr": step.lr, "grad_norm": step.grad_norm,
+                  "step_time": step_time, "tokens_seen": tokens_seen}
+        self.records.append(record)
+        self.log.record(record)
+        if t.log_interval > 0 and (self._every(t.log_interval) or self.iteration == t.train_iters or step.stop):
+            self.log_progress(step.lr)
+
+    def log_progress(self, lr: float) -> None:
+        """Throughput, MFU and gate scalars over the window since the last line, and the console line
+        (collective under ZeRO-3: the gates are gathered)."""
+        t = self.cfg.training
+        mean_time = self.window.mean_step_time()
+        tokens_per_sec = self.global_batch * self.seq / mean_time
+        mfu = (self.model_info["flops_per_token"] * tokens_per_sec / (self.peak_flops * world_size())
+               if self.peak_flops else None)
+        scalars = {"train/tokens_per_sec": tokens_per_sec, "train/step_time": mean_time}
+        if mfu is not None:
+            scalars["train/mfu"] = mfu
+        if self.gated:
+            for n, g in enumerate(gate_means(self.engine.module, t.zero_stage), start=1):
+                scalars[f"gates/iter_{n}_mean"] = g
+        self.log.scalars(self.iteration, scalars)
+        eta = (t.train_iters - self.iteration) * self._mean_step_time()
+        grad_norms = self.window.grad_norms
+        self.log.print(progress_line(self.iteration, t.train_iters, self.window.mean_loss(), lr,
+                                     (sum(grad_norms) / len(grad_norms)) if grad_norms else None,
+                                     tokens_per_sec, mean_time, mfu, eta))
+        self.log.flush()
+        self.window.reset()
+
+    def log_eval(self, name: str, loss: float) -> None:
+        it = self.iteration
+        if name == PRIMARY_VALID:
+            self.final_valid = loss
+            self.valid_losses[it] = loss
+        self.log.scalars(it, {f"{name}/loss": loss})
+        self.log.record({"iteration": it, f"{name}_loss": loss})
+        self.log.print(f"iter {it}/{self.cfg.training.train_iters} | {name} loss {loss:.4f} | "
+                       f"{name} ppl {math.exp(min(loss, 50)):.2f}")
+
+    def log_stop(self) -> None:
+        self.log.print(f"stop requested ({self.stop.signal_name or 'signal on another rank'}) at iteration "
+                       f"{self.iteration}; "
+                       f"{'saving and exiting' if self.cfg.training.save else 'exiting (no --save folder)'}")
+
+    def _recent_step_times(self) -> List[float]:
+        return self.step_times[1:] if len(self.step_times) > 1 else self.step_times  # the first step warms up
+
+    def _mean_step_time(self) -> float:
+        recent = self._recent_step_times()
+        return sum(recent) / len(recent) if recent else float("nan")
+
+    def summary(self) -> Dict[str, Any]:
+        """Write summary.json (rank 0); return it plus the per-step records on every rank."""
+        cfg, t = self.cfg, self.cfg.training
+        has_steps = bool(self._recent_step_times())
+        mean_step = self._mean_step_time()
+        tokens_per_step = self.global_batch * self.seq
+        last = self.last_window_losses
         summary = {
-            "preset": opts.preset,
-            "params": int(summary_info["params"]),
-            "non_embedding_params": int(summary_info["non_embedding_params"]),
+            "preset": self.opts.preset,
+            "params": int(self.model_info["params"]),
+            "non_embedding_params": int(self.model_info["non_embedding_params"]),
             "num_layers": cfg.model.num_layers,
             "num_loops": cfg.model.num_loops,
             "inner_loops": cfg.model.inner_loops,
             "effective_depth": cfg.model.effective_depth,
-            "iterations": iteration,
-            "tokens_seen": iteration * gbs * seq,
-            "final_train_loss": (sum(last_window_losses) / len(last_window_losses)) if last_window_losses else None,
-            "final_valid_loss": final_valid if math.isfinite(final_valid) else None,
-            "tokens_per_sec": gbs * seq / mean_step if recent else None,
-            "step_time": mean_step if recent else None,
-            "run_dir": run_dir,
+            "iterations": self.iteration,
+            "tokens_seen": self.iteration * tokens_per_step,
+            "final_train_loss": (sum(last) / len(last)) if last else None,
+            "final_valid_loss": self.final_valid if math.isfinite(self.final_valid) else None,
+            "tokens_per_sec": tokens_per_step / mean_step if has_steps else None,
+            "step_time": mean_step if has_steps else None,
+            "run_dir": self.run_dir,
             "save": t.save or None,
         }
-        if is_rank0:
-            write_summary(os.path.join(run_dir, "summary.json"), summary)
-        result = dict(summary, records=records, valid_losses=valid_losses, stopped=stopped,
-                      start_iteration=start_iteration)
-        if return_state_dict:
-            result["state_dict"] = checkpoint.consolidated_state_dict(engine, t.zero_stage)
-        return result
-    finally:
-        stop.uninstall()
-        log.close()
-        if engine is not None and hasattr(engine, "destroy"):
+        if self.is_rank0:
+            write_summary(os.path.join(self.run_dir, "summary.json"), summary)
+        return dict(summary, records=self.records, valid_losses=self.valid_losses, stopped=self.stopped,
+                    start_iteration=self.start_iteration)
+
+    def close(self) -> None:
+        """Signal handlers back, logger closed, engine destroyed, groups forgotten (after any failure too)."""
+        if self.log is None:  # setup stopped before the run folder existed: nothing to tear down
+            return
+        self.stop.uninstall()
+        self.log.close()
+        if self.engine is not None and hasattr(self.engine, "destroy"):
             try:
-                engine.destroy()
+                self.engine.destroy()
             except Exception:
                 pass
         destroy_model_parallel()
+
+
+def pretrain(cfg: Config, opts: Optional[RunOptions] = None, return_state_dict: bool = False) -> Dict[str, Any]:
+    """Train according to `cfg` on this rank. Returns the summary (plus per-step records on every rank)."""
+    opts = opts or RunOptions()
+    trainer = Trainer(cfg, opts, preflight(cfg, opts))
+    try:
+        trainer.setup()
+        result = trainer.train()
+        if return_state_dict:
+            result["state_dict"] = checkpoint.consolidated_state_dict(trainer.engine, cfg.training.zero_stage)
+        return result
+    finally:
+        trainer.close()
