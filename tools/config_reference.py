@@ -12,6 +12,7 @@ import sys
 import _bootstrap  # noqa: F401  (repo root on sys.path)
 
 from loop_megatron.config import PRESET_DESCRIPTIONS, describe_fields
+from loop_megatron.utils import fs
 
 TARGET = os.path.join(_bootstrap.ROOT, "docs", "configuration.md")
 
@@ -41,10 +42,7 @@ def main() -> int:
             print(f"{TARGET} is out of date: run python tools/config_reference.py", file=sys.stderr)
             return 1
         return 0
-    tmp = TARGET + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, TARGET)
+    fs.write_text(TARGET, text)
     print(f"wrote {TARGET}")
     return 0
 
