@@ -37,6 +37,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .configuration_loop_gpt import LoopGPTConfig
 
+# transformers >= 5.2x names the cache `cache` (kwarg and output field; `past_key_values` is a deprecated
+# alias); earlier 5.x used `past_key_values`. Accept both on the way in, write the current name on the way out.
+_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
 
 class LoopGPTAttention(nn.Module):
     """Causal multi-head self-attention; `qkv` is nn.Linear with output rows [q; k; v]."""
@@ -207,7 +211,8 @@ class LoopGPTModel(LoopGPTPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, num_loops: Optional[int] = None,
-                state_generator: Optional[torch.Generator] = None, **kwargs):
+                state_generator: Optional[torch.Generator] = None, cache=None, **kwargs):
+        past_key_values = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
@@ -257,7 +262,7 @@ class LoopGPTModel(LoopGPTPreTrainedModel):
         for block in self.coda:
             x = block(x, mask, past_key_values, slot)
             slot += 1
-        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x), past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x), **{_CACHE_FIELD: past_key_values})
 
 
 class LoopGPTForCausalLM(LoopGPTPreTrainedModel, GenerationMixin):
@@ -283,12 +288,13 @@ class LoopGPTForCausalLM(LoopGPTPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, num_loops: Optional[int] = None,
-                logits_to_keep=0, state_generator: Optional[torch.Generator] = None, **kwargs):
+                logits_to_keep=0, state_generator: Optional[torch.Generator] = None, cache=None, **kwargs):
         """`labels` are shifted inside (labels = input_ids for language modelling; -100 is ignored).
         `num_loops` overrides the number of loop iterations for this call; `state_generator` draws a
         'random' model's first state (default: zeros)."""
         out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                               past_key_values=cache if cache is not None else past_key_values,
+                               inputs_embeds=inputs_embeds,
                                use_cache=use_cache, num_loops=num_loops, state_generator=state_generator)
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -302,7 +308,7 @@ class LoopGPTForCausalLM(LoopGPTPreTrainedModel, GenerationMixin):
             shift_labels = labels[:, 1:].to(logits.device)
             loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
 
 
 __all__ = ["LoopGPTForCausalLM", "LoopGPTModel", "LoopGPTPreTrainedModel"]

@@ -190,9 +190,9 @@ class LoopStack(nn.Module):
             row_starts = (loop_depths - k).clamp(min=0)  # where row b's last k iterations begin
             first_graph = int(row_starts.min())
         for n in range(r):
+            # Truncated backprop: iterations before first_graph run under no_grad, so the state leaving
+            # them carries no graph and nothing before first_graph gets gradient.
             tracked = grad and n >= first_graph
-            if tracked and n == first_graph and n > 0:
-                s = s.detach()  # truncated backprop: nothing before this iteration gets gradient
             if tracked and row_starts is not None and n > first_graph:
                 # Rows whose own last k iterations start here are cut from their earlier graph.
                 s = torch.where((row_starts == n).view(-1, 1, 1), s.detach(), s)
