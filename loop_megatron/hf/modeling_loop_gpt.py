@@ -24,7 +24,6 @@ Iterations beyond the trained count (``num_loops=`` larger than ``config.num_loo
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -156,7 +155,7 @@ class LoopGPTPreTrainedModel(PreTrainedModel):
             d = module.weight.shape[0]
             init.copy_(module.weight, torch.cat([torch.eye(d)] * 2, dim=1))
         if isinstance(module, LoopGPTDiagonalInjection):  # A = 1/2, B = 1/2 (as loop_megatron initialises)
-            init.constant_(module.delta, math.log(math.e - 1.0))
+            init.constant_(module.delta, 0.5413248546129181)  # log(e - 1): softplus = 1
             init.zeros_(module.rate)
             init.constant_(module.input_gain, 0.5)
 

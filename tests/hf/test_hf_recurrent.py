@@ -100,3 +100,17 @@ def test_hf_generate_with_injection_uses_its_cache_consistently(tmp_path):
     assert (steps - full).abs().max() < ATOL
     # greedy tokens are our argmax of the full forward at every step
     assert torch.equal(res.sequences[0, 6:], full[0].argmax(-1))
+
+
+def test_fresh_hf_model_initialises_injection_like_ours():
+    from loop_megatron.hf.convert import loop_gpt_config
+    from loop_megatron.hf.modeling_loop_gpt import LoopGPTForCausalLM
+    from loop_megatron.model import LoopGPT
+
+    for kind in ("linear", "diagonal"):
+        cfg = recurrent_config(kind, "zeros")
+        hf = LoopGPTForCausalLM(loop_gpt_config(cfg.model))
+        ours = LoopGPT(cfg.model)
+        for name, p in ours.loop.injection.named_parameters():
+            theirs = dict(hf.transformer.loop.injection.named_parameters())[name]
+            assert torch.allclose(theirs, p, atol=1e-7), (kind, name)
