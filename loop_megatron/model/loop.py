@@ -171,8 +171,8 @@ class LoopStack(nn.Module):
             loop_depths = loop_depths.to(device=x.device, dtype=torch.long).view(-1)
             if loop_depths.shape[0] != x.shape[0]:
                 raise ValueError(f"loop_depths has {loop_depths.shape[0]} entries for a batch of {x.shape[0]}.")
-            deepest = int(loop_depths.max())  # one host sync per forward, only in per-row mode
-            if int(loop_depths.min()) < 1:
+            deepest, shallowest = torch.stack([loop_depths.max(), loop_depths.min()]).tolist()  # one host sync
+            if shallowest < 1:
                 raise ValueError("loop_depths must all be >= 1.")
             if num_loops is not None and num_loops < deepest:
                 raise ValueError(f"num_loops ({num_loops}) is below the deepest row of loop_depths ({deepest}).")
@@ -188,7 +188,7 @@ class LoopStack(nn.Module):
             first_graph, row_starts = r - k, None
         else:
             row_starts = (loop_depths - k).clamp(min=0)  # where row b's last k iterations begin
-            first_graph = int(row_starts.min())
+            first_graph = max(shallowest - k, 0)
         for n in range(r):
             # Truncated backprop: iterations before first_graph run under no_grad, so the state leaving
             # them carries no graph and nothing before first_graph gets gradient.
