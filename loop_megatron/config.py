@@ -27,6 +27,9 @@ GATE_KINDS = ("vector", "scalar", "none")
 CHECKPOINTING_KINDS = ("none", "per-iteration", "per-block")
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+INJECTION_KINDS = ("none", "add", "linear", "diagonal")
+STATE_INIT_KINDS = ("input", "zeros", "random")
+LOOP_SAMPLING_KINDS = ("fixed", "uniform", "poisson-lognormal")
 
 
 @dataclass
@@ -97,6 +100,28 @@ class ModelConfig:
     attention_backend: str = "auto"
     """'auto' (flash-attn on a CUDA device in fp16/bf16 when installed, else PyTorch SDPA), 'flash'
     or 'sdpa'."""
+
+    loop_gate_count: int = 0
+    """Gates a_1..a_G the model owns (G = this; 0 = num_loops). Iterations beyond G reuse a_G. With
+    a sampled or scheduled loop count set it to the deepest training depth (training.max_loops), so
+    that every depth trained has its own gate; validate() refuses fewer."""
+
+    loop_injection: str = "none"
+    """How the prelude output e (the embeddings when there is no prelude) enters each loop iteration:
+    'none' (s' = s + a*(f(s) - s), the Loop-Residual model), 'add' (core input s + e), 'linear'
+    (core input W[s; e], W: 2d -> d initialised to [I I], Huginn) or 'diagonal' (s' = A*s + B*e +
+    a*(f(s) - s) with a learned per-channel decay A in (0, 1) and write B, Parcae-like). See the README
+    section "Recipes for looped models" for the exact equations."""
+
+    loop_state_init: str = "input"
+    """The state s_0 entering the first iteration: 'input' (s_0 = e, today), 'zeros' or 'random'
+    (s_0 ~ N(0, loop_state_std^2) per element in training; evaluation and generation start a 'random'
+    model from 0 unless a generator is passed). 'zeros' and 'random' need loop_injection other than
+    'none', or the loop would never see its input."""
+
+    loop_state_std: float = 0.02
+    """Standard deviation sigma of the 'random' initial state (Huginn uses sqrt(2 / (5 d)), about 0.023 at
+    d = 768, the same scale as the embeddings' init)."""
 
     @property
     def ffn_size(self) -> int:
@@ -171,7 +196,7 @@ class TrainingConfig:
 
     weight_decay: float = 0.1
     """AdamW decoupled weight decay, not applied to the model's no_decay_parameter_names() (biases,
-    LayerNorm weights and loop gates)."""
+    LayerNorm weights, loop gates and the loop injection's parameters)."""
 
     adam_beta1: float = 0.9
     """AdamW beta1."""
@@ -238,6 +263,42 @@ class TrainingConfig:
     """Peak dense TFLOP/s of one device, the denominator of MFU; 0 = look the GPU up in a table
     (H100/H200 989, A100 312: bf16 dense), and no MFU on CPU or an unknown device."""
 
+    loop_sampling: str = "fixed"
+    """Loop count r of each training step: 'fixed' (model.num_loops, or the loop_schedule value),
+    'uniform' (r ~ U{1..max_loops}) or 'poisson-lognormal' (Huginn: tau ~ N(log(mean_loops - 1) -
+    sigma^2/2, sigma), sigma = 0.5, r = 1 + Poisson(exp(tau)), so E[r] = mean_loops before the cap
+    at max_loops). Drawn from a generator seeded by (seed, iteration): every TP/DP/ZeRO rank draws the
+    same r and a resumed run replays the same depths."""
+
+    loop_sampling_per_sequence: bool = False
+    """Draw one depth per sample instead of per step (Parcae): the micro-batch runs to its deepest
+    sample and each row keeps its state after its own r_b iterations. A sample's depth is seeded by
+    (seed, its global sample index), so the data-parallel layout does not change it. Needs
+    loop_sampling 'uniform' or 'poisson-lognormal'."""
+
+    mean_loops: float = 0.0
+    """Mean loop count of 'poisson-lognormal' sampling; 0 = model.num_loops."""
+
+    max_loops: int = 0
+    """Cap on the sampled loop count (the upper end of 'uniform'); required by 'uniform' and
+    'poisson-lognormal'. With 'fixed' it only bounds loop_schedule (0 = no bound)."""
+
+    backprop_loops: int = 0
+    """k: only the last k iterations of a step build an autograd graph (truncated backprop, Huginn
+    k = 8); the first r - k run under torch.no_grad() and are not checkpointed. 0 = all r."""
+
+    loop_schedule: str = ""
+    """Loop count as a function of training progress p = iteration / train_iters, replacing
+    model.num_loops ('fixed'), mean_loops ('poisson-lognormal') or max_loops ('uniform'):
+    'p0:v0,p1:v1,...' is piecewise constant (v_i from p_i on; '0:1,0.35:4' switches looping on
+    at 35%), 'linear:p0:v0,p1:v1,...' interpolates linearly between the points and holds the last
+    value. p0 must be 0, points increasing in [0, 1], values >= 1 ('fixed' rounds them). '' = none."""
+
+    eval_loops: int = 0
+    """Loop count for evaluation during training; 0 = the training level at the end of training
+    (model.num_loops for 'fixed', mean_loops for 'poisson-lognormal', (1 + max_loops) / 2 for
+    'uniform', rounded; the loop_schedule's final value replaces the level)."""
+
     ds_skip_shm_comm: bool = True
     """Skip DeepSpeed's shared-memory CPU all-reduce op (deepspeed_shm_comm). It only serves DeepSpeed's
     inference all-reduce, never training, and its first use JIT-compiles for about a minute."""
@@ -274,6 +335,8 @@ class Config:
 # ----------------------------------------------------------------------------------------------------
 _TINY = dict(hidden_size=128, num_attention_heads=4, max_position_embeddings=256)
 _TINY_DATA = dict(seq_length=128)
+_RECURRENT = dict(loop_injection="linear", loop_state_init="random", loop_gates="none")
+_RECURRENT_TRAINING = dict(loop_sampling="poisson-lognormal")
 
 PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     # Paper variants (d=768, 12 heads, context 1024, GPT-2 vocab, tied embeddings).
@@ -290,6 +353,13 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "tiny-2l": {"model": dict(_TINY, num_layers=2, num_loops=1, loop_gates="none"), "data": dict(_TINY_DATA)},
     "tiny-1l": {"model": dict(_TINY, num_layers=1, num_loops=1, loop_gates="none"), "data": dict(_TINY_DATA)},
     "tiny-1l-2loop": {"model": dict(_TINY, num_layers=1, num_loops=2), "data": dict(_TINY_DATA)},
+    # Recurrent-depth recipes (Huginn-style): prelude / core / coda, linear injection, random s_0, depth
+    # sampled per step (mean, cap), truncated backprop; num_loops is the evaluation depth (the mean).
+    "tiny-recurrent": {"model": dict(_TINY, **_RECURRENT, prelude_layers=1, num_layers=2, coda_layers=1, num_loops=4),
+                       "data": dict(_TINY_DATA),
+                       "training": dict(_RECURRENT_TRAINING, mean_loops=4, max_loops=8, backprop_loops=2)},
+    "recurrent-97m": {"model": dict(_RECURRENT, prelude_layers=2, num_layers=4, coda_layers=2, num_loops=8),
+                      "training": dict(_RECURRENT_TRAINING, mean_loops=8, max_loops=16, backprop_loops=4)},
 }
 
 PRESET_DESCRIPTIONS = {
@@ -305,6 +375,10 @@ PRESET_DESCRIPTIONS = {
     "tiny-2l": "CPU: 2 layers, no loop (d=128): same parameters as tiny-2l-*loop",
     "tiny-1l": "CPU: 1 layer, no loop (d=128)",
     "tiny-1l-2loop": "CPU: 1 shared layer x 2 loops (d=128)",
+    "tiny-recurrent": "CPU recurrent depth: 1 prelude + 2 core x ~4 loops (sampled, max 8, backprop 2) + 1 coda, "
+                      "linear injection, random s_0 (d=128)",
+    "recurrent-97m": "Recurrent depth at GPT-2-small width: 2 prelude + 4 core x ~8 loops (sampled, max 16, "
+                     "backprop 4) + 2 coda, linear injection, random s_0",
 }
 
 
@@ -442,6 +516,85 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def parse_loop_schedule(text: str) -> tuple:
+    """'0:1,0.35:4' -> ('step', [(0.0, 1.0), (0.35, 4.0)]); 'linear:0:1,0.5:4' -> ('linear', ...);
+    '' -> ('none', []). Raises ConfigError naming training.loop_schedule on anything else."""
+    text = (text or "").strip()
+    if not text:
+        return "none", []
+    kind, body = ("linear", text[len("linear:"):]) if text.startswith("linear:") else ("step", text)
+    syntax = (f"training.loop_schedule must look like '0:1,0.35:4' (piecewise constant) or 'linear:0:1,0.5:4' "
+              f"(progress:loops pairs, progress in [0, 1]), got '{text}'.")
+    points = []
+    for item in body.split(","):
+        parts = item.split(":")
+        if len(parts) != 2:
+            raise ConfigError(syntax)
+        try:
+            p, v = float(parts[0]), float(parts[1])
+        except ValueError:
+            raise ConfigError(syntax) from None
+        points.append((p, v))
+    _require(points[0][0] == 0.0, f"training.loop_schedule must start at progress 0, got '{text}'.")
+    _require(all(0.0 <= p <= 1.0 for p, _ in points) and all(a[0] < b[0] for a, b in zip(points, points[1:])),
+             f"training.loop_schedule progress points must increase within [0, 1], got '{text}'.")
+    _require(all(v >= 1.0 and math.isfinite(v) for _, v in points),
+             f"training.loop_schedule loop counts must be >= 1, got '{text}'.")
+    return kind, points
+
+
+def training_depth_bound(cfg: "Config") -> int:
+    """The deepest loop count training may run: max_loops for sampled depths, else the largest of
+    model.num_loops and the schedule's values (capped by max_loops when set)."""
+    m, t = cfg.model, cfg.training
+    if t.loop_sampling != "fixed":
+        return t.max_loops
+    _, points = parse_loop_schedule(t.loop_schedule)
+    deepest = max([m.num_loops] + [int(math.floor(v + 0.5)) for _, v in points])
+    return min(deepest, t.max_loops) if t.max_loops else deepest
+
+
+def _validate_recipe(m: ModelConfig, t: "TrainingConfig", cfg: "Config") -> None:
+    """The recurrent-depth fields (injection, state init, sampled depth, truncation, schedule)."""
+    _require(m.loop_injection in INJECTION_KINDS,
+             f"model.loop_injection must be one of {INJECTION_KINDS}, got '{m.loop_injection}'.")
+    _require(m.loop_state_init in STATE_INIT_KINDS,
+             f"model.loop_state_init must be one of {STATE_INIT_KINDS}, got '{m.loop_state_init}'.")
+    _require(m.loop_state_init == "input" or m.loop_injection != "none",
+             f"model.loop_state_init '{m.loop_state_init}' needs model.loop_injection other than 'none' "
+             f"(without injection the loop would never see its input).")
+    _require(m.loop_state_std > 0, f"model.loop_state_std must be > 0, got {m.loop_state_std}.")
+    _require(m.loop_gate_count >= 0, f"model.loop_gate_count must be >= 0, got {m.loop_gate_count}.")
+    _require(t.loop_sampling in LOOP_SAMPLING_KINDS,
+             f"training.loop_sampling must be one of {LOOP_SAMPLING_KINDS}, got '{t.loop_sampling}'.")
+    for name in ("max_loops", "backprop_loops", "eval_loops"):
+        _require(getattr(t, name) >= 0, f"training.{name} must be >= 0, got {getattr(t, name)}.")
+    _require(t.mean_loops == 0 or t.mean_loops >= 1, f"training.mean_loops must be >= 1 (or 0), got {t.mean_loops}.")
+    _require(not t.loop_sampling_per_sequence or t.loop_sampling != "fixed",
+             "training.loop_sampling_per_sequence needs training.loop_sampling 'uniform' or 'poisson-lognormal'.")
+    _, points = parse_loop_schedule(t.loop_schedule)
+    if t.loop_sampling != "fixed":
+        _require(t.max_loops >= 1, f"training.max_loops must be set (>= 1) when training.loop_sampling is "
+                                   f"'{t.loop_sampling}'.")
+        mean = t.mean_loops or m.num_loops
+        if t.loop_sampling == "poisson-lognormal":
+            _require(t.max_loops >= mean, f"training.max_loops ({t.max_loops}) is below training.mean_loops ({mean}).")
+        for _, v in points:
+            _require(v <= t.max_loops, f"training.loop_schedule reaches {v:g} loops, above training.max_loops "
+                                       f"({t.max_loops}).")
+    elif t.max_loops:
+        _require(t.max_loops >= m.num_loops,
+                 f"training.max_loops ({t.max_loops}) is below model.num_loops ({m.num_loops}).")
+    deepest = training_depth_bound(cfg)
+    _require(t.backprop_loops <= deepest,
+             f"training.backprop_loops ({t.backprop_loops}) exceeds the deepest training loop count ({deepest}"
+             f"{', training.max_loops' if t.max_loops else ''}).")
+    gates = m.loop_gate_count or m.num_loops
+    _require(m.loop_gates == "none" or deepest <= gates,
+             f"model.loop_gate_count ({gates}) is below the deepest training loop count ({deepest}); set it to "
+             f"{deepest} so every depth trained has its own gate, or use model.loop_gates none.")
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Reject impossible settings with one sentence naming the field."""
     m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.training
@@ -473,6 +626,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     for name in ("hidden_dropout", "attention_dropout"):
         v = getattr(m, name)
         _require(0.0 <= v < 1.0, f"model.{name} must be in [0, 1), got {v}.")
+    _validate_recipe(m, t, cfg)
     _require(d.seq_length >= 1, f"data.seq_length must be >= 1, got {d.seq_length}.")
     _require(d.seq_length <= m.max_position_embeddings,
              f"data.seq_length ({d.seq_length}) is longer than the position table "

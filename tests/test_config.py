@@ -106,3 +106,65 @@ def test_configuration_reference_is_up_to_date():
     proc = subprocess.run([sys.executable, "tools/config_reference.py", "--check"], cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# Recurrent-depth recipe fields
+# ----------------------------------------------------------------------------------------------------
+def test_recurrent_presets():
+    tiny = preset("tiny-recurrent").validate()
+    m, t = tiny.model, tiny.training
+    assert (m.hidden_size, m.prelude_layers, m.num_layers, m.coda_layers) == (128, 1, 2, 1)
+    assert (m.loop_injection, m.loop_state_init, m.vocab_size) == ("linear", "random", 50257)
+    assert (t.loop_sampling, t.mean_loops, t.max_loops, t.backprop_loops) == ("poisson-lognormal", 4, 8, 2)
+    big = preset("recurrent-97m").validate()
+    assert (big.model.hidden_size, big.model.num_attention_heads, big.training.max_loops) == (768, 12, 16)
+    # the defaults leave every other preset the Loop-Residual model it was
+    for name in ("tiny-2l-2loop", "loop-81m", "gpt2-124m"):
+        c = preset(name)
+        assert (c.model.loop_injection, c.model.loop_state_init, c.training.loop_sampling) == ("none", "input", "fixed")
+        assert (c.training.backprop_loops, c.training.loop_schedule) == (0, "")
+
+
+def _recipe(**fields):
+    cfg = preset("tiny-recurrent")
+    for key, value in fields.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+@pytest.mark.parametrize("fields,named", [
+    (dict(training__backprop_loops=9), "training.backprop_loops"),
+    (dict(model__loop_injection="none"), "model.loop_state_init"),
+    (dict(model__loop_injection="none", model__loop_state_init="zeros"), "model.loop_injection"),
+    (dict(model__loop_injection="concat"), "model.loop_injection"),
+    (dict(model__loop_state_init="noise"), "model.loop_state_init"),
+    (dict(model__loop_state_std=0.0), "model.loop_state_std"),
+    (dict(training__max_loops=3), "training.max_loops"),
+    (dict(training__max_loops=0), "training.max_loops"),
+    (dict(training__loop_sampling="geometric"), "training.loop_sampling"),
+    (dict(training__loop_schedule="0:1;0.5:4"), "training.loop_schedule"),
+    (dict(training__loop_schedule="0.1:1,0.5:4"), "training.loop_schedule"),
+    (dict(training__loop_schedule="0:1,0.5:12"), "training.loop_schedule"),
+    (dict(training__loop_sampling="fixed", training__loop_sampling_per_sequence=True), "loop_sampling_per_sequence"),
+    (dict(training__mean_loops=0.5), "training.mean_loops"),
+    (dict(training__eval_loops=-1), "training.eval_loops"),
+    (dict(model__loop_gates="vector"), "model.loop_gate_count"),
+    (dict(model__loop_gate_count=-1), "model.loop_gate_count"),
+])
+def test_recipe_refusals_name_the_field(fields, named):
+    assert named in rejected(_recipe(**fields))
+
+
+def test_recipe_combinations_that_work():
+    _recipe(model__loop_gates="vector", model__loop_gate_count=8).validate()  # a gate per trainable depth
+    _recipe(training__loop_schedule="linear:0:1,0.5:4").validate()
+    _recipe(training__loop_sampling="uniform", training__loop_sampling_per_sequence=True).validate()
+    cfg = preset("tiny-2l-2loop")  # the old model with a switched-on-later loop and truncation
+    cfg.model.loop_gates, cfg.training.loop_schedule, cfg.training.backprop_loops = "none", "0:1,0.35:3", 2
+    cfg.validate()
+    cfg.model.loop_gates = "vector"  # 3 loops from the schedule but gates for 2
+    assert "model.loop_gate_count" in rejected(cfg)
+    cfg.training.backprop_loops = 4
+    assert "training.backprop_loops" in rejected(cfg)

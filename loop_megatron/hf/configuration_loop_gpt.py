@@ -11,7 +11,10 @@ class LoopGPTConfig(PretrainedConfig):
 
     One outer iteration n applies each shared block `inner_loops` times in place, then mixes
     ``x = x + a_n * (h - x)``; `prelude_layers` unshared blocks run before the loop and `coda_layers`
-    after it. `num_hidden_layers` is the number of block *applications* per forward pass (one KV-cache
+    after it. `loop_injection` ('none', 'add', 'linear', 'diagonal') re-injects the prelude output e into
+    every iteration and `loop_state_init` ('input', 'zeros', 'random') picks the first state (a 'random'
+    model starts from zeros unless a `state_generator` is passed); see modeling_loop_gpt.py for the
+    equations. `loop_gate_count` gates exist (0 = num_loops); later iterations reuse the last one. `num_hidden_layers` is the number of block *applications* per forward pass (one KV-cache
     layer each); it is derived from the other fields.
     """
 
@@ -34,6 +37,10 @@ class LoopGPTConfig(PretrainedConfig):
     prelude_layers: int = 0
     coda_layers: int = 0
     loop_gates: str = "vector"
+    loop_gate_count: int = 0
+    loop_injection: str = "none"
+    loop_state_init: str = "input"
+    loop_state_std: float = 0.02
     num_hidden_layers: int = 12
     activation_function: str = "gelu_new"
     resid_pdrop: float = 0.0
@@ -50,6 +57,10 @@ class LoopGPTConfig(PretrainedConfig):
     def __post_init__(self, **kwargs):
         if self.loop_gates not in ("vector", "scalar", "none"):
             raise ValueError(f"loop_gates must be 'vector', 'scalar' or 'none', got {self.loop_gates!r}.")
+        if self.loop_injection not in ("none", "add", "linear", "diagonal"):
+            raise ValueError(f"loop_injection must be 'none', 'add', 'linear' or 'diagonal', got {self.loop_injection!r}.")
+        if self.loop_state_init not in ("input", "zeros", "random"):
+            raise ValueError(f"loop_state_init must be 'input', 'zeros' or 'random', got {self.loop_state_init!r}.")
         self.num_hidden_layers = self.applications(self.num_loops)
         super().__post_init__(**kwargs)
 

@@ -1,11 +1,12 @@
 """Conversion between loop_megatron checkpoints and Hugging Face model folders.
 
 Export (ours -> HF):
-  * gates 'none' (or every gate exactly one) -> a plain `GPT2LMHeadModel`, unrolled: HF layer j is the
+  * gates 'none' (or every gate exactly one), no loop injection and s_0 = e -> a plain `GPT2LMHeadModel`, unrolled: HF layer j is the
     j-th block *application* (prelude blocks, then for each outer iteration each shared block repeated
     inner_loops times, then coda blocks). Loads with plain transformers, no remote code.
   * otherwise -> the custom `loop_gpt` architecture (configuration_loop_gpt.py + modeling_loop_gpt.py
-    copied into the folder, `auto_map` in config.json), shared blocks stored once plus the gates; load
+    copied into the folder, `auto_map` in config.json), shared blocks stored once plus the gates and the
+    injection's parameters (a model with injection or another initial state is never a plain GPT-2); load
     with `trust_remote_code=True`.
   Both folders carry the GPT-2 tokenizer files and `model.safetensors`; vocabulary padding rows are
   dropped (HF vocab = model.vocab_size) and the LM head is tied to wte.
@@ -76,10 +77,19 @@ def gates_are_trivial(sd: Dict[str, torch.Tensor], m: ModelConfig) -> bool:
     return m.loop_gates == "none" or gates is None or bool(torch.all(gates == 1))
 
 
+def has_recurrent_recipe(m: ModelConfig) -> bool:
+    """True when input injection or a non-input initial state makes the loop more than repeated blocks."""
+    return m.loop_injection != "none" or m.loop_state_init != "input"
+
+
 def choose_format(sd: Dict[str, torch.Tensor], m: ModelConfig, requested: str = "auto") -> str:
     """'gpt2' (plain, unrolled) or 'loop_gpt' (custom architecture)."""
     if requested == "auto":
-        return "gpt2" if gates_are_trivial(sd, m) else "loop_gpt"
+        return "gpt2" if gates_are_trivial(sd, m) and not has_recurrent_recipe(m) else "loop_gpt"
+    if requested == "gpt2" and has_recurrent_recipe(m):
+        raise ConversionError(f"this model uses model.loop_injection '{m.loop_injection}' / model.loop_state_init "
+                              f"'{m.loop_state_init}', so it is not a plain GPT-2; export it with --format loop_gpt "
+                              f"(or auto).")
     if requested == "gpt2" and not gates_are_trivial(sd, m):
         raise ConversionError("this model has loop gates that are not all one, so it is not a plain GPT-2; "
                               "export it with --format loop_gpt (or auto).")
@@ -196,7 +206,9 @@ def loop_gpt_config(m: ModelConfig, **extra):
         vocab_size=m.vocab_size, n_positions=m.max_position_embeddings, n_embd=m.hidden_size,
         n_head=m.num_attention_heads, n_inner=None if m.ffn_size == 4 * m.hidden_size else m.ffn_size,
         n_layer=m.num_layers, num_loops=m.num_loops, inner_loops=m.inner_loops, prelude_layers=m.prelude_layers,
-        coda_layers=m.coda_layers, loop_gates=m.loop_gates, resid_pdrop=m.hidden_dropout,
+        coda_layers=m.coda_layers, loop_gates=m.loop_gates, loop_gate_count=m.loop_gate_count,
+        loop_injection=m.loop_injection, loop_state_init=m.loop_state_init, loop_state_std=m.loop_state_std,
+        resid_pdrop=m.hidden_dropout,
         embd_pdrop=m.hidden_dropout, attn_pdrop=m.attention_dropout, layer_norm_epsilon=m.layernorm_epsilon,
         initializer_range=m.init_method_std, bos_token_id=EOD_ID, eos_token_id=EOD_ID,
         tie_word_embeddings=True, **extra)
@@ -360,10 +372,11 @@ def _reroll(flat: Dict[str, torch.Tensor], m: ModelConfig) -> Optional[Dict[str,
             if key in sd and not torch.equal(sd[key], t):
                 return None
             sd[key] = t
+    gate_count = m.loop_gate_count or m.num_loops
     if m.loop_gates == "vector":
-        sd["loop.gates"] = torch.ones(m.num_loops, m.hidden_size)
+        sd["loop.gates"] = torch.ones(gate_count, m.hidden_size)
     elif m.loop_gates == "scalar":
-        sd["loop.gates"] = torch.ones(m.num_loops, 1)
+        sd["loop.gates"] = torch.ones(gate_count, 1)
     return sd
 
 
@@ -407,7 +420,9 @@ def import_from_hf(hf_dir: str, make_vocab_size_divisible_by: int = 128) -> Tupl
                 num_attention_heads=c["n_head"], ffn_hidden_size=c.get("n_inner") or 0, num_layers=c["n_layer"],
                 num_loops=c["num_loops"], inner_loops=c.get("inner_loops", 1),
                 prelude_layers=c.get("prelude_layers", 0), coda_layers=c.get("coda_layers", 0),
-                loop_gates=c.get("loop_gates", "vector"), layernorm_epsilon=c.get("layer_norm_epsilon", 1e-5),
+                loop_gates=c.get("loop_gates", "vector"), loop_gate_count=c.get("loop_gate_count", 0),
+                loop_injection=c.get("loop_injection", "none"), loop_state_init=c.get("loop_state_init", "input"),
+                loop_state_std=c.get("loop_state_std", 0.02), layernorm_epsilon=c.get("layer_norm_epsilon", 1e-5),
                 init_method_std=c.get("initializer_range", 0.02))
         m = cfg.model
         _check_tied(hf, "transformer.wte.weight", hf_dir)
@@ -438,5 +453,5 @@ def convert_hf_to_checkpoint(hf_dir: str, out_dir: str, iteration: int = 0,
 
 
 __all__ = ["ConversionError", "CheckpointError", "application_order", "choose_format", "convert_checkpoint_to_hf",
-           "convert_hf_to_checkpoint", "export_to_hf", "gates_are_trivial", "import_from_hf", "to_gpt2_state_dict",
+           "convert_hf_to_checkpoint", "export_to_hf", "gates_are_trivial", "has_recurrent_recipe", "import_from_hf", "to_gpt2_state_dict",
            "to_loop_gpt_state_dict", "write_tokenizer"]

@@ -7,6 +7,16 @@ embeddings) whose middle is a stack of `n_layer` shared blocks applied `num_loop
     for n in 1..N:  h = x;  for each block k: repeat inner_loops times: h = block_k(h)
                     x = x + a_n * (h - x)          (a_n: learned gate; 'none' means x = h)
 
+With input injection (`loop_injection`; e = the prelude output, s = the loop state, f = the shared blocks):
+
+    none:      u = s            s' = s + a_n * (f(u) - s)
+    add:       u = s + e        s' = s + a_n * (f(u) - s)
+    linear:    u = W [s ; e]    s' = s + a_n * (f(u) - s)
+    diagonal:  u = s            s' = A * s + B * e + a_n * (f(u) - u),  A = exp(-softplus(delta) * softplus(rate))
+
+and the first state s_0 = e ('input'), 0 ('zeros') or, for 'random', 0 unless `state_generator` is given
+(then N(0, loop_state_std^2)): inference is deterministic by default.
+
 The shared blocks are stored once. Every block *application* has its own key/value cache entry (the
 same weights see a different hidden state each time), so the cache is a `DynamicCache` with one layer
 index per application, in application order: prelude blocks, loop applications, coda blocks.
@@ -25,6 +35,10 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_loop_gpt import LoopGPTConfig
+
+# transformers >= 5.2x names the cache `cache` (kwarg and output field; `past_key_values` is a deprecated
+# alias); earlier 5.x used `past_key_values`. Accept both on the way in, write the current name on the way out.
+_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 
 class LoopGPTAttention(nn.Module):
@@ -79,18 +93,50 @@ class LoopGPTBlock(nn.Module):
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
+class LoopGPTLinearInjection(nn.Module):
+    """u = W [s ; e] (W: 2d -> d, no bias)."""
+
+    def __init__(self, config: LoopGPTConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.cat([torch.eye(config.n_embd)] * 2, dim=1))
+
+    def forward(self, s, e):
+        return F.linear(torch.cat([s, e], dim=-1), self.weight)
+
+
+class LoopGPTDiagonalInjection(nn.Module):
+    """A * s + B * e with A = exp(-softplus(delta) * softplus(rate)) in (0, 1) and B = input_gain."""
+
+    def __init__(self, config: LoopGPTConfig):
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros(1))
+        self.rate = nn.Parameter(torch.zeros(config.n_embd))
+        self.input_gain = nn.Parameter(torch.zeros(config.n_embd))
+
+    def forward(self, s, e):
+        return torch.exp(-F.softplus(self.delta) * F.softplus(self.rate)) * s + self.input_gain * e
+
+
 class LoopGPTLoop(nn.Module):
-    """The shared blocks and the per-iteration gates ([num_loops, d] 'vector', [num_loops, 1] 'scalar')."""
+    """The shared blocks, the per-iteration gates ([G, d] 'vector', [G, 1] 'scalar'; G = loop_gate_count or
+    num_loops) and the injection's parameters."""
 
     def __init__(self, config: LoopGPTConfig):
         super().__init__()
         self.blocks = nn.ModuleList([LoopGPTBlock(config) for _ in range(config.n_layer)])
+        gate_count = config.loop_gate_count or config.num_loops
         if config.loop_gates == "vector":
-            self.gates = nn.Parameter(torch.ones(config.num_loops, config.n_embd))
+            self.gates = nn.Parameter(torch.ones(gate_count, config.n_embd))
         elif config.loop_gates == "scalar":
-            self.gates = nn.Parameter(torch.ones(config.num_loops, 1))
+            self.gates = nn.Parameter(torch.ones(gate_count, 1))
         else:
             self.register_parameter("gates", None)
+        if config.loop_injection == "linear":
+            self.injection = LoopGPTLinearInjection(config)
+        elif config.loop_injection == "diagonal":
+            self.injection = LoopGPTDiagonalInjection(config)
+        else:
+            self.injection = None
 
 
 class LoopGPTPreTrainedModel(PreTrainedModel):
@@ -105,6 +151,13 @@ class LoopGPTPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, LoopGPTLoop) and module.gates is not None:
             init.ones_(module.gates)
+        if isinstance(module, LoopGPTLinearInjection):
+            d = module.weight.shape[0]
+            init.copy_(module.weight, torch.cat([torch.eye(d)] * 2, dim=1))
+        if isinstance(module, LoopGPTDiagonalInjection):  # A = 1/2, B = 1/2 (as loop_megatron initialises)
+            init.constant_(module.delta, 0.5413248546129181)  # log(e - 1): softplus = 1
+            init.zeros_(module.rate)
+            init.constant_(module.input_gain, 0.5)
 
 
 class LoopGPTModel(LoopGPTPreTrainedModel):
@@ -146,8 +199,19 @@ class LoopGPTModel(LoopGPTPreTrainedModel):
             mask = (mask & keep) | (cols == rows)[None, None]
         return mask
 
+    def _initial_state(self, e, state_generator):
+        init_kind = self.config.loop_state_init
+        if init_kind == "input":
+            return e
+        if init_kind == "random" and state_generator is not None:
+            noise = torch.randn(e.shape, generator=state_generator, device=state_generator.device, dtype=e.dtype)
+            return noise.to(e.device) * self.config.loop_state_std
+        return torch.zeros_like(e)
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, num_loops: Optional[int] = None, **kwargs):
+                inputs_embeds=None, use_cache=None, num_loops: Optional[int] = None,
+                state_generator: Optional[torch.Generator] = None, cache=None, **kwargs):
+        past_key_values = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
@@ -177,21 +241,27 @@ class LoopGPTModel(LoopGPTPreTrainedModel):
         for block in self.prelude:
             x = block(x, mask, past_key_values, slot)
             slot += 1
-        gates = self.loop.gates
+        gates, injection, kind = self.loop.gates, self.loop.injection, self.config.loop_injection
+        e = x
+        x = self._initial_state(e, state_generator)
         for n in range(num_loops):
-            h = x
+            u = x + e if kind == "add" else injection(x, e) if kind == "linear" else x
+            h = u
             for block in self.loop.blocks:
                 for _ in range(self.config.inner_loops):
                     h = block(h, mask, past_key_values, slot)
                     slot += 1
-            if gates is None:
+            a = None if gates is None else gates[min(n, gates.shape[0] - 1)]
+            if kind == "diagonal":
+                x = injection(x, e) + (h - u if a is None else a * (h - u))
+            elif a is None:
                 x = h
             else:
-                x = x + gates[min(n, gates.shape[0] - 1)] * (h - x)
+                x = x + a * (h - x)
         for block in self.coda:
             x = block(x, mask, past_key_values, slot)
             slot += 1
-        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x), past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x), **{_CACHE_FIELD: past_key_values})
 
 
 class LoopGPTForCausalLM(LoopGPTPreTrainedModel, GenerationMixin):
@@ -217,12 +287,14 @@ class LoopGPTForCausalLM(LoopGPTPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, num_loops: Optional[int] = None,
-                logits_to_keep=0, **kwargs):
+                logits_to_keep=0, state_generator: Optional[torch.Generator] = None, cache=None, **kwargs):
         """`labels` are shifted inside (labels = input_ids for language modelling; -100 is ignored).
-        `num_loops` overrides the number of loop iterations for this call."""
+        `num_loops` overrides the number of loop iterations for this call; `state_generator` draws a
+        'random' model's first state (default: zeros)."""
         out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                               use_cache=use_cache, num_loops=num_loops)
+                               past_key_values=cache if cache is not None else past_key_values,
+                               inputs_embeds=inputs_embeds,
+                               use_cache=use_cache, num_loops=num_loops, state_generator=state_generator)
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
@@ -235,7 +307,7 @@ class LoopGPTForCausalLM(LoopGPTPreTrainedModel, GenerationMixin):
             shift_labels = labels[:, 1:].to(logits.device)
             loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
 
 
 __all__ = ["LoopGPTForCausalLM", "LoopGPTModel", "LoopGPTPreTrainedModel"]

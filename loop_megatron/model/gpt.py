@@ -24,6 +24,9 @@ class LoopGPT(nn.Module):
     forward(input_ids, labels) returns (logits, loss): `loss` is the mean token cross-entropy over labels
     that are not IGNORE_INDEX (None without labels); `logits` are the full-vocabulary logits (gathered
     over TP ranks, vocab padding removed), returned when no labels are given or `return_logits=True`.
+    The loop's depth is chosen per call (see model/loop.py): `num_loops` (r), `backprop_loops` (k, truncated
+    backprop), `loop_depths` (a LongTensor [batch] of per-row depths) and `state_generator` (a random
+    initial state outside training).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -49,7 +52,9 @@ class LoopGPT(nn.Module):
 
     # ------------------------------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, num_loops: Optional[int] = None,
-                      kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+                      kv_cache: Optional[KVCache] = None, *, backprop_loops: Optional[int] = None,
+                      loop_depths: Optional[torch.Tensor] = None,
+                      state_generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Final-LayerNorm hidden states [batch, seq, hidden]."""
         T = input_ids.shape[1]
         offset = 0
@@ -64,7 +69,8 @@ class LoopGPT(nn.Module):
         x = F.dropout(x, self.cfg.hidden_dropout, self.training)
         for block in self.prelude:
             x = block(x, kv_cache)
-        x = self.loop(x, num_loops=num_loops, kv_cache=kv_cache)
+        x = self.loop(x, num_loops=num_loops, kv_cache=kv_cache, backprop_loops=backprop_loops,
+                      loop_depths=loop_depths, state_generator=state_generator)
         for block in self.coda:
             x = block(x, kv_cache)
         if kv_cache is not None:
@@ -80,8 +86,11 @@ class LoopGPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
                 num_loops: Optional[int] = None, kv_cache: Optional[KVCache] = None,
-                return_logits: Optional[bool] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        hidden = self.hidden_states(input_ids, num_loops=num_loops, kv_cache=kv_cache)
+                return_logits: Optional[bool] = None, backprop_loops: Optional[int] = None,
+                loop_depths: Optional[torch.Tensor] = None,
+                state_generator: Optional[torch.Generator] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        hidden = self.hidden_states(input_ids, num_loops=num_loops, kv_cache=kv_cache, backprop_loops=backprop_loops,
+                                    loop_depths=loop_depths, state_generator=state_generator)
         logits_parallel = self.logits_parallel(hidden)
         loss = None
         if labels is not None:
@@ -102,9 +111,10 @@ class LoopGPT(nn.Module):
         return n
 
     def no_decay_parameter_names(self):
-        """Parameters AdamW should not decay: biases, LayerNorm weights and loop gates."""
+        """Parameters AdamW should not decay: biases, LayerNorm weights, loop gates and the injection's
+        parameters (their init, e.g. W = [I I], is a meaningful operating point, not a small random one)."""
         names = []
         for name, p in self.named_parameters():
-            if p.ndim < 2 or name.endswith("gates"):
+            if p.ndim < 2 or name.endswith("gates") or name.startswith("loop.injection."):
                 names.append(name)
         return names

@@ -1,17 +1,45 @@
-"""The loop stack: K shared blocks iterated N times with learned per-iteration gates.
+"""The loop stack: K shared blocks iterated r times, with gates, input injection and a chosen initial state.
 
-    x(n) = x(n-1) + a_n * (Blocks(x(n-1)) - x(n-1)),   n = 1..N
+Notation: e = the prelude's output (the embeddings when there is no prelude), s_t = the state entering
+iteration t (t = 0..r-1), f = the shared core (each of the K blocks applied M times in place, blocks
+keeping their own residuals), a_t = the gate of iteration t (a_t = 1 with gates 'none'; iterations
+beyond the gate count reuse the last gate). One iteration, per `model.loop_injection`:
 
-where Blocks applies each of the K blocks M times in place ("inner loops"). With gates 'none' (a_n = 1)
-this is exactly an unrolled N*K*M-layer GPT-2 whose layers repeat the shared blocks. This module is the
-one place that knows about iterations, gates, inner loops and activation checkpointing.
+    none:      u_t = s_t                    s_{t+1} = s_t + a_t * (f(u_t) - s_t)      (Loop-Residual, today)
+    add:       u_t = s_t + e                s_{t+1} = s_t + a_t * (f(u_t) - s_t)
+    linear:    u_t = W [s_t ; e]            s_{t+1} = s_t + a_t * (f(u_t) - s_t)      (Huginn; W = [I I] at init)
+    diagonal:  u_t = s_t                    s_{t+1} = A * s_t + B * e + a_t * (f(u_t) - u_t)
+               A = exp(-softplus(delta) * softplus(rate)) in (0, 1) per channel, B = input_gain (Parcae-like)
+
+With gates 'none' the first three read s_{t+1} = f(u_t); `none` with gates is bit-identical to the
+original Loop-Residual update. Diagonal's init: softplus(delta) = 1 and softplus(rate) = ln 2, so A = 1/2,
+and B = 1 - A = 1/2, which makes e the fixed point of the linear part (the state keeps the input's scale).
+
+Initial state (`model.loop_state_init`): s_0 = e ('input'), 0 ('zeros') or N(0, sigma^2) per element
+('random': drawn in training mode from the default RNG, which is identical on every TP rank; in eval mode
+s_0 = 0, its mean, unless a `state_generator` is passed).
+
+Per-call depth controls (all keyword arguments of forward, defaults = the fixed-depth model):
+  num_loops r        iterations to run (default: the model's num_loops; with loop_depths: max(loop_depths)).
+  backprop_loops k   truncated backprop: only each row's last k iterations get gradient. Iterations that
+                     no row needs a gradient for run under torch.no_grad() (and are never checkpointed);
+                     the state is detached where a row's last k begin. 0/None = all.
+  loop_depths [B]    per-row depths r_b: the batch runs max(r_b) iterations and row b's state is held
+                     (s_{t+1} = s_t) after its own r_b, by masking the update, so each row equals that row
+                     run alone at depth r_b.
+  state_generator    a torch.Generator for a 'random' initial state (also in eval mode).
+
+This module is the one place that knows about iterations, gates, inner loops, injection and activation
+checkpointing.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
@@ -19,25 +47,67 @@ from .block import Block
 from .kv_cache import KVCache
 
 
+class LinearInjection(nn.Module):
+    """u = W [s ; e] with W: 2d -> d, no bias, initialised to [I I] (so u = s + e at the start, Huginn's
+    adapter). Replicated on every TP rank: it acts on the replicated residual stream, whose gradient is
+    already identical on all TP ranks (as for LayerNorm weights), so W's gradient needs no reduction."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        eye = torch.eye(hidden_size)
+        self.weight = nn.Parameter(torch.cat([eye, eye], dim=1))  # deterministic: consumes no RNG
+
+    def forward(self, s: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.cat([s, e], dim=-1), self.weight)
+
+
+class DiagonalInjection(nn.Module):
+    """The stable linear part A * s + B * e of the 'diagonal' update (replicated, per channel)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        # softplus(delta) = 1, softplus(rate) = ln 2  ->  A = exp(-ln 2) = 1/2; B = 1 - A.
+        self.delta = nn.Parameter(torch.full((1,), math.log(math.e - 1.0)))
+        self.rate = nn.Parameter(torch.zeros(hidden_size))
+        self.input_gain = nn.Parameter(torch.full((hidden_size,), 0.5))
+
+    def decay(self) -> torch.Tensor:
+        """A in (0, 1): a negative continuous-time rate, discretised with a positive step."""
+        return torch.exp(-F.softplus(self.delta) * F.softplus(self.rate))
+
+    def forward(self, s: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return self.decay() * s + self.input_gain * e
+
+
 class LoopStack(nn.Module):
-    """K shared blocks, N outer iterations, M inner repeats per block, gates a_1..a_N."""
+    """K shared blocks, r outer iterations, M inner repeats per block, gates, injection, initial state."""
 
     def __init__(self, cfg: ModelConfig, output_std: float):
         super().__init__()
         self.num_loops = cfg.num_loops
         self.inner_loops = cfg.inner_loops
         self.checkpointing = cfg.activation_checkpointing
+        self.injection_kind = cfg.loop_injection
+        self.state_init = cfg.loop_state_init
+        self.state_std = cfg.loop_state_std
         self.blocks = nn.ModuleList([Block(cfg, output_std) for _ in range(cfg.num_layers)])
+        gate_count = cfg.loop_gate_count or cfg.num_loops
         if cfg.loop_gates == "vector":
-            self.gates = nn.Parameter(torch.full((cfg.num_loops, cfg.hidden_size), cfg.gate_init))
+            self.gates = nn.Parameter(torch.full((gate_count, cfg.hidden_size), cfg.gate_init))
         elif cfg.loop_gates == "scalar":
-            self.gates = nn.Parameter(torch.full((cfg.num_loops, 1), cfg.gate_init))
+            self.gates = nn.Parameter(torch.full((gate_count, 1), cfg.gate_init))
         else:
             self.register_parameter("gates", None)
+        if cfg.loop_injection == "linear":
+            self.injection = LinearInjection(cfg.hidden_size)
+        elif cfg.loop_injection == "diagonal":
+            self.injection = DiagonalInjection(cfg.hidden_size)
+        else:
+            self.injection = None
 
     def gate(self, n: int) -> Optional[torch.Tensor]:
-        """Gate of iteration n (0-based). Iterations beyond the trained count (evaluating with more
-        loops than trained) reuse the last trained gate."""
+        """Gate of iteration n (0-based). Iterations beyond the gate count (evaluating with more
+        loops than trained) reuse the last gate."""
         if self.gates is None:
             return None
         return self.gates[min(n, self.gates.shape[0] - 1)]
@@ -47,25 +117,88 @@ class LoopStack(nn.Module):
             return checkpoint(block, h, use_reentrant=False)
         return block(h, kv_cache)
 
-    def iteration(self, x: torch.Tensor, n: int, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        """One outer iteration: x + a_n * (Blocks(x) - x)."""
-        h = x
+    def core(self, u: torch.Tensor, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """f(u): every shared block applied inner_loops times in place."""
         for block in self.blocks:
             for _ in range(self.inner_loops):
-                h = self._apply_block(block, h, kv_cache)
+                u = self._apply_block(block, u, kv_cache)
+        return u
+
+    def iteration(self, x: torch.Tensor, n: int, kv_cache: Optional[KVCache] = None,
+                  e: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One outer iteration s_t -> s_{t+1} (the equations in the module docstring)."""
+        kind = self.injection_kind
+        if kind == "add":
+            u = x + e
+        elif kind == "linear":
+            u = self.injection(x, e)
+        else:
+            u = x
+        h = self.core(u, kv_cache)
         a = self.gate(n)
+        if kind == "diagonal":
+            update = h - u
+            return self.injection(x, e) + (update if a is None else a * update)
         return h if a is None else x + a * (h - x)
 
     def _checkpoint_active(self, kv_cache: Optional[KVCache]) -> bool:
         return self.training and kv_cache is None and torch.is_grad_enabled()
 
-    def forward(self, x: torch.Tensor, num_loops: Optional[int] = None,
-                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        for n in range(num_loops or self.num_loops):
-            if self.checkpointing == "per-iteration" and self._checkpoint_active(kv_cache):
-                # Non-reentrant: the shared weights get one gradient per iteration, which the reentrant
-                # variant (and deepspeed.checkpointing) mishandle under ZeRO-2/3.
-                x = checkpoint(self.iteration, x, n, use_reentrant=False)
-            else:
-                x = self.iteration(x, n, kv_cache)
-        return x
+    def initial_state(self, e: torch.Tensor, state_generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """s_0 from the prelude output e, per `loop_state_init`."""
+        if self.state_init == "input":
+            return e
+        if self.state_init == "random" and (state_generator is not None or self.training):
+            if state_generator is None:  # the default RNG: the same draw on every TP rank
+                return torch.randn_like(e) * self.state_std
+            noise = torch.randn(e.shape, generator=state_generator, device=state_generator.device, dtype=e.dtype)
+            return noise.to(e.device) * self.state_std
+        return torch.zeros_like(e)
+
+    def _step(self, s: torch.Tensor, n: int, kv_cache: Optional[KVCache], e: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.checkpointing == "per-iteration" and self._checkpoint_active(kv_cache):
+            # Non-reentrant: the shared weights get one gradient per iteration, which the reentrant
+            # variant (and deepspeed.checkpointing) mishandle under ZeRO-2/3.
+            return checkpoint(self.iteration, s, n, kv_cache, e, use_reentrant=False)
+        return self.iteration(s, n, kv_cache, e)
+
+    def forward(self, x: torch.Tensor, num_loops: Optional[int] = None, kv_cache: Optional[KVCache] = None, *,
+                backprop_loops: Optional[int] = None, loop_depths: Optional[torch.Tensor] = None,
+                state_generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Run the loop on the prelude output `x` (= e) and return the final state s_r."""
+        e = x if self.injection_kind != "none" else None
+        if loop_depths is not None:
+            loop_depths = loop_depths.to(device=x.device, dtype=torch.long).view(-1)
+            if loop_depths.shape[0] != x.shape[0]:
+                raise ValueError(f"loop_depths has {loop_depths.shape[0]} entries for a batch of {x.shape[0]}.")
+            deepest, shallowest = torch.stack([loop_depths.max(), loop_depths.min()]).tolist()  # one host sync
+            if shallowest < 1:
+                raise ValueError("loop_depths must all be >= 1.")
+            if num_loops is not None and num_loops < deepest:
+                raise ValueError(f"num_loops ({num_loops}) is below the deepest row of loop_depths ({deepest}).")
+            r = num_loops or deepest
+        else:
+            r = num_loops or self.num_loops
+        s = self.initial_state(x, state_generator)
+        grad = torch.is_grad_enabled()
+        k = backprop_loops or 0
+        if not grad or k <= 0 or k >= r:
+            first_graph, row_starts = 0, None  # every iteration (if any) builds the graph
+        elif loop_depths is None:
+            first_graph, row_starts = r - k, None
+        else:
+            row_starts = (loop_depths - k).clamp(min=0)  # where row b's last k iterations begin
+            first_graph = max(shallowest - k, 0)
+        for n in range(r):
+            # Truncated backprop: iterations before first_graph run under no_grad, so the state leaving
+            # them carries no graph and nothing before first_graph gets gradient.
+            tracked = grad and n >= first_graph
+            if tracked and row_starts is not None and n > first_graph:
+                # Rows whose own last k iterations start here are cut from their earlier graph.
+                s = torch.where((row_starts == n).view(-1, 1, 1), s.detach(), s)
+            with torch.set_grad_enabled(tracked):
+                s_next = self._step(s, n, kv_cache, e)
+                if loop_depths is not None:  # rows past their depth keep their state: mask the update
+                    s_next = torch.where((loop_depths > n).view(-1, 1, 1), s_next, s)
+            s = s_next
+        return s

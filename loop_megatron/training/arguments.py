@@ -13,8 +13,8 @@ import json
 import os
 from typing import Dict, List, Optional, Set, Tuple
 
-from ..config import (CHECKPOINTING_KINDS, GATE_KINDS, PRECISIONS, PRESETS, Config, ConfigError, load_config,
-                      parse_override, set_field)
+from ..config import (CHECKPOINTING_KINDS, GATE_KINDS, INJECTION_KINDS, LOOP_SAMPLING_KINDS, PRECISIONS, PRESETS,
+                      STATE_INIT_KINDS, Config, ConfigError, load_config, parse_override, set_field)
 
 # (flag, config key, type, help). Types: int, float, str, "bool" (store_true), "list" (nargs+).
 CONFIG_FLAGS: List[Tuple[str, str, object, str]] = [
@@ -34,6 +34,13 @@ CONFIG_FLAGS: List[Tuple[str, str, object, str]] = [
     ("--loop-gates", "model.loop_gates", str, f"Per-iteration gate kind: one of {', '.join(GATE_KINDS)}."),
     ("--activation-checkpointing", "model.activation_checkpointing", str,
      f"Activation checkpointing (non-reentrant): one of {', '.join(CHECKPOINTING_KINDS)}."),
+    ("--loop-injection", "model.loop_injection", str,
+     f"How the prelude output re-enters each loop iteration: one of {', '.join(INJECTION_KINDS)}."),
+    ("--loop-state-init", "model.loop_state_init", str,
+     f"First loop state: one of {', '.join(STATE_INIT_KINDS)} (random: N(0, --loop-state-std^2) in training)."),
+    ("--loop-state-std", "model.loop_state_std", float, "Standard deviation of the random first loop state."),
+    ("--loop-gate-count", "model.loop_gate_count", int,
+     "Gates the model owns (0 = --loops); set to --max-loops when the depth is sampled."),
     # parallel
     ("--tensor-model-parallel-size", "parallel.tensor_model_parallel_size", int,
      "Ranks that shard one model replica (Megatron TP); data-parallel size = world size / this."),
@@ -52,6 +59,17 @@ CONFIG_FLAGS: List[Tuple[str, str, object, str]] = [
      "AdamW weight decay (not applied to biases, LayerNorm weights or loop gates)."),
     ("--clip-grad", "training.clip_grad", float, "Global gradient-norm clipping threshold (0 = off)."),
     ("--seed", "training.seed", int, "Seed for weights, data order and dropout."),
+    ("--loop-sampling", "training.loop_sampling", str,
+     f"Loop count per training step: one of {', '.join(LOOP_SAMPLING_KINDS)}."),
+    ("--loop-sampling-per-sequence", "training.loop_sampling_per_sequence", "bool",
+     "Sample one depth per sequence instead of per step."),
+    ("--mean-loops", "training.mean_loops", float, "Mean sampled loop count (poisson-lognormal; 0 = --loops)."),
+    ("--max-loops", "training.max_loops", int, "Cap on the sampled loop count (upper end of uniform)."),
+    ("--backprop-loops", "training.backprop_loops", int,
+     "Truncated backprop: gradient through the last k iterations only (0 = all)."),
+    ("--loop-schedule", "training.loop_schedule", str,
+     "Loop count (or mean) by training progress: '0:1,0.35:4' (steps) or 'linear:0:1,0.5:4' (ramp)."),
+    ("--eval-loops", "training.eval_loops", int, "Loop count for evaluation (0 = the training mean)."),
     ("--zero-stage", "training.zero_stage", int, "DeepSpeed ZeRO stage: 0, 1, 2 or 3."),
     ("--cpu-offload", "training.cpu_offload", "bool",
      "Offload optimizer state to CPU with DeepSpeedCPUAdam (needs --zero-stage 1-3; JIT-builds cpu_adam once)."),

@@ -134,3 +134,40 @@ def test_tp_rng_fork_differs_per_rank_and_keeps_the_shared_stream_aligned():
     (in0, after0), (in1, after1) = run_distributed(_rng_worker, 2)
     assert not torch.equal(in0, in1)  # sharded activations get different dropout masks per TP rank
     assert torch.equal(after0, after1)  # replicated activations still see identical masks
+
+
+def _run_recipe_model(tp: int, cfg: ModelConfig, ids: torch.Tensor, forward_kwargs: dict):
+    """A recurrent-depth model (injection parameters moved off their init, same on every rank), trained one
+    forward/backward with the given depth arguments."""
+    destroy_model_parallel()
+    initialize_model_parallel(tp)
+    torch.manual_seed(7)
+    model = LoopGPT(cfg).train()
+    with torch.no_grad():
+        for p in model.loop.injection.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # the default RNG: identical on every TP rank
+    logits, loss = model(ids[:, :-1], ids[:, 1:], return_logits=True, **forward_kwargs)  # random s_0 drawn here
+    loss.backward()
+    return {"logits": logits.detach(), "loss": loss.detach(), "grads": _gathered_grads(model),
+            "weights": full_state_dict(model)}
+
+
+def _tp_recipe_worker(rank, world_size, cases, ids):
+    return [{"tp1": _run_recipe_model(1, cfg, ids, kw), "tp2": _run_recipe_model(2, cfg, ids, kw)}
+            for cfg, kw in cases]
+
+
+def test_tp2_matches_tp1_for_injection_random_state_truncation_and_row_depths():
+    torch.manual_seed(3)
+    ids = torch.randint(0, 101, (3, 11))
+    linear = _model_cfg(loop_injection="linear", loop_state_init="random", loop_state_std=0.3, loop_gates="none",
+                        inner_loops=1, hidden_dropout=0.1)
+    diagonal = _model_cfg(loop_injection="diagonal", loop_state_init="zeros", loop_gate_count=5, inner_loops=1,
+                          activation_checkpointing="per-block")
+    cases = [(linear, {"num_loops": 5, "backprop_loops": 2}),
+             (diagonal, {"loop_depths": torch.tensor([2, 5, 3]), "backprop_loops": 2})]
+    for per_case in run_distributed(_tp_recipe_worker, 2, cases, ids):
+        for r in per_case:
+            _assert_same(r["tp1"], r["tp2"])
+            # the replicated injection parameters get the TP=1 gradient on every rank, unreduced
+            assert any(k.startswith("loop.injection.") for k in r["tp2"]["grads"])
