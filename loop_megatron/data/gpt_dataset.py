@@ -13,8 +13,10 @@ Each item is ``{"tokens": np.ndarray int64 [seq_length + 1]}``; the trainer feed
 predicts ``tokens[1:]``. torch's default collate stacks a batch into a LongTensor [B, seq_length + 1].
 """
 
+import collections
 import math
 import os
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -385,3 +387,79 @@ def build_train_valid_test_datasets(
             ]
         results.append(BlendedDataset(datasets, weights, wanted, cache_dir, name=f"blend-{split_name}"))
     return tuple(results)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Named evaluation sets (--valid-data-path / --test-data-path)
+
+_EVAL_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_DOCUMENT_SUFFIX = "_text_document"
+
+
+def eval_set_name(prefix: str) -> str:
+    """Default name of an evaluation set: the file name, without Megatron's ``_text_document``."""
+    base = os.path.basename(prefix.rstrip("/"))
+    return base[: -len(_DOCUMENT_SUFFIX)] if base.endswith(_DOCUMENT_SUFFIX) and base != _DOCUMENT_SUFFIX else base
+
+
+def parse_named_data_paths(entries: Sequence[str], field: str = "data.valid_data_path") -> List[Tuple[str, str]]:
+    """``["kjv=data/c/kjv_text_document", "data/c/sotu_text_document"]`` -> ``[("kjv", ...), ("sotu", ...)]``.
+
+    Each entry is one evaluation set, used whole: ``NAME=PREFIX``, or ``PREFIX`` alone, named after the
+    file without ``_text_document``. Names (letters, digits, ``_ . -``) label logs and TensorBoard tags
+    (``valid/NAME/loss``) and must be unique. The first ``=`` ends the name, so a prefix that contains
+    ``=`` needs an explicit name. Entries may also come as one whitespace-separated string.
+
+    Raises:
+        DataError: an empty name or prefix, a weight (blends are not evaluation sets), or a repeated name,
+            in one sentence naming ``field``.
+    """
+    items = [tok for entry in entries for tok in str(entry).split()]
+    out: List[Tuple[str, str]] = []
+    for item in items:
+        name, sep, prefix = item.partition("=")
+        if not sep:
+            name, prefix = eval_set_name(item), item
+        elif not _EVAL_NAME.fullmatch(name):
+            raise DataError(
+                f"{field} entry {item!r}: the name before '=' must be letters, digits, '_', '.' or '-' "
+                "(write NAME=PREFIX, or just PREFIX)."
+            )
+        if not prefix:
+            raise DataError(f"{field} entry {item!r}: no dataset prefix after '='.")
+        try:
+            float(item)
+            raise DataError(f"{field} entry {item!r}: weights are not used here; each entry is one evaluation set "
+                            "(NAME=PREFIX or PREFIX).")
+        except ValueError:
+            pass
+        if not _EVAL_NAME.fullmatch(name):
+            raise DataError(f"{field} entry {item!r}: cannot make a name from the file name; write NAME={prefix}.")
+        if any(name == n for n, _ in out):
+            raise DataError(f"{field}: the name {name!r} is used twice; give each set its own NAME=PREFIX.")
+        out.append((name, prefix))
+    return out
+
+
+def build_named_eval_datasets(
+    named_prefixes: Sequence[Tuple[str, str]],
+    seq_length: int,
+    seed: int,
+    num_samples: Optional[int] = None,
+    cache_dir: Optional[str] = None,
+    split_name: str = "valid",
+) -> "collections.OrderedDict[str, GPTDataset]":
+    """``name -> GPTDataset`` over the whole of each dataset, in the given order.
+
+    Args:
+        named_prefixes: from :func:`parse_named_data_paths`.
+        seq_length, seed, cache_dir: as for :func:`build_train_valid_test_datasets`.
+        num_samples: samples per set (repeating a small set); None means one epoch of each.
+        split_name: ``"valid"`` or ``"test"``; with the name it labels the cached index files.
+    """
+    out = collections.OrderedDict()
+    for name, prefix in named_prefixes:
+        ds = IndexedDataset(prefix)
+        out[name] = GPTDataset(ds, f"{split_name}-{name}", (0, ds.num_documents), seq_length, seed,
+                               num_samples, cache_dir)
+    return out

@@ -219,6 +219,8 @@ class IndexedDatasetBuilder:
         self._lengths: List[np.ndarray] = []  # chunks of int32 sequence lengths
         self._doc_ends: List[np.ndarray] = []  # chunks of document end indices (sequence counts)
         self._num_sequences = 0
+        self._num_tokens = 0
+        self.max_token_id = -1  # recorded in the .meta.json sidecar, so checks need not scan the .bin
         self._closed = False
 
     def __enter__(self) -> "IndexedDatasetBuilder":
@@ -232,6 +234,7 @@ class IndexedDatasetBuilder:
         """Append one document; ``lengths`` splits it into several sequences (default: one)."""
         arr = np.asarray(ids, dtype=self.dtype)
         lens = np.asarray([arr.size] if lengths is None else lengths, dtype=np.int32)
+        self._note_tokens(arr)
         self._file.write(arr.tobytes())
         self._lengths.append(lens)
         self._num_sequences += len(lens)
@@ -243,13 +246,22 @@ class IndexedDatasetBuilder:
         arr = np.asarray(ids, dtype=self.dtype)
         if int(lens.sum()) != arr.size:
             raise ValueError("add_documents: doc_lengths do not sum to the number of ids")
+        self._note_tokens(arr)
         self._file.write(arr.tobytes())
         self._lengths.append(lens)
         self._doc_ends.append(self._num_sequences + np.arange(1, len(lens) + 1, dtype=np.int64))
         self._num_sequences += len(lens)
 
-    def add_index(self, prefix: str) -> None:
-        """Append every document of the existing dataset ``prefix`` (which must have the same dtype)."""
+    def _note_tokens(self, arr: np.ndarray) -> None:
+        self._num_tokens += int(arr.size)
+        if arr.size:
+            self.max_token_id = max(self.max_token_id, int(arr.max()))
+
+    def add_index(self, prefix: str, max_token_id: Optional[int] = None) -> None:
+        """Append every document of the existing dataset ``prefix`` (which must have the same dtype).
+
+        ``max_token_id`` (from the dataset's sidecar) saves scanning its .bin for the largest id.
+        """
         other = _Index(idx_path(prefix))
         if other.dtype != self.dtype:
             raise DataError(
@@ -266,11 +278,24 @@ class IndexedDatasetBuilder:
         self._lengths.append(np.array(other.sequence_lengths, dtype=np.int32))
         self._doc_ends.append(self._num_sequences + np.array(other.document_indices[1:], np.int64))
         self._num_sequences += other.sequence_count
+        self._num_tokens += expected // self.dtype.itemsize
+        if max_token_id is None:
+            from .dataset_meta import scan_max_token_id
+
+            max_token_id = scan_max_token_id(prefix)
+        self.max_token_id = max(self.max_token_id, int(max_token_id))
         with open(bin_path(prefix), "rb") as f:
             shutil.copyfileobj(f, self._file, 16 << 20)
 
-    def finalize(self, idx_path: str) -> None:
-        """Write the index and move both files to their final names (the .idx last)."""
+    def finalize(self, idx_path: str, tokenizer_record: Optional[dict] = None) -> None:
+        """Write the index and move the files to their final names (the .idx last).
+
+        With ``tokenizer_record`` (``tokenizer.describe()``) the ``.meta.json`` sidecar naming the
+        tokenizer is written too, renamed into place before the .idx; without it a stale sidecar of an
+        earlier dataset under the same name is removed.
+        """
+        from .dataset_meta import make_meta, meta_path, write_meta_tmp
+
         self._file.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
         doc_ends = np.concatenate(self._doc_ends) if self._doc_ends else np.zeros(0, np.int64)
@@ -279,18 +304,27 @@ class IndexedDatasetBuilder:
             np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
         doc_indices = np.concatenate([np.zeros(1, np.int64), doc_ends])
         tmp_idx = temp_path(idx_path)
+        sidecar = meta_path(idx_path[:-4] if idx_path.endswith(".idx") else idx_path)
+        tmp_meta = None
         try:
             with open(tmp_idx, "wb") as f:
                 f.write(_HEADER.pack(MAGIC, VERSION, _CODE_OF[self.dtype], len(lengths), len(doc_indices)))
                 f.write(lengths.tobytes())
                 f.write(pointers.tobytes())
                 f.write(doc_indices.tobytes())
+            if tokenizer_record is not None:
+                meta = make_meta(tokenizer_record, self.dtype, len(doc_indices) - 1, self._num_tokens, self.max_token_id)
+                tmp_meta = write_meta_tmp(sidecar, meta)
             # The .idx is renamed last: a reader needs both files, so a crash in between leaves a
             # dataset that does not open rather than one that opens with stale contents.
             os.replace(self._tmp_bin, self.bin_path)
+            if tmp_meta is not None:
+                os.replace(tmp_meta, sidecar)
+            else:
+                remove_quietly(sidecar)
             os.replace(tmp_idx, idx_path)
         except BaseException:
-            remove_quietly(tmp_idx, self._tmp_bin)
+            remove_quietly(tmp_idx, self._tmp_bin, *([tmp_meta] if tmp_meta else []))
             raise
         self._closed = True
 
@@ -303,15 +337,44 @@ class IndexedDatasetBuilder:
 
 
 def merge_datasets(input_prefixes: Sequence[str], output_prefix: str) -> int:
-    """Concatenate datasets (in the given order) into ``output_prefix``; return its document count."""
+    """Concatenate datasets (in the given order) into ``output_prefix``; return its document count.
+
+    The inputs' tokenizer records (``.meta.json``) must name one tokenizer, which the output records
+    too. Datasets without a record (made before records existed) count as GPT-2 datasets: they merge
+    with each other (the output has no record either) or with recorded GPT-2 datasets.
+    """
+    from .dataset_meta import LEGACY_TOKENIZER_TYPE, describe_record, meta_path, read_dataset_meta, same_tokenizer
+
     if not input_prefixes:
         raise DataError("merge: no input datasets given.")
+    for prefix in input_prefixes:
+        for path in (idx_path(prefix), bin_path(prefix)):
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: no such file; inputs are dataset prefixes without .bin/.idx.")
+    metas = [read_dataset_meta(p) for p in input_prefixes]
+    recorded = [(p, m) for p, m in zip(input_prefixes, metas) if m is not None]
+    record = recorded[0][1]["tokenizer"] if recorded else None
+    for prefix, meta in recorded[1:]:
+        if not same_tokenizer(meta["tokenizer"], record):
+            raise DataError(
+                f"{meta_path(prefix)}: made by {describe_record(meta['tokenizer'])}, but "
+                f"{meta_path(recorded[0][0])} by {describe_record(record)}; datasets of different tokenizers "
+                "cannot be merged."
+            )
+    if record is not None and len(recorded) < len(metas) and record.get("type") != LEGACY_TOKENIZER_TYPE:
+        legacy = next(p for p, m in zip(input_prefixes, metas) if m is None)
+        raise DataError(
+            f"{meta_path(legacy)} is missing, so {legacy} is taken as a {LEGACY_TOKENIZER_TYPE} dataset, but "
+            f"{meta_path(recorded[0][0])} names {describe_record(record)}; datasets of different tokenizers "
+            "cannot be merged."
+        )
     first = _Index(idx_path(input_prefixes[0]))
     with IndexedDatasetBuilder(bin_path(output_prefix), first.dtype) as builder:
-        for prefix in input_prefixes:
-            for path in (idx_path(prefix), bin_path(prefix)):
-                if not os.path.isfile(path):
-                    raise DataError(f"{path}: no such file; inputs are dataset prefixes without .bin/.idx.")
-            builder.add_index(prefix)
-        builder.finalize(idx_path(output_prefix))
+        for prefix, meta in zip(input_prefixes, metas):
+            if meta is not None and "max_token_id" in meta:
+                max_id = int(meta["max_token_id"])
+            else:
+                max_id = None if record is not None else -1  # scan only when the output gets a record
+            builder.add_index(prefix, max_id)
+        builder.finalize(idx_path(output_prefix), tokenizer_record=record)
     return IndexedDataset(output_prefix).num_documents

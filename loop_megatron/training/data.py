@@ -9,6 +9,7 @@ order from i x G exactly.
 """
 from __future__ import annotations
 
+import collections
 import os
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -36,6 +37,105 @@ def check_data_paths(data_path: Sequence[str]) -> None:
             if not os.path.isfile(prefix + ext):
                 raise ConfigError(f"data.data_path: {prefix + ext} does not exist (expected the pair "
                                   f"{prefix}.bin and {prefix}.idx).")
+
+
+EVAL_SETS = ("valid", "test")
+
+
+def _named_eval_paths(cfg: Config, which: str):
+    """[(name, prefix)] of data.valid_data_path / data.test_data_path; ConfigError naming the field."""
+    from ..data.errors import DataError
+    from ..data.gpt_dataset import parse_named_data_paths
+
+    if which not in EVAL_SETS:
+        raise ValueError(f"which must be one of {EVAL_SETS}, got {which!r}")
+    field_name = f"data.{which}_data_path"
+    try:
+        return parse_named_data_paths(getattr(cfg.data, f"{which}_data_path"), field_name)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def check_eval_data_paths(cfg: Config) -> None:
+    """ConfigError naming the field and the first missing .bin/.idx of the named valid/test sets."""
+    for which in EVAL_SETS:
+        for name, prefix in _named_eval_paths(cfg, which):
+            for ext in (".bin", ".idx"):
+                if not os.path.isfile(prefix + ext):
+                    raise ConfigError(f"data.{which}_data_path: {prefix + ext} (set {name!r}) does not exist "
+                                      f"(expected the pair {prefix}.bin and {prefix}.idx).")
+
+
+def build_eval_datasets(cfg: Config, dp_size: int, which: str = "valid") -> "collections.OrderedDict":
+    """Ordered ``name -> dataset`` to evaluate on: the named sets of data.valid_data_path (or
+    data.test_data_path), each used whole; without any, the valid (test) split of data.data_path under
+    the name 'valid' ('test'), as before named sets existed. Each set serves
+    eval_iters x micro_batch_size x DP samples (a small set is repeated to fill them). Empty when
+    training.eval_iters is 0 or data.split gives that split no share.
+    """
+    from ..data.errors import DataError
+    from ..data.gpt_dataset import build_named_eval_datasets, build_train_valid_test_datasets, parse_split
+
+    t, d = cfg.training, cfg.data
+    samples = t.eval_iters * t.micro_batch_size * dp_size
+    named = _named_eval_paths(cfg, which)
+    out = collections.OrderedDict()
+    if samples <= 0:
+        return out
+    try:
+        if named:
+            return build_named_eval_datasets(named, d.seq_length, t.seed, samples, d.data_cache_path or None, which)
+        index = EVAL_SETS.index(which) + 1
+        if parse_split(d.split)[index] <= 0:
+            return out
+        wanted = [0, 0, 0]
+        wanted[index] = samples
+        ds = build_train_valid_test_datasets(d.data_path, d.split, d.seq_length, t.seed, tuple(wanted),
+                                             d.data_cache_path or None)[index]
+    except DataError as exc:
+        raise ConfigError(f"data.{which}_data_path: {exc}" if named else str(exc)) from None
+    if ds is not None:
+        out[which] = ds
+    return out
+
+
+def build_tokenizer_for(cfg: Config):
+    """The run's tokenizer (data.tokenizer_type / data.tokenizer_model); ConfigError when it cannot be
+    loaded or has more tokens than model.vocab_size."""
+    from ..data.errors import DataError
+    from ..data.tokenizer import build_tokenizer
+
+    try:
+        tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model or None)
+    except DataError as exc:
+        raise ConfigError(f"data.tokenizer_model: {exc}") from None
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of the "
+                          f"tokenizer {tok.name} ({tok.vocab_size}); set model.vocab_size={tok.vocab_size}.")
+    return tok
+
+
+def check_data_tokenizers(cfg: Config, tokenizer) -> List[str]:
+    """Check every dataset of data_path, valid_data_path and test_data_path against the run's tokenizer
+    and model.vocab_size; return notes to log (older datasets without a tokenizer record). Raises
+    ConfigError (one sentence naming the file) for a dataset made by another tokenizer or holding ids
+    beyond model.vocab_size."""
+    from ..data.dataset_meta import check_dataset_tokenizer
+    from ..data.errors import DataError
+    from ..data.gpt_dataset import parse_data_path
+
+    prefixes = [p for _, p in parse_data_path(cfg.data.data_path)] if cfg.data.data_path else []
+    for which in EVAL_SETS:
+        prefixes += [p for _, p in _named_eval_paths(cfg, which)]
+    notes = []
+    for prefix in dict.fromkeys(prefixes):
+        try:
+            note = check_dataset_tokenizer(prefix, tokenizer, cfg.model.vocab_size)
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
+        if note:
+            notes.append(note)
+    return notes
 
 
 def build_datasets(cfg: Config, dp_size: int):

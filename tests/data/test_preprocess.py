@@ -46,7 +46,8 @@ def test_jsonl_round_trip(tmp_path, workers, append_eod):
     assert read_docs(str(tmp_path / "out_text_document")) == expected(TEXTS, append_eod)
     assert stats.documents == len(TEXTS)
     assert stats.tokens == sum(len(d) for d in expected(TEXTS, append_eod))
-    assert sorted(os.listdir(tmp_path)) == ["data.jsonl", "out_text_document.bin", "out_text_document.idx"]
+    assert sorted(os.listdir(tmp_path)) == ["data.jsonl", "out_text_document.bin", "out_text_document.idx",
+                                            "out_text_document.meta.json"]
 
 
 def test_several_json_keys(tmp_path):

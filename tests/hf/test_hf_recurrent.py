@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from loop_megatron.checkpoint_io import load_checkpoint
+from loop_megatron.checkpoint.io import load_checkpoint
 from loop_megatron.hf import convert_checkpoint_to_hf, convert_hf_to_checkpoint
 from loop_megatron.hf.convert import ConversionError, export_to_hf
 from loop_megatron.model import full_state_dict
