@@ -17,7 +17,6 @@ Bad records stop the run with one line naming file and line (exit status 1, no o
 """
 
 import argparse
-import os
 import sys
 
 import _bootstrap  # noqa: F401  (this checkout first on sys.path, before any installed copy)

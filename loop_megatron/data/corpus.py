@@ -130,18 +130,11 @@ def resolve_source_names(names: Optional[Sequence[str]]) -> List[str]:
 
 def write_documents_jsonl(path: str, documents: Sequence[Tuple[str, str]]) -> int:
     """Write ``(id, text)`` documents as JSONL atomically; return the UTF-8 bytes of the texts."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = temp_path(path)
     total = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for doc_id, text in documents:
-                f.write(json.dumps({"text": text, "id": doc_id}, ensure_ascii=False) + "\n")
-                total += len(text.encode("utf-8"))
-        os.replace(tmp, path)
-    except BaseException:
-        remove_quietly(tmp)
-        raise
+    with atomic_open(path, "w", make_parent=True) as f:
+        for doc_id, text in documents:
+            f.write(json.dumps({"text": text, "id": doc_id}, ensure_ascii=False) + "\n")
+            total += len(text.encode("utf-8"))
     return total
 
 

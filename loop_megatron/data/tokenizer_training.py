@@ -15,7 +15,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from .errors import DataError
 from ..utils.fs import write_text
