@@ -248,6 +248,11 @@ class TrainingConfig:
     load: str = ""
     """Checkpoint folder to resume from ('' = start fresh)."""
 
+    override_global_batch: bool = False
+    """Resume a checkpoint trained with another global batch size: the iteration count, LR schedule and
+    optimizer state continue, and the data continues from the checkpoint's consumed_samples (the next
+    sample index), now in steps of the new size. Without it such a resume is refused."""
+
     init_from: str = ""
     """Start from the weights (model.pt) of this checkpoint folder, e.g. one made from a Hugging Face GPT-2
     by `tools/convert_checkpoint.py --from-hf`, at iteration 0 with a fresh optimizer and schedule. The

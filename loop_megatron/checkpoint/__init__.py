@@ -2,18 +2,26 @@
 
 `layout` names the files and folders (tags, `latest`, meta.json, listing, pruning), `io` reads and writes
 the consolidated TP=1 weights without DeepSpeed (tools, Hugging Face conversion, `--init-from`),
-`compat` refuses a checkpoint that does not fit the run, `rng` saves and restores each rank's random
-state, and `engine` does the collective DeepSpeed save/resume and the consolidation of sharded weights.
+`compat` refuses a checkpoint that does not fit the run and decides how a fitting one is resumed, `rng`
+saves and restores each rank's random state, `engine` does the collective DeepSpeed save/resume and the
+consolidation of sharded weights, and `universal` writes and reads the topology-free training state
+(full fp32 masters + AdamW moments per parameter, step, schedule, data position) that resumes a run on
+another TP size, DP size, ZeRO stage, CPU offload or precision.
 The trainer, tools/ and hf/ use this package; it depends only on config, model and utils.
 """
-from .compat import SHAPE_FIELDS, check_compatible, check_same_shape, find_init_from, find_resume
-from .engine import consolidated_state_dict, load_engine_checkpoint, save_engine_checkpoint
+from .compat import (SHAPE_FIELDS, Resume, check_compatible, check_same_shape, check_same_tokenizer, find_init_from,
+                     find_resume, layout_changes, saved_global_batch)
+from .engine import consolidated_state_dict, load_engine_checkpoint, run_layout, save_engine_checkpoint
 from .io import load_checkpoint, load_model, resolve_checkpoint, save_checkpoint_files
 from .layout import (FORMAT, LATEST_FILE, META_FILE, MODEL_FILE, VERSION, CheckpointError, list_checkpoints,
                      list_tags, prune, read_latest, read_meta, tag_for)
+from .universal import (UniversalError, has_universal, load_universal_optimizer, load_universal_weights,
+                        read_full_state)
 
 __all__ = ["CheckpointError", "FORMAT", "LATEST_FILE", "META_FILE", "MODEL_FILE", "SHAPE_FIELDS", "VERSION",
-           "check_compatible", "check_same_shape", "consolidated_state_dict", "find_init_from", "find_resume",
+           "Resume", "UniversalError", "check_compatible", "check_same_shape", "check_same_tokenizer",
+           "has_universal", "layout_changes", "load_universal_optimizer", "load_universal_weights",
+           "read_full_state", "run_layout", "saved_global_batch", "consolidated_state_dict", "find_init_from", "find_resume",
            "list_checkpoints", "list_tags", "load_checkpoint", "load_engine_checkpoint", "load_model", "prune",
            "read_latest", "read_meta", "resolve_checkpoint", "save_checkpoint_files", "save_engine_checkpoint",
            "tag_for"]

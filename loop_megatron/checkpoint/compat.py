@@ -2,15 +2,18 @@
 
 `find_resume` (training.load) and `find_init_from` (training.init_from) are called by the trainer's
 preflight, before any process group, model or DeepSpeed engine exists, so a checkpoint that cannot be
-used stops the run at once. A resume needs the same model shape, TP size and ZeRO layout (DeepSpeed's
-shards are layout-specific); an initialisation from model.pt needs only the same model shape.
+used stops the run at once. A resume needs the same model shape, tokenizer (where recorded) and global
+batch size (unless training.override_global_batch); on the saved layout it uses DeepSpeed's own shards,
+on another one (TP size, world size, ZeRO stage, CPU offload, precision) the checkpoint's universal/
+state, which must be complete. An initialisation from model.pt needs only the same model shape.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional
 
 from ..config import Config, ConfigError, ModelConfig
+from . import universal
 from .io import resolve_checkpoint
 from .layout import CheckpointError, latest_path, meta_path, model_path, read_latest, read_meta
 
@@ -36,24 +39,104 @@ def check_same_shape(meta: Dict[str, Any], cfg: Config, where: str) -> None:
                           "refusing to load it.")
 
 
-def check_compatible(meta: Dict[str, Any], cfg: Config, where: str, world: int) -> None:
-    """ConfigError (one sentence) when the checkpoint cannot be resumed by this run."""
+class Resume(NamedTuple):
+    """The checkpoint a run resumes from and how: "engine" (same layout: DeepSpeed's own shards and each
+    rank's RNG, bit-exact) or "universal" (another layout: the topology-free universal/ state)."""
+
+    tag: str
+    meta: Dict[str, Any]
+    mode: str
+
+
+def _layout_here(cfg: Config, world: int, precision: Optional[str]) -> Dict[str, Any]:
+    return {"tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size, "zero_stage": cfg.training.zero_stage,
+            "world_size": world, "cpu_offload": bool(cfg.training.cpu_offload), "precision": precision}
+
+
+def layout_changes(meta: Dict[str, Any], cfg: Config, world: int, precision: Optional[str] = None) -> List[str]:
+    """What differs between the checkpoint's layout and this run's ("tensor_model_parallel_size 2 there
+    vs 1 here", ...); empty when DeepSpeed's own shards can be resumed. ZeRO-0 keeps whole optimizer
+    state on every rank, so there a world-size change alone is not a layout change."""
+    here = _layout_here(cfg, world, precision)
+    saved = {"tensor_model_parallel_size": meta.get("tensor_model_parallel_size"), "zero_stage": meta.get("zero_stage"),
+             "world_size": meta.get("world_size"), "cpu_offload": bool(meta.get("cpu_offload", False)),
+             "precision": meta.get("precision")}
+    changes = []
+    for key, ours in here.items():
+        theirs = saved[key]
+        if key == "world_size" and saved["zero_stage"] == 0 and here["zero_stage"] == 0:
+            continue
+        if key == "precision" and (theirs is None or ours is None):
+            continue
+        if theirs != ours:
+            changes.append(f"{key} {theirs} there vs {ours} here")
+    return changes
+
+
+def saved_global_batch(meta: Dict[str, Any]) -> Optional[int]:
+    """The checkpoint's global batch size (recorded, or consumed_samples / iteration for older ones)."""
+    if meta.get("global_batch_size"):
+        return int(meta["global_batch_size"])
+    it, consumed = meta.get("iteration") or 0, meta.get("consumed_samples") or 0
+    return consumed // it if it > 0 else None
+
+
+def check_global_batch(meta: Dict[str, Any], cfg: Config, where: str, world: int) -> None:
+    """ConfigError (one sentence) when the global batch size changed without --override-global-batch."""
+    t = cfg.training
+    ours = t.global_batch_size or t.micro_batch_size * max(1, world // cfg.parallel.tensor_model_parallel_size)
+    theirs = saved_global_batch(meta)
+    if theirs is None or theirs == ours or t.override_global_batch:
+        return
+    raise ConfigError(f"checkpoint {where} was trained with global batch size {theirs} but this run uses {ours}; "
+                      f"set --global-batch-size {theirs} (keep --micro-batch-size x accumulation x DP equal to it "
+                      "on the new layout), or pass --override-global-batch to continue from sample "
+                      f"{meta.get('consumed_samples', 0)} with the new size.")
+
+
+def check_same_tokenizer(meta: Dict[str, Any], cfg: Config, where: str) -> None:
+    """ConfigError when the checkpoint records a tokenizer (meta["tokenizer"]: type and sha256) and this
+    run's is another one. Checkpoints that record none are not checked."""
+    saved = meta.get("tokenizer")
+    if not isinstance(saved, dict) or not saved.get("sha256"):
+        return
+    from ..data.errors import DataError
+    from ..data.tokenizer import build_tokenizer
+
+    try:
+        ours = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model or None).describe()
+    except DataError as exc:
+        raise ConfigError(f"data.tokenizer_model: {exc}") from None
+    if (saved.get("type"), saved.get("sha256")) != (ours.get("type"), ours.get("sha256")):
+        raise ConfigError(f"checkpoint {where} was trained with tokenizer {saved.get('name') or saved.get('type')} "
+                          f"(sha256 {str(saved.get('sha256'))[:12]}) but this run uses {ours.get('name')} (sha256 "
+                          f"{str(ours.get('sha256'))[:12]}); refusing to load it.")
+
+
+def check_compatible(meta: Dict[str, Any], cfg: Config, where: str, world: int, precision: Optional[str] = None) -> str:
+    """"engine" or "universal" (see Resume); ConfigError (one sentence) when the checkpoint cannot be
+    resumed by this run: another model shape or tokenizer, another global batch size, or another layout
+    with no complete universal/ state."""
     check_same_shape(meta, cfg, where)
-    tp_saved, tp = meta.get("tensor_model_parallel_size"), cfg.parallel.tensor_model_parallel_size
-    if tp_saved != tp:
-        raise ConfigError(f"checkpoint {where} was saved with tensor_model_parallel_size {tp_saved} but this run "
-                          f"uses {tp}; its DeepSpeed shards cannot be resumed at another TP size (model.pt "
-                          "holds the consolidated weights).")
-    stage_saved, stage = meta.get("zero_stage"), cfg.training.zero_stage
-    world_saved = meta.get("world_size")
-    if stage_saved != stage or (stage > 0 and world_saved != world):
-        raise ConfigError(f"checkpoint {where} was saved with ZeRO stage {stage_saved} on {world_saved} ranks but "
-                          f"this run uses ZeRO stage {stage} on {world} ranks; DeepSpeed's optimizer state "
-                          "cannot be resumed across that change.")
+    check_same_tokenizer(meta, cfg, where)
+    check_global_batch(meta, cfg, where, world)
+    changes = layout_changes(meta, cfg, world, precision)
+    if not changes:
+        return "engine"
+    if not universal.has_universal(where):
+        raise ConfigError(f"checkpoint {where} was saved with another layout ({', '.join(changes)}) and holds no "
+                          "universal/ state (it predates it, or was saved with ZeRO-0 fp16), so DeepSpeed's shards "
+                          "cannot be resumed here; resume on the saved layout or start from its weights with "
+                          "--init-from.")
+    try:
+        universal.check_complete(where)
+    except universal.UniversalError as exc:
+        raise ConfigError(f"training.load: {exc}") from None
+    return "universal"
 
 
-def find_resume(cfg: Config, world: int) -> Optional[Tuple[str, Dict[str, Any]]]:
-    """(tag, meta) of the checkpoint to resume from, after checking it fits; None = start fresh."""
+def find_resume(cfg: Config, world: int, precision: Optional[str] = None) -> Optional[Resume]:
+    """The checkpoint to resume from and how (Resume), after checking it fits; None = start fresh."""
     load = cfg.training.load
     if not load:
         return None
@@ -70,8 +153,7 @@ def find_resume(cfg: Config, world: int) -> Optional[Tuple[str, Dict[str, Any]]]
         meta = read_meta(folder)
     except CheckpointError as exc:
         raise ConfigError(f"training.load: {exc}") from None
-    check_compatible(meta, cfg, folder, world)
-    return tag, meta
+    return Resume(tag, meta, check_compatible(meta, cfg, folder, world, precision))
 
 
 def find_init_from(cfg: Config) -> Optional[str]:
@@ -84,4 +166,5 @@ def find_init_from(cfg: Config) -> Optional[str]:
     except CheckpointError as exc:
         raise ConfigError(f"training.init_from: {exc}") from None
     check_same_shape(meta, cfg, folder)
+    check_same_tokenizer(meta, cfg, folder)
     return model_path(folder)

@@ -5,7 +5,9 @@ schedule, client_state with the data position) and its RNG state into `<save>/it
 adds the consolidated model.pt and meta.json; once every rank is done rank 0 renames the folder to its
 final tag, points `latest` at it and prunes beyond `keep_last`. A folder named iter_XXXXXXX is therefore
 always complete. The save folder must be shared by all nodes (as DeepSpeed's own checkpointing requires).
-`load_engine_checkpoint` restores the engine and this rank's RNG. Names and files: `layout.py`.
+`load_engine_checkpoint` restores the engine and this rank's RNG. Every save also writes the
+topology-free `universal/` state (`universal.py`) that resumes on another TP/DP/ZeRO layout. Names and
+files: `layout.py`.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from ..utils import fs
 from ..utils.distributed import barrier, rank, world_size
 from .layout import FORMAT, make_meta, model_path, prune, tag_for, temp_tag, write_latest, write_meta
 from .rng import restore_rng, save_rng
+from .universal import save_universal
 
 
 class _MasterWeightsView:
@@ -69,6 +72,17 @@ def consolidated_state_dict(engine, zero_stage: int) -> Dict[str, torch.Tensor]:
     return full_state_dict(module)
 
 
+def run_layout(engine, cfg: Config) -> Dict[str, Any]:
+    """How this run is laid out over ranks (recorded in meta.json and universal/state.json)."""
+    t, tp = cfg.training, cfg.parallel.tensor_model_parallel_size
+    dp = max(1, world_size() // tp)
+    dtype = next(engine.module.parameters()).dtype
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    return {"tensor_model_parallel_size": tp, "data_parallel_size": dp, "world_size": world_size(),
+            "zero_stage": t.zero_stage, "cpu_offload": bool(t.cpu_offload), "precision": precision,
+            "global_batch_size": t.global_batch_size or t.micro_batch_size * dp}
+
+
 def save_engine_checkpoint(engine, cfg: Config, iteration: int, consumed_samples: int) -> str:
     """Save on every rank (collective). Returns the final checkpoint folder."""
     save = cfg.training.save
@@ -85,10 +99,15 @@ def save_engine_checkpoint(engine, cfg: Config, iteration: int, consumed_samples
     state = consolidated_state_dict(engine, cfg.training.zero_stage)
     if rank() == 0:
         fs.torch_save(state, model_path(tmp_dir))
+    del state
+    layout = run_layout(engine, cfg)
+    universal = save_universal(engine, tmp_dir, iteration=iteration, consumed_samples=consumed_samples,
+                               global_batch_size=layout["global_batch_size"], seed=cfg.training.seed, layout=layout)
+    if rank() == 0:
         meta = make_meta(cfg.to_dict(), iteration, consumed_samples, cfg.parallel.tensor_model_parallel_size,
                          cfg.training.zero_stage, world_size())
+        meta.update({k: layout[k] for k in ("global_batch_size", "cpu_offload", "precision")}, universal=universal)
         write_meta(tmp_dir, meta, fsync=True, trailing_newline=True)
-    del state
     barrier()
     if rank() == 0:
         fs.replace_dir(tmp_dir, final_dir)

@@ -42,3 +42,12 @@ def restore_rng(folder: str, rank: int) -> bool:
         return False
     set_rng_state(torch.load(path, weights_only=False))
     return True
+
+
+def reseed(seed: int, iteration: int) -> None:
+    """Seed every RNG from (seed, iteration), the same on all ranks (TP ranks need equal streams for
+    replicated dropout, as a fresh run has): used where per-rank RNG states cannot be restored because
+    the layout changed. Deterministic, so two resumptions on the same new layout draw the same masks."""
+    from ..parallel import set_seed
+
+    set_seed((int(seed) * 1_000_003 + int(iteration) * 7_919 + 17) % (2 ** 63 - 1))

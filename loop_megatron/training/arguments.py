@@ -49,6 +49,8 @@ CONFIG_FLAGS: List[Tuple[str, str, object, str]] = [
     ("--global-batch-size", "training.global_batch_size", int,
      "Samples per optimizer step over all data-parallel ranks (= micro x accumulation x DP); "
      "0 = micro x DP."),
+    ("--override-global-batch", "training.override_global_batch", "bool",
+     "Resume a checkpoint made with another --global-batch-size, continuing from its consumed samples."),
     ("--train-iters", "training.train_iters", int, "Optimizer steps to train for (in total, counting resumed ones)."),
     ("--lr", "training.lr", float, "Peak learning rate."),
     ("--min-lr", "training.min_lr", float, "Learning rate at the end of the cosine decay."),

@@ -167,17 +167,19 @@ class TrainBatchSampler:
     """Index lists of this rank's micro-batches, step by step, from `start_iteration` on."""
 
     def __init__(self, start_iteration: int, train_iters: int, global_batch: int, micro: int, dp_size: int,
-                 dp_rank: int):
+                 dp_rank: int, first_sample: Optional[int] = None):
         self.start, self.end = start_iteration, train_iters
         self.global_batch, self.micro, self.dp_size, self.dp_rank = global_batch, micro, dp_size, dp_rank
         self.accum = global_batch // (micro * dp_size)
+        # Sample index of the first step; start x global batch unless a resume changed the batch size.
+        self.first_sample = start_iteration * global_batch if first_sample is None else first_sample
 
     def __len__(self) -> int:
         return max(0, self.end - self.start) * self.accum
 
     def __iter__(self) -> Iterator[List[int]]:
         for it in range(self.start, self.end):
-            consumed = it * self.global_batch
+            consumed = self.first_sample + (it - self.start) * self.global_batch
             for m in range(self.accum):
                 yield micro_batch_indices(consumed, self.micro, self.dp_size, self.dp_rank, m)
 

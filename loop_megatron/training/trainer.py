@@ -53,7 +53,7 @@ def preflight(cfg: Config, opts: RunOptions) -> Dict[str, Any]:
     cfg.validate(world)
     precision = resolve_precision(cfg)
     check_data_paths(cfg.data.data_path)
-    resume = checkpoint.find_resume(cfg, world)
+    resume = checkpoint.find_resume(cfg, world, precision)
     init_from = checkpoint.find_init_from(cfg) if resume is None else None
     return {"world": world, "ds_base": ds_base, "precision": precision, "resume": resume, "init_from": init_from}
 
@@ -79,6 +79,7 @@ class Trainer:
         self.log: Optional[RunLogger] = None  # set once the run folder exists; close() tears down only then
         self.stop = StopRequest()
         self.iteration = self.start_iteration = 0
+        self.start_consumed = 0  # samples consumed before start_iteration (resumed)
         self.stopped = False
         self.window = Throughput()
         self.last_window_losses: collections.deque = collections.deque(maxlen=max(1, cfg.training.log_interval))
@@ -155,8 +156,7 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the current iteration on every rank (skipped without --save, or if just saved/loaded)."""
         if self.cfg.training.save and self.last_saved != self.iteration:
-            path = checkpoint.save_engine_checkpoint(self.engine, self.cfg, self.iteration,
-                                                     self.iteration * self.global_batch)
+            path = checkpoint.save_engine_checkpoint(self.engine, self.cfg, self.iteration, self.consumed_samples())
             self.last_saved = self.iteration
             self.log.print(f"saved checkpoint {path}")
 
@@ -211,6 +211,9 @@ class Trainer:
             # Before deepspeed.initialize: every rank keeps its TP shard, ZeRO then partitions as usual.
             load_full_state_dict(model, torch.load(self.checks["init_from"], map_location="cpu", weights_only=True))
             self.log.print(f"initialised weights from {self.checks['init_from']}")
+        resume = self.checks["resume"]
+        if resume is not None and resume.mode == "universal":  # another layout: masters before ZeRO partitions
+            checkpoint.load_universal_weights(model, os.path.join(t.load, resume.tag))
         ds_config = build_ds_config(cfg, self.dp, self.checks["precision"], self.checks["ds_base"])
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=parameter_groups(model, t.weight_decay), config=ds_config,
@@ -220,10 +223,18 @@ class Trainer:
     def _resume(self) -> None:
         t, resume = self.cfg.training, self.checks["resume"]
         if resume is not None:
-            tag, _ = resume
-            client = checkpoint.load_engine_checkpoint(self.engine, t.load, tag)
+            folder = os.path.join(t.load, resume.tag)
+            if resume.mode == "universal":
+                client = checkpoint.load_universal_optimizer(self.engine, folder)
+            else:
+                client = checkpoint.load_engine_checkpoint(self.engine, t.load, resume.tag)
             self.iteration = int(client.get("iteration", 0))
-            self.log.print(f"resumed from {os.path.join(t.load, tag)} at iteration {self.iteration}")
+            self.start_consumed = int(client.get("consumed_samples", self.iteration * self.global_batch))
+            how = ("universal state, new layout: " + "; ".join(checkpoint.layout_changes(
+                resume.meta, self.cfg, world_size(), self.checks["precision"])) if resume.mode == "universal" else
+                   "DeepSpeed state, same layout")
+            self.log.print(f"resumed from {folder} at iteration {self.iteration}, sample "
+                           f"{self.start_consumed} ({how})")
         elif t.load:
             self.log.print(f"no checkpoint in {t.load} (no 'latest' file); starting from scratch")
         self.start_iteration = self.iteration
@@ -241,7 +252,7 @@ class Trainer:
             return iter(())
         gen = torch.Generator().manual_seed(t.seed)  # keeps the DataLoader's seed draw off the global RNG
         sampler = TrainBatchSampler(self.iteration, t.train_iters, self.global_batch, t.micro_batch_size,
-                                    self.dp, self.dp_rank)
+                                    self.dp, self.dp_rank, first_sample=self.consumed_samples())
         return iter(loader(self.train_ds, sampler, self.cfg.data.num_workers, generator=gen))
 
     def next_batch(self, batches: Iterator[torch.Tensor]) -> List[torch.Tensor]:
@@ -269,6 +280,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     # Logging and the summary
     # ------------------------------------------------------------------------------------------------
+    def consumed_samples(self) -> int:
+        """Training samples consumed before the current iteration (continues a resumed run's count, also
+        when --override-global-batch changed the batch size)."""
+        return self.start_consumed + (self.iteration - self.start_iteration) * self.global_batch
+
     def _every(self, interval: int) -> bool:
         return interval > 0 and self.iteration % interval == 0
 
@@ -278,7 +294,7 @@ class Trainer:
         self.step_times.append(step_time)
         self.window.add(step.loss, step_time, step.grad_norm)
         self.last_window_losses.append(step.loss)
-        tokens_seen = self.iteration * self.global_batch * self.seq
+        tokens_seen = self.consumed_samples() * self.seq
         self.log.scalars(self.iteration, {"train/loss": step.loss, "train/lr": step.lr,
                                           "train/grad_norm": step.grad_norm, "train/tokens_seen": tokens_seen})
         record = {"iteration": self.iteration, "loss": step.loss, "lr": step.lr, "grad_norm": step.grad_norm,
@@ -349,7 +365,7 @@ class Trainer:
             "inner_loops": cfg.model.inner_loops,
             "effective_depth": cfg.model.effective_depth,
             "iterations": self.iteration,
-            "tokens_seen": self.iteration * tokens_per_step,
+            "tokens_seen": self.consumed_samples() * self.seq,
             "final_train_loss": (sum(last) / len(last)) if last else None,
             "final_valid_loss": self.final_valid if math.isfinite(self.final_valid) else None,
             "tokens_per_sec": tokens_per_step / mean_step if has_steps else None,

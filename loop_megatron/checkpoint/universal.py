@@ -1,0 +1,352 @@
+"""The topology-free training state written into every checkpoint, and resuming from it on any layout.
+
+Each checkpoint folder holds, beside DeepSpeed's layout-specific shards, a `universal/` folder:
+
+    universal/state.json           iteration, consumed samples, global batch size, optimizer step count,
+                                   LR-schedule state, seed, AdamW hyperparameters per group, and the
+                                   parameter list (name, full shape) in the model's order
+    universal/params/<name>.pt     per full parameter: {"fp32": master weight, "exp_avg", "exp_avg_sq"},
+                                   fp32, TP merged (same TP<->full mapping as model.pt), ZeRO gathered
+
+Vocabulary padding rows stay in: the tensors have `model.padded_vocab_size` rows, exactly like model.pt
+(the padding depends only on vocab_size and make_vocab_size_divisible_by, both shape fields, never on
+the TP size). The loop-depth sampler and the data order are functions of (seed, iteration), so the
+iteration is their whole position.
+
+Writing (`save_universal`, collective): for one parameter at a time, in the same order on every rank,
+DeepSpeed's tensor-fragment API gathers the full fp32 master and moments over the data-parallel group
+(ZeRO-1/2/3, bf16; at ZeRO-0 fp32 the torch optimizer's own state is read), the TP shards are merged over
+the TP group, and global rank 0 writes one file. Peak extra memory: one full parameter x 3 (master + two
+moments) on every rank while it is gathered, plus the TP gather buffers of that parameter; never the
+whole model. Files go into the checkpoint's temporary folder, which is renamed only when whole.
+
+Reading on another layout (TP size, DP/world size, ZeRO stage, CPU offload or precision differ):
+`load_universal_weights` puts each rank's TP shard of the masters into the model before
+`deepspeed.initialize` (so DeepSpeed's fp32 masters start exact), and `load_universal_optimizer` then
+creates the optimizer state, sets every rank's ZeRO partition of master and moments from the full tensors
+(`safe_set_full_*`, or optimizer.state[p] at ZeRO-0), the step count, the LR-schedule position and the
+engine counters, and reseeds the RNGs from (seed, iteration) because per-rank RNG states do not map
+across layouts.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from ..model import merge_tp_tensor, shard_tp_tensor
+from ..utils import fs
+from ..utils.distributed import barrier, rank
+
+UNIVERSAL_DIR = "universal"
+STATE_FILE = "state.json"
+PARAMS_DIR = "params"
+FORMAT = "loop_megatron-universal"
+VERSION = 1
+MASTER = "fp32"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+KEYS = (MASTER,) + MOMENTS
+
+
+class UniversalError(ValueError):
+    """The universal state of a checkpoint is missing, incomplete or does not fit the model."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Names
+# ----------------------------------------------------------------------------------------------------
+def universal_dir(folder: str) -> str:
+    return os.path.join(folder, UNIVERSAL_DIR)
+
+
+def state_path(folder: str) -> str:
+    return os.path.join(folder, UNIVERSAL_DIR, STATE_FILE)
+
+
+def param_path(folder: str, name: str) -> str:
+    return os.path.join(folder, UNIVERSAL_DIR, PARAMS_DIR, f"{name}.pt")
+
+
+def has_universal(folder: str) -> bool:
+    return os.path.isfile(state_path(folder))
+
+
+def read_state(folder: str) -> Dict[str, Any]:
+    """universal/state.json of a tag folder (UniversalError naming the file when absent or not ours)."""
+    import json
+
+    path = state_path(folder)
+    if not os.path.isfile(path):
+        raise UniversalError(f"{path}: missing; the checkpoint has no universal state.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise UniversalError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}).") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UniversalError(f"{path}: not a loop_megatron universal state (format "
+                             f"{state.get('format') if isinstance(state, dict) else None!r}).")
+    return state
+
+
+def check_complete(folder: str) -> Dict[str, Any]:
+    """The state, after checking every parameter file it lists exists (UniversalError naming the first
+    missing one otherwise)."""
+    state = read_state(folder)
+    for entry in state.get("params", []):
+        path = param_path(folder, entry["name"])
+        if not os.path.isfile(path):
+            raise UniversalError(f"{path}: missing; the universal state is incomplete (parameter "
+                                 f"{entry['name']!r} of {len(state['params'])}).")
+    return state
+
+
+def read_param(folder: str, name: str) -> Dict[str, torch.Tensor]:
+    """{"fp32", "exp_avg", "exp_avg_sq"} full tensors of one parameter (memory-mapped: only what is used
+    is read)."""
+    path = param_path(folder, name)
+    if not os.path.isfile(path):
+        raise UniversalError(f"{path}: missing; the universal state is incomplete (parameter {name!r}).")
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The optimizer underneath DeepSpeed
+# ----------------------------------------------------------------------------------------------------
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer that owns the AdamW state (inside DeepSpeed's ZeRO/bf16 wrapper, or the
+    engine's optimizer itself at ZeRO-0 fp32)."""
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else opt
+
+
+def _has_fragments(p: torch.Tensor) -> bool:
+    """DeepSpeed keeps this parameter's master and moments in partitioned flat buffers (ZeRO-1/2/3, bf16)."""
+    # A ZeRO-1/2 parameter outside this rank's partition has `_hp_mapping = None`: still managed (the
+    # fragment calls contribute nothing for it and take part in the collective).
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+
+def supported(engine) -> bool:
+    """Every parameter's master and moments are reachable: through DeepSpeed's fragment API, or as the
+    torch optimizer's own parameters (ZeRO-0 fp32). Not so for ZeRO-0 fp16 (FP16_Optimizer)."""
+    own = {id(q) for g in base_optimizer(engine).param_groups for q in g["params"]}
+    return all(_has_fragments(p) or id(p) in own for p in engine.module.parameters())
+
+
+def _hp_tensors(engine) -> List[Tuple[Dict[str, Any], torch.Tensor]]:
+    """(optimizer group, tensor the AdamW state is keyed by) for every state entry: DeepSpeed's flat fp32
+    partitions (ZeRO-3 empties the groups' params between steps, so they are taken from the wrapper), or
+    the torch optimizer's own parameters."""
+    opt, base = engine.optimizer, base_optimizer(engine)
+    flats = getattr(opt, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+    if flats is not None:
+        return [(base.param_groups[opt.sub_group_to_group_id[i]], hp) for i, hp in enumerate(flats)]
+    flats = getattr(opt, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+    if flats is None:
+        flats = getattr(opt, "fp32_groups_flat_partition", None)  # bf16 optimizer
+    if flats is not None:
+        return [(base.param_groups[i], hp) for i, hp in enumerate(flats)]
+    return [(g, hp) for g in base.param_groups for hp in g["params"]]
+
+
+def _state_ready(engine) -> bool:
+    base = base_optimizer(engine)
+    return all(len(base.state.get(hp, {})) > 0 for _, hp in _hp_tensors(engine))
+
+
+def _link_fragments(engine) -> None:
+    """(Re)point ZeRO-1/2 and bf16 fragments at the current optimizer-state tensors (DeepSpeed links them
+    lazily after the first step; a loaded or freshly created state needs the link before get/set)."""
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def _step_value(base: torch.optim.Optimizer, group: Dict[str, Any], hp: torch.Tensor, step: int):
+    """The step count in the type this optimizer keeps it: a tensor for torch Adam/AdamW (on the device
+    when fused/capturable), an int otherwise (DeepSpeedCPUAdam)."""
+    if isinstance(base, (torch.optim.Adam, torch.optim.AdamW)):
+        device = hp.device if (group.get("fused") or group.get("capturable")) else "cpu"
+        return torch.tensor(float(step), dtype=torch.float32, device=device)
+    return int(step)
+
+
+def optimizer_step(engine) -> int:
+    """Number of AdamW updates taken (0 before the first step)."""
+    base = base_optimizer(engine)
+    for g, hp in _hp_tensors(engine):
+        st = base.state.get(hp)
+        if st and "step" in st:
+            return int(float(st["step"]))
+        if "step" in g:
+            return int(g["step"])
+    return 0
+
+
+def ensure_optimizer_state(engine, step: int) -> None:
+    """Create zero moments wherever the optimizer has none yet (it creates them lazily at its first
+    step), set every step count to `step`, and link DeepSpeed's fragments to the state."""
+    base = base_optimizer(engine)
+    for g, hp in _hp_tensors(engine):
+        st = base.state[hp]
+        for key in MOMENTS:
+            if key not in st:
+                st[key] = torch.zeros_like(hp, dtype=torch.float32)
+        st["step"] = _step_value(base, g, hp, step)
+        if "step" in g:
+            g["step"] = int(step)
+    _link_fragments(engine)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-parameter gather and scatter
+# ----------------------------------------------------------------------------------------------------
+def _local_full(engine, p: torch.Tensor, key: str, ready: bool) -> torch.Tensor:
+    """This TP rank's shard of `key` for `p`, whole over the DP group (collective under ZeRO)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    if _has_fragments(p):
+        if key == MASTER:
+            return safe_get_full_fp32_param(p)
+        if not ready:
+            shape = p.ds_shape if hasattr(p, "ds_id") else p.shape
+            return torch.zeros(shape, dtype=torch.float32, device=engine.device)
+        return safe_get_full_optimizer_state(p, key)
+    if key == MASTER:
+        return p.detach()
+    st = base_optimizer(engine).state.get(p, {})
+    return st[key] if key in st else torch.zeros_like(p, dtype=torch.float32)
+
+
+def gather_parameter(engine, p: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """{"fp32", "exp_avg", "exp_avg_sq"} of parameter `p` as full TP=1 fp32 CPU tensors, on every rank.
+    Collective over all ranks: call for the same parameters in the same order everywhere."""
+    ready = _state_ready(engine)
+    out = {}
+    for key in KEYS:
+        local = _local_full(engine, p, key, ready).detach().to(engine.device, torch.float32)
+        out[key] = merge_tp_tensor(local, p).cpu().clone()
+    return out
+
+
+def _scatter_parameter(engine, p: torch.Tensor, full: Dict[str, torch.Tensor], name: str, keys: Iterable[str]) -> None:
+    """Set this rank's partition of `keys` of `p` from the full TP=1 tensors (local copies, no collective)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    expected = tuple(p.ds_shape) if hasattr(p, "ds_id") else tuple(p.shape)
+    for key in keys:
+        shard = shard_tp_tensor(full[key], p)
+        if tuple(shard.shape) != expected:
+            raise UniversalError(f"universal state of {name!r}: shard shape {tuple(shard.shape)} does not match the "
+                                 f"model's {expected}.")
+        if _has_fragments(p):
+            if key == MASTER:
+                safe_set_full_fp32_param(p, shard)
+            else:
+                safe_set_full_optimizer_state(p, shard, key)
+        elif key == MASTER:
+            p.data.copy_(shard)
+        else:
+            base_optimizer(engine).state[p][key].copy_(shard)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Save and load
+# ----------------------------------------------------------------------------------------------------
+def _group_records(engine) -> List[Dict[str, Any]]:
+    """AdamW hyperparameters of each optimizer group (decayed weights, then the no-decay names) for the
+    record; a resumed run takes them from its own config."""
+    groups = engine.optimizer.param_groups if hasattr(engine.optimizer, "param_groups") else []
+    return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()
+             if k in ("lr", "weight_decay", "betas", "eps")} for g in groups]
+
+
+def save_universal(engine, folder: str, *, iteration: int, consumed_samples: int, global_batch_size: int,
+                   seed: int, layout: Dict[str, Any]) -> bool:
+    """Write `folder/universal/` (collective; global rank 0 writes). False, and nothing written, when
+    this engine's optimizer state cannot be reached per parameter (ZeRO-0 fp16)."""
+    if not supported(engine):
+        return False
+    _link_fragments(engine)
+    is_writer = rank() == 0
+    params_dir = os.path.join(universal_dir(folder), PARAMS_DIR)
+    if is_writer:
+        os.makedirs(params_dir, exist_ok=True)
+    entries = []
+    for name, p in engine.module.named_parameters():  # one parameter at a time: bounded memory
+        full = gather_parameter(engine, p)
+        entries.append({"name": name, "shape": list(full[MASTER].shape)})
+        if is_writer:
+            fs.torch_save(full, param_path(folder, name))
+        del full
+    if is_writer:
+        scheduler = getattr(engine, "lr_scheduler", None)
+        state = {
+            "format": FORMAT, "version": VERSION, "iteration": int(iteration),
+            "consumed_samples": int(consumed_samples), "global_batch_size": int(global_batch_size),
+            "optimizer_step": optimizer_step(engine),
+            "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "seed": int(seed),
+            "data_position": "sample index = consumed_samples; the loop-depth sampler is a function of "
+                             "(seed, iteration)",
+            "vocab_padding": "kept (tensors have model.padded_vocab_size rows, as in model.pt)",
+            "source_layout": layout,
+            "param_groups": _group_records(engine),
+            "params": entries,
+        }
+        fs.write_json(state_path(folder), state, indent=1, trailing_newline=True)
+    barrier()
+    return True
+
+
+def load_universal_weights(model: torch.nn.Module, folder: str) -> None:
+    """Before deepspeed.initialize: copy this rank's TP shard of every fp32 master into `model`, one
+    parameter at a time (every rank reads the files; nothing is communicated)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            full = read_param(folder, name)
+            shard = shard_tp_tensor(full[MASTER], p)
+            if tuple(shard.shape) != tuple(p.shape):
+                raise UniversalError(f"{param_path(folder, name)}: shape {tuple(full[MASTER].shape)} does not fit "
+                                     f"the model's parameter {name!r} (shard {tuple(p.shape)}).")
+            p.copy_(shard)
+            del full
+
+
+def load_universal_optimizer(engine, folder: str) -> Dict[str, Any]:
+    """After deepspeed.initialize: masters, moments, step count, LR-schedule position and engine counters
+    from the universal state; RNGs reseeded from (seed, iteration). Returns {"iteration",
+    "consumed_samples", ...} like DeepSpeed's client state. Every rank; no collective except a barrier."""
+    from .rng import reseed
+
+    state = read_state(folder)
+    if not supported(engine):
+        raise UniversalError(f"{folder}: this run's optimizer (ZeRO-0 fp16) keeps no per-parameter state "
+                             "that the universal state can be loaded into; use bf16, fp32 or ZeRO >= 1.")
+    ensure_optimizer_state(engine, int(state["optimizer_step"]))
+    with torch.no_grad():
+        for name, p in engine.module.named_parameters():
+            full = read_param(folder, name)
+            _scatter_parameter(engine, p, full, name, KEYS)
+            del full
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if scheduler is not None and state.get("lr_scheduler") is not None:
+        scheduler.load_state_dict(state["lr_scheduler"])
+    engine.global_steps = int(state["iteration"])
+    engine.global_samples = int(state["consumed_samples"])
+    reseed(int(state["seed"]), int(state["iteration"]))
+    barrier()
+    return {"iteration": int(state["iteration"]), "consumed_samples": int(state["consumed_samples"]),
+            "global_batch_size": int(state["global_batch_size"])}
+
+
+def read_full_state(folder: str) -> Tuple[Dict[str, Any], Dict[str, Dict[str, torch.Tensor]]]:
+    """(state.json, {name: {"fp32", "exp_avg", "exp_avg_sq"}}) of a whole universal folder, for tests and
+    tools on small models (loads everything)."""
+    state = check_complete(folder)
+    return state, {e["name"]: {k: v.clone() for k, v in read_param(folder, e["name"]).items()}
+                   for e in state["params"]}
