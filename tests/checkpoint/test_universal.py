@@ -187,3 +187,26 @@ def test_refuses_truncated_universal_and_other_batch(runs, monkeypatch, tmp_path
     with pytest.raises(ConfigError, match="zero_stage 1 there vs 3 here"):
         preflight(config(broken, **{"training.zero_stage": 3}), RunOptions())
     assert preflight(config(broken, **{"training.zero_stage": 1}), RunOptions())["resume"].mode == "engine"
+
+
+def test_checkpoint_info_tool(runs, capsys):
+    import subprocess
+    import sys
+
+    from tests.training.helpers import REPO, cli_env
+
+    _, root, _ = runs
+    save = os.path.join(root, "dp2_z1", "ck")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "checkpoint_info.py"), save, "--json"],
+                          capture_output=True, text=True, env=cli_env(), check=True)
+    info = json.loads(proc.stdout)
+    assert info["tag"] == "iter_0000003" and info["iteration"] == 3 and info["consumed_samples"] == 12
+    assert info["tokens_seen"] == 12 * 16 and info["global_batch_size"] == 4
+    assert info["layout"] == {"tensor_model_parallel_size": 1, "data_parallel_size": 2, "world_size": 2,
+                              "zero_stage": 1, "cpu_offload": False, "precision": "fp32"}
+    assert info["universal"]["complete"] is True and info["universal"]["optimizer_step"] == 3
+    assert info["model_pt"] and info["engine_state"] and "any_layout" in info["resume"]
+    text = subprocess.run([sys.executable, os.path.join(REPO, "tools", "checkpoint_info.py"),
+                           os.path.join(save, "iter_0000002")], capture_output=True, text=True, env=cli_env(),
+                          check=True).stdout
+    assert "ZeRO 1" in text and "iteration 2, 8 samples" in text and "universal state yes, complete" in text

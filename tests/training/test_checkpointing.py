@@ -113,12 +113,22 @@ def test_refuses_different_shape(runs):
     assert "model.hidden_size 32 there vs 64 here" in msg and "model.num_loops 2 there vs 3 here" in msg
 
 
-def test_refuses_different_tp_size(runs, monkeypatch):
+def test_other_tp_size_resumes_from_universal_state(runs, monkeypatch, tmp_path):
+    """Another TP size resumes through universal/ (tests/checkpoint/test_universal.py checks the numbers);
+    without universal/ (an older checkpoint) it is refused in one sentence naming the difference."""
+    import shutil
+
     from loop_megatron.config import ConfigError
     from loop_megatron.training import RunOptions, preflight
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = _ck_config(runs, "zero3_tp2", **{"parallel.tensor_model_parallel_size": 1})
+    assert preflight(cfg, RunOptions())["resume"].mode == "universal"
+    old = str(tmp_path / "old")
+    shutil.copytree(runs[0]["zero3_tp2"]["ck"], old)
+    shutil.rmtree(os.path.join(old, "iter_0000008", "universal"))
+    cfg = _ck_config(runs, "zero3_tp2", **{"parallel.tensor_model_parallel_size": 1, "training.load": old})
     with pytest.raises(ConfigError) as info:
         preflight(cfg, RunOptions())
-    assert "was saved with tensor_model_parallel_size 2 but this run uses 1" in str(info.value)
+    assert "tensor_model_parallel_size 2 there vs 1 here" in str(info.value)
+    assert "holds no universal/ state" in str(info.value)

@@ -1,0 +1,108 @@
+"""What a checkpoint holds and how to resume it (tools/checkpoint_info.py prints this)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional
+
+from ..config import Config
+from ..model import model_summary
+from .compat import saved_global_batch
+from .io import resolve_checkpoint
+from .layout import has_engine_files, meta_path, model_path, read_meta
+from .universal import UniversalError, check_complete, has_universal, state_path
+
+
+def describe(path: str, tag: Optional[str] = None) -> Dict[str, Any]:
+    """A JSON-able record of the checkpoint at `path` (save dir or tag folder)."""
+    folder = resolve_checkpoint(path, tag)
+    meta = read_meta(folder)
+    cfg = Config.from_dict(meta["config"], source=meta_path(folder))
+    m = cfg.model
+    gbs = saved_global_batch(meta)
+    consumed = int(meta.get("consumed_samples", 0))
+    universal: Dict[str, Any] = {"present": has_universal(folder)}
+    if universal["present"]:
+        try:
+            state = check_complete(folder)
+            universal.update(complete=True, optimizer_step=state.get("optimizer_step"), params=len(state["params"]),
+                             lr_scheduler=state.get("lr_scheduler"))
+        except UniversalError as exc:
+            universal.update(complete=False, problem=str(exc))
+    tp, world = meta.get("tensor_model_parallel_size"), meta.get("world_size")
+    record = {
+        "folder": folder,
+        "save_dir": os.path.dirname(folder),
+        "tag": os.path.basename(folder),
+        "model": {"hidden_size": m.hidden_size, "num_layers": m.num_layers, "num_loops": m.num_loops,
+                  "num_attention_heads": m.num_attention_heads, "vocab_size": m.vocab_size,
+                  "padded_vocab_size": m.padded_vocab_size,
+                  "params": int(model_summary(m, cfg.data.seq_length)["params"])},
+        "layout": {"tensor_model_parallel_size": tp, "data_parallel_size": (world // tp) if tp and world else None,
+                   "world_size": world, "zero_stage": meta.get("zero_stage"),
+                   "cpu_offload": meta.get("cpu_offload"), "precision": meta.get("precision")},
+        "iteration": int(meta.get("iteration", 0)),
+        "consumed_samples": consumed,
+        "global_batch_size": gbs,
+        "seq_length": cfg.data.seq_length,
+        "tokens_seen": consumed * cfg.data.seq_length,
+        "model_pt": os.path.isfile(model_path(folder)),
+        "engine_state": has_engine_files(folder),
+        "universal": universal,
+        "tokenizer": meta.get("tokenizer") or {"type": cfg.data.tokenizer_type,
+                                               "model": cfg.data.tokenizer_model or None, "recorded": False},
+    }
+    record["resume"] = resume_commands(record)
+    return record
+
+
+def resume_commands(record: Dict[str, Any]) -> Dict[str, str]:
+    """Command lines that continue the run: on the saved layout, and (with universal state) on another."""
+    save, lay = record["save_dir"], record["layout"]
+    gbs = f" --global-batch-size {record['global_batch_size']}" if record["global_batch_size"] else ""
+    base = f"python -m loop_megatron.train --config CONFIG.yaml --load {save} --save {save}{gbs}"
+    out = {}
+    if record["engine_state"]:
+        out["same_layout"] = (f"deepspeed --num_gpus {lay['world_size']} -m loop_megatron.train --config CONFIG.yaml "
+                              f"--load {save} --save {save}{gbs} --tensor-model-parallel-size "
+                              f"{lay['tensor_model_parallel_size']} --zero-stage {lay['zero_stage']}")
+    if record["universal"].get("complete"):
+        out["any_layout"] = (f"deepspeed --num_gpus NEW_WORLD -m loop_megatron.train --config CONFIG.yaml --load {save} "
+                             f"--save {save}{gbs} --tensor-model-parallel-size NEW_TP --zero-stage NEW_STAGE "
+                             "(keep the global batch size; micro batch x accumulation adapts to the new DP size)")
+    elif not out:
+        out["init_from"] = base.replace("--load", "--init-from")
+    return out
+
+
+def _tokenizer_line(tok: Dict[str, Any]) -> str:
+    name = tok.get("name") or tok.get("type")
+    model = f" ({tok['model']})" if tok.get("model") else ""
+    sha = f", sha256 {tok['sha256'][:12]}" if tok.get("sha256") else ""
+    return f"{name}{model}{sha}" + ("" if tok.get("recorded", True) else " (from the config; not recorded)")
+
+
+def format_text(record: Dict[str, Any]) -> str:
+    """The human-readable report."""
+    m, lay, u = record["model"], record["layout"], record["universal"]
+    lines: List[str] = [
+        f"checkpoint   {record['folder']}",
+        f"model        {m['params'] / 1e6:.2f}M params: d={m['hidden_size']}, {m['num_layers']} layers x "
+        f"{m['num_loops']} loops, {m['num_attention_heads']} heads, vocab {m['vocab_size']} "
+        f"(padded {m['padded_vocab_size']})",
+        f"layout       TP {lay['tensor_model_parallel_size']} x DP {lay['data_parallel_size']} "
+        f"({lay['world_size']} ranks), ZeRO {lay['zero_stage']}, CPU offload {lay['cpu_offload']}, "
+        f"precision {lay['precision']}",
+        f"progress     iteration {record['iteration']}, {record['consumed_samples']} samples "
+        f"(global batch {record['global_batch_size']}), {record['tokens_seen']:,} tokens",
+        f"contents     model.pt {'yes' if record['model_pt'] else 'no'}, DeepSpeed state "
+        f"{'yes' if record['engine_state'] else 'no'}, universal state "
+        + ("no" if not u["present"] else ("yes, complete" if u.get("complete") else f"INCOMPLETE ({u['problem']})")),
+        f"tokenizer    {_tokenizer_line(record['tokenizer'])}",
+    ]
+    lines.append("(--load resumes the save folder's 'latest' tag; CONFIG.yaml is the run's config.yaml)")
+    for kind, cmd in record["resume"].items():
+        lines.append(f"resume ({kind.replace('_', ' ')}): {cmd}")
+    return "\n".join(lines)
+
+
+__all__ = ["describe", "format_text", "resume_commands", "state_path"]
