@@ -7,7 +7,8 @@ saves and restores each rank's random state, `engine` does the collective DeepSp
 consolidation of sharded weights, and `universal` writes and reads the topology-free training state
 (full fp32 masters + AdamW moments per parameter, step, schedule, data position) that resumes a run on
 another TP size, DP size, ZeRO stage, CPU offload or precision.
-The trainer, tools/ and hf/ use this package; it depends only on config, model and utils.
+The trainer, tools/ and hf/ use this package; it depends only on config, model, utils and (for the
+tokenizer check) data.
 """
 from .compat import (SHAPE_FIELDS, Resume, check_compatible, check_same_shape, check_same_tokenizer, find_init_from,
                      find_resume, layout_changes, saved_global_batch)

@@ -16,9 +16,11 @@ iteration is their whole position.
 Writing (`save_universal`, collective): for one parameter at a time, in the same order on every rank,
 DeepSpeed's tensor-fragment API gathers the full fp32 master and moments over the data-parallel group
 (ZeRO-1/2/3, bf16; at ZeRO-0 fp32 the torch optimizer's own state is read), the TP shards are merged over
-the TP group, and global rank 0 writes one file. Peak extra memory: one full parameter x 3 (master + two
-moments) on every rank while it is gathered, plus the TP gather buffers of that parameter; never the
-whole model. Files go into the checkpoint's temporary folder, which is renamed only when whole.
+the TP group, and global rank 0 writes one file. Peak extra memory, on every rank (the gathers are
+all-reduce/all-gather, so every rank receives the result): the three full fp32 tensors of the one
+parameter being written, plus the gather buffers of the tensor being merged (its DP-whole TP shard and
+the TP parts: about two more full copies), so at most ~5 x 4 bytes x the largest parameter's elements
+(for GPT-2 small's 50304 x 768 embedding: ~0.8 GB); never the whole model. Files go into the checkpoint's temporary folder, which is renamed only when whole.
 
 Reading on another layout (TP size, DP/world size, ZeRO stage, CPU offload or precision differ):
 `load_universal_weights` puts each rank's TP shard of the masters into the model before

@@ -210,3 +210,41 @@ def test_checkpoint_info_tool(runs, capsys):
                            os.path.join(save, "iter_0000002")], capture_output=True, text=True, env=cli_env(),
                           check=True).stdout
     assert "ZeRO 1" in text and "iteration 2, 8 samples" in text and "universal state yes, complete" in text
+
+
+def _offload_worker(rank, world_size, root, prefix):
+    from loop_megatron.training import RunOptions, pretrain
+
+    cfg = tiny_config(prefix, os.path.join(root, "runs", "offload"), **{
+        **BASE, "training.zero_stage": 2, "training.cpu_offload": True, "training.train_iters": 3,
+        "training.load": os.path.join(root, "dp2_z1", "at2"), "training.save": os.path.join(root, "offload")})
+    return pretrain(cfg, RunOptions())["start_iteration"]
+
+
+def test_resume_with_cpu_offload(runs):
+    """ZeRO-1 -> ZeRO-2 with CPU optimizer offload (DeepSpeedCPUAdam; runs where its op is built)."""
+    from tests.training.test_offload import _cpu_adam_built
+
+    if not (_cpu_adam_built() or os.environ.get("LOOP_MEGATRON_TEST_OFFLOAD") == "1"):
+        pytest.skip("DeepSpeedCPUAdam not built yet (set LOOP_MEGATRON_TEST_OFFLOAD=1 to build it, ~80 s)")
+    _, root, prefix = runs
+    assert run_distributed(_offload_worker, 2, root, prefix)[0] == 2
+    ref_state, ref = _universal(os.path.join(root, "dp2_z1", "ck", "iter_0000003"))
+    state, got = _universal(os.path.join(root, "offload", "iter_0000003"))
+    for field in STATE_FIELDS:
+        assert state[field] == ref_state[field], field
+    for name in ref:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert _rel(got[name][k], ref[name][k]) <= 1e-6, f"{name} {k}"
+        noise = ref[name]["exp_avg_sq"].sqrt() < 1e-9
+        assert _rel(got[name]["fp32"][~noise], ref[name]["fp32"][~noise]) <= 1e-6, name
+
+
+def test_override_global_batch_continues_from_consumed_samples():
+    """--override-global-batch: resumed at iteration 2 after 8 samples (global batch 4), now 8 per step:
+    the first step reads samples 8..15, i.e. what a global-batch-8 run reads at its iteration 1."""
+    from loop_megatron.training.data import TrainBatchSampler
+
+    resumed = list(TrainBatchSampler(2, 4, 8, 2, 2, 1, first_sample=8))
+    fresh = list(TrainBatchSampler(1, 3, 8, 2, 2, 1))
+    assert resumed == fresh and sorted(i for mb in resumed[:2] for i in mb) == [10, 11, 14, 15]
