@@ -30,6 +30,23 @@ DEFAULT_ZERO_TUNING = {
 }
 
 
+def trainer_clips(zero_stage: int, precision: str) -> bool:
+    """True where the trainer clips gradients itself (training/step.py FusedClipper) and DeepSpeed's
+    `gradient_clipping` is set to 0: ZeRO-0 in fp32, the one case where DeepSpeed clips with a
+    per-parameter loop and does not report the norm it computed."""
+    return zero_stage == 0 and precision == "fp32"
+
+
+def gpu_zero_tuning(tuning: Dict[str, Any], cuda: bool) -> Dict[str, Any]:
+    """The default ZeRO tuning for this machine: on CUDA (NCCL), ZeRO-2/3 overlap gradient reduction with
+    the backward pass (`overlap_comm`); on CPU/gloo there are no side streams to overlap on, so it stays
+    off (the shipped ds_configs/ files carry the CPU values)."""
+    tuning = dict(tuning)
+    if cuda and "overlap_comm" in tuning:
+        tuning["overlap_comm"] = True
+    return tuning
+
+
 def load_ds_file(path: str) -> Dict[str, Any]:
     if not os.path.exists(path):
         raise ConfigError(f"training.deepspeed_config: DeepSpeed config file {path} not found.")
@@ -138,7 +155,7 @@ def build_ds_config(cfg: Config, dp_size: int, precision: str, base: Optional[Di
         ds[kind] = section
     if "bfloat16" in ds:  # old alias of "bf16"
         ds.pop("bfloat16")
-    zero = dict(ds.get("zero_optimization") or DEFAULT_ZERO_TUNING.get(t.zero_stage, {}))
+    zero = dict(ds.get("zero_optimization") or gpu_zero_tuning(DEFAULT_ZERO_TUNING.get(t.zero_stage, {}), cuda))
     zero["stage"] = t.zero_stage
     if t.cpu_offload:
         offload = dict(zero.get("offload_optimizer") or {})
@@ -160,8 +177,12 @@ def build_ds_config(cfg: Config, dp_size: int, precision: str, base: Optional[Di
             "torch_adam": not t.cpu_offload,
         },
     }
+    if cuda and not t.cpu_offload:
+        ds["optimizer"]["params"]["fused"] = True  # torch's fused AdamW kernel: one launch per step
     if t.cpu_offload:
         ds["zero_force_ds_cpu_optimizer"] = True
+    if trainer_clips(t.zero_stage, precision):
+        ds["gradient_clipping"] = 0.0  # the trainer clips (and reports the norm): training/step.py
     ds.setdefault("steps_per_print", 10 ** 9)  # the trainer prints its own progress
     ds.setdefault("wall_clock_breakdown", False)
     return ds

@@ -18,17 +18,18 @@ import torch.distributed as dist
 
 from ..config import Config, save_yaml
 from ..model import LoopGPT, load_full_state_dict, model_summary
-from ..parallel import (ModelParallelUnit, destroy_model_parallel, get_data_parallel_group,
-                        get_data_parallel_rank, get_data_parallel_world_size, get_tensor_model_parallel_group,
-                        get_tensor_model_parallel_world_size, initialize_model_parallel, set_seed)
+from ..parallel import (destroy_model_parallel, get_data_parallel_group, get_data_parallel_rank,
+                        get_data_parallel_world_size, initialize_model_parallel, set_seed)
 from . import checkpointing
 from .arguments import RunOptions
 from .data import EvalBatchSampler, TrainBatchSampler, build_datasets, check_data_paths, loader, split_inputs
 from .distributed import device as current_device
 from .distributed import env_world_size, init_distributed, rank, world_size
-from .ds_config import adopt_ds_file_settings, build_ds_config, resolve_precision
+from .ds_config import adopt_ds_file_settings, resolve_precision
+from .engine import build_engine
 from .monitor import RunLogger, Throughput, peak_flops_per_device, progress_line, write_summary
-from .optim import WarmupCosineLR, lr_at, parameter_groups
+from .optim import lr_at
+from .step import train_step
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -79,22 +80,6 @@ class StopRequest:
             except (ValueError, TypeError):
                 pass
         self._previous.clear()
-
-
-def tp_aware_grad_norm(module: torch.nn.Module) -> float:
-    """L2 norm of all gradients, counting TP-replicated parameters once (used where DeepSpeed's fp32
-    ZeRO-0 path clips without reporting the norm). Collective over the TP group."""
-    dev = current_device()
-    sums = torch.zeros(2, dtype=torch.float64, device=dev)  # [sharded, replicated] sums of squares
-    for p in module.parameters():
-        if p.grad is not None:
-            sharded = bool(getattr(p, "tensor_model_parallel", False))
-            sums[0 if sharded else 1] += p.grad.detach().double().pow(2).sum().to(dev)
-    if get_tensor_model_parallel_world_size() > 1:
-        sharded_sum = sums[:1].clone()
-        dist.all_reduce(sharded_sum, group=get_tensor_model_parallel_group())
-        sums[0] = sharded_sum[0]
-    return float(sums.sum().sqrt())
 
 
 def gate_means(module: torch.nn.Module, zero_stage: int) -> List[float]:
@@ -158,7 +143,7 @@ def pretrain(cfg: Config, opts: Optional[RunOptions] = None, return_state_dict: 
         os.makedirs(run_dir, exist_ok=True)
         save_yaml(cfg, os.path.join(run_dir, "config.yaml"))
     log = RunLogger(run_dir, tb_dir, enabled=is_rank0)
-    engine = None
+    engine = compile_timer = None
     stop = StopRequest()
     try:
         # ---- data, model, engine --------------------------------------------------------------------
@@ -169,10 +154,8 @@ def pretrain(cfg: Config, opts: Optional[RunOptions] = None, return_state_dict: 
             # Before deepspeed.initialize: every rank keeps its TP shard, ZeRO then partitions as usual.
             load_full_state_dict(model, torch.load(checks["init_from"], map_location="cpu", weights_only=True))
             log.print(f"initialised weights from {checks['init_from']}")
-        ds_config = build_ds_config(cfg, dp, checks["precision"], checks["ds_base"])
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=parameter_groups(model, t.weight_decay), config=ds_config,
-            mpu=ModelParallelUnit(), lr_scheduler=lambda opt: WarmupCosineLR(opt, t))
+        engine, clipper, compile_timer = build_engine(cfg, model, dp, checks["precision"], checks["ds_base"],
+                                                      log.print)
         del model
         iteration = 0
         if checks["resume"] is not None:
@@ -190,7 +173,6 @@ def pretrain(cfg: Config, opts: Optional[RunOptions] = None, return_state_dict: 
 
         flops_per_token = summary_info["flops_per_token"]
         peak = peak_flops_per_device(t.peak_tflops)
-        manual_grad_norm = t.zero_stage == 0 and checks["precision"] == "fp32"
         gated = cfg.model.loop_gates != "none"
         window = Throughput()
         last_window_losses: collections.deque = collections.deque(maxlen=max(1, t.log_interval))
@@ -229,27 +211,9 @@ def pretrain(cfg: Config, opts: Optional[RunOptions] = None, return_state_dict: 
         while iteration < t.train_iters:
             t0 = time.perf_counter()
             lr = lr_at(iteration, t)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=dev)  # on device: no host sync per micro-batch
-            grad_norm = None
-            for m in range(accum):
-                x, y = split_inputs(next(batches), dev)
-                _, loss = engine(x, labels=y)
-                engine.backward(loss)
-                if manual_grad_norm and m == accum - 1:
-                    grad_norm = tp_aware_grad_norm(engine.module)
-                engine.step()
-                loss_sum += loss.detach().double()
-            if grad_norm is None:
-                norm = engine.get_global_grad_norm()
-                grad_norm = float(norm) if norm is not None else None
+            # One host sync per step: loss, grad norm and the stop flag come back together (training/step.py).
+            step_loss, grad_norm, stop_now = train_step(engine, batches, accum, dev, clipper, stop.requested)
             iteration += 1
-            # One all-reduce for the DP-mean loss and the stop flag (TP ranks hold equal losses).
-            flags = torch.tensor([float(loss_sum) / accum, 1.0 if stop.requested else 0.0], dtype=torch.float64,
-                                 device=dev)
-            if dist.is_initialized():
-                dist.all_reduce(flags)
-            step_loss = float(flags[0]) / world_size()
-            stop_now = bool(flags[1] > 0)
             step_time = time.perf_counter() - t0
             step_times.append(step_time)
             window.add(step_loss, step_time, grad_norm)
@@ -325,6 +289,8 @@ def pretrain(cfg: Config, opts: Optional[RunOptions] = None, return_state_dict: 
         return result
     finally:
         stop.uninstall()
+        if compile_timer is not None:
+            compile_timer.close()
         log.close()
         if engine is not None and hasattr(engine, "destroy"):
             try:
