@@ -51,8 +51,7 @@ class FusedClipper:
             dist.all_reduce(sharded, group=get_tensor_model_parallel_group())
         norm = (sharded + self._sq_norm(self.replicated, device)).sqrt()
         if self.max_norm > 0:
-            grads = [p.grad for p in self.sharded + self.replicated if p.grad is not None]
-            torch.nn.utils.clip_grads_with_norm_(grads, self.max_norm, norm, foreach=True)
+            torch.nn.utils.clip_grads_with_norm_(self.sharded + self.replicated, self.max_norm, norm, foreach=True)
         return norm
 
 
