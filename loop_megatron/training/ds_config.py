@@ -26,6 +26,9 @@ DEFAULT_ZERO_TUNING = {
         "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000},
     3: {"overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": 50_000_000,
         "stage3_prefetch_bucket_size": 50_000_000, "stage3_param_persistence_threshold": 100_000,
+        # A parameter used again within this many gathered elements stays gathered: the loop's shared
+        # blocks are then fetched once per step, not once per iteration (bench/zero3_gather_bench.py).
+        "stage3_max_reuse_distance": 1_000_000_000, "stage3_max_live_parameters": 1_000_000_000,
         "stage3_gather_16bit_weights_on_model_save": False},
 }
 
