@@ -243,9 +243,9 @@ class TrainingConfig:
     inference all-reduce, never training, and its first use JIT-compiles for about a minute."""
 
     compile: bool = False
-    """torch.compile each transformer block in place (one compiled graph serves every loop iteration and
-    every block of the same shape); compilation happens in the first step and its time is logged. Needs a
-    C++ compiler on CPU (and Triton on GPU)."""
+    """torch.compile each transformer block in place (one compiled graph serves every loop iteration of a
+    shared block); compilation happens in the first step and its time is logged. Needs a C++ compiler on
+    CPU (and Triton on GPU)."""
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig, "training": TrainingConfig}

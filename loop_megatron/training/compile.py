@@ -1,8 +1,8 @@
 """`training.compile`: torch.compile of each transformer block, with the compile time logged.
 
 Each `Block` is compiled in place (`nn.Module.compile`), so parameter names, checkpoints and DeepSpeed's
-hooks on the model stay as they are, and the loop's N applications of a shared block, and blocks of the
-same shape, reuse one compiled graph (Dynamo treats the parameters as graph inputs). Compilation is
+hooks on the model stay as they are, and the loop's N applications of a shared block reuse one compiled
+graph (tests/training/test_compile.py checks that a second use compiles nothing new). Compilation is
 lazy: it happens during the first training step, and `CompileTimer` reports each graph's compile time
 through the run's log as it finishes.
 """
