@@ -324,6 +324,11 @@ class TrainingConfig:
     """Skip DeepSpeed's shared-memory CPU all-reduce op (deepspeed_shm_comm). It only serves DeepSpeed's
     inference all-reduce, never training, and its first use JIT-compiles for about a minute."""
 
+    compile: bool = False
+    """torch.compile each transformer block in place (one compiled graph serves every loop iteration of a
+    shared block); compilation happens in the first step and its time is logged. Needs a C++ compiler on
+    CPU (and Triton on GPU)."""
+
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig, "training": TrainingConfig}
 

@@ -78,11 +78,14 @@ class LoopGPT(nn.Module):
         return self.ln_f(x)
 
     def logits_parallel(self, hidden: torch.Tensor) -> torch.Tensor:
-        """This TP rank's vocabulary slice of the logits, vocab padding set to -inf."""
-        logits = self.wte.logits_parallel(hidden)
-        if self.vocab_padding_mask is not None:
-            logits = logits.masked_fill(self.vocab_padding_mask, float("-inf"))
-        return logits
+        """This TP rank's vocabulary slice of the logits with no vocab padding in play. At TP=1 only the
+        real rows take part (a contiguous view of the table: no padding columns, no mask pass, so the
+        logits are vocab_size wide); at TP>1 the rank that owns padding sets those columns to -inf."""
+        if self.vocab_padding_mask is None:
+            return self.wte.logits_parallel(hidden)
+        if self.wte.per_rank == self.wte.num_embeddings:
+            return F.linear(hidden, self.wte.weight[:self.cfg.vocab_size])
+        return self.wte.logits_parallel(hidden).masked_fill(self.vocab_padding_mask, float("-inf"))
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
                 num_loops: Optional[int] = None, kv_cache: Optional[KVCache] = None,

@@ -102,6 +102,8 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if get_tensor_model_parallel_world_size() == 1:
+            return F.linear(x, self.weight, self.bias)  # one fused addmm, as nn.Linear
         y = reduce_from_tp_region(F.linear(x, self.weight))
         return y + self.bias if self.bias is not None else y
 

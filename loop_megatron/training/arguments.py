@@ -99,6 +99,8 @@ CONFIG_FLAGS: List[Tuple[str, str, object, str]] = [
      "Run folder for config.yaml, metrics.jsonl, summary.json (default runs/<preset or 'custom'>)."),
     ("--peak-tflops", "training.peak_tflops", float,
      "Peak TFLOP/s of one device for MFU (default: table for H100/H200/A100; no MFU on CPU)."),
+    ("--compile", "training.compile", "bool",
+     "torch.compile each transformer block (one graph reused by every loop); compile time is logged."),
 ]
 
 

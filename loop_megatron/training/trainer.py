@@ -30,18 +30,20 @@ import torch.distributed as dist
 from .. import checkpoint
 from ..config import Config, save_yaml
 from ..model import LoopGPT, load_full_state_dict, model_summary
-from ..parallel import (ModelParallelUnit, destroy_model_parallel, get_data_parallel_group, get_data_parallel_rank,
+from ..parallel import (destroy_model_parallel, get_data_parallel_group, get_data_parallel_rank,
                         get_data_parallel_world_size, initialize_model_parallel, set_seed)
 from ..utils.distributed import rank, world_size
 from .arguments import RunOptions
 from .data import EvalBatchSampler, TrainBatchSampler, build_datasets, check_data_paths, loader, split_inputs
-from .diagnostics import gate_means, tp_aware_grad_norm
+from .diagnostics import gate_means
 from .distributed import device as current_device
 from .distributed import env_world_size, init_distributed
-from .ds_config import adopt_ds_file_settings, build_ds_config, resolve_precision
+from .ds_config import adopt_ds_file_settings, resolve_precision
+from .engine import build_engine
 from .monitor import RunLogger, Throughput, peak_flops_per_device, progress_line, write_summary
-from .optim import WarmupCosineLR, lr_at, parameter_groups
+from .optim import lr_at
 from .signals import StopRequest
+from .step import train_step
 
 PRIMARY_VALID = "valid"  # the validation set whose loss is the run's final_valid_loss
 
@@ -76,6 +78,7 @@ class Trainer:
     def __init__(self, cfg: Config, opts: RunOptions, checks: Dict[str, Any]):
         self.cfg, self.opts, self.checks = cfg, opts, checks
         self.engine = None
+        self.clipper = self.compile_timer = None
         self.log: Optional[RunLogger] = None  # set once the run folder exists; close() tears down only then
         self.stop = StopRequest()
         self.iteration = self.start_iteration = 0
@@ -123,25 +126,10 @@ class Trainer:
         """One optimizer step: forward/backward/step per micro-batch (DeepSpeed applies the update at the
         accumulation boundary), then one all-reduce for the DP-mean loss and the stop flag."""
         lr = lr_at(iteration, self.cfg.training)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on device: no host sync per micro-batch
-        grad_norm = None
-        for m, tokens in enumerate(micro_batches):
-            x, y = split_inputs(tokens, self.device)
-            _, loss = self.engine(x, labels=y)
-            self.engine.backward(loss)
-            if self.manual_grad_norm and m == len(micro_batches) - 1:
-                grad_norm = tp_aware_grad_norm(self.engine.module)
-            self.engine.step()
-            loss_sum += loss.detach().double()
-        if grad_norm is None:
-            norm = self.engine.get_global_grad_norm()
-            grad_norm = float(norm) if norm is not None else None
-        # TP ranks hold equal losses, so the sum over all ranks / world size is the DP mean.
-        flags = torch.tensor([float(loss_sum) / len(micro_batches), 1.0 if self.stop.requested else 0.0],
-                             dtype=torch.float64, device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(flags)
-        return StepResult(loss=float(flags[0]) / world_size(), lr=lr, grad_norm=grad_norm, stop=bool(flags[1] > 0))
+        # One host sync per step: loss, grad norm and the stop flag come back together (training/step.py).
+        stats = train_step(self.engine, iter(micro_batches), len(micro_batches), self.device, self.clipper,
+                           self.stop.requested)
+        return StepResult(loss=stats.loss, lr=lr, grad_norm=stats.grad_norm, stop=stats.stop)
 
     def evaluate(self) -> Dict[str, float]:
         """Mean loss on every named validation set at the current iteration, logged and remembered."""
@@ -165,8 +153,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         """Processes and groups, run folder and logger, data, model, DeepSpeed engine, resume."""
-        import deepspeed  # after the checks: importing it is the first heavy step
-
         cfg, t = self.cfg, self.cfg.training
         init_distributed(self.opts.local_rank, skip_shm_comm=t.ds_skip_shm_comm)
         initialize_model_parallel(cfg.parallel.tensor_model_parallel_size)
@@ -182,7 +168,7 @@ class Trainer:
         self.train_ds, valid_ds = build_datasets(cfg, self.dp)
         self.valid_sets = {PRIMARY_VALID: valid_ds} if valid_ds is not None else {}
         self.model_info = model_summary(cfg.model, self.seq)
-        self.engine = self._build_engine(deepspeed)
+        self.engine = self._build_engine()
         self._resume()
         self.log.print(f"training {self.model_info['params'] / 1e6:.2f}M parameters (effective depth "
                        f"{cfg.model.effective_depth}) on {world_size()} rank(s): TP "
@@ -190,7 +176,6 @@ class Trainer:
                        f"x accumulation {self.accum} = global batch {self.global_batch}, ZeRO {t.zero_stage}, "
                        f"{self.checks['precision']}, {self.iteration}/{t.train_iters} steps done")
         self.peak_flops = peak_flops_per_device(t.peak_tflops)
-        self.manual_grad_norm = t.zero_stage == 0 and self.checks["precision"] == "fp32"
         self.gated = cfg.model.loop_gates != "none"
 
     def _open_run_dir(self) -> None:
@@ -204,8 +189,8 @@ class Trainer:
             save_yaml(self.cfg, os.path.join(self.run_dir, "config.yaml"))
         self.log = RunLogger(self.run_dir, tb_dir, enabled=self.is_rank0)
 
-    def _build_engine(self, deepspeed):
-        cfg, t = self.cfg, self.cfg.training
+    def _build_engine(self):
+        cfg = self.cfg
         model = LoopGPT(cfg.model)
         if self.checks["init_from"]:
             # Before deepspeed.initialize: every rank keeps its TP shard, ZeRO then partitions as usual.
@@ -213,11 +198,9 @@ class Trainer:
             self.log.print(f"initialised weights from {self.checks['init_from']}")
         resume = self.checks["resume"]
         if resume is not None and resume.mode == "universal":  # another layout: masters before ZeRO partitions
-            checkpoint.load_universal_weights(model, os.path.join(t.load, resume.tag))
-        ds_config = build_ds_config(cfg, self.dp, self.checks["precision"], self.checks["ds_base"])
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=parameter_groups(model, t.weight_decay), config=ds_config,
-            mpu=ModelParallelUnit(), lr_scheduler=lambda opt: WarmupCosineLR(opt, t))
+            checkpoint.load_universal_weights(model, os.path.join(cfg.training.load, resume.tag))
+        engine, self.clipper, self.compile_timer = build_engine(cfg, model, self.dp, self.checks["precision"],
+                                                                self.checks["ds_base"], self.log.print)
         return engine
 
     def _resume(self) -> None:
@@ -383,6 +366,8 @@ class Trainer:
         if self.log is None:  # setup stopped before the run folder existed: nothing to tear down
             return
         self.stop.uninstall()
+        if self.compile_timer is not None:
+            self.compile_timer.close()
         self.log.close()
         if self.engine is not None and hasattr(self.engine, "destroy"):
             try:
