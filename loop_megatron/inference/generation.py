@@ -110,3 +110,14 @@ def _step_iterations(model, stats: ExitStats, counts, fed: torch.Tensor, num_loo
     if its is None:
         its = torch.full(fed.shape, num_loops or model.cfg.num_loops, dtype=torch.long, device=fed.device)
     return counts + [its] if use_cache else [its]
+
+
+_SHADES = "▁▂▃▄▅▆▇█"
+
+
+def iteration_strip(counts: Sequence[int], cap: int) -> str:
+    """A compact heat-strip of loop iterations per token: one shaded block per token (▁ = 1 iteration,
+    █ = the cap), e.g. '▂▂█▅▁'."""
+    cap = max(1, int(cap))
+    return "".join(_SHADES[min(len(_SHADES) - 1, (max(1, int(c)) - 1) * len(_SHADES) // cap)] for c in counts)
+
