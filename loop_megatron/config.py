@@ -30,6 +30,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 INJECTION_KINDS = ("none", "add", "linear", "diagonal")
 STATE_INIT_KINDS = ("input", "zeros", "random")
 LOOP_SAMPLING_KINDS = ("fixed", "uniform", "poisson-lognormal")
+EXIT_CRITERIA = ("none", "kl", "entropy", "gate")
 
 
 @dataclass
@@ -122,6 +123,20 @@ class ModelConfig:
     loop_state_std: float = 0.02
     """Standard deviation sigma of the 'random' initial state (Huginn uses sqrt(2 / (5 d)), about 0.023 at
     d = 768, the same scale as the embeddings' init)."""
+
+    exit_gate: bool = False
+    """Add a learned exit gate (Ouro): lambda_n = sigmoid(w . LayerNorm(s_n) + b), the probability of stopping
+    after iteration n, replicated on every TP rank. In training with labels the loss becomes the expected LM
+    loss over the exit distribution minus training.exit_entropy_beta times its entropy (model/exit.py)."""
+
+    exit_criterion: str = "none"
+    """Default per-token exit at inference (evaluation, generation, the Hugging Face export): 'none' (fixed
+    depth), 'kl' (KL of successive iterations' next-token distributions < exit_threshold), 'entropy'
+    (entropy of the next-token distribution < exit_threshold) or 'gate' (the exit gate's cumulative exit
+    probability >= exit_threshold). num_loops is then the cap. Never used in training."""
+
+    exit_threshold: float = 0.0
+    """Threshold of exit_criterion: nats for 'kl' and 'entropy', a probability in (0, 1] for 'gate'."""
 
     @property
     def ffn_size(self) -> int:
@@ -319,6 +334,14 @@ class TrainingConfig:
     """Loop count for evaluation during training; 0 = the training level at the end of training
     (model.num_loops for 'fixed', mean_loops for 'poisson-lognormal', (1 + max_loops) / 2 for
     'uniform', rounded; the loop_schedule's final value replaces the level)."""
+
+    exit_entropy_beta: float = 0.0
+    """beta of the exit gate's objective (model.exit_gate): loss = E_{n ~ exit distribution}[L_n] - beta * H(exit
+    distribution); a positive beta keeps the gate from collapsing onto one depth (Ouro)."""
+
+    train_exit_gate_only: bool = False
+    """Train only the exit gate on a frozen model (Ouro's second stage): every other parameter gets
+    requires_grad False before the optimizer is built. Needs model.exit_gate."""
 
     ds_skip_shm_comm: bool = True
     """Skip DeepSpeed's shared-memory CPU all-reduce op (deepspeed_shm_comm). It only serves DeepSpeed's
@@ -611,6 +634,7 @@ def _validate_recipe(m: ModelConfig, t: "TrainingConfig", cfg: "Config") -> None
     elif t.max_loops:
         _require(t.max_loops >= m.num_loops,
                  f"training.max_loops ({t.max_loops}) is below model.num_loops ({m.num_loops}).")
+    _validate_exit(m, t)
     deepest = training_depth_bound(cfg)
     _require(t.backprop_loops <= deepest,
              f"training.backprop_loops ({t.backprop_loops}) exceeds the deepest training loop count ({deepest}"
@@ -619,6 +643,22 @@ def _validate_recipe(m: ModelConfig, t: "TrainingConfig", cfg: "Config") -> None
     _require(m.loop_gates == "none" or deepest <= gates,
              f"model.loop_gate_count ({gates}) is below the deepest training loop count ({deepest}); set it to "
              f"{deepest} so every depth trained has its own gate, or use model.loop_gates none.")
+
+
+def _validate_exit(m: ModelConfig, t: "TrainingConfig") -> None:
+    """Adaptive exit and the exit gate."""
+    _require(m.exit_criterion in EXIT_CRITERIA,
+             f"model.exit_criterion must be one of {EXIT_CRITERIA}, got '{m.exit_criterion}'.")
+    _require(m.exit_criterion != "gate" or m.exit_gate,
+             "model.exit_criterion 'gate' needs model.exit_gate true (a model without an exit gate cannot use it).")
+    if m.exit_criterion == "gate":
+        _require(0.0 < m.exit_threshold <= 1.0,
+                 f"model.exit_threshold must be a probability in (0, 1] for the 'gate' criterion, got {m.exit_threshold}.")
+    _require(m.exit_threshold >= 0 and math.isfinite(m.exit_threshold),
+             f"model.exit_threshold must be >= 0, got {m.exit_threshold}.")
+    _require(t.exit_entropy_beta >= 0, f"training.exit_entropy_beta must be >= 0, got {t.exit_entropy_beta}.")
+    _require(not t.train_exit_gate_only or m.exit_gate,
+             "training.train_exit_gate_only needs model.exit_gate true (there is no gate to train).")
 
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:

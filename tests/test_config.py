@@ -168,3 +168,20 @@ def test_recipe_combinations_that_work():
     assert "model.loop_gate_count" in rejected(cfg)
     cfg.training.backprop_loops = 4
     assert "training.backprop_loops" in rejected(cfg)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.exit_criterion=halt"], "model.exit_criterion must be one of"),
+    (["model.exit_criterion=gate", "model.exit_threshold=0.5"], "model.exit_criterion 'gate' needs model.exit_gate"),
+    (["model.exit_gate=true", "model.exit_criterion=gate", "model.exit_threshold=1.5"], "model.exit_threshold must be a probability"),
+    (["model.exit_threshold=-1"], "model.exit_threshold must be >= 0"),
+    (["training.exit_entropy_beta=-0.1"], "training.exit_entropy_beta must be >= 0"),
+    (["training.train_exit_gate_only=true"], "training.train_exit_gate_only needs model.exit_gate"),
+])
+def test_exit_settings_are_checked(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny-recurrent", overrides=overrides).validate()
+    ok = load_config("tiny-recurrent", overrides=["model.exit_gate=true", "model.exit_criterion=gate",
+                                                  "model.exit_threshold=0.9", "training.train_exit_gate_only=true",
+                                                  "training.exit_entropy_beta=0.05"])
+    ok.validate()

@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Held-out loss and perplexity of a loop_megatron checkpoint, optionally versus the number of loops.
+"""Held-out loss, perplexity and bits per byte of a loop_megatron checkpoint, versus test-time compute:
+the number of loops (--loops, fixed depth) and adaptive per-token exit (--exit-criterion, one row per
+--exit-threshold, mean loop iterations per token reported); --plot draws loss against mean iterations.
 
 Examples:
   python tools/evaluate.py --load checkpoints/loop-81m --data-path data/sotu_text_document
   python tools/evaluate.py --load checkpoints/loop-81m --data-path data/sotu_text_document \\
       --eval-split test --loops 1 2 4 6 8 --json results/loops.json
+  python tools/evaluate.py --load checkpoints/tiny-recurrent --data-path data/sotu_text_document \\
+      --loops 1 2 4 8 --exit-criterion kl --exit-threshold 1e-3 1e-2 0.1 --max-loops 8 --plot curve.png
 """
 import argparse
 import os
@@ -29,6 +33,16 @@ def parse_args(argv=None):
                    help="micro-batches to evaluate (default: the whole split).")
     p.add_argument("--loops", type=int, nargs="+", default=None,
                    help="loop counts to evaluate at (default: the trained count); several print a table.")
+    p.add_argument("--exit-criterion", choices=("none", "kl", "entropy", "gate"), default="none",
+                   help="adaptive per-token exit: kl (successive next-token distributions), entropy, or gate "
+                        "(the learned exit gate); one row per --exit-threshold (default none).")
+    p.add_argument("--exit-threshold", type=float, nargs="+", default=[],
+                   help="exit thresholds to sweep: nats for kl/entropy, a cumulative exit probability for gate.")
+    p.add_argument("--max-loops", type=int, default=None,
+                   help="loop cap of the exit rows (default: the largest --loops, or the trained count).")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="write loss versus mean iterations per token (default with --json and an exit criterion: "
+                        "beside the JSON, .png).")
     p.add_argument("--seed", type=int, default=1234, help="sample-order seed (default 1234).")
     p.add_argument("--data-cache-path", default=None, help="folder for cached sample indices.")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
@@ -43,22 +57,31 @@ def main(argv=None) -> int:
     from loop_megatron.checkpoint import CheckpointError
     from loop_megatron.config import ConfigError
     from loop_megatron.data.errors import DataError
-    from loop_megatron.inference.evaluation import evaluate_checkpoint, markdown_table, write_json
+    from loop_megatron.inference.evaluation import (evaluate_checkpoint, exit_table, markdown_table,
+                                                    plot_compute_curve, write_json)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         results, meta = evaluate_checkpoint(args.load, args.data_path, split=args.split, eval_split=args.eval_split,
                                       seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                                       eval_iters=args.eval_iters, loops=args.loops, tag=args.tag, seed=args.seed,
-                                      cache_dir=args.data_cache_path, device=device)
+                                      cache_dir=args.data_cache_path, device=device,
+                                      exit_criterion=args.exit_criterion, exit_thresholds=args.exit_threshold,
+                                      max_loops=args.max_loops)
     except (CheckpointError, ConfigError, DataError, ValueError) as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 1
     trained = meta["config"]["model"]["num_loops"]
+    adaptive = args.exit_criterion != "none"
     if len(results) == 1:
         r = results[0]
-        print(f"{args.eval_split} loss {r.loss:.4f} | perplexity {r.perplexity:.2f} | loops {r.loops} | "
+        bpb = "" if r.bpb is None else f" | bpb {r.bpb:.4f}"
+        print(f"{args.eval_split} loss {r.loss:.4f} | perplexity {r.perplexity:.2f}{bpb} | loops {r.loops} | "
               f"{r.tokens} tokens in {r.batches} batches")
+    elif adaptive:
+        print(f"{args.eval_split} split of {' '.join(args.data_path)} ({results[0].tokens} tokens per row; "
+              f"fixed-depth rows, then {args.exit_criterion} exit per threshold)\n")
+        print(exit_table(results))
     else:
         print(f"{args.eval_split} split of {' '.join(args.data_path)} ({results[0].tokens} tokens per row; "
               f"* = trained loop count)\n")
@@ -67,6 +90,11 @@ def main(argv=None) -> int:
         write_json(results, args.json, checkpoint=meta["path"], iteration=meta.get("iteration"),
                    data_path=args.data_path, split=args.split, eval_split=args.eval_split,
                    trained_loops=trained)
+    plot = args.plot or (args.json.rsplit(".", 1)[0] + ".png" if args.json and adaptive else None)
+    if plot:
+        plot_compute_curve(results, plot, title=f"{os.path.basename(os.path.normpath(args.load))}: "
+                                                 f"{args.eval_split} loss vs test-time compute")
+        print(f"wrote {plot}")
     return 0
 
 

@@ -5,6 +5,8 @@ Examples:
   python tools/generate.py --load checkpoints/loop-81m --prompt "The state of the Union is" --max-new-tokens 50
   python tools/generate.py --load checkpoints/loop-81m --prompt "Fellow citizens" --temperature 0   # greedy
   python tools/generate.py --load checkpoints/loop-81m --prompt "We" --top-p 0.9 --seed 1 --loops 8
+  python tools/generate.py --load checkpoints/tiny-recurrent --prompt "We" --temperature 0 \\
+      --exit-criterion kl --exit-threshold 0.01 --max-loops 16 --show-iterations
 """
 import argparse
 import os
@@ -26,6 +28,15 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this probability mass.")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling.")
     p.add_argument("--loops", type=int, default=None, help="loop iterations (default: the trained count).")
+    p.add_argument("--exit-criterion", choices=("none", "kl", "entropy", "gate"), default=None,
+                   help="adaptive per-token exit (default: the checkpoint's model.exit_criterion, normally none).")
+    p.add_argument("--exit-threshold", type=float, default=None,
+                   help="exit threshold: nats for kl/entropy, a cumulative exit probability for gate.")
+    p.add_argument("--max-loops", type=int, default=None,
+                   help="loop cap with an exit criterion (default: --loops, or the trained count).")
+    p.add_argument("--show-iterations", action="store_true",
+                   help="after each sample, print the loop iterations each token used: a heat-strip "
+                        "(prompt | continuation) and the tokens with their counts.")
     p.add_argument("--num-samples", type=int, default=1, help="independent continuations to print (default 1).")
     p.add_argument("--ignore-eod", action="store_true", help="keep generating after <|endoftext|>.")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
@@ -45,26 +56,43 @@ def main(argv=None) -> int:
     try:
         if args.loops is not None and args.loops < 1:
             raise ValueError(f"--loops must be >= 1, got {args.loops}.")
-        model = load_model(args.load, args.tag, num_loops=args.loops, device=device)
+        if args.max_loops is not None and args.max_loops < 1:
+            raise ValueError(f"--max-loops must be >= 1, got {args.max_loops}.")
+        model = load_model(args.load, args.tag, num_loops=args.max_loops or args.loops, device=device)
         tok = GPT2Tokenizer()
         prompt = tok.encode(args.prompt)
         if not prompt:
             raise ValueError("--prompt encodes to no tokens; give some text.")
         for i in range(args.num_samples):
             seed = None if args.seed is None else args.seed + i
-            out = generate(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, seed=seed,
-                           eos_token_id=None if args.ignore_eod else tok.eod)
+            out, counts = generate(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, seed=seed,
+                                   eos_token_id=None if args.ignore_eod else tok.eod,
+                                   exit_criterion=args.exit_criterion, exit_threshold=args.exit_threshold,
+                                   return_iterations=True)
             new = out[0, len(prompt):].tolist()
             if not args.ignore_eod and tok.eod in new:
                 new = new[:new.index(tok.eod)]
             if args.num_samples > 1:
                 print(f"--- sample {i + 1} ---")
             print(args.prompt + tok.decode(new))
+            if args.show_iterations:
+                _print_iterations(tok, prompt + new, counts[0].tolist(), len(prompt), model.loop.num_loops)
     except (CheckpointError, ConfigError, ValueError) as exc:
         print(f"generate.py: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_iterations(tok, ids, counts, prompt_len, cap) -> None:
+    """Iterations per run token (the last sampled token is never run): a heat-strip, then token:count."""
+    from loop_megatron.inference.generation import iteration_strip
+
+    counts = counts[:len(ids)]
+    mean = sum(counts) / max(1, len(counts))
+    print(f"iterations per token (cap {cap}, mean {mean:.2f}): "
+          f"{iteration_strip(counts[:prompt_len], cap)} | {iteration_strip(counts[prompt_len:], cap)}")
+    print(" ".join(f"{tok.decode([t])!r}:{c}" for t, c in zip(ids, counts)))
 
 
 if __name__ == "__main__":

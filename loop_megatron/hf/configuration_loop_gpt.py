@@ -14,8 +14,11 @@ class LoopGPTConfig(PretrainedConfig):
     after it. `loop_injection` ('none', 'add', 'linear', 'diagonal') re-injects the prelude output e into
     every iteration and `loop_state_init` ('input', 'zeros', 'random') picks the first state (a 'random'
     model starts from zeros unless a `state_generator` is passed); see modeling_loop_gpt.py for the
-    equations. `loop_gate_count` gates exist (0 = num_loops); later iterations reuse the last one. `num_hidden_layers` is the number of block *applications* per forward pass (one KV-cache
-    layer each); it is derived from the other fields.
+    equations. `loop_gate_count` gates exist (0 = num_loops); later iterations reuse the last one.
+    `exit_criterion` ('none', 'kl', 'entropy', 'gate') and `exit_threshold` stop each token's loop separately
+    at inference (`num_loops` is then the cap; `exit_gate` adds the learned gate 'gate' reads); they can also
+    be passed to forward() / generate(). `num_hidden_layers` is the number of block *applications* per
+    forward pass (one KV-cache layer each); it is derived from the other fields.
     """
 
     model_type = "loop_gpt"
@@ -41,6 +44,9 @@ class LoopGPTConfig(PretrainedConfig):
     loop_injection: str = "none"
     loop_state_init: str = "input"
     loop_state_std: float = 0.02
+    exit_gate: bool = False
+    exit_criterion: str = "none"
+    exit_threshold: float = 0.0
     num_hidden_layers: int = 12
     activation_function: str = "gelu_new"
     resid_pdrop: float = 0.0
@@ -61,12 +67,21 @@ class LoopGPTConfig(PretrainedConfig):
             raise ValueError(f"loop_injection must be 'none', 'add', 'linear' or 'diagonal', got {self.loop_injection!r}.")
         if self.loop_state_init not in ("input", "zeros", "random"):
             raise ValueError(f"loop_state_init must be 'input', 'zeros' or 'random', got {self.loop_state_init!r}.")
-        self.num_hidden_layers = self.applications(self.num_loops)
+        if self.exit_criterion not in ("none", "kl", "entropy", "gate"):
+            raise ValueError(f"exit_criterion must be 'none', 'kl', 'entropy' or 'gate', got {self.exit_criterion!r}.")
+        if self.exit_criterion == "gate" and not self.exit_gate:
+            raise ValueError("exit_criterion 'gate' needs exit_gate true.")
+        self.num_hidden_layers = self.applications(self.num_loops, self.exit_criterion)
         super().__post_init__(**kwargs)
 
-    def applications(self, num_loops: int) -> int:
-        """Block applications per forward pass with `num_loops` outer iterations."""
-        return self.prelude_layers + num_loops * self.n_layer * self.inner_loops + self.coda_layers
+    def applications(self, num_loops: int, exit_criterion: str = "none") -> int:
+        """Block applications per forward pass with `num_loops` outer iterations. The 'kl' and 'entropy' exit
+        criteria read the state out through the coda after every iteration (its applications then belong to
+        each iteration)."""
+        core = self.n_layer * self.inner_loops
+        if exit_criterion in ("kl", "entropy"):
+            return self.prelude_layers + num_loops * (core + self.coda_layers)
+        return self.prelude_layers + num_loops * core + self.coda_layers
 
 
 __all__ = ["LoopGPTConfig"]

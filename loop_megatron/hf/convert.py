@@ -78,8 +78,10 @@ def gates_are_trivial(sd: Dict[str, torch.Tensor], m: ModelConfig) -> bool:
 
 
 def has_recurrent_recipe(m: ModelConfig) -> bool:
-    """True when input injection or a non-input initial state makes the loop more than repeated blocks."""
-    return m.loop_injection != "none" or m.loop_state_init != "input"
+    """True when input injection, a non-input initial state, an exit gate or a default exit criterion make
+    the loop more than repeated blocks (a plain GPT-2 has no per-token depth)."""
+    return (m.loop_injection != "none" or m.loop_state_init != "input" or m.exit_gate
+            or m.exit_criterion != "none")
 
 
 def choose_format(sd: Dict[str, torch.Tensor], m: ModelConfig, requested: str = "auto") -> str:
@@ -88,7 +90,8 @@ def choose_format(sd: Dict[str, torch.Tensor], m: ModelConfig, requested: str = 
         return "gpt2" if gates_are_trivial(sd, m) and not has_recurrent_recipe(m) else "loop_gpt"
     if requested == "gpt2" and has_recurrent_recipe(m):
         raise ConversionError(f"this model uses model.loop_injection '{m.loop_injection}' / model.loop_state_init "
-                              f"'{m.loop_state_init}', so it is not a plain GPT-2; export it with --format loop_gpt "
+                              f"'{m.loop_state_init}' / model.exit_gate {m.exit_gate} / model.exit_criterion "
+                              f"'{m.exit_criterion}', so it is not a plain GPT-2; export it with --format loop_gpt "
                               f"(or auto).")
     if requested == "gpt2" and not gates_are_trivial(sd, m):
         raise ConversionError("this model has loop gates that are not all one, so it is not a plain GPT-2; "
@@ -208,6 +211,7 @@ def loop_gpt_config(m: ModelConfig, **extra):
         n_layer=m.num_layers, num_loops=m.num_loops, inner_loops=m.inner_loops, prelude_layers=m.prelude_layers,
         coda_layers=m.coda_layers, loop_gates=m.loop_gates, loop_gate_count=m.loop_gate_count,
         loop_injection=m.loop_injection, loop_state_init=m.loop_state_init, loop_state_std=m.loop_state_std,
+        exit_gate=m.exit_gate, exit_criterion=m.exit_criterion, exit_threshold=m.exit_threshold,
         resid_pdrop=m.hidden_dropout,
         embd_pdrop=m.hidden_dropout, attn_pdrop=m.attention_dropout, layer_norm_epsilon=m.layernorm_epsilon,
         initializer_range=m.init_method_std, bos_token_id=EOD_ID, eos_token_id=EOD_ID,
@@ -422,7 +426,9 @@ def import_from_hf(hf_dir: str, make_vocab_size_divisible_by: int = 128) -> Tupl
                 prelude_layers=c.get("prelude_layers", 0), coda_layers=c.get("coda_layers", 0),
                 loop_gates=c.get("loop_gates", "vector"), loop_gate_count=c.get("loop_gate_count", 0),
                 loop_injection=c.get("loop_injection", "none"), loop_state_init=c.get("loop_state_init", "input"),
-                loop_state_std=c.get("loop_state_std", 0.02), layernorm_epsilon=c.get("layer_norm_epsilon", 1e-5),
+                loop_state_std=c.get("loop_state_std", 0.02), exit_gate=c.get("exit_gate", False),
+                exit_criterion=c.get("exit_criterion", "none"), exit_threshold=c.get("exit_threshold", 0.0),
+                layernorm_epsilon=c.get("layer_norm_epsilon", 1e-5),
                 init_method_std=c.get("initializer_range", 0.02))
         m = cfg.model
         _check_tied(hf, "transformer.wte.weight", hf_dir)

@@ -21,6 +21,16 @@ The shared blocks are stored once. Every block *application* has its own key/val
 same weights see a different hidden state each time), so the cache is a `DynamicCache` with one layer
 index per application, in application order: prelude blocks, loop applications, coda blocks.
 Iterations beyond the trained count (``num_loops=`` larger than ``config.num_loops``) reuse the last gate.
+
+Adaptive per-token exit (``exit_criterion``/``exit_threshold`` in the config or as forward()/generate()
+kwargs; ``num_loops`` is then the cap), as loop_megatron's model/exit.py: after iteration n a token stops
+when H(p_n) < T ('entropy'), KL(p_n || p_{n-1}) < T ('kl', n >= 2) or the exit gate's cumulative exit
+probability 1 - prod_j (1 - sigmoid(w . LayerNorm(s_j) + b)) >= T ('gate'); its state is then frozen. For
+'kl' and 'entropy' p_n is read out through coda + ln_f + head after every iteration (the coda's applications
+are part of each iteration) and a token's output is that of its exit iteration; otherwise the coda runs
+once after the loop. KV rule ("latest entry"): at iteration n, a token that stopped after m < n iterations
+contributes the key/value it produced at iteration m for the same block application; in the cache its
+slots of iterations m+1..num_loops hold copies of those entries.
 """
 from __future__ import annotations
 
@@ -139,6 +149,45 @@ class LoopGPTLoop(nn.Module):
             self.injection = None
 
 
+class LoopGPTExitGate(nn.Module):
+    """lambda = sigmoid(w . LayerNorm(s) + b): the probability of stopping after an iteration."""
+
+    def __init__(self, config: LoopGPTConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.proj = nn.Linear(config.n_embd, 1)
+
+    def forward(self, s):
+        return torch.sigmoid(self.proj(self.norm(s)).squeeze(-1).float())
+
+
+class _LatestEntryCache:
+    """The KV rule in front of the real cache (or none): tokens no longer active contribute, per application
+    of the iteration, the key/value of their last active iteration."""
+
+    def __init__(self, cache):
+        self.cache, self.latest, self.active, self.index = cache, [], None, 0
+
+    def start_iteration(self, active):
+        self.active, self.index = active[:, None, :, None], 0
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        j = self.index
+        self.index += 1
+        if j < len(self.latest):
+            k = torch.where(self.active, k, self.latest[j][0])
+            v = torch.where(self.active, v, self.latest[j][1])
+            self.latest[j] = (k, v)
+        else:
+            self.latest.append((k, v))
+        return self.cache.update(k, v, layer_idx) if self.cache is not None else (k, v)
+
+    def fill(self, first_slot):
+        if self.cache is not None:
+            for j, (k, v) in enumerate(self.latest):
+                self.cache.update(k, v, first_slot + j)
+
+
 class LoopGPTPreTrainedModel(PreTrainedModel):
     config_class = LoopGPTConfig
     base_model_prefix = "transformer"
@@ -158,6 +207,9 @@ class LoopGPTPreTrainedModel(PreTrainedModel):
             init.constant_(module.delta, 0.5413248546129181)  # log(e - 1): softplus = 1
             init.zeros_(module.rate)
             init.constant_(module.input_gain, 0.5)
+        if isinstance(module, LoopGPTExitGate):  # lambda = 1/2 at the start (as loop_megatron initialises)
+            init.zeros_(module.proj.weight)
+            init.zeros_(module.proj.bias)
 
 
 class LoopGPTModel(LoopGPTPreTrainedModel):
@@ -170,6 +222,7 @@ class LoopGPTModel(LoopGPTPreTrainedModel):
         self.loop = LoopGPTLoop(config)
         self.coda = nn.ModuleList([LoopGPTBlock(config) for _ in range(config.coda_layers)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.exit_gate = LoopGPTExitGate(config) if config.exit_gate else None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -208,10 +261,77 @@ class LoopGPTModel(LoopGPTPreTrainedModel):
             return noise.to(e.device) * self.config.loop_state_std
         return torch.zeros_like(e)
 
+    def _iteration(self, x, e, n, mask, cache, slot):
+        """One outer iteration s -> s' (the equations in the module docstring)."""
+        gates, injection, kind = self.loop.gates, self.loop.injection, self.config.loop_injection
+        u = x + e if kind == "add" else injection(x, e) if kind == "linear" else x
+        h = u
+        for block in self.loop.blocks:
+            for _ in range(self.config.inner_loops):
+                h = block(h, mask, cache, slot)
+                slot += 1
+        a = None if gates is None else gates[min(n, gates.shape[0] - 1)]
+        if kind == "diagonal":
+            return injection(x, e) + (h - u if a is None else a * (h - u))
+        return h if a is None else x + a * (h - x)
+
+    def _adaptive(self, x, e, mask, cache, slot, num_loops, criterion, threshold):
+        """The loop with per-token exits; returns the final hidden states (ln_f applied) of each token."""
+        decodes = criterion in ("kl", "entropy")
+        core = len(self.loop.blocks) * self.config.inner_loops
+        per_iteration = core + (len(self.coda) if decodes else 0)
+        B, T = x.shape[:2]
+        active = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        view = _LatestEntryCache(cache)
+        out = prev = None
+        survive = torch.ones(B, T, dtype=torch.float32, device=x.device)
+        for n in range(num_loops):
+            first = slot + n * per_iteration
+            view.start_iteration(active)
+            x = torch.where(active[..., None], self._iteration(x, e, n, mask, view, first), x)
+            if decodes:
+                h = x
+                for i, block in enumerate(self.coda):
+                    h = block(h, mask, view, first + core + i)
+                h = self.ln_f(h)
+                out = h if out is None else torch.where(active[..., None], h, out)
+                log_p = F.log_softmax(F.linear(h, self.wte.weight).float(), dim=-1)
+                if criterion == "entropy":
+                    stop = -(log_p.exp() * log_p).sum(-1) < threshold
+                elif prev is None:
+                    stop = torch.zeros_like(active)
+                else:
+                    stop = (log_p.exp() * (log_p - prev)).sum(-1) < threshold
+                prev = log_p
+            else:
+                survive = survive * (1 - self.exit_gate(x))
+                stop = (1 - survive) >= threshold
+            if n == num_loops - 1:
+                break
+            active = active & ~stop
+            if not bool(active.any()):
+                for later in range(n + 1, num_loops):
+                    view.fill(slot + later * per_iteration)
+                break
+        if decodes:
+            return out
+        slot += num_loops * per_iteration
+        for block in self.coda:
+            x = block(x, mask, cache, slot)
+            slot += 1
+        return self.ln_f(x)
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, num_loops: Optional[int] = None,
-                state_generator: Optional[torch.Generator] = None, cache=None, **kwargs):
+                state_generator: Optional[torch.Generator] = None, cache=None,
+                exit_criterion: Optional[str] = None, exit_threshold: Optional[float] = None, **kwargs):
         past_key_values = cache if cache is not None else past_key_values
+        criterion = exit_criterion or self.config.exit_criterion
+        threshold = self.config.exit_threshold if exit_threshold is None else float(exit_threshold)
+        if criterion not in ("none", "kl", "entropy", "gate"):
+            raise ValueError(f"exit_criterion must be 'none', 'kl', 'entropy' or 'gate', got {criterion!r}.")
+        if criterion == "gate" and self.exit_gate is None:
+            raise ValueError("exit_criterion 'gate' needs a model with an exit gate (config.exit_gate).")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
@@ -224,7 +344,7 @@ class LoopGPTModel(LoopGPTPreTrainedModel):
         if not use_cache:
             past_key_values = None
         if past_key_values is not None:
-            needed = self.config.applications(num_loops)
+            needed = self.config.applications(num_loops, criterion)
             layers = getattr(past_key_values, "layers", None)
             if layers is not None and getattr(past_key_values, "layer_class_to_replicate", None) is None:
                 while len(layers) < needed:  # more loops than the config's: more applications to cache
@@ -241,23 +361,14 @@ class LoopGPTModel(LoopGPTPreTrainedModel):
         for block in self.prelude:
             x = block(x, mask, past_key_values, slot)
             slot += 1
-        gates, injection, kind = self.loop.gates, self.loop.injection, self.config.loop_injection
         e = x
         x = self._initial_state(e, state_generator)
+        if criterion != "none":
+            hidden = self._adaptive(x, e, mask, past_key_values, slot, num_loops, criterion, threshold)
+            return BaseModelOutputWithPast(last_hidden_state=hidden, **{_CACHE_FIELD: past_key_values})
         for n in range(num_loops):
-            u = x + e if kind == "add" else injection(x, e) if kind == "linear" else x
-            h = u
-            for block in self.loop.blocks:
-                for _ in range(self.config.inner_loops):
-                    h = block(h, mask, past_key_values, slot)
-                    slot += 1
-            a = None if gates is None else gates[min(n, gates.shape[0] - 1)]
-            if kind == "diagonal":
-                x = injection(x, e) + (h - u if a is None else a * (h - u))
-            elif a is None:
-                x = h
-            else:
-                x = x + a * (h - x)
+            x = self._iteration(x, e, n, mask, past_key_values, slot)
+            slot += len(self.loop.blocks) * self.config.inner_loops
         for block in self.coda:
             x = block(x, mask, past_key_values, slot)
             slot += 1
@@ -287,14 +398,17 @@ class LoopGPTForCausalLM(LoopGPTPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, num_loops: Optional[int] = None,
-                logits_to_keep=0, state_generator: Optional[torch.Generator] = None, cache=None, **kwargs):
+                logits_to_keep=0, state_generator: Optional[torch.Generator] = None, cache=None,
+                exit_criterion: Optional[str] = None, exit_threshold: Optional[float] = None, **kwargs):
         """`labels` are shifted inside (labels = input_ids for language modelling; -100 is ignored).
-        `num_loops` overrides the number of loop iterations for this call; `state_generator` draws a
+        `num_loops` overrides the number of loop iterations for this call (the cap with an exit criterion);
+        `exit_criterion`/`exit_threshold` override the config's per-token exit; `state_generator` draws a
         'random' model's first state (default: zeros)."""
         out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=cache if cache is not None else past_key_values,
                                inputs_embeds=inputs_embeds,
-                               use_cache=use_cache, num_loops=num_loops, state_generator=state_generator)
+                               use_cache=use_cache, num_loops=num_loops, state_generator=state_generator,
+                               exit_criterion=exit_criterion, exit_threshold=exit_threshold)
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]

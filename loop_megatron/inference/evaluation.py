@@ -1,8 +1,11 @@
-"""Held-out loss and perplexity of a checkpoint, optionally as a function of the number of loops.
+"""Held-out loss, perplexity and bits per byte of a checkpoint, as a function of test-time compute.
 
 Looped models can be run with more (or fewer) iterations than they were trained with (iterations beyond
 the trained count reuse the last gate); `evaluate_checkpoint(..., loops=[1, 2, 4])` measures the same
-held-out samples at each count. Single process, TP=1.
+held-out samples at each count (the fixed-depth sweep). With an exit criterion (model/exit.py: kl, entropy,
+gate) and several thresholds it also measures, per threshold, the mean loop iterations per token that the
+adaptive exit used and the loss at that average compute: the test-time compute curve, plotted beside the
+fixed-depth sweep by `plot_compute_curve`. Single process, TP=1.
 """
 from __future__ import annotations
 
@@ -19,11 +22,18 @@ IGNORE = -100
 
 @dataclass
 class EvalResult:
+    """One evaluated setting: a fixed depth (`exit_criterion` 'none', `loops` iterations) or an adaptive exit
+    (`loops` = the cap, `exit_threshold` set); `mean_iterations` = loop iterations per token actually used."""
+
     loops: int
     loss: float
     perplexity: float
     tokens: int
     batches: int
+    mean_iterations: float = 0.0
+    bpb: Optional[float] = None
+    exit_criterion: str = "none"
+    exit_threshold: Optional[float] = None
 
 
 def _batches(dataset, micro_batch_size: int, eval_iters: Optional[int]):
@@ -37,28 +47,46 @@ def _batches(dataset, micro_batch_size: int, eval_iters: Optional[int]):
 
 @torch.no_grad()
 def evaluate(model, dataset, micro_batch_size: int = 8, eval_iters: Optional[int] = None,
-             num_loops: Optional[int] = None) -> EvalResult:
+             num_loops: Optional[int] = None, exit_criterion: Optional[str] = None,
+             exit_threshold: Optional[float] = None, byte_lengths: Optional[torch.Tensor] = None) -> EvalResult:
     """Token-weighted mean cross-entropy over the first `eval_iters` micro-batches of `dataset` (all of it
-    when None). Items are {"tokens": [seq_length + 1]}: inputs tokens[:-1], labels tokens[1:]."""
+    when None). Items are {"tokens": [seq_length + 1]}: inputs tokens[:-1], labels tokens[1:].
+    `exit_criterion`/`exit_threshold`: adaptive per-token exit with `num_loops` as the cap (default: fixed
+    depth). `byte_lengths` (the tokenizer's token_byte_lengths()) adds bits per byte (data/bpb.py)."""
+    from ..data.bpb import bits_per_byte, bpb_sums
+    from ..model.exit import ExitStats
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, tokens, batches = 0.0, 0, 0
+    loops = num_loops or model.loop.num_loops
+    criterion = exit_criterion or "none"
+    lengths = None if byte_lengths is None else torch.as_tensor(byte_lengths, device=device)
+    total, tokens, batches, iterations, nats, nbytes = 0.0, 0, 0, 0, 0.0, 0
     try:
         for batch in _batches(dataset, micro_batch_size, eval_iters):
             batch = batch.to(device)
-            _, loss = model(batch[:, :-1], batch[:, 1:], num_loops=num_loops, return_logits=False)
-            n = batch[:, 1:].numel()
-            total += float(loss) * n
-            tokens += n
+            x, y = batch[:, :-1], batch[:, 1:]
+            stats = ExitStats()
+            logits, _ = model(x, num_loops=loops, return_logits=True, exit_criterion=criterion,
+                              exit_threshold=exit_threshold, exit_stats=stats)
+            nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                                    reduction="none").view(y.shape)
+            total += float(nll.double().sum())
+            tokens += y.numel()
             batches += 1
+            iterations += int(stats.iterations.sum()) if stats.iterations is not None else loops * y.numel()
+            if lengths is not None:
+                batch_nats, batch_bytes = bpb_sums(nll.double(), y, lengths)
+                nats, nbytes = nats + float(batch_nats), nbytes + int(batch_bytes)
     finally:
         model.train(was_training)
     if tokens == 0:
         raise ValueError("the evaluation set is empty.")
     loss = total / tokens
-    loops = num_loops or model.loop.num_loops
-    return EvalResult(loops=loops, loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=tokens, batches=batches)
+    return EvalResult(loops=loops, loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=tokens, batches=batches,
+                      mean_iterations=iterations / tokens, bpb=bits_per_byte(nats, nbytes) if lengths is not None else None,
+                      exit_criterion=criterion, exit_threshold=None if criterion == "none" else exit_threshold)
 
 
 def build_eval_dataset(data_path: Sequence[str], split: str, seq_length: int, eval_split: str = "valid",
@@ -80,9 +108,14 @@ def build_eval_dataset(data_path: Sequence[str], split: str, seq_length: int, ev
 def evaluate_checkpoint(load: str, data_path: Sequence[str], split: str = "949,50,1", eval_split: str = "valid",
                         seq_length: Optional[int] = None, micro_batch_size: int = 8, eval_iters: Optional[int] = None,
                         loops: Optional[Sequence[int]] = None, tag: Optional[str] = None, seed: int = 1234,
-                        cache_dir: Optional[str] = None, device: str = "cpu") -> Tuple[List[EvalResult], Dict[str, Any]]:
-    """Load a checkpoint and evaluate it once per entry of `loops` (default: its trained loop count).
-    Returns (results, checkpoint meta); meta["config"]["model"]["num_loops"] is the trained count."""
+                        cache_dir: Optional[str] = None, device: str = "cpu", exit_criterion: str = "none",
+                        exit_thresholds: Sequence[float] = (), max_loops: Optional[int] = None,
+                        tokenizer=None) -> Tuple[List[EvalResult], Dict[str, Any]]:
+    """Load a checkpoint and evaluate it once per entry of `loops` (default: its trained loop count), then,
+    with an exit criterion, once per threshold with `max_loops` (default: the largest of `loops`, or the
+    trained count) as the cap. `tokenizer` (default: the checkpoint's data.tokenizer_type, else GPT-2) gives
+    bits per byte. Returns (results, checkpoint meta); meta["config"]["model"]["num_loops"] is the trained
+    count."""
     from ..checkpoint import load_checkpoint
     from ..model import LoopGPT, load_full_state_dict
 
@@ -95,11 +128,26 @@ def evaluate_checkpoint(load: str, data_path: Sequence[str], split: str = "949,5
         raise ValueError(f"--seq-length {seq_length} is longer than the model's max_position_embeddings "
                          f"({cfg.model.max_position_embeddings}).")
     dataset = build_eval_dataset(data_path, split, seq_length, eval_split, seed, cache_dir)
+    if tokenizer is None:
+        from ..data.tokenizer import build_tokenizer
+
+        tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model or None)
+    lengths = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.long, device=device)
+    depths = list(loops) if loops else [cfg.model.num_loops]
     results = []
-    for n in (list(loops) if loops else [cfg.model.num_loops]):
+    for n in depths:
         if n < 1:
             raise ValueError(f"--loops values must be >= 1, got {n}.")
-        results.append(evaluate(model, dataset, micro_batch_size, eval_iters, num_loops=n))
+        results.append(evaluate(model, dataset, micro_batch_size, eval_iters, num_loops=n, byte_lengths=lengths))
+    if exit_criterion and exit_criterion != "none":
+        if not exit_thresholds:
+            raise ValueError(f"--exit-criterion {exit_criterion} needs at least one --exit-threshold.")
+        cap = max_loops or max(depths)
+        if cap < 1:
+            raise ValueError(f"--max-loops must be >= 1, got {cap}.")
+        for threshold in exit_thresholds:
+            results.append(evaluate(model, dataset, micro_batch_size, eval_iters, num_loops=cap,
+                                    exit_criterion=exit_criterion, exit_threshold=threshold, byte_lengths=lengths))
     return results, meta
 
 
@@ -110,6 +158,45 @@ def markdown_table(results: Sequence[EvalResult], trained_loops: Optional[int] =
         mark = "*" if trained_loops is not None and r.loops == trained_loops else ""
         lines.append(f"| {r.loops}{mark} | {r.loss:.4f} | {r.perplexity:.2f} | {r.tokens} |")
     return "\n".join(lines)
+
+
+def exit_table(results: Sequence[EvalResult]) -> str:
+    """| criterion | threshold | max loops | mean iterations | loss | bpb | tokens | for every row (fixed-depth
+    rows read 'fixed' with their loop count)."""
+    lines = ["| criterion | threshold | max loops | mean iterations / token | loss | bpb | tokens |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        threshold = "-" if r.exit_threshold is None else f"{r.exit_threshold:g}"
+        bpb = "-" if r.bpb is None else f"{r.bpb:.4f}"
+        name = "fixed" if r.exit_criterion == "none" else r.exit_criterion
+        lines.append(f"| {name} | {threshold} | {r.loops} | {r.mean_iterations:.3f} | {r.loss:.4f} | {bpb} | {r.tokens} |")
+    return "\n".join(lines)
+
+
+def plot_compute_curve(results: Sequence[EvalResult], path: str, title: str = "") -> str:
+    """PNG of loss against mean loop iterations per token: the fixed-depth sweep and each exit criterion's
+    thresholds as separate lines (the test-time compute curve)."""
+    from ..experiments.plots import _pyplot, _save_figure
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    groups: Dict[str, List[EvalResult]] = {}
+    for r in results:
+        groups.setdefault(r.exit_criterion, []).append(r)
+    for i, (criterion, rows) in enumerate(sorted(groups.items(), key=lambda kv: kv[0] != "none")):
+        rows = sorted(rows, key=lambda r: r.mean_iterations)
+        label = "fixed depth (--loops)" if criterion == "none" else f"exit: {criterion} (cap {rows[0].loops})"
+        ax.plot([r.mean_iterations for r in rows], [r.loss for r in rows], marker="o", color=f"C{i}", label=label)
+        if criterion != "none":
+            for r in rows:
+                ax.annotate(f"{r.exit_threshold:g}", (r.mean_iterations, r.loss), fontsize=7,
+                            textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("mean loop iterations per token")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title(title or "test-time compute curve")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save_figure(fig, path)
 
 
 def write_json(results: Sequence[EvalResult], path: str, **extra) -> None:

@@ -4,6 +4,11 @@ The prompt is run once (prefill) into a `KVCache`, then one token per step; the 
 block application, so it is correct across loop iterations and inner loops. `temperature=0` is greedy
 (argmax); otherwise logits are divided by the temperature, optionally filtered by top-k and top-p
 (nucleus), and sampled with a seeded generator.
+
+Adaptive depth: `exit_criterion` (none|kl|entropy|gate) and `exit_threshold` stop each token's loop
+separately (num_loops is then the cap); the cache follows the same "latest entry" KV rule as the
+full-sequence forward (model/exit.py), so cached and recomputed generation agree.
+`return_iterations=True` also returns the iterations each fed position used.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..model import KVCache
+from ..model.exit import ExitStats
 
 
 def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
@@ -45,8 +51,12 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Opt
 @torch.no_grad()
 def generate(model, prompt: Union[torch.Tensor, Sequence[int]], max_new_tokens: int = 50, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, num_loops: Optional[int] = None,
-             eos_token_id: Optional[int] = None, seed: Optional[int] = None, use_cache: bool = True) -> torch.Tensor:
+             eos_token_id: Optional[int] = None, seed: Optional[int] = None, use_cache: bool = True,
+             exit_criterion: Optional[str] = None, exit_threshold: Optional[float] = None,
+             return_iterations: bool = False):
     """Prompt plus continuation, LongTensor [B, T + new] (a 1-D prompt is treated as batch 1).
+    With `return_iterations`, (ids, iterations): iterations [B, T + new - 1] holds the loop iterations each
+    position that was run through the model used (the last token is sampled, never run).
 
     Stops after `max_new_tokens`, when every row has produced `eos_token_id`, or at the model's
     position limit (max_position_embeddings). Rows that finished early are padded with eos.
@@ -72,9 +82,13 @@ def generate(model, prompt: Union[torch.Tensor, Sequence[int]], max_new_tokens: 
         cache = KVCache() if use_cache else None
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
         step_input = ids
+        counts = []
         for _ in range(max_new_tokens):
+            stats = ExitStats()
             logits, _ = model(step_input if use_cache else ids, num_loops=num_loops, kv_cache=cache,
-                              return_logits=True)
+                              return_logits=True, exit_criterion=exit_criterion, exit_threshold=exit_threshold,
+                              exit_stats=stats)
+            counts = _step_iterations(model, stats, counts, step_input if use_cache else ids, num_loops, use_cache)
             nxt = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
@@ -85,4 +99,25 @@ def generate(model, prompt: Union[torch.Tensor, Sequence[int]], max_new_tokens: 
                 break
     finally:
         model.train(was_training)
+    if return_iterations:
+        return ids, (torch.cat(counts, dim=1) if counts else ids.new_zeros(ids.shape[0], 0))
     return ids
+
+
+def _step_iterations(model, stats: ExitStats, counts, fed: torch.Tensor, num_loops, use_cache: bool):
+    """Iterations of the positions just run (a fixed-depth forward: its loop count for every one)."""
+    its = stats.iterations
+    if its is None:
+        its = torch.full(fed.shape, num_loops or model.cfg.num_loops, dtype=torch.long, device=fed.device)
+    return counts + [its] if use_cache else [its]
+
+
+_SHADES = "▁▂▃▄▅▆▇█"
+
+
+def iteration_strip(counts: Sequence[int], cap: int) -> str:
+    """A compact heat-strip of loop iterations per token: one shaded block per token (▁ = 1 iteration,
+    █ = the cap), e.g. '▂▂█▅▁'."""
+    cap = max(1, int(cap))
+    return "".join(_SHADES[min(len(_SHADES) - 1, (max(1, int(c)) - 1) * len(_SHADES) // cap)] for c in counts)
+

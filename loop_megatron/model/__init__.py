@@ -1,5 +1,6 @@
 """The Loop-Residual GPT model built from tensor-parallel shards."""
 from .gpt import IGNORE_INDEX, LoopGPT
+from .exit import ExitGate, ExitStats
 from .kv_cache import KVCache
 from .loop import LoopStack
 from .state_dict import full_state_dict, load_full_state_dict, merge_tp_tensor, shard_tp_tensor

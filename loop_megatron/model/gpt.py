@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -12,6 +12,7 @@ from ..config import ModelConfig
 from ..parallel import (VocabParallelEmbedding, gather_from_tp_region, get_tensor_model_parallel_rank,
                         vocab_parallel_cross_entropy)
 from .block import Block
+from .exit import ExitGate, ExitRule, ExitStats, expected_exit_loss
 from .kv_cache import KVCache
 from .loop import LoopStack
 
@@ -26,7 +27,10 @@ class LoopGPT(nn.Module):
     over TP ranks, vocab padding removed), returned when no labels are given or `return_logits=True`.
     The loop's depth is chosen per call (see model/loop.py): `num_loops` (r), `backprop_loops` (k, truncated
     backprop), `loop_depths` (a LongTensor [batch] of per-row depths) and `state_generator` (a random
-    initial state outside training).
+    initial state outside training). At inference `exit_criterion` (none|kl|entropy|gate) and
+    `exit_threshold` stop each position separately (model/exit.py: criteria and the KV rule), `num_loops`
+    being the cap; an `ExitStats` passed as `exit_stats` receives the iterations each position used. With
+    `model.exit_gate` and labels in training the loss is the gate's expected loss over the exit distribution.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -44,6 +48,9 @@ class LoopGPT(nn.Module):
         self.loop = LoopStack(cfg, output_std)
         self.coda = nn.ModuleList([Block(cfg, output_std) for _ in range(cfg.coda_layers)])
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        # Ouro-style learned exit gate (model/exit.py); consumes no RNG, so the other weights do not change.
+        self.exit_gate = ExitGate(cfg.hidden_size, cfg.layernorm_epsilon) if cfg.exit_gate else None
+        self.exit_entropy_beta = 0.0  # training.exit_entropy_beta, set by configure_exit_training
         # Which of this rank's vocabulary rows are padding: fixed at construction, so the forward pass
         # neither rebuilds it nor syncs with the host to ask whether any exist. Not saved in checkpoints.
         start = get_tensor_model_parallel_rank() * self.wte.per_rank
@@ -51,11 +58,8 @@ class LoopGPT(nn.Module):
         self.register_buffer("vocab_padding_mask", is_padding if bool(is_padding.any()) else None, persistent=False)
 
     # ------------------------------------------------------------------------------------------------
-    def hidden_states(self, input_ids: torch.Tensor, num_loops: Optional[int] = None,
-                      kv_cache: Optional[KVCache] = None, *, backprop_loops: Optional[int] = None,
-                      loop_depths: Optional[torch.Tensor] = None,
-                      state_generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Final-LayerNorm hidden states [batch, seq, hidden]."""
+    def _embed(self, input_ids: torch.Tensor, kv_cache: Optional[KVCache]) -> torch.Tensor:
+        """Token + position embeddings and the prelude: e, the loop's input."""
         T = input_ids.shape[1]
         offset = 0
         if kv_cache is not None:
@@ -69,12 +73,25 @@ class LoopGPT(nn.Module):
         x = F.dropout(x, self.cfg.hidden_dropout, self.training)
         for block in self.prelude:
             x = block(x, kv_cache)
-        x = self.loop(x, num_loops=num_loops, kv_cache=kv_cache, backprop_loops=backprop_loops,
-                      loop_depths=loop_depths, state_generator=state_generator)
+        return x
+
+    def _coda(self, x: torch.Tensor, kv_cache) -> torch.Tensor:
         for block in self.coda:
             x = block(x, kv_cache)
+        return x
+
+    def hidden_states(self, input_ids: torch.Tensor, num_loops: Optional[int] = None,
+                      kv_cache: Optional[KVCache] = None, *, backprop_loops: Optional[int] = None,
+                      loop_depths: Optional[torch.Tensor] = None,
+                      state_generator: Optional[torch.Generator] = None,
+                      states: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """Final-LayerNorm hidden states [batch, seq, hidden] (fixed depth)."""
+        x = self._embed(input_ids, kv_cache)
+        x = self.loop(x, num_loops=num_loops, kv_cache=kv_cache, backprop_loops=backprop_loops,
+                      loop_depths=loop_depths, state_generator=state_generator, states=states)
+        x = self._coda(x, kv_cache)
         if kv_cache is not None:
-            kv_cache.end(T)
+            kv_cache.end(input_ids.shape[1])
         return self.ln_f(x)
 
     def logits_parallel(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -87,18 +104,67 @@ class LoopGPT(nn.Module):
             return F.linear(hidden, self.wte.weight[:self.cfg.vocab_size])
         return self.wte.logits_parallel(hidden).masked_fill(self.vocab_padding_mask, float("-inf"))
 
+    def exit_rule(self, exit_criterion: Optional[str] = None, exit_threshold: Optional[float] = None) -> Optional[ExitRule]:
+        """The exit settings of a call (None = fixed depth); the model config's are the inference defaults."""
+        training = self.training and torch.is_grad_enabled()
+        criterion = exit_criterion or ("none" if training else self.cfg.exit_criterion)
+        if criterion == "none":
+            return None
+        if training:
+            raise ValueError("exit criteria apply at inference only (eval mode or torch.no_grad()).")
+        if criterion == "gate" and self.exit_gate is None:
+            raise ValueError("exit criterion 'gate' needs a model with an exit gate (model.exit_gate true).")
+        return ExitRule(criterion, self.cfg.exit_threshold if exit_threshold is None else float(exit_threshold))
+
+    def _adaptive_logits(self, input_ids, rule: ExitRule, num_loops, kv_cache, state_generator, exit_stats):
+        """This rank's logits with per-position exits (model/exit.py)."""
+        x = self._embed(input_ids, kv_cache)
+        if rule.decodes:  # the coda + head read the state out every iteration; outputs = exit iteration's
+            readout = lambda s, kv: self.logits_parallel(self.ln_f(self._coda(s, kv)))  # noqa: E731
+            logits = self.loop.adaptive(x, num_loops, kv_cache, rule, readout=readout, stats=exit_stats,
+                                        state_generator=state_generator)
+        else:
+            s = self.loop.adaptive(x, num_loops, kv_cache, rule, gate=self.exit_gate, stats=exit_stats,
+                                   state_generator=state_generator)
+            logits = self.logits_parallel(self.ln_f(self._coda(s, kv_cache)))
+        if kv_cache is not None:
+            kv_cache.end(input_ids.shape[1])
+        return logits
+
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
                 num_loops: Optional[int] = None, kv_cache: Optional[KVCache] = None,
                 return_logits: Optional[bool] = None, backprop_loops: Optional[int] = None,
                 loop_depths: Optional[torch.Tensor] = None,
-                state_generator: Optional[torch.Generator] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        hidden = self.hidden_states(input_ids, num_loops=num_loops, kv_cache=kv_cache, backprop_loops=backprop_loops,
-                                    loop_depths=loop_depths, state_generator=state_generator)
-        logits_parallel = self.logits_parallel(hidden)
+                state_generator: Optional[torch.Generator] = None, exit_criterion: Optional[str] = None,
+                exit_threshold: Optional[float] = None,
+                exit_stats: Optional[ExitStats] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        rule = self.exit_rule(exit_criterion, exit_threshold)
+        keep = None if labels is None else labels != IGNORE_INDEX
+        safe_labels = None if labels is None else labels.masked_fill(~keep, 0)
         loss = None
-        if labels is not None:
-            keep = labels != IGNORE_INDEX
-            per_token = vocab_parallel_cross_entropy(logits_parallel, labels.masked_fill(~keep, 0))
+        if rule is not None:
+            if loop_depths is not None or backprop_loops:
+                raise ValueError("exit criteria cannot be combined with loop_depths or backprop_loops.")
+            logits_parallel = self._adaptive_logits(input_ids, rule, num_loops, kv_cache, state_generator, exit_stats)
+        elif self.exit_gate is not None and labels is not None and self.training and torch.is_grad_enabled():
+            # The exit gate's objective: the expected loss over the exit distribution (model/exit.py).
+            states: List[torch.Tensor] = []
+            self.hidden_states(input_ids, num_loops=num_loops, kv_cache=kv_cache, backprop_loops=backprop_loops,
+                               loop_depths=loop_depths, state_generator=state_generator, states=states)
+            losses, lambdas = [], []
+            for s in states:
+                logits_parallel = self.logits_parallel(self.ln_f(self._coda(s, None)))
+                losses.append(vocab_parallel_cross_entropy(logits_parallel, safe_labels))
+                lambdas.append(self.exit_gate(s))
+            loss = expected_exit_loss(torch.stack(losses), torch.stack(lambdas), keep, self.exit_entropy_beta,
+                                      loop_depths)
+        else:
+            hidden = self.hidden_states(input_ids, num_loops=num_loops, kv_cache=kv_cache,
+                                        backprop_loops=backprop_loops, loop_depths=loop_depths,
+                                        state_generator=state_generator)
+            logits_parallel = self.logits_parallel(hidden)
+        if labels is not None and loss is None:
+            per_token = vocab_parallel_cross_entropy(logits_parallel, safe_labels)
             loss = (per_token * keep).sum() / keep.sum().clamp(min=1)
         if return_logits is None:
             return_logits = labels is None

@@ -28,6 +28,8 @@ Per-call depth controls (all keyword arguments of forward, defaults = the fixed-
                      (s_{t+1} = s_t) after its own r_b, by masking the update, so each row equals that row
                      run alone at depth r_b.
   state_generator    a torch.Generator for a 'random' initial state (also in eval mode).
+Per-position exits at inference (`adaptive`, criteria none|kl|entropy|gate) and the KV rule they follow
+live in model/exit.py.
 
 This module is the one place that knows about iterations, gates, inner loops, injection and activation
 checkpointing.
@@ -35,7 +37,7 @@ checkpointing.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -44,6 +46,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .block import Block
+from .exit import ExitRule, ExitStats, adaptive_loop
 from .kv_cache import KVCache
 
 
@@ -164,8 +167,10 @@ class LoopStack(nn.Module):
 
     def forward(self, x: torch.Tensor, num_loops: Optional[int] = None, kv_cache: Optional[KVCache] = None, *,
                 backprop_loops: Optional[int] = None, loop_depths: Optional[torch.Tensor] = None,
-                state_generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Run the loop on the prelude output `x` (= e) and return the final state s_r."""
+                state_generator: Optional[torch.Generator] = None,
+                states: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """Run the loop on the prelude output `x` (= e) and return the final state s_r. `states`, when
+        given, receives s_1..s_r (the exit gate's training loss reads every iteration's state)."""
         e = x if self.injection_kind != "none" else None
         if loop_depths is not None:
             loop_depths = loop_depths.to(device=x.device, dtype=torch.long).view(-1)
@@ -201,4 +206,13 @@ class LoopStack(nn.Module):
                 if loop_depths is not None:  # rows past their depth keep their state: mask the update
                     s_next = torch.where((loop_depths > n).view(-1, 1, 1), s_next, s)
             s = s_next
+            if states is not None:
+                states.append(s)
         return s
+
+    def adaptive(self, x: torch.Tensor, num_loops: Optional[int], kv_cache: Optional[KVCache], rule: ExitRule,
+                 readout=None, gate=None, stats: Optional[ExitStats] = None,
+                 state_generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Inference with per-position exits (model/exit.py: the criteria and the KV rule)."""
+        return adaptive_loop(self, x, num_loops or self.num_loops, kv_cache, rule, readout, gate, stats,
+                             state_generator)

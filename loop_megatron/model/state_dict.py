@@ -56,7 +56,9 @@ def load_full_state_dict(model: nn.Module, full: Dict[str, torch.Tensor], strict
     """Load a TP=1 state dict into a (possibly TP-sharded) model, keeping this rank's shard."""
     params = dict(model.named_parameters())
     own = model.state_dict()
-    missing = [k for k in own if k not in full]
+    # A checkpoint without an exit gate loads into a model with one (the gate-only training stage starts
+    # from a model that never had a gate): the gate keeps its initialisation.
+    missing = [k for k in own if k not in full and not k.startswith("exit_gate.")]
     unexpected = [k for k in full if k not in own]
     if strict and (missing or unexpected):
         raise KeyError(f"state dict does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}.")
@@ -68,4 +70,4 @@ def load_full_state_dict(model: nn.Module, full: Dict[str, torch.Tensor], strict
         if tuple(t.shape) != tuple(target.shape):
             raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} does not match the model's {tuple(target.shape)}.")
         local[name] = t.to(dtype=target.dtype)
-    model.load_state_dict(local, strict=strict)
+    model.load_state_dict(local, strict=strict and not any(k.startswith("exit_gate.") and k not in full for k in own))

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from .. import checkpoint
 from ..config import Config, save_yaml
 from ..model import LoopGPT, load_full_state_dict, model_summary
+from ..model.exit import configure_exit_training
 from ..parallel import (destroy_model_parallel, get_data_parallel_group, get_data_parallel_rank,
                         get_data_parallel_world_size, initialize_model_parallel, set_seed)
 from ..utils.distributed import rank, world_size
@@ -196,6 +197,8 @@ class Trainer:
             # Before deepspeed.initialize: every rank keeps its TP shard, ZeRO then partitions as usual.
             load_full_state_dict(model, torch.load(self.checks["init_from"], map_location="cpu", weights_only=True))
             self.log.print(f"initialised weights from {self.checks['init_from']}")
+        configure_exit_training(model, cfg.training.exit_entropy_beta,
+                                cfg.training.train_exit_gate_only)  # freezes before the optimizer is built
         resume = self.checks["resume"]
         if resume is not None and resume.mode == "universal":  # another layout: masters before ZeRO partitions
             checkpoint.load_universal_weights(model, os.path.join(cfg.training.load, resume.tag))

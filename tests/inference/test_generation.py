@@ -131,3 +131,24 @@ def test_generate_tool_prints_prompt_and_continuation(tmp_path, capsys):
     assert printed == prompt + tok.decode(new)
     assert main(["--load", save, "--prompt", prompt, "--loops", "0"]) == 1
     assert capsys.readouterr().err.strip() == "generate.py: error: --loops must be >= 1, got 0."
+
+
+def test_generate_tool_with_exits_shows_iterations(tmp_path, capsys):
+    from loop_megatron.data.tokenizer import GPT2Tokenizer
+    from loop_megatron.inference.generation import iteration_strip
+
+    assert iteration_strip([1, 2, 4, 8], 8) == "▁▂▄█"
+    save, model = make_checkpoint(tmp_path, tiny_config(num_loops=3))
+    main = tool_main("generate")
+    prompt = "The state of the Union"
+    assert main(["--load", save, "--prompt", prompt, "--max-new-tokens", "6", "--temperature", "0",
+                 "--exit-criterion", "kl", "--exit-threshold", "1e9", "--max-loops", "5", "--show-iterations"]) == 0
+    lines = capsys.readouterr().out.rstrip("\n").split("\n")
+    tok = GPT2Tokenizer()
+    ids = tok.encode(prompt)
+    out, counts = generate(model, ids, max_new_tokens=6, temperature=0, eos_token_id=tok.eod, num_loops=5,
+                           exit_criterion="kl", exit_threshold=1e9, return_iterations=True)
+    assert counts.unique().tolist() == [2]  # kl can first stop after iteration 2, and a huge threshold always does
+    assert lines[0] == prompt + tok.decode(out[0, len(ids):].tolist())
+    assert lines[1].startswith("iterations per token (cap 5, mean 2.00): ") and " | " in lines[1]
+    assert lines[2].split(" ")[0] == f"{tok.decode([ids[0]])!r}:2"
