@@ -25,8 +25,8 @@ class LoopGPT(nn.Module):
     that are not IGNORE_INDEX (None without labels); `logits` are the full-vocabulary logits (gathered
     over TP ranks, vocab padding removed), returned when no labels are given or `return_logits=True`.
     The loop's depth is chosen per call (see model/loop.py): `num_loops` (r), `backprop_loops` (k, truncated
-    backprop), `loop_depths` (a LongTensor [batch] of per-row depths) and `state_generator` (a random
-    initial state outside training).
+    backprop), `loop_depths` (a LongTensor [batch] of per-row depths), `no_grad_loops` (a common start of
+    the graph across data-parallel ranks) and `state_generator` (a random initial state outside training).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -54,7 +54,8 @@ class LoopGPT(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, num_loops: Optional[int] = None,
                       kv_cache: Optional[KVCache] = None, *, backprop_loops: Optional[int] = None,
                       loop_depths: Optional[torch.Tensor] = None,
-                      state_generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                      state_generator: Optional[torch.Generator] = None,
+                      no_grad_loops: Optional[int] = None) -> torch.Tensor:
         """Final-LayerNorm hidden states [batch, seq, hidden]."""
         T = input_ids.shape[1]
         offset = 0
@@ -70,7 +71,7 @@ class LoopGPT(nn.Module):
         for block in self.prelude:
             x = block(x, kv_cache)
         x = self.loop(x, num_loops=num_loops, kv_cache=kv_cache, backprop_loops=backprop_loops,
-                      loop_depths=loop_depths, state_generator=state_generator)
+                      loop_depths=loop_depths, state_generator=state_generator, no_grad_loops=no_grad_loops)
         for block in self.coda:
             x = block(x, kv_cache)
         if kv_cache is not None:
@@ -91,9 +92,11 @@ class LoopGPT(nn.Module):
                 num_loops: Optional[int] = None, kv_cache: Optional[KVCache] = None,
                 return_logits: Optional[bool] = None, backprop_loops: Optional[int] = None,
                 loop_depths: Optional[torch.Tensor] = None,
-                state_generator: Optional[torch.Generator] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                state_generator: Optional[torch.Generator] = None,
+                no_grad_loops: Optional[int] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         hidden = self.hidden_states(input_ids, num_loops=num_loops, kv_cache=kv_cache, backprop_loops=backprop_loops,
-                                    loop_depths=loop_depths, state_generator=state_generator)
+                                    loop_depths=loop_depths, state_generator=state_generator,
+                                    no_grad_loops=no_grad_loops)
         logits_parallel = self.logits_parallel(hidden)
         loss = None
         if labels is not None:

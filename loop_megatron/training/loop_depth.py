@@ -82,10 +82,16 @@ class StepDepth:
     num_loops: int
     backprop_loops: int = 0
     loop_depths: Optional[torch.Tensor] = None
+    no_grad_loops: Optional[int] = None
+    """Per-sequence with k: the leading iterations every DP rank runs without a graph (from the whole
+    micro-step's shallowest row), so ZeRO-3's backward gathers line up across ranks."""
 
     def forward_kwargs(self) -> dict:
-        return {"num_loops": self.num_loops, "backprop_loops": self.backprop_loops or None,
-                "loop_depths": self.loop_depths}
+        kwargs = {"num_loops": self.num_loops, "backprop_loops": self.backprop_loops or None,
+                  "loop_depths": self.loop_depths}
+        if self.no_grad_loops is not None:
+            kwargs["no_grad_loops"] = self.no_grad_loops
+        return kwargs
 
 
 class LoopDepthSampler:
@@ -154,7 +160,7 @@ class LoopDepthSampler:
             return StepDepth(self.step_loops(iteration, micro_batch), k)
         every = self.sample_loops(iteration, torch.arange(first_sample, first_sample + micro_batch_size * dp_size))
         mine = every[dp_rank * micro_batch_size:(dp_rank + 1) * micro_batch_size]
-        return StepDepth(int(every.max()), k, mine)
+        return StepDepth(int(every.max()), k, mine, max(int(every.min()) - k, 0) if k else None)
 
     def eval_loops(self, iteration: Optional[int] = None) -> int:
         """Depth for evaluation: training.eval_loops, else the level (at `iteration`, default the end of
