@@ -26,8 +26,8 @@ class LoopGPT(nn.Module):
     that are not IGNORE_INDEX (None without labels); `logits` are the full-vocabulary logits (gathered
     over TP ranks, vocab padding removed), returned when no labels are given or `return_logits=True`.
     The loop's depth is chosen per call (see model/loop.py): `num_loops` (r), `backprop_loops` (k, truncated
-    backprop), `loop_depths` (a LongTensor [batch] of per-row depths) and `state_generator` (a random
-    initial state outside training). At inference `exit_criterion` (none|kl|entropy|gate) and
+    backprop), `loop_depths` (a LongTensor [batch] of per-row depths), `no_grad_loops` (a common start of
+    the graph across data-parallel ranks) and `state_generator` (a random initial state outside training). At inference `exit_criterion` (none|kl|entropy|gate) and
     `exit_threshold` stop each position separately (model/exit.py: criteria and the KV rule), `num_loops`
     being the cap; an `ExitStats` passed as `exit_stats` receives the iterations each position used. With
     `model.exit_gate` and labels in training the loss is the gate's expected loss over the exit distribution.
@@ -84,11 +84,13 @@ class LoopGPT(nn.Module):
                       kv_cache: Optional[KVCache] = None, *, backprop_loops: Optional[int] = None,
                       loop_depths: Optional[torch.Tensor] = None,
                       state_generator: Optional[torch.Generator] = None,
-                      states: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+                      states: Optional[List[torch.Tensor]] = None,
+                      no_grad_loops: Optional[int] = None) -> torch.Tensor:
         """Final-LayerNorm hidden states [batch, seq, hidden] (fixed depth)."""
         x = self._embed(input_ids, kv_cache)
         x = self.loop(x, num_loops=num_loops, kv_cache=kv_cache, backprop_loops=backprop_loops,
-                      loop_depths=loop_depths, state_generator=state_generator, states=states)
+                      loop_depths=loop_depths, state_generator=state_generator, states=states,
+                      no_grad_loops=no_grad_loops)
         x = self._coda(x, kv_cache)
         if kv_cache is not None:
             kv_cache.end(input_ids.shape[1])
@@ -137,7 +139,8 @@ class LoopGPT(nn.Module):
                 loop_depths: Optional[torch.Tensor] = None,
                 state_generator: Optional[torch.Generator] = None, exit_criterion: Optional[str] = None,
                 exit_threshold: Optional[float] = None,
-                exit_stats: Optional[ExitStats] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                exit_stats: Optional[ExitStats] = None,
+                no_grad_loops: Optional[int] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         rule = self.exit_rule(exit_criterion, exit_threshold)
         keep = None if labels is None else labels != IGNORE_INDEX
         safe_labels = None if labels is None else labels.masked_fill(~keep, 0)
@@ -150,7 +153,8 @@ class LoopGPT(nn.Module):
             # The exit gate's objective: the expected loss over the exit distribution (model/exit.py).
             states: List[torch.Tensor] = []
             self.hidden_states(input_ids, num_loops=num_loops, kv_cache=kv_cache, backprop_loops=backprop_loops,
-                               loop_depths=loop_depths, state_generator=state_generator, states=states)
+                               loop_depths=loop_depths, state_generator=state_generator, states=states,
+                               no_grad_loops=no_grad_loops)
             losses, lambdas = [], []
             for s in states:
                 logits_parallel = self.logits_parallel(self.ln_f(self._coda(s, None)))
@@ -161,7 +165,7 @@ class LoopGPT(nn.Module):
         else:
             hidden = self.hidden_states(input_ids, num_loops=num_loops, kv_cache=kv_cache,
                                         backprop_loops=backprop_loops, loop_depths=loop_depths,
-                                        state_generator=state_generator)
+                                        state_generator=state_generator, no_grad_loops=no_grad_loops)
             logits_parallel = self.logits_parallel(hidden)
         if labels is not None and loss is None:
             per_token = vocab_parallel_cross_entropy(logits_parallel, safe_labels)

@@ -28,6 +28,12 @@ Per-call depth controls (all keyword arguments of forward, defaults = the fixed-
                      (s_{t+1} = s_t) after its own r_b, by masking the update, so each row equals that row
                      run alone at depth r_b.
   state_generator    a torch.Generator for a 'random' initial state (also in eval mode).
+  no_grad_loops      with k and loop_depths: run at most this many leading iterations under no_grad (the
+                     default is max(min(loop_depths) - k, 0), which depends on this rank's rows). Under
+                     ZeRO-3 every data-parallel rank must build its graph over the same iterations (the
+                     backward gathers parameters collectively per module call), so the trainer passes the
+                     value of the whole micro-step. Gradients do not change: each row is still cut where
+                     its own last k iterations begin.
 Per-position exits at inference (`adaptive`, criteria none|kl|entropy|gate) and the KV rule they follow
 live in model/exit.py.
 
@@ -168,7 +174,8 @@ class LoopStack(nn.Module):
     def forward(self, x: torch.Tensor, num_loops: Optional[int] = None, kv_cache: Optional[KVCache] = None, *,
                 backprop_loops: Optional[int] = None, loop_depths: Optional[torch.Tensor] = None,
                 state_generator: Optional[torch.Generator] = None,
-                states: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+                states: Optional[List[torch.Tensor]] = None,
+                no_grad_loops: Optional[int] = None) -> torch.Tensor:
         """Run the loop on the prelude output `x` (= e) and return the final state s_r. `states`, when
         given, receives s_1..s_r (the exit gate's training loss reads every iteration's state)."""
         e = x if self.injection_kind != "none" else None
@@ -194,6 +201,8 @@ class LoopStack(nn.Module):
         else:
             row_starts = (loop_depths - k).clamp(min=0)  # where row b's last k iterations begin
             first_graph = max(shallowest - k, 0)
+            if no_grad_loops is not None:
+                first_graph = max(0, min(first_graph, int(no_grad_loops)))
         for n in range(r):
             # Truncated backprop: iterations before first_graph run under no_grad, so the state leaving
             # them carries no graph and nothing before first_graph gets gradient.

@@ -29,11 +29,13 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
-from ..config import Config, parse_loop_schedule
+from ..config import Config, ModelConfig, parse_loop_schedule
+from ..model.stats import flops_per_token
+from .data import micro_batch_indices
 
 LOGNORMAL_SIGMA = 0.5  # Huginn's sigma
 
@@ -80,10 +82,16 @@ class StepDepth:
     num_loops: int
     backprop_loops: int = 0
     loop_depths: Optional[torch.Tensor] = None
+    no_grad_loops: Optional[int] = None
+    """Per-sequence with k: the leading iterations every DP rank runs without a graph (from the whole
+    micro-step's shallowest row), so ZeRO-3's backward gathers line up across ranks."""
 
     def forward_kwargs(self) -> dict:
-        return {"num_loops": self.num_loops, "backprop_loops": self.backprop_loops or None,
-                "loop_depths": self.loop_depths}
+        kwargs = {"num_loops": self.num_loops, "backprop_loops": self.backprop_loops or None,
+                  "loop_depths": self.loop_depths}
+        if self.no_grad_loops is not None:
+            kwargs["no_grad_loops"] = self.no_grad_loops
+        return kwargs
 
 
 class LoopDepthSampler:
@@ -152,7 +160,7 @@ class LoopDepthSampler:
             return StepDepth(self.step_loops(iteration, micro_batch), k)
         every = self.sample_loops(iteration, torch.arange(first_sample, first_sample + micro_batch_size * dp_size))
         mine = every[dp_rank * micro_batch_size:(dp_rank + 1) * micro_batch_size]
-        return StepDepth(int(every.max()), k, mine)
+        return StepDepth(int(every.max()), k, mine, max(int(every.min()) - k, 0) if k else None)
 
     def eval_loops(self, iteration: Optional[int] = None) -> int:
         """Depth for evaluation: training.eval_loops, else the level (at `iteration`, default the end of
@@ -165,6 +173,33 @@ class LoopDepthSampler:
         return self._cap(_round(level))
 
 
+def depth_is_varied(cfg: Config) -> bool:
+    """Whether the depth can differ from model.num_loops between steps (sampling or a schedule): then the
+    trainer logs `train/loops`."""
+    t = cfg.training
+    return t.loop_sampling != "fixed" or bool(t.loop_schedule.strip()) or t.loop_sampling_per_sequence
+
+
+def step_depths(sampler: LoopDepthSampler, iteration: int, accum: int, global_batch: int,
+                micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1) -> List[StepDepth]:
+    """The StepDepth of each of the `accum` micro-batches of optimizer step `iteration` on `dp_rank`.
+
+    Samples are laid out as training/data.py's TrainBatchSampler consumes them: step `iteration` starts
+    at consumed = iteration * global_batch and micro-step m covers the next micro_batch_size * dp_size
+    samples, DP rank d holding the d-th run of micro_batch_size of them."""
+    consumed = iteration * global_batch
+    return [sampler.micro_step_depths(iteration, m, micro_batch_indices(consumed, micro_batch_size, dp_size, 0, m)[0],
+                                      micro_batch_size, dp_rank, dp_size)
+            for m in range(accum)]
+
+
+def step_flops_per_token(model_cfg: ModelConfig, seq_length: int, depths: List[StepDepth]) -> float:
+    """Training FLOPs per token of a step whose micro-batches ran `depths` (forward over each r, backward
+    over each k), averaged over the micro-batches (they hold the same number of tokens)."""
+    counts = [loop_flop_counts(d.num_loops, d.backprop_loops) for d in depths]
+    return sum(flops_per_token(model_cfg, seq_length, True, loops=r, backprop_loops=k) for r, k in counts) / len(counts)
+
+
 def loop_flop_counts(num_loops: int, backprop_loops: int = 0) -> Tuple[int, int]:
     """(forward iterations r, backward iterations k) of a step; pass them to
     `model.flops_per_token(cfg, T, loops=r, backprop_loops=k)` for the FLOPs actually run."""
@@ -173,4 +208,5 @@ def loop_flop_counts(num_loops: int, backprop_loops: int = 0) -> Tuple[int, int]
     return r, k
 
 
-__all__ = ["LOGNORMAL_SIGMA", "LoopDepthSampler", "LoopSchedule", "StepDepth", "loop_flop_counts"]
+__all__ = ["LOGNORMAL_SIGMA", "LoopDepthSampler", "LoopSchedule", "StepDepth", "depth_is_varied", "loop_flop_counts",
+           "step_depths", "step_flops_per_token"]

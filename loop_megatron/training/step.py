@@ -11,7 +11,7 @@ once, no host sync), so the norm costs nothing extra and is the one the update u
 """
 from __future__ import annotations
 
-from typing import Iterator, List, NamedTuple, Optional
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -67,8 +67,12 @@ class StepStats(NamedTuple):
 
 
 def train_step(engine, batches: Iterator[torch.Tensor], accum: int, device: torch.device,
-               clipper: Optional[FusedClipper] = None, stop_requested: bool = False) -> StepStats:
+               clipper: Optional[FusedClipper] = None, stop_requested: bool = False,
+               forward_kwargs: Optional[Sequence[Dict[str, Any]]] = None) -> StepStats:
     """Forward/backward `accum` micro-batches from `batches` and take one optimizer step.
+
+    `forward_kwargs` (one dict per micro-batch, e.g. a sampled loop depth from
+    `training.loop_depth.StepDepth.forward_kwargs()`) go to the model's forward; None = the plain call.
 
     The losses stay on the device; after the step one all-reduce carries the loss sum and the stop flag,
     and one host transfer brings loss, grad norm and flag back together: one host sync per step.
@@ -77,7 +81,7 @@ def train_step(engine, batches: Iterator[torch.Tensor], accum: int, device: torc
     norm = None
     for m in range(accum):
         x, y = split_inputs(next(batches), device)
-        _, loss = engine(x, labels=y)
+        _, loss = engine(x, labels=y, **(forward_kwargs[m] if forward_kwargs is not None else {}))
         engine.backward(loss)
         if clipper is not None and m == accum - 1:
             norm = clipper(device)

@@ -41,6 +41,7 @@ from .distributed import device as current_device
 from .distributed import env_world_size, init_distributed
 from .ds_config import adopt_ds_file_settings, resolve_precision
 from .engine import build_engine
+from .loop_depth import LoopDepthSampler, depth_is_varied, step_depths, step_flops_per_token
 from .monitor import RunLogger, Throughput, peak_flops_per_device, progress_line, write_summary
 from .optim import lr_at
 from .signals import StopRequest
@@ -71,6 +72,10 @@ class StepResult:
     grad_norm: Optional[float]
     stop: bool
     """A stop signal arrived on some rank: save and return after this step."""
+    loops: Optional[float] = None
+    """Mean loop count r the step's micro-batches ran (the sampled / scheduled depth)."""
+    flops_per_token: Optional[float] = None
+    """Training FLOPs per token of what ran (forward over r, backward over the last k iterations)."""
 
 
 class Trainer:
@@ -86,6 +91,8 @@ class Trainer:
         self.start_consumed = 0  # samples consumed before start_iteration (resumed)
         self.stopped = False
         self.window = Throughput()
+        self.window_flops: List[float] = []  # per-step FLOPs/token and loop counts since the last progress line
+        self.window_loops: List[float] = []
         self.last_window_losses: collections.deque = collections.deque(maxlen=max(1, cfg.training.log_interval))
         self.step_times: List[float] = []
         self.records: List[Dict[str, Any]] = []
@@ -127,10 +134,23 @@ class Trainer:
         """One optimizer step: forward/backward/step per micro-batch (DeepSpeed applies the update at the
         accumulation boundary), then one all-reduce for the DP-mean loss and the stop flag."""
         lr = lr_at(iteration, self.cfg.training)
+        # The loop depth of each micro-batch: a pure function of (seed, iteration, sample index), so every
+        # TP/DP/ZeRO rank agrees without communication and a resumed run replays it (training/loop_depth.py).
+        depths = step_depths(self.depth_sampler, iteration, len(micro_batches), self.global_batch,
+                             self.cfg.training.micro_batch_size, self.dp_rank, self.dp)
         # One host sync per step: loss, grad norm and the stop flag come back together (training/step.py).
         stats = train_step(self.engine, iter(micro_batches), len(micro_batches), self.device, self.clipper,
-                           self.stop.requested)
-        return StepResult(loss=stats.loss, lr=lr, grad_norm=stats.grad_norm, stop=stats.stop)
+                           self.stop.requested, forward_kwargs=[d.forward_kwargs() for d in depths])
+        return StepResult(loss=stats.loss, lr=lr, grad_norm=stats.grad_norm, stop=stats.stop,
+                          loops=sum(d.num_loops for d in depths) / len(depths),
+                          flops_per_token=step_flops_per_token(self.cfg.model, self.seq, depths))
+
+    @property
+    def depth_sampler(self) -> LoopDepthSampler:
+        """The training loop-depth sampler (training.loop_sampling / loop_schedule / backprop_loops)."""
+        if getattr(self, "_depth_sampler", None) is None:
+            self._depth_sampler = LoopDepthSampler(self.cfg)
+        return self._depth_sampler
 
     def evaluate(self) -> Dict[str, float]:
         """Mean loss on every named validation set at the current iteration, logged and remembered."""
@@ -255,7 +275,7 @@ class Trainer:
         for tokens in loader(dataset, EvalBatchSampler(t.eval_iters, t.micro_batch_size, self.dp, self.dp_rank),
                              self.cfg.data.num_workers, generator=gen):
             x, y = split_inputs(tokens, self.device)
-            _, loss = self.engine(x, labels=y)
+            _, loss = self.engine(x, labels=y, num_loops=self.depth_sampler.eval_loops())  # --eval-loops
             total[0] += loss.detach().double()
             total[1] += 1
         self.engine.train()
@@ -281,10 +301,16 @@ class Trainer:
         self.window.add(step.loss, step_time, step.grad_norm)
         self.last_window_losses.append(step.loss)
         tokens_seen = self.consumed_samples() * self.seq
-        self.log.scalars(self.iteration, {"train/loss": step.loss, "train/lr": step.lr,
-                                          "train/grad_norm": step.grad_norm, "train/tokens_seen": tokens_seen})
+        scalars = {"train/loss": step.loss, "train/lr": step.lr, "train/grad_norm": step.grad_norm,
+                   "train/tokens_seen": tokens_seen}
         record = {"iteration": self.iteration, "loss": step.loss, "lr": step.lr, "grad_norm": step.grad_norm,
                   "step_time": step_time, "tokens_seen": tokens_seen}
+        if step.flops_per_token is not None:
+            self.window_flops.append(step.flops_per_token)
+        if step.loops is not None and depth_is_varied(self.cfg):
+            scalars["train/loops"] = record["loops"] = step.loops
+            self.window_loops.append(step.loops)
+        self.log.scalars(self.iteration, scalars)
         self.records.append(record)
         self.log.record(record)
         if t.log_interval > 0 and (self._every(t.log_interval) or self.iteration == t.train_iters or step.stop):
@@ -296,8 +322,11 @@ class Trainer:
         t = self.cfg.training
         mean_time = self.window.mean_step_time()
         tokens_per_sec = self.global_batch * self.seq / mean_time
-        mfu = (self.model_info["flops_per_token"] * tokens_per_sec / (self.peak_flops * world_size())
-               if self.peak_flops else None)
+        # FLOPs of what ran: the window's steps hold equal tokens, so the mean per-token FLOPs over them
+        # times tokens/s is the window's FLOP rate (a sampled depth changes it step by step).
+        flops = (sum(self.window_flops) / len(self.window_flops) if self.window_flops
+                 else self.model_info["flops_per_token"])
+        mfu = flops * tokens_per_sec / (self.peak_flops * world_size()) if self.peak_flops else None
         scalars = {"train/tokens_per_sec": tokens_per_sec, "train/step_time": mean_time}
         if mfu is not None:
             scalars["train/mfu"] = mfu
@@ -307,11 +336,15 @@ class Trainer:
         self.log.scalars(self.iteration, scalars)
         eta = (t.train_iters - self.iteration) * self._mean_step_time()
         grad_norms = self.window.grad_norms
-        self.log.print(progress_line(self.iteration, t.train_iters, self.window.mean_loss(), lr,
-                                     (sum(grad_norms) / len(grad_norms)) if grad_norms else None,
-                                     tokens_per_sec, mean_time, mfu, eta))
+        line = progress_line(self.iteration, t.train_iters, self.window.mean_loss(), lr,
+                             (sum(grad_norms) / len(grad_norms)) if grad_norms else None,
+                             tokens_per_sec, mean_time, mfu, eta)
+        if self.window_loops:
+            line += f" | loops {sum(self.window_loops) / len(self.window_loops):.2f}"
+        self.log.print(line)
         self.log.flush()
         self.window.reset()
+        self.window_flops, self.window_loops = [], []
 
     def log_eval(self, name: str, loss: float) -> None:
         it = self.iteration
