@@ -9,6 +9,7 @@ The trainer, tools/ and hf/ use this package; it depends only on config, model a
 from .compat import SHAPE_FIELDS, check_compatible, check_same_shape, find_init_from, find_resume
 from .engine import consolidated_state_dict, load_engine_checkpoint, save_engine_checkpoint
 from .io import load_checkpoint, load_model, resolve_checkpoint, save_checkpoint_files
+from .tokenizer import load_tokenizer, save_tokenizer, tokenizer_for
 from .layout import (FORMAT, LATEST_FILE, META_FILE, MODEL_FILE, VERSION, CheckpointError, list_checkpoints,
                      list_tags, prune, read_latest, read_meta, tag_for)
 
@@ -16,4 +17,4 @@ __all__ = ["CheckpointError", "FORMAT", "LATEST_FILE", "META_FILE", "MODEL_FILE"
            "check_compatible", "check_same_shape", "consolidated_state_dict", "find_init_from", "find_resume",
            "list_checkpoints", "list_tags", "load_checkpoint", "load_engine_checkpoint", "load_model", "prune",
            "read_latest", "read_meta", "resolve_checkpoint", "save_checkpoint_files", "save_engine_checkpoint",
-           "tag_for"]
+           "tag_for", "load_tokenizer", "save_tokenizer", "tokenizer_for"]

@@ -22,7 +22,8 @@ class LoopGPT(nn.Module):
     """GPT-2 (pre-LN, GELU, learned positions, tied embeddings) whose middle is a LoopStack.
 
     forward(input_ids, labels) returns (logits, loss): `loss` is the mean token cross-entropy over labels
-    that are not IGNORE_INDEX (None without labels); `logits` are the full-vocabulary logits (gathered
+    that are not IGNORE_INDEX (None without labels), or with `loss_reduction="none"` the per-token
+    cross-entropy [B, T] (0 at ignored labels; evaluation sums it for bits per byte); `logits` are the full-vocabulary logits (gathered
     over TP ranks, vocab padding removed), returned when no labels are given or `return_logits=True`.
     The loop's depth is chosen per call (see model/loop.py): `num_loops` (r), `backprop_loops` (k, truncated
     backprop), `loop_depths` (a LongTensor [batch] of per-row depths) and `state_generator` (a random
@@ -91,7 +92,8 @@ class LoopGPT(nn.Module):
                 num_loops: Optional[int] = None, kv_cache: Optional[KVCache] = None,
                 return_logits: Optional[bool] = None, backprop_loops: Optional[int] = None,
                 loop_depths: Optional[torch.Tensor] = None,
-                state_generator: Optional[torch.Generator] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                state_generator: Optional[torch.Generator] = None,
+                loss_reduction: str = "mean") -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         hidden = self.hidden_states(input_ids, num_loops=num_loops, kv_cache=kv_cache, backprop_loops=backprop_loops,
                                     loop_depths=loop_depths, state_generator=state_generator)
         logits_parallel = self.logits_parallel(hidden)
@@ -99,7 +101,11 @@ class LoopGPT(nn.Module):
         if labels is not None:
             keep = labels != IGNORE_INDEX
             per_token = vocab_parallel_cross_entropy(logits_parallel, labels.masked_fill(~keep, 0))
-            loss = (per_token * keep).sum() / keep.sum().clamp(min=1)
+            loss = per_token * keep
+            if loss_reduction == "mean":
+                loss = loss.sum() / keep.sum().clamp(min=1)
+            elif loss_reduction != "none":
+                raise ValueError(f"loss_reduction must be 'mean' or 'none', got {loss_reduction!r}")
         if return_logits is None:
             return_logits = labels is None
         logits = gather_from_tp_region(logits_parallel)[..., :self.cfg.vocab_size] if return_logits else None
