@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Held-out loss and perplexity of a loop_megatron checkpoint, optionally versus the number of loops.
+"""Held-out loss, perplexity and bits per byte of a loop_megatron checkpoint, optionally versus the number
+of loops, on the valid/test split of --data-path or on named sets (--valid-data-path NAME=PREFIX ...).
+Bits per byte use the checkpoint's tokenizer (override with --tokenizer-type/--tokenizer-model).
 
 Examples:
   python tools/evaluate.py --load checkpoints/loop-81m --data-path data/sotu_text_document
   python tools/evaluate.py --load checkpoints/loop-81m --data-path data/sotu_text_document \\
       --eval-split test --loops 1 2 4 6 8 --json results/loops.json
+  python tools/evaluate.py --load checkpoints/tok8k --valid-data-path kjv=data/corpus8k/kjv_text_document \
+      sotu=data/corpus8k/sotu_text_document --eval-iters 20
 """
 import argparse
 import os
@@ -19,8 +23,15 @@ def parse_args(argv=None):
                                 epilog="Examples:" + __doc__.split("Examples:", 1)[1])
     p.add_argument("--load", required=True, metavar="CKPT_DIR", help="checkpoint: the --save folder or a tag folder.")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: 'latest').")
-    p.add_argument("--data-path", nargs="+", required=True,
+    p.add_argument("--data-path", nargs="+", default=None,
                    help="indexed-dataset prefix(es) without .bin/.idx, optionally weighted: 0.7 a 0.3 b.")
+    p.add_argument("--valid-data-path", nargs="+", default=None, metavar="NAME=PREFIX",
+                   help="named validation sets, each used whole and reported separately (instead of --data-path).")
+    p.add_argument("--test-data-path", nargs="+", default=None, metavar="NAME=PREFIX",
+                   help="named test sets (with --eval-split test).")
+    p.add_argument("--tokenizer-type", default=None, choices=("GPT2BPETokenizer", "HuggingFaceTokenizer"),
+                   help="tokenizer for bits per byte (default: the checkpoint's).")
+    p.add_argument("--tokenizer-model", default=None, help="HuggingFaceTokenizer: a tokenizer.json or its folder.")
     p.add_argument("--split", default="949,50,1", help="train,valid,test proportions by document (default 949,50,1).")
     p.add_argument("--eval-split", choices=("valid", "test"), default="valid", help="split to evaluate (default valid).")
     p.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the checkpoint's).")
@@ -46,26 +57,39 @@ def main(argv=None) -> int:
     from loop_megatron.inference.evaluation import evaluate_checkpoint, markdown_table, write_json
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    named = args.test_data_path if args.eval_split == "test" else args.valid_data_path
     try:
-        results, meta = evaluate_checkpoint(args.load, args.data_path, split=args.split, eval_split=args.eval_split,
-                                      seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-                                      eval_iters=args.eval_iters, loops=args.loops, tag=args.tag, seed=args.seed,
-                                      cache_dir=args.data_cache_path, device=device)
+        if args.data_path and named:
+            raise ValueError(f"pass either --data-path or --{args.eval_split}-data-path, not both.")
+        if not args.data_path and not named:
+            raise ValueError(f"pass --data-path (with --split) or --{args.eval_split}-data-path NAME=PREFIX ...")
+        tokenizer = None
+        if args.tokenizer_type or args.tokenizer_model:
+            from loop_megatron.checkpoint import resolve_checkpoint, tokenizer_for
+
+            tokenizer = tokenizer_for(resolve_checkpoint(args.load, args.tag), None, args.tokenizer_type,
+                                      args.tokenizer_model)
+        results, meta = evaluate_checkpoint(args.load, args.data_path or [], split=args.split,
+                                            eval_split=args.eval_split, seq_length=args.seq_length,
+                                            micro_batch_size=args.micro_batch_size, eval_iters=args.eval_iters,
+                                            loops=args.loops, tag=args.tag, seed=args.seed,
+                                            cache_dir=args.data_cache_path, device=device, named=named,
+                                            tokenizer=tokenizer)
     except (CheckpointError, ConfigError, DataError, ValueError) as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 1
     trained = meta["config"]["model"]["num_loops"]
     if len(results) == 1:
         r = results[0]
-        print(f"{args.eval_split} loss {r.loss:.4f} | perplexity {r.perplexity:.2f} | loops {r.loops} | "
+        print(f"{r.name} loss {r.loss:.4f} | perplexity {r.perplexity:.2f} | bpb {r.bpb:.4f} | loops {r.loops} | "
               f"{r.tokens} tokens in {r.batches} batches")
     else:
-        print(f"{args.eval_split} split of {' '.join(args.data_path)} ({results[0].tokens} tokens per row; "
-              f"* = trained loop count)\n")
+        where = " ".join(named) if named else f"{args.eval_split} split of {' '.join(args.data_path)}"
+        print(f"{where} (* = trained loop count)\n")
         print(markdown_table(results, trained_loops=trained))
     if args.json:
         write_json(results, args.json, checkpoint=meta["path"], iteration=meta.get("iteration"),
-                   data_path=args.data_path, split=args.split, eval_split=args.eval_split,
+                   data_path=args.data_path, named_sets=named, split=args.split, eval_split=args.eval_split,
                    trained_loops=trained)
     return 0
 
