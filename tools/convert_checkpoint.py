@@ -38,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--iteration", type=int, default=0, metavar="N", help="iteration number of the checkpoint written by --from-hf.")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128, metavar="N",
                    help="vocab padding of the checkpoint written by --from-hf (default 128, Megatron's).")
+    p.add_argument("--tokenizer-type", default=None, choices=("GPT2BPETokenizer", "HuggingFaceTokenizer"),
+                   help="tokenizer written into the HF folder (default: the checkpoint's; GPT-2 for old checkpoints).")
+    p.add_argument("--tokenizer-model", default=None, help="HuggingFaceTokenizer: a tokenizer.json or its folder.")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder.")
     return p.parse_args(argv)
 
@@ -54,8 +57,14 @@ def main(argv=None) -> int:
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
         if args.input:
+            tokenizer = None
+            if args.tokenizer_type or args.tokenizer_model:
+                from loop_megatron.checkpoint import resolve_checkpoint, tokenizer_for
+
+                tokenizer = tokenizer_for(resolve_checkpoint(args.input, args.tag), None, args.tokenizer_type,
+                                          args.tokenizer_model)
             fmt = convert_checkpoint_to_hf(args.input, args.output, tag=args.tag, dtype=args.dtype, fmt=args.format,
-                                           overwrite=args.overwrite)
+                                           overwrite=args.overwrite, tokenizer=tokenizer)
             if fmt == "gpt2":
                 print(f"wrote {args.output}: GPT2LMHeadModel (unrolled), "
                       f"load with AutoModelForCausalLM.from_pretrained({args.output!r})")

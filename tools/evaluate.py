@@ -2,6 +2,8 @@
 """Held-out loss, perplexity and bits per byte of a loop_megatron checkpoint, versus test-time compute:
 the number of loops (--loops, fixed depth) and adaptive per-token exit (--exit-criterion, one row per
 --exit-threshold, mean loop iterations per token reported); --plot draws loss against mean iterations.
+Evaluates the valid/test split of --data-path or named sets (--valid-data-path NAME=PREFIX ...), each
+reported separately; bits per byte use the checkpoint's tokenizer (override: --tokenizer-type/-model).
 
 Examples:
   python tools/evaluate.py --load checkpoints/loop-81m --data-path data/sotu_text_document
@@ -9,6 +11,8 @@ Examples:
       --eval-split test --loops 1 2 4 6 8 --json results/loops.json
   python tools/evaluate.py --load checkpoints/tiny-recurrent --data-path data/sotu_text_document \\
       --loops 1 2 4 8 --exit-criterion kl --exit-threshold 1e-3 1e-2 0.1 --max-loops 8 --plot curve.png
+  python tools/evaluate.py --load checkpoints/tok8k --valid-data-path kjv=data/corpus8k/kjv_text_document \\
+      sotu=data/corpus8k/sotu_text_document --eval-iters 20
 """
 import argparse
 import os
@@ -23,8 +27,15 @@ def parse_args(argv=None):
                                 epilog="Examples:" + __doc__.split("Examples:", 1)[1])
     p.add_argument("--load", required=True, metavar="CKPT_DIR", help="checkpoint: the --save folder or a tag folder.")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: 'latest').")
-    p.add_argument("--data-path", nargs="+", required=True,
+    p.add_argument("--data-path", nargs="+", default=None,
                    help="indexed-dataset prefix(es) without .bin/.idx, optionally weighted: 0.7 a 0.3 b.")
+    p.add_argument("--valid-data-path", nargs="+", default=None, metavar="NAME=PREFIX",
+                   help="named validation sets, each used whole and reported separately (instead of --data-path).")
+    p.add_argument("--test-data-path", nargs="+", default=None, metavar="NAME=PREFIX",
+                   help="named test sets (with --eval-split test).")
+    p.add_argument("--tokenizer-type", default=None, choices=("GPT2BPETokenizer", "HuggingFaceTokenizer"),
+                   help="tokenizer for bits per byte (default: the checkpoint's).")
+    p.add_argument("--tokenizer-model", default=None, help="HuggingFaceTokenizer: a tokenizer.json or its folder.")
     p.add_argument("--split", default="949,50,1", help="train,valid,test proportions by document (default 949,50,1).")
     p.add_argument("--eval-split", choices=("valid", "test"), default="valid", help="split to evaluate (default valid).")
     p.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the checkpoint's).")
@@ -61,13 +72,26 @@ def main(argv=None) -> int:
                                                     plot_compute_curve, write_json)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    named = args.test_data_path if args.eval_split == "test" else args.valid_data_path
     try:
-        results, meta = evaluate_checkpoint(args.load, args.data_path, split=args.split, eval_split=args.eval_split,
-                                      seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-                                      eval_iters=args.eval_iters, loops=args.loops, tag=args.tag, seed=args.seed,
-                                      cache_dir=args.data_cache_path, device=device,
-                                      exit_criterion=args.exit_criterion, exit_thresholds=args.exit_threshold,
-                                      max_loops=args.max_loops)
+        if args.data_path and named:
+            raise ValueError(f"pass either --data-path or --{args.eval_split}-data-path, not both.")
+        if not args.data_path and not named:
+            raise ValueError(f"pass --data-path (with --split) or --{args.eval_split}-data-path NAME=PREFIX ...")
+        tokenizer = None
+        if args.tokenizer_type or args.tokenizer_model:
+            from loop_megatron.checkpoint import resolve_checkpoint, tokenizer_for
+
+            tokenizer = tokenizer_for(resolve_checkpoint(args.load, args.tag), None, args.tokenizer_type,
+                                      args.tokenizer_model)
+        results, meta = evaluate_checkpoint(args.load, args.data_path or [], split=args.split,
+                                            eval_split=args.eval_split, seq_length=args.seq_length,
+                                            micro_batch_size=args.micro_batch_size, eval_iters=args.eval_iters,
+                                            loops=args.loops, tag=args.tag, seed=args.seed,
+                                            cache_dir=args.data_cache_path, device=device, named=named,
+                                            exit_criterion=args.exit_criterion,
+                                            exit_thresholds=args.exit_threshold, max_loops=args.max_loops,
+                                            tokenizer=tokenizer)
     except (CheckpointError, ConfigError, DataError, ValueError) as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 1
@@ -76,19 +100,20 @@ def main(argv=None) -> int:
     if len(results) == 1:
         r = results[0]
         bpb = "" if r.bpb is None else f" | bpb {r.bpb:.4f}"
-        print(f"{args.eval_split} loss {r.loss:.4f} | perplexity {r.perplexity:.2f}{bpb} | loops {r.loops} | "
+        print(f"{r.name} loss {r.loss:.4f} | perplexity {r.perplexity:.2f}{bpb} | loops {r.loops} | "
               f"{r.tokens} tokens in {r.batches} batches")
     elif adaptive:
-        print(f"{args.eval_split} split of {' '.join(args.data_path)} ({results[0].tokens} tokens per row; "
+        where = " ".join(named) if named else f"{args.eval_split} split of {' '.join(args.data_path)}"
+        print(f"{where} ({results[0].tokens} tokens per row; "
               f"fixed-depth rows, then {args.exit_criterion} exit per threshold)\n")
         print(exit_table(results))
     else:
-        print(f"{args.eval_split} split of {' '.join(args.data_path)} ({results[0].tokens} tokens per row; "
-              f"* = trained loop count)\n")
+        where = " ".join(named) if named else f"{args.eval_split} split of {' '.join(args.data_path)}"
+        print(f"{where} (* = trained loop count)\n")
         print(markdown_table(results, trained_loops=trained))
     if args.json:
         write_json(results, args.json, checkpoint=meta["path"], iteration=meta.get("iteration"),
-                   data_path=args.data_path, split=args.split, eval_split=args.eval_split,
+                   data_path=args.data_path, named_sets=named, split=args.split, eval_split=args.eval_split,
                    trained_loops=trained)
     plot = args.plot or (args.json.rsplit(".", 1)[0] + ".png" if args.json and adaptive else None)
     if plot:

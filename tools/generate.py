@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Sample text from a loop_megatron checkpoint (GPT-2 tokenizer, KV cache across loop iterations).
+"""Sample text from a loop_megatron checkpoint (its own tokenizer, KV cache across loop iterations).
 
 Examples:
   python tools/generate.py --load checkpoints/loop-81m --prompt "The state of the Union is" --max-new-tokens 50
@@ -39,6 +39,9 @@ def parse_args(argv=None):
                         "(prompt | continuation) and the tokens with their counts.")
     p.add_argument("--num-samples", type=int, default=1, help="independent continuations to print (default 1).")
     p.add_argument("--ignore-eod", action="store_true", help="keep generating after <|endoftext|>.")
+    p.add_argument("--tokenizer-type", default=None, choices=("GPT2BPETokenizer", "HuggingFaceTokenizer"),
+                   help="encode/decode with this tokenizer (default: the checkpoint's; GPT-2 for old checkpoints).")
+    p.add_argument("--tokenizer-model", default=None, help="HuggingFaceTokenizer: a tokenizer.json or its folder.")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
     return p.parse_args(argv)
 
@@ -47,9 +50,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from loop_megatron.checkpoint import CheckpointError, load_model
+    from loop_megatron.checkpoint import CheckpointError, load_model, resolve_checkpoint, tokenizer_for
     from loop_megatron.config import ConfigError
-    from loop_megatron.data.tokenizer import GPT2Tokenizer
     from loop_megatron.inference.generation import generate
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,10 +61,13 @@ def main(argv=None) -> int:
         if args.max_loops is not None and args.max_loops < 1:
             raise ValueError(f"--max-loops must be >= 1, got {args.max_loops}.")
         model = load_model(args.load, args.tag, num_loops=args.max_loops or args.loops, device=device)
-        tok = GPT2Tokenizer()
+        tok = tokenizer_for(resolve_checkpoint(args.load, args.tag), None, args.tokenizer_type, args.tokenizer_model)
         prompt = tok.encode(args.prompt)
         if not prompt:
             raise ValueError("--prompt encodes to no tokens; give some text.")
+        if max(prompt) >= model.cfg.vocab_size:
+            raise ValueError(f"--prompt encodes to token id {max(prompt)}, outside the model's vocabulary of "
+                             f"{model.cfg.vocab_size}; use the tokenizer the model was trained with.")
         for i in range(args.num_samples):
             seed = None if args.seed is None else args.seed + i
             out, counts = generate(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -14,6 +14,7 @@ from .compat import (SHAPE_FIELDS, Resume, check_compatible, check_same_shape, c
                      find_resume, layout_changes, saved_global_batch)
 from .engine import consolidated_state_dict, load_engine_checkpoint, run_layout, save_engine_checkpoint
 from .io import load_checkpoint, load_model, resolve_checkpoint, save_checkpoint_files
+from .tokenizer import load_tokenizer, save_tokenizer, tokenizer_for
 from .layout import (FORMAT, LATEST_FILE, META_FILE, MODEL_FILE, VERSION, CheckpointError, list_checkpoints,
                      list_tags, prune, read_latest, read_meta, tag_for)
 from .universal import (UniversalError, has_universal, load_universal_optimizer, load_universal_weights,
@@ -25,4 +26,4 @@ __all__ = ["CheckpointError", "FORMAT", "LATEST_FILE", "META_FILE", "MODEL_FILE"
            "read_full_state", "run_layout", "saved_global_batch", "consolidated_state_dict", "find_init_from", "find_resume",
            "list_checkpoints", "list_tags", "load_checkpoint", "load_engine_checkpoint", "load_model", "prune",
            "read_latest", "read_meta", "resolve_checkpoint", "save_checkpoint_files", "save_engine_checkpoint",
-           "tag_for"]
+           "tag_for", "load_tokenizer", "save_tokenizer", "tokenizer_for"]

@@ -2,7 +2,8 @@
 
 `save_engine_checkpoint` is called by every rank: each writes its DeepSpeed shards (optimizer, LR
 schedule, client_state with the data position) and its RNG state into `<save>/iter_XXXXXXX.tmp/`; rank 0
-adds the consolidated model.pt and meta.json; once every rank is done rank 0 renames the folder to its
+adds the consolidated model.pt, meta.json (with the tokenizer record) and the
+tokenizer file (checkpoint/tokenizer.py); once every rank is done rank 0 renames the folder to its
 final tag, points `latest` at it and prunes beyond `keep_last`. A folder named iter_XXXXXXX is therefore
 always complete. The save folder must be shared by all nodes (as DeepSpeed's own checkpointing requires).
 `load_engine_checkpoint` restores the engine and this rank's RNG. Every save also writes the
@@ -24,6 +25,14 @@ from ..utils.distributed import barrier, rank, world_size
 from .layout import FORMAT, make_meta, model_path, prune, tag_for, temp_tag, write_latest, write_meta
 from .rng import restore_rng, save_rng
 from .universal import save_universal
+from .tokenizer import save_tokenizer
+
+
+def run_tokenizer(cfg: Config):
+    """The run's tokenizer (cached per process by build_tokenizer; the trainer's preflight loaded it)."""
+    from ..data.tokenizer import build_tokenizer
+
+    return build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model or None)
 
 
 class _MasterWeightsView:
@@ -107,6 +116,7 @@ def save_engine_checkpoint(engine, cfg: Config, iteration: int, consumed_samples
         meta = make_meta(cfg.to_dict(), iteration, consumed_samples, cfg.parallel.tensor_model_parallel_size,
                          cfg.training.zero_stage, world_size())
         meta.update({k: layout[k] for k in ("global_batch_size", "cpu_offload", "precision")}, universal=universal)
+        meta["tokenizer"] = save_tokenizer(tmp_dir, run_tokenizer(cfg), fsync=True)
         write_meta(tmp_dir, meta, fsync=True, trailing_newline=True)
     barrier()
     if rank() == 0:

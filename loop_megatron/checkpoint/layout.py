@@ -7,7 +7,9 @@ Face converter) goes through it::
     <save>/iter_0000100/           tag = f"iter_{iteration:07d}"
         model.pt                   consolidated TP=1 fp32 state dict of LoopGPT (global rank 0)
         meta.json                  {"format": "loop_megatron", "version": 1, "iteration", "consumed_samples",
-                                    "tensor_model_parallel_size", "zero_stage", "world_size", "config"}
+                                    "tensor_model_parallel_size", "zero_stage", "world_size", "config",
+                                    "tokenizer": {type, model, name, vocab_size, eod, sha256}}
+        tokenizer.json             a HuggingFaceTokenizer's definition (absent for GPT-2's bundled one)
         rng/rank_00000.pt ...      each rank's python/numpy/torch(/cuda) RNG state (trainer only)
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   DeepSpeed's engine files
                                    (optimizer, LR schedule, client_state with the data position)
@@ -31,6 +33,7 @@ VERSION = 1
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
+TOKENIZER_FILE = "tokenizer.json"
 RNG_DIR = "rng"
 TEMP_SUFFIX = ".tmp"
 TAG_RE = re.compile(r"^iter_(\d{7,})$")
@@ -58,6 +61,10 @@ def model_path(folder: str) -> str:
 
 def meta_path(folder: str) -> str:
     return os.path.join(folder, META_FILE)
+
+
+def tokenizer_path(folder: str) -> str:
+    return os.path.join(folder, TOKENIZER_FILE)
 
 
 def latest_path(save_dir: str) -> str:

@@ -8,7 +8,8 @@ Export (ours -> HF):
     copied into the folder, `auto_map` in config.json), shared blocks stored once plus the gates and the
     injection's parameters (a model with injection or another initial state is never a plain GPT-2); load
     with `trust_remote_code=True`.
-  Both folders carry the GPT-2 tokenizer files and `model.safetensors`; vocabulary padding rows are
+  Both folders carry the checkpoint's tokenizer (GPT-2's files, or a trained HuggingFaceTokenizer as a
+  PreTrainedTokenizerFast; bos/eos ids = its end-of-document id) and `model.safetensors`; vocabulary padding rows are
   dropped (HF vocab = model.vocab_size) and the LM head is tied to wte.
 
 Import (HF -> ours): a GPT-2 folder becomes a baseline checkpoint (num_layers = n_layer, one loop, gates
@@ -132,9 +133,24 @@ def tokenizer_source_files() -> Tuple[str, str]:
     return vocab, merges
 
 
-def write_tokenizer(out_dir: str, model_max_length: int) -> None:
-    """GPT-2 tokenizer files (vocab.json, merges.txt, tokenizer.json, tokenizer_config.json,
-    special_tokens_map.json) so that AutoTokenizer.from_pretrained(out_dir) works offline."""
+def write_hf_tokenizer(out_dir: str, tokenizer, model_max_length: int) -> None:
+    """A trained HuggingFaceTokenizer as a PreTrainedTokenizerFast (tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json): AutoTokenizer.from_pretrained(out_dir) encodes and decodes as our tokenizer,
+    with its end-of-document token as bos/eos/unk."""
+    from transformers import PreTrainedTokenizerFast
+
+    eod = tokenizer.eod_token
+    fast = PreTrainedTokenizerFast(tokenizer_file=tokenizer.model_path, bos_token=eod, eos_token=eod, unk_token=eod,
+                                   model_max_length=int(model_max_length), clean_up_tokenization_spaces=False)
+    fast.save_pretrained(out_dir)
+
+
+def write_tokenizer(out_dir: str, model_max_length: int, tokenizer=None) -> None:
+    """The tokenizer files so that AutoTokenizer.from_pretrained(out_dir) works offline: `tokenizer`'s
+    when it is a HuggingFaceTokenizer, else GPT-2's (vocab.json, merges.txt, tokenizer.json,
+    tokenizer_config.json, special_tokens_map.json)."""
+    if tokenizer is not None and tokenizer.tokenizer_type == "HuggingFaceTokenizer":
+        return write_hf_tokenizer(out_dir, tokenizer, model_max_length)
     vocab, merges = tokenizer_source_files()
     shutil.copyfile(vocab, os.path.join(out_dir, "vocab.json"))
     shutil.copyfile(merges, os.path.join(out_dir, "merges.txt"))
@@ -229,7 +245,7 @@ def to_loop_gpt_state_dict(sd: Dict[str, torch.Tensor], m: ModelConfig) -> Dict[
     return out
 
 
-def _build_hf_model(fmt: str, sd: Dict[str, torch.Tensor], m: ModelConfig, record: Dict[str, Any]):
+def _build_hf_model(fmt: str, sd: Dict[str, torch.Tensor], m: ModelConfig, record: Dict[str, Any], eod: int = EOD_ID):
     if fmt == "gpt2":
         from transformers import GPT2LMHeadModel
 
@@ -242,7 +258,10 @@ def _build_hf_model(fmt: str, sd: Dict[str, torch.Tensor], m: ModelConfig, recor
         config.auto_map = {"AutoConfig": "configuration_loop_gpt.LoopGPTConfig",
                            "AutoModelForCausalLM": "modeling_loop_gpt.LoopGPTForCausalLM"}
         model_cls, hf_sd = LoopGPTForCausalLM, to_loop_gpt_state_dict(sd, m)
+    config.bos_token_id = config.eos_token_id = int(eod)  # the tokenizer's end-of-document id
     model = model_cls(config)
+    if model.generation_config is not None:
+        model.generation_config.bos_token_id = model.generation_config.eos_token_id = int(eod)
     missing, unexpected = model.load_state_dict(hf_sd, strict=False)
     missing = [k for k in missing if not k.endswith("attn.bias") and not k.endswith("masked_bias")]
     if missing or unexpected:
@@ -253,14 +272,20 @@ def _build_hf_model(fmt: str, sd: Dict[str, torch.Tensor], m: ModelConfig, recor
 
 
 def export_to_hf(sd: Dict[str, torch.Tensor], cfg: Config, out_dir: str, dtype: str = "fp32",
-                 fmt: str = "auto", meta: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> str:
-    """Write a Hugging Face folder for a TP=1 LoopGPT state dict. Returns the format written."""
+                 fmt: str = "auto", meta: Optional[Dict[str, Any]] = None, overwrite: bool = False,
+                 tokenizer=None) -> str:
+    """Write a Hugging Face folder for a TP=1 LoopGPT state dict with `tokenizer`'s files (default GPT-2).
+    Returns the format written."""
     m = cfg.model
     if dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp16.")
     _check_state_dict(sd, m)
     fmt = choose_format(sd, m, fmt)
-    model = _build_hf_model(fmt, sd, m, _record(cfg, meta))
+    if tokenizer is not None and tokenizer.vocab_size > m.vocab_size:
+        raise ConversionError(f"the tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens, more than the "
+                              f"model's vocabulary (model.vocab_size = {m.vocab_size}).")
+    eod = tokenizer.eod if tokenizer is not None else EOD_ID
+    model = _build_hf_model(fmt, sd, m, _record(cfg, meta), eod)
     model = model.to(DTYPES[dtype])
     tmp = _prepare_out_dir(out_dir, overwrite)
     try:
@@ -268,7 +293,7 @@ def export_to_hf(sd: Dict[str, torch.Tensor], cfg: Config, out_dir: str, dtype: 
         if fmt == "loop_gpt":
             for name in REMOTE_CODE_FILES:
                 shutil.copyfile(os.path.join(HERE, name), os.path.join(tmp, name))
-        write_tokenizer(tmp, m.max_position_embeddings)
+        write_tokenizer(tmp, m.max_position_embeddings, tokenizer)
         fs.replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -277,10 +302,14 @@ def export_to_hf(sd: Dict[str, torch.Tensor], cfg: Config, out_dir: str, dtype: 
 
 
 def convert_checkpoint_to_hf(ckpt_dir: str, out_dir: str, tag: Optional[str] = None, dtype: str = "fp32",
-                             fmt: str = "auto", overwrite: bool = False) -> str:
-    """Checkpoint folder (save dir or tag folder) -> HF folder. Returns the format written."""
+                             fmt: str = "auto", overwrite: bool = False, tokenizer=None) -> str:
+    """Checkpoint folder (save dir or tag folder) -> HF folder with the checkpoint's tokenizer (or
+    `tokenizer`). Returns the format written."""
+    from ..checkpoint import load_tokenizer
+
     cfg, sd, meta = load_checkpoint(ckpt_dir, tag)
-    return export_to_hf(sd, cfg, out_dir, dtype=dtype, fmt=fmt, meta=meta, overwrite=overwrite)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(meta["path"], meta)
+    return export_to_hf(sd, cfg, out_dir, dtype=dtype, fmt=fmt, meta=meta, overwrite=overwrite, tokenizer=tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 Looped models can be run with more (or fewer) iterations than they were trained with (iterations beyond
 the trained count reuse the last gate); `evaluate_checkpoint(..., loops=[1, 2, 4])` measures the same
-held-out samples at each count (the fixed-depth sweep). With an exit criterion (model/exit.py: kl, entropy,
-gate) and several thresholds it also measures, per threshold, the mean loop iterations per token that the
-adaptive exit used and the loss at that average compute: the test-time compute curve, plotted beside the
-fixed-depth sweep by `plot_compute_curve`. Single process, TP=1.
+held-out samples at each count (the fixed-depth sweep), on every named set (`valid_data_path`, or the
+valid/test split of `data_path`). With an exit criterion (model/exit.py: kl, entropy, gate) and several
+thresholds it also measures, per threshold, the mean loop iterations per token that the adaptive exit used
+and the loss at that average compute: the test-time compute curve, plotted beside the fixed-depth sweep by
+`plot_compute_curve`. Bits per byte count the UTF-8 bytes of the targets with the checkpoint's tokenizer
+(data/bpb.py). Single process, TP=1.
 """
 from __future__ import annotations
 
@@ -32,8 +34,12 @@ class EvalResult:
     batches: int
     mean_iterations: float = 0.0
     bpb: Optional[float] = None
+    """Bits per byte of the text targets (None without a tokenizer's byte lengths)."""
+    bytes: Optional[int] = None
     exit_criterion: str = "none"
     exit_threshold: Optional[float] = None
+    name: str = "valid"
+    """The evaluation set."""
 
 
 def _batches(dataset, micro_batch_size: int, eval_iters: Optional[int]):
@@ -48,7 +54,7 @@ def _batches(dataset, micro_batch_size: int, eval_iters: Optional[int]):
 @torch.no_grad()
 def evaluate(model, dataset, micro_batch_size: int = 8, eval_iters: Optional[int] = None,
              num_loops: Optional[int] = None, exit_criterion: Optional[str] = None,
-             exit_threshold: Optional[float] = None, byte_lengths: Optional[torch.Tensor] = None) -> EvalResult:
+             exit_threshold: Optional[float] = None, byte_lengths=None, name: str = "valid") -> EvalResult:
     """Token-weighted mean cross-entropy over the first `eval_iters` micro-batches of `dataset` (all of it
     when None). Items are {"tokens": [seq_length + 1]}: inputs tokens[:-1], labels tokens[1:].
     `exit_criterion`/`exit_threshold`: adaptive per-token exit with `num_loops` as the cap (default: fixed
@@ -57,23 +63,30 @@ def evaluate(model, dataset, micro_batch_size: int = 8, eval_iters: Optional[int
     from ..model.exit import ExitStats
 
     device = next(model.parameters()).device
+    lengths = None if byte_lengths is None else torch.as_tensor(byte_lengths, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
     loops = num_loops or model.loop.num_loops
     criterion = exit_criterion or "none"
-    lengths = None if byte_lengths is None else torch.as_tensor(byte_lengths, device=device)
-    total, tokens, batches, iterations, nats, nbytes = 0.0, 0, 0, 0, 0.0, 0
+    # nats, text nats, bytes, iterations: summed on the device, read once at the end
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    tokens, batches = 0, 0
     try:
         for batch in _batches(dataset, micro_batch_size, eval_iters):
             batch = batch.to(device)
-            x, y = batch[:, :-1], batch[:, 1:]
+            labels = batch[:, 1:]
             stats = ExitStats()
-            logits, _ = model(x, num_loops=loops, return_logits=True, exit_criterion=criterion,
-                              exit_threshold=exit_threshold, exit_stats=stats)
-            nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                                    reduction="none").view(y.shape)
-            total += float(nll.double().sum())
-            tokens += y.numel()
+            _, token_loss = model(batch[:, :-1], labels, num_loops=loops, return_logits=False,
+                                  loss_reduction="none", exit_criterion=criterion, exit_threshold=exit_threshold,
+                                  exit_stats=stats)
+            token_loss = token_loss.double()
+            sums[0] += token_loss.sum()
+            if lengths is not None:
+                nats, nbytes = bpb_sums(token_loss, labels, lengths)
+                sums[1] += nats
+                sums[2] += nbytes
+            sums[3] += stats.iterations.sum() if stats.iterations is not None else loops * labels.numel()
+            tokens += labels.numel()
             batches += 1
             iterations += int(stats.iterations.sum()) if stats.iterations is not None else loops * y.numel()
             if lengths is not None:
@@ -82,11 +95,14 @@ def evaluate(model, dataset, micro_batch_size: int = 8, eval_iters: Optional[int
     finally:
         model.train(was_training)
     if tokens == 0:
-        raise ValueError("the evaluation set is empty.")
+        raise ValueError(f"the evaluation set {name!r} is empty.")
+    total, text_nats, nbytes, iterations = sums.tolist()
     loss = total / tokens
+    bpb = bits_per_byte(text_nats, int(nbytes)) if lengths is not None else None
     return EvalResult(loops=loops, loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=tokens, batches=batches,
-                      mean_iterations=iterations / tokens, bpb=bits_per_byte(nats, nbytes) if lengths is not None else None,
-                      exit_criterion=criterion, exit_threshold=None if criterion == "none" else exit_threshold)
+                      mean_iterations=iterations / tokens, bpb=bpb, bytes=int(nbytes) if lengths is not None else None,
+                      exit_criterion=criterion, exit_threshold=None if criterion == "none" else exit_threshold,
+                      name=name)
 
 
 def build_eval_dataset(data_path: Sequence[str], split: str, seq_length: int, eval_split: str = "valid",
@@ -105,21 +121,43 @@ def build_eval_dataset(data_path: Sequence[str], split: str, seq_length: int, ev
     return ds
 
 
+def build_eval_sets(data_path: Sequence[str], split: str, seq_length: int, eval_split: str = "valid",
+                    seed: int = 1234, cache_dir: Optional[str] = None,
+                    named: Optional[Sequence[str]] = None) -> "Dict[str, Any]":
+    """``name -> dataset`` to evaluate: each named set (``NAME=PREFIX`` or ``PREFIX``) whole, or else
+    the `eval_split` split of `data_path` under the name `eval_split`."""
+    from ..data.gpt_dataset import build_named_eval_datasets, parse_named_data_paths
+
+    if named:
+        pairs = parse_named_data_paths(named, f"--{eval_split}-data-path")
+        return dict(build_named_eval_datasets(pairs, seq_length, seed, None, cache_dir, eval_split))
+    if not data_path:
+        raise ValueError("nothing to evaluate: pass --data-path or --valid-data-path/--test-data-path.")
+    return {eval_split: build_eval_dataset(data_path, split, seq_length, eval_split, seed, cache_dir)}
+
+
 def evaluate_checkpoint(load: str, data_path: Sequence[str], split: str = "949,50,1", eval_split: str = "valid",
                         seq_length: Optional[int] = None, micro_batch_size: int = 8, eval_iters: Optional[int] = None,
                         loops: Optional[Sequence[int]] = None, tag: Optional[str] = None, seed: int = 1234,
-                        cache_dir: Optional[str] = None, device: str = "cpu", exit_criterion: str = "none",
-                        exit_thresholds: Sequence[float] = (), max_loops: Optional[int] = None,
-                        tokenizer=None) -> Tuple[List[EvalResult], Dict[str, Any]]:
-    """Load a checkpoint and evaluate it once per entry of `loops` (default: its trained loop count), then,
-    with an exit criterion, once per threshold with `max_loops` (default: the largest of `loops`, or the
-    trained count) as the cap. `tokenizer` (default: the checkpoint's data.tokenizer_type, else GPT-2) gives
-    bits per byte. Returns (results, checkpoint meta); meta["config"]["model"]["num_loops"] is the trained
-    count."""
-    from ..checkpoint import load_checkpoint
+                        cache_dir: Optional[str] = None, device: str = "cpu", named: Optional[Sequence[str]] = None,
+                        exit_criterion: str = "none", exit_thresholds: Sequence[float] = (),
+                        max_loops: Optional[int] = None, tokenizer=None) -> Tuple[List[EvalResult], Dict[str, Any]]:
+    """Load a checkpoint and evaluate it on every set once per entry of `loops` (default: its trained
+    loop count), then, with an exit criterion, once per threshold with `max_loops` (default: the largest of
+    `loops`, or the trained count) as the cap; bits per byte from `tokenizer` (default: the checkpoint's).
+    The datasets are checked to be made by that tokenizer. Returns (results, checkpoint meta);
+    meta["config"]["model"]["num_loops"] is the trained count."""
+    from ..checkpoint import load_checkpoint, load_tokenizer
+    from ..data.dataset_meta import check_dataset_tokenizer
+    from ..data.gpt_dataset import parse_data_path, parse_named_data_paths
     from ..model import LoopGPT, load_full_state_dict
 
     cfg, sd, meta = load_checkpoint(load, tag)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(meta["path"], meta)
+    prefixes = ([p for _, p in parse_named_data_paths(named, f"--{eval_split}-data-path")] if named
+                else [p for _, p in parse_data_path(list(data_path))])
+    for prefix in prefixes:
+        check_dataset_tokenizer(prefix, tokenizer, cfg.model.vocab_size)
     model = LoopGPT(cfg.model)
     load_full_state_dict(model, sd)
     model = model.to(device).eval()
@@ -127,36 +165,37 @@ def evaluate_checkpoint(load: str, data_path: Sequence[str], split: str = "949,5
     if seq_length > cfg.model.max_position_embeddings:
         raise ValueError(f"--seq-length {seq_length} is longer than the model's max_position_embeddings "
                          f"({cfg.model.max_position_embeddings}).")
-    dataset = build_eval_dataset(data_path, split, seq_length, eval_split, seed, cache_dir)
-    if tokenizer is None:
-        from ..data.tokenizer import build_tokenizer
-
-        tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model or None)
-    lengths = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.long, device=device)
+    sets = build_eval_sets(data_path, split, seq_length, eval_split, seed, cache_dir, named)
+    lengths = tokenizer.token_byte_lengths()
     depths = list(loops) if loops else [cfg.model.num_loops]
-    results = []
     for n in depths:
         if n < 1:
             raise ValueError(f"--loops values must be >= 1, got {n}.")
-        results.append(evaluate(model, dataset, micro_batch_size, eval_iters, num_loops=n, byte_lengths=lengths))
-    if exit_criterion and exit_criterion != "none":
-        if not exit_thresholds:
-            raise ValueError(f"--exit-criterion {exit_criterion} needs at least one --exit-threshold.")
-        cap = max_loops or max(depths)
-        if cap < 1:
-            raise ValueError(f"--max-loops must be >= 1, got {cap}.")
-        for threshold in exit_thresholds:
+    adaptive = bool(exit_criterion) and exit_criterion != "none"
+    if adaptive and not exit_thresholds:
+        raise ValueError(f"--exit-criterion {exit_criterion} needs at least one --exit-threshold.")
+    cap = max_loops or max(depths)
+    if cap < 1:
+        raise ValueError(f"--max-loops must be >= 1, got {cap}.")
+    results = []
+    for name, dataset in sets.items():
+        for n in depths:
+            results.append(evaluate(model, dataset, micro_batch_size, eval_iters, num_loops=n, byte_lengths=lengths,
+                                    name=name))
+        for threshold in (exit_thresholds if adaptive else ()):
             results.append(evaluate(model, dataset, micro_batch_size, eval_iters, num_loops=cap,
-                                    exit_criterion=exit_criterion, exit_threshold=threshold, byte_lengths=lengths))
+                                    exit_criterion=exit_criterion, exit_threshold=threshold, byte_lengths=lengths,
+                                    name=name))
     return results, meta
 
 
 def markdown_table(results: Sequence[EvalResult], trained_loops: Optional[int] = None) -> str:
-    """| loops | loss | perplexity | tokens | (the trained loop count marked with *)."""
-    lines = ["| loops | loss | perplexity | tokens |", "|---:|---:|---:|---:|"]
+    """| set | loops | loss | perplexity | bpb | tokens | (the trained loop count marked with *)."""
+    lines = ["| set | loops | loss | perplexity | bpb | tokens |", "|:---|---:|---:|---:|---:|---:|"]
     for r in results:
         mark = "*" if trained_loops is not None and r.loops == trained_loops else ""
-        lines.append(f"| {r.loops}{mark} | {r.loss:.4f} | {r.perplexity:.2f} | {r.tokens} |")
+        bpb = "-" if r.bpb is None else f"{r.bpb:.4f}"
+        lines.append(f"| {r.name} | {r.loops}{mark} | {r.loss:.4f} | {r.perplexity:.2f} | {bpb} | {r.tokens} |")
     return "\n".join(lines)
 
 

@@ -23,7 +23,8 @@ class LoopGPT(nn.Module):
     """GPT-2 (pre-LN, GELU, learned positions, tied embeddings) whose middle is a LoopStack.
 
     forward(input_ids, labels) returns (logits, loss): `loss` is the mean token cross-entropy over labels
-    that are not IGNORE_INDEX (None without labels); `logits` are the full-vocabulary logits (gathered
+    that are not IGNORE_INDEX (None without labels), or with `loss_reduction="none"` the per-token
+    cross-entropy [B, T] (0 at ignored labels; evaluation sums it for bits per byte); `logits` are the full-vocabulary logits (gathered
     over TP ranks, vocab padding removed), returned when no labels are given or `return_logits=True`.
     The loop's depth is chosen per call (see model/loop.py): `num_loops` (r), `backprop_loops` (k, truncated
     backprop), `loop_depths` (a LongTensor [batch] of per-row depths), `no_grad_loops` (a common start of
@@ -140,7 +141,8 @@ class LoopGPT(nn.Module):
                 state_generator: Optional[torch.Generator] = None, exit_criterion: Optional[str] = None,
                 exit_threshold: Optional[float] = None,
                 exit_stats: Optional[ExitStats] = None,
-                no_grad_loops: Optional[int] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                no_grad_loops: Optional[int] = None,
+                loss_reduction: str = "mean") -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         rule = self.exit_rule(exit_criterion, exit_threshold)
         keep = None if labels is None else labels != IGNORE_INDEX
         safe_labels = None if labels is None else labels.masked_fill(~keep, 0)
@@ -169,7 +171,11 @@ class LoopGPT(nn.Module):
             logits_parallel = self.logits_parallel(hidden)
         if labels is not None and loss is None:
             per_token = vocab_parallel_cross_entropy(logits_parallel, safe_labels)
-            loss = (per_token * keep).sum() / keep.sum().clamp(min=1)
+            loss = per_token * keep
+            if loss_reduction == "mean":
+                loss = loss.sum() / keep.sum().clamp(min=1)
+            elif loss_reduction != "none":
+                raise ValueError(f"loss_reduction must be 'mean' or 'none', got {loss_reduction!r}")
         if return_logits is None:
             return_logits = labels is None
         logits = gather_from_tp_region(logits_parallel)[..., :self.cfg.vocab_size] if return_logits else None

@@ -25,6 +25,15 @@ CONFIG_FLAGS: List[Tuple[str, str, object, str]] = [
     ("--seq-length", "data.seq_length", int, "Tokens per training sample."),
     ("--data-cache-path", "data.data_cache_path", str,
      "Folder for cached sample/shuffle indices (default: index_cache/ beside the data)."),
+    ("--tokenizer-type", "data.tokenizer_type", str,
+     "GPT2BPETokenizer (default, GPT-2's 50,257 tokens) or HuggingFaceTokenizer (with --tokenizer-model)."),
+    ("--tokenizer-model", "data.tokenizer_model", str,
+     "HuggingFaceTokenizer: a tokenizer.json or its folder (tools/train_tokenizer.py); set model.vocab_size to "
+     "its vocabulary."),
+    ("--valid-data-path", "data.valid_data_path", "list",
+     "Named validation sets, each 'NAME=PREFIX' or 'PREFIX', reported separately (default: the valid split)."),
+    ("--test-data-path", "data.test_data_path", "list",
+     "Named test sets, as --valid-data-path (default: the test split)."),
     # model
     ("--num-layers", "model.num_layers", int, "Unique transformer blocks K in the shared loop stack."),
     ("--hidden-size", "model.hidden_size", int, "Width of the residual stream."),

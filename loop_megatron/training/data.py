@@ -138,6 +138,49 @@ def check_data_tokenizers(cfg: Config, tokenizer) -> List[str]:
     return notes
 
 
+def run_tokenizer(cfg: Config):
+    """The run's tokenizer, loaded in preflight. A HuggingFaceTokenizer (chosen on purpose) must fit
+    model.vocab_size (`build_tokenizer_for`); the default GPT-2 tokenizer is only loaded, since small test
+    models read toy corpora of small ids with it and `check_data_tokenizers` already refuses any dataset
+    whose recorded vocabulary or largest id does not fit the model."""
+    from ..data.errors import DataError
+    from ..data.tokenizer import HF_TYPE, build_tokenizer
+
+    if cfg.data.tokenizer_type == HF_TYPE:
+        return build_tokenizer_for(cfg)
+    try:
+        return build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model or None)
+    except DataError as exc:
+        raise ConfigError(f"data.tokenizer_type: {exc}") from None
+
+
+def check_checkpoint_tokenizer(meta: dict, tokenizer, where: str) -> None:
+    """ConfigError (one sentence) when the checkpoint to resume was trained with another tokenizer than
+    this run's data; a checkpoint without a record predates them and was made with GPT-2's."""
+    from ..data.dataset_meta import LEGACY_TOKENIZER_TYPE, describe_record, same_tokenizer
+
+    saved = meta.get("tokenizer")
+    ours = tokenizer.describe()
+    if saved is None:
+        if tokenizer.tokenizer_type != LEGACY_TOKENIZER_TYPE:
+            raise ConfigError(f"checkpoint {where} has no tokenizer record (it predates them, so it was trained "
+                              f"with {LEGACY_TOKENIZER_TYPE}) but this run uses {describe_record(ours)}; "
+                              "refusing to resume it.")
+        return
+    if not same_tokenizer(saved, ours):
+        raise ConfigError(f"checkpoint {where} was trained with {describe_record(saved)} but this run uses "
+                          f"{describe_record(ours)}; refusing to resume it with data of another tokenizer.")
+
+
+def byte_length_table(tokenizer, vocab_size: int, device) -> torch.Tensor:
+    """The tokenizer's UTF-8 bytes per token id as an int64 tensor on `device`, padded with zeros (or
+    cut) to `vocab_size` rows, for `bpb_sums` on the accelerator."""
+    lengths = np.zeros(vocab_size, np.int64)
+    table = np.asarray(tokenizer.token_byte_lengths(), np.int64)[:vocab_size]
+    lengths[:table.shape[0]] = table
+    return torch.from_numpy(lengths).to(device)
+
+
 def build_datasets(cfg: Config, dp_size: int):
     """(train, valid) datasets sized for this run; valid is None without a valid split or eval_iters 0."""
     from ..data.gpt_dataset import build_train_valid_test_datasets, parse_split

@@ -35,7 +35,10 @@ from ..parallel import (destroy_model_parallel, get_data_parallel_group, get_dat
                         get_data_parallel_world_size, initialize_model_parallel, set_seed)
 from ..utils.distributed import rank, world_size
 from .arguments import RunOptions
-from .data import EvalBatchSampler, TrainBatchSampler, build_datasets, check_data_paths, loader, split_inputs
+from ..data.bpb import bits_per_byte, bpb_sums
+from .data import (EvalBatchSampler, TrainBatchSampler, build_datasets, build_eval_datasets, byte_length_table,
+                   check_checkpoint_tokenizer, check_data_paths, check_data_tokenizers, check_eval_data_paths, loader,
+                   run_tokenizer, split_inputs)
 from .diagnostics import gate_means
 from .distributed import device as current_device
 from .distributed import env_world_size, init_distributed
@@ -47,7 +50,7 @@ from .optim import lr_at
 from .signals import StopRequest
 from .step import train_step
 
-PRIMARY_VALID = "valid"  # the validation set whose loss is the run's final_valid_loss
+PRIMARY_VALID = "valid"  # TensorBoard/metrics name of the primary (first) validation set's loss and bpb
 
 
 def preflight(cfg: Config, opts: RunOptions) -> Dict[str, Any]:
@@ -57,9 +60,15 @@ def preflight(cfg: Config, opts: RunOptions) -> Dict[str, Any]:
     cfg.validate(world)
     precision = resolve_precision(cfg)
     check_data_paths(cfg.data.data_path)
+    check_eval_data_paths(cfg)
+    tokenizer = run_tokenizer(cfg)
+    data_notes = check_data_tokenizers(cfg, tokenizer)  # refuses data of another tokenizer / a larger vocab
     resume = checkpoint.find_resume(cfg, world, precision)
+    if resume is not None:
+        check_checkpoint_tokenizer(resume.meta, tokenizer, os.path.join(cfg.training.load, resume.tag))
     init_from = checkpoint.find_init_from(cfg) if resume is None else None
-    return {"world": world, "ds_base": ds_base, "precision": precision, "resume": resume, "init_from": init_from}
+    return {"world": world, "ds_base": ds_base, "precision": precision, "resume": resume, "init_from": init_from,
+            "tokenizer": tokenizer, "data_notes": data_notes}
 
 
 @dataclass
@@ -98,6 +107,7 @@ class Trainer:
         self.records: List[Dict[str, Any]] = []
         self.valid_losses: Dict[int, float] = {}
         self.final_valid = float("nan")
+        self.final_valid_bpb: Dict[str, float] = {}
         self.last_eval_iteration: Optional[int] = None
         self.last_saved: Optional[int] = None
 
@@ -153,14 +163,15 @@ class Trainer:
         return self._depth_sampler
 
     def evaluate(self) -> Dict[str, float]:
-        """Mean loss on every named validation set at the current iteration, logged and remembered."""
+        """Mean loss (and bits per byte) on every named validation set at the current iteration, logged and
+        remembered; returns name -> loss."""
         if not self.valid_sets or self.cfg.training.eval_iters <= 0:
             return {}
-        losses = {name: self._eval_loss(dataset) for name, dataset in self.valid_sets.items()}
+        results = {name: self._eval_loss(dataset) for name, dataset in self.valid_sets.items()}
         self.last_eval_iteration = self.iteration
-        for name, loss in losses.items():
-            self.log_eval(name, loss)
-        return losses
+        for name, (loss, bpb) in results.items():
+            self.log_eval(name, loss, bpb)
+        return {name: loss for name, (loss, _) in results.items()}
 
     def save(self) -> None:
         """Checkpoint the current iteration on every rank (skipped without --save, or if just saved/loaded)."""
@@ -186,8 +197,13 @@ class Trainer:
         self.is_rank0 = rank() == 0
         self._open_run_dir()
 
-        self.train_ds, valid_ds = build_datasets(cfg, self.dp)
-        self.valid_sets = {PRIMARY_VALID: valid_ds} if valid_ds is not None else {}
+        self.train_ds, _ = build_datasets(cfg, self.dp)
+        self.valid_sets = build_eval_datasets(cfg, self.dp, "valid")  # name -> dataset; the first is primary
+        self.primary_valid = next(iter(self.valid_sets), PRIMARY_VALID)
+        self.tokenizer = self.checks["tokenizer"]
+        self.byte_lengths = byte_length_table(self.tokenizer, cfg.model.vocab_size, self.device)
+        for note in self.checks["data_notes"]:
+            self.log.print(f"note: {note}")
         self.model_info = model_summary(cfg.model, self.seq)
         self.engine = self._build_engine()
         self._resume()
@@ -266,22 +282,26 @@ class Trainer:
         return [next(batches) for _ in range(self.accum)]
 
     @torch.no_grad()
-    def _eval_loss(self, dataset) -> float:
-        """Mean loss over eval_iters micro-batches of this rank, averaged over the DP group."""
+    def _eval_loss(self, dataset):
+        """(mean loss, bits per byte) over eval_iters micro-batches of this rank and the DP group. The sums
+        stay on the device (bpb_sums) and come back in the one all-reduce and host copy at the end."""
         t = self.cfg.training
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        total = torch.zeros(4, dtype=torch.float64, device=self.device)  # nats, targets, text nats, bytes
         gen = torch.Generator().manual_seed(0)  # the DataLoader's seed draw must not touch the global RNG
         for tokens in loader(dataset, EvalBatchSampler(t.eval_iters, t.micro_batch_size, self.dp, self.dp_rank),
                              self.cfg.data.num_workers, generator=gen):
             x, y = split_inputs(tokens, self.device)
-            _, loss = self.engine(x, labels=y, num_loops=self.depth_sampler.eval_loops())  # --eval-loops
-            total[0] += loss.detach().double()
-            total[1] += 1
+            _, token_loss = self.engine(x, labels=y, loss_reduction="none",
+                                        num_loops=self.depth_sampler.eval_loops())  # --eval-loops
+            token_loss = token_loss.detach().double()
+            nats, nbytes = bpb_sums(token_loss, y, self.byte_lengths)
+            total += torch.stack([token_loss.sum(), total.new_tensor(y.numel()), nats, nbytes.double()])
         self.engine.train()
         if dist.is_initialized():
             dist.all_reduce(total, group=get_data_parallel_group())
-        return float(total[0] / total[1].clamp(min=1))
+        nats, count, text_nats, nbytes = total.tolist()
+        return nats / max(count, 1.0), bits_per_byte(text_nats, int(nbytes))
 
     # ------------------------------------------------------------------------------------------------
     # Logging and the summary
@@ -346,15 +366,28 @@ class Trainer:
         self.window.reset()
         self.window_flops, self.window_loops = [], []
 
-    def log_eval(self, name: str, loss: float) -> None:
+    def log_eval(self, name: str, loss: float, bpb: float = float("nan")) -> None:
+        """One validation set's loss and bpb: TensorBoard `valid/<name>/{loss,bpb}` and metrics.jsonl
+        `valid_<name>_{loss,bpb}` for a named set; the primary (first) set also as `valid/loss`,
+        `valid/bpb` and `valid_loss`, `valid_bpb`."""
         it = self.iteration
-        if name == PRIMARY_VALID:
+        self.final_valid_bpb[name] = bpb
+        keys = [PRIMARY_VALID] if name == self.primary_valid else []
+        if name != PRIMARY_VALID:
+            keys.append(f"{PRIMARY_VALID}/{name}")
+        if name == self.primary_valid:
             self.final_valid = loss
             self.valid_losses[it] = loss
-        self.log.scalars(it, {f"{name}/loss": loss})
-        self.log.record({"iteration": it, f"{name}_loss": loss})
-        self.log.print(f"iter {it}/{self.cfg.training.train_iters} | {name} loss {loss:.4f} | "
-                       f"{name} ppl {math.exp(min(loss, 50)):.2f}")
+        scalars, record = {}, {"iteration": it}
+        for key in keys:
+            scalars.update({f"{key}/loss": loss, f"{key}/bpb": bpb})
+            flat = key.replace("/", "_")
+            record.update({f"{flat}_loss": loss, f"{flat}_bpb": bpb})
+        self.log.scalars(it, scalars)
+        self.log.record(record)
+        label = PRIMARY_VALID if name == PRIMARY_VALID else f"{PRIMARY_VALID} {name}"
+        self.log.print(f"iter {it}/{self.cfg.training.train_iters} | {label} loss {loss:.4f} | "
+                       f"{label} ppl {math.exp(min(loss, 50)):.2f} | {label} bpb {bpb:.4f}")
 
     def log_stop(self) -> None:
         self.log.print(f"stop requested ({self.stop.signal_name or 'signal on another rank'}) at iteration "
@@ -387,6 +420,7 @@ class Trainer:
             "tokens_seen": self.consumed_samples() * self.seq,
             "final_train_loss": (sum(last) / len(last)) if last else None,
             "final_valid_loss": self.final_valid if math.isfinite(self.final_valid) else None,
+            "final_valid_bpb": {k: (v if math.isfinite(v) else None) for k, v in self.final_valid_bpb.items()},
             "tokens_per_sec": tokens_per_step / mean_step if has_steps else None,
             "step_time": mean_step if has_steps else None,
             "run_dir": self.run_dir,

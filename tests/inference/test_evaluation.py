@@ -46,7 +46,8 @@ def test_loops_sweep_table_and_json(tmp_path, corpus, capsys):
     assert [r.loops for r in results] == [1, 2, 4]
     assert len({round(r.loss, 6) for r in results}) == 3  # the loop count changes the model's output
     table = markdown_table(results, trained_loops=2).splitlines()
-    assert table[0] == "| loops | loss | perplexity | tokens |" and len(table) == 5 and table[3].startswith("| 2* |")
+    assert table[0] == "| set | loops | loss | perplexity | bpb | tokens |" and len(table) == 5
+    assert table[3].startswith("| valid | 2* |")
 
     main = tool_main("evaluate")
     out_json = str(tmp_path / "loops.json")
@@ -54,7 +55,7 @@ def test_loops_sweep_table_and_json(tmp_path, corpus, capsys):
                  "--micro-batch-size", "4", "--eval-iters", "2", "--loops", "1", "2", "4", "--json", out_json,
                  "--data-cache-path", str(tmp_path / "cache"), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "| loops | loss | perplexity | tokens |" in printed and "| 4 |" in printed
+    assert "| set | loops | loss | perplexity | bpb | tokens |" in printed and "| valid | 4 |" in printed
     data = json.load(open(out_json))
     assert [r["loops"] for r in data["results"]] == [1, 2, 4] and data["trained_loops"] == 2
     assert data["results"][1]["loss"] == pytest.approx(results[1].loss, rel=1e-6)
