@@ -88,10 +88,6 @@ def evaluate(model, dataset, micro_batch_size: int = 8, eval_iters: Optional[int
             sums[3] += stats.iterations.sum() if stats.iterations is not None else loops * labels.numel()
             tokens += labels.numel()
             batches += 1
-            iterations += int(stats.iterations.sum()) if stats.iterations is not None else loops * y.numel()
-            if lengths is not None:
-                batch_nats, batch_bytes = bpb_sums(nll.double(), y, lengths)
-                nats, nbytes = nats + float(batch_nats), nbytes + int(batch_bytes)
     finally:
         model.train(was_training)
     if tokens == 0:
