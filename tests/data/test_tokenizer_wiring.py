@@ -54,6 +54,10 @@ def trained(tmp_path_factory, tiny_tokenizer_dir):
                                                     "data.valid_data_path": [f"alpha={a}", f"beta={b}"],
                                                     "training.save": os.path.join(tmp, "ckpt")})
     summary = pretrain(cfg)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # pretrain set up a world of one in this process; later tests read WORLD_SIZE
+        dist.destroy_process_group()
     return {"tmp": tmp, "a": a, "b": b, "cfg": cfg, "summary": summary, "save": cfg.training.save,
             "tok": build_tokenizer("HuggingFaceTokenizer", tiny_tokenizer_dir)}
 
