@@ -106,11 +106,11 @@ def test_sigterm_to_one_rank_then_resume_matches_uninterrupted(tmp_path):
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert set(summary) == {"preset", "params", "non_embedding_params", "num_layers", "num_loops", "inner_loops",
                             "effective_depth", "iterations", "tokens_seen", "final_train_loss", "final_valid_loss",
-                            "tokens_per_sec", "step_time", "run_dir", "save"}
+                            "final_valid_bpb", "tokens_per_sec", "step_time", "run_dir", "save"}
     assert summary["iterations"] == ITERS and summary["tokens_seen"] == ITERS * 4 * 16
     assert summary["num_loops"] == 2 and summary["effective_depth"] == 4 and summary["save"] == ck
     assert abs(summary["final_train_loss"] - losses[ITERS]) < 1e-6  # log window of 1 step
-    assert summary["final_valid_loss"] is not None
+    assert summary["final_valid_loss"] is not None and list(summary["final_valid_bpb"]) == ["valid"]
     assert os.path.exists(os.path.join(ref_dir, "config.yaml"))
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -118,7 +118,7 @@ def test_sigterm_to_one_rank_then_resume_matches_uninterrupted(tmp_path):
     acc = EventAccumulator(os.path.join(ref_dir, "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "valid/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/step_time",
+    assert {"train/loss", "valid/loss", "valid/bpb", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/step_time",
             "train/tokens_seen", "gates/iter_1_mean", "gates/iter_2_mean"} <= tags
     assert "train/mfu" not in tags  # no known peak on CPU
     steps = [e.step for e in acc.Scalars("train/loss")]
