@@ -196,31 +196,34 @@ def markdown_table(results: Sequence[EvalResult], trained_loops: Optional[int] =
 
 
 def exit_table(results: Sequence[EvalResult]) -> str:
-    """| criterion | threshold | max loops | mean iterations | loss | bpb | tokens | for every row (fixed-depth
-    rows read 'fixed' with their loop count)."""
-    lines = ["| criterion | threshold | max loops | mean iterations / token | loss | bpb | tokens |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """| set | criterion | threshold | max loops | mean iterations | loss | bpb | tokens | for every row
+    (fixed-depth rows read 'fixed' with their loop count)."""
+    lines = ["| set | criterion | threshold | max loops | mean iterations / token | loss | bpb | tokens |",
+             "|:---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         threshold = "-" if r.exit_threshold is None else f"{r.exit_threshold:g}"
         bpb = "-" if r.bpb is None else f"{r.bpb:.4f}"
-        name = "fixed" if r.exit_criterion == "none" else r.exit_criterion
-        lines.append(f"| {name} | {threshold} | {r.loops} | {r.mean_iterations:.3f} | {r.loss:.4f} | {bpb} | {r.tokens} |")
+        kind = "fixed" if r.exit_criterion == "none" else r.exit_criterion
+        lines.append(f"| {r.name} | {kind} | {threshold} | {r.loops} | {r.mean_iterations:.3f} | {r.loss:.4f} | "
+                     f"{bpb} | {r.tokens} |")
     return "\n".join(lines)
 
 
 def plot_compute_curve(results: Sequence[EvalResult], path: str, title: str = "") -> str:
     """PNG of loss against mean loop iterations per token: the fixed-depth sweep and each exit criterion's
-    thresholds as separate lines (the test-time compute curve)."""
+    thresholds as separate lines (the test-time compute curve), per evaluation set."""
     from ..experiments.plots import _pyplot, _save_figure
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
-    groups: Dict[str, List[EvalResult]] = {}
+    groups: Dict[Tuple[str, str], List[EvalResult]] = {}
     for r in results:
-        groups.setdefault(r.exit_criterion, []).append(r)
-    for i, (criterion, rows) in enumerate(sorted(groups.items(), key=lambda kv: kv[0] != "none")):
+        groups.setdefault((r.name, r.exit_criterion), []).append(r)
+    several_sets = len({name for name, _ in groups}) > 1
+    for i, ((name, criterion), rows) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "none"))):
         rows = sorted(rows, key=lambda r: r.mean_iterations)
         label = "fixed depth (--loops)" if criterion == "none" else f"exit: {criterion} (cap {rows[0].loops})"
+        label = f"{name}: {label}" if several_sets else label
         ax.plot([r.mean_iterations for r in rows], [r.loss for r in rows], marker="o", color=f"C{i}", label=label)
         if criterion != "none":
             for r in rows:

@@ -105,7 +105,7 @@ def test_exit_sweep_rows_table_json_and_plot(tmp_path, corpus, capsys):
                  "kl", "--exit-threshold", "0", "1e9", "--max-loops", "4", "--json", out_json,
                  "--data-cache-path", str(tmp_path / "cache"), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "| criterion | threshold | max loops | mean iterations / token | loss | bpb | tokens |" in printed
+    assert "| set | criterion | threshold | max loops | mean iterations / token | loss | bpb | tokens |" in printed
     assert "| kl | 1e+09 | 4 | 2.000 |" in printed
     rows = json.load(open(out_json))["results"]
     assert [(r["exit_criterion"], r["mean_iterations"]) for r in rows] == [("none", 1), ("none", 2), ("none", 4),
