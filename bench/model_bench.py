@@ -11,9 +11,7 @@ activations. On CPU, memory is sampled after every ATen op (see loop_megatron/ut
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -21,7 +19,7 @@ import torch  # noqa: E402
 
 from loop_megatron.config import ModelConfig  # noqa: E402
 from loop_megatron.model import LoopGPT  # noqa: E402
-from loop_megatron.utils.profiling import PeakMemory  # noqa: E402
+from loop_megatron.utils.profiling import time_and_peak  # noqa: E402
 
 
 def measure(cfg: ModelConfig, batch: int, seq: int, device: torch.device, repeats: int):
@@ -33,19 +31,7 @@ def measure(cfg: ModelConfig, batch: int, seq: int, device: torch.device, repeat
         _, loss = model(ids[:, :-1], ids[:, 1:])
         loss.backward()
 
-    step()  # warm-up; also allocates the gradient buffers so they are not counted as activations
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    with PeakMemory(device) as meter:
-        step()
-    return statistics.median(times), meter.peak_bytes
+    return time_and_peak(step, device, repeats)
 
 
 def main():

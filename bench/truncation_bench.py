@@ -13,9 +13,7 @@ on CPU it is sampled after every ATen op (loop_megatron/utils/profiling.py).
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,7 +21,7 @@ import torch  # noqa: E402
 
 from loop_megatron.config import ModelConfig  # noqa: E402
 from loop_megatron.model import LoopGPT  # noqa: E402
-from loop_megatron.utils.profiling import PeakMemory  # noqa: E402
+from loop_megatron.utils.profiling import time_and_peak  # noqa: E402
 
 
 def measure(model: LoopGPT, ids: torch.Tensor, loops: int, k: int, device: torch.device, repeats: int):
@@ -31,19 +29,7 @@ def measure(model: LoopGPT, ids: torch.Tensor, loops: int, k: int, device: torch
         _, loss = model(ids[:, :-1], ids[:, 1:], num_loops=loops, backprop_loops=k or None)
         loss.backward()
 
-    step()  # warm-up; also allocates the gradient buffers so they are not counted as activations
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    with PeakMemory(device) as meter:
-        step()
-    return statistics.median(times), meter.peak_bytes
+    return time_and_peak(step, device, repeats)
 
 
 def main():

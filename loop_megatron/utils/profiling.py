@@ -88,3 +88,24 @@ class PeakMemory:
             self._mode.__exit__(*exc)
             self.peak_bytes = self._mode.peak - self._start
         return False
+
+
+def time_and_peak(step, device: torch.device, repeats: int):
+    """(median seconds, peak bytes) of `step()`: one warm-up call (which also allocates gradient buffers,
+    so they are not counted as activations), `repeats` timed calls, then one call under `PeakMemory`."""
+    import statistics
+    import time
+
+    step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    with PeakMemory(device) as meter:
+        step()
+    return statistics.median(times), meter.peak_bytes
