@@ -94,23 +94,35 @@ def check_global_batch(meta: Dict[str, Any], cfg: Config, where: str, world: int
                       f"{meta.get('consumed_samples', 0)} with the new size.")
 
 
-def check_same_tokenizer(meta: Dict[str, Any], cfg: Config, where: str) -> None:
-    """ConfigError when the checkpoint records a tokenizer (meta["tokenizer"]: type and sha256) and this
-    run's is another one. Checkpoints that record none are not checked."""
-    saved = meta.get("tokenizer")
-    if not isinstance(saved, dict) or not saved.get("sha256"):
-        return
+def run_tokenizer(cfg: Config):
+    """This run's tokenizer (data.tokenizer_type / tokenizer_model); ConfigError naming the field when it
+    cannot be loaded. build_tokenizer caches per process, so preflight's checks share one instance."""
     from ..data.errors import DataError
     from ..data.tokenizer import build_tokenizer
 
     try:
-        ours = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model or None).describe()
+        return build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model or None)
     except DataError as exc:
         raise ConfigError(f"data.tokenizer_model: {exc}") from None
-    if (saved.get("type"), saved.get("sha256")) != (ours.get("type"), ours.get("sha256")):
-        raise ConfigError(f"checkpoint {where} was trained with tokenizer {saved.get('name') or saved.get('type')} "
-                          f"(sha256 {str(saved.get('sha256'))[:12]}) but this run uses {ours.get('name')} (sha256 "
-                          f"{str(ours.get('sha256'))[:12]}); refusing to load it.")
+
+
+def check_same_tokenizer(meta: Dict[str, Any], tokenizer, where: str, untracked_means_gpt2: bool = True) -> None:
+    """ConfigError (one sentence) when the checkpoint was trained with another tokenizer than `tokenizer`.
+    A checkpoint without a record predates them: with `untracked_means_gpt2` (resume) it counts as GPT-2's;
+    without (initialising weights, e.g. from a Hugging Face import) it is not checked."""
+    from ..data.dataset_meta import LEGACY_TOKENIZER_TYPE, describe_record, same_tokenizer
+
+    saved = meta.get("tokenizer")
+    ours = tokenizer.describe()
+    if not isinstance(saved, dict) or not saved.get("sha256"):
+        if untracked_means_gpt2 and tokenizer.tokenizer_type != LEGACY_TOKENIZER_TYPE:
+            raise ConfigError(f"checkpoint {where} has no tokenizer record (it predates them, so it was trained "
+                              f"with {LEGACY_TOKENIZER_TYPE}) but this run uses {describe_record(ours)}; "
+                              "refusing to resume it.")
+        return
+    if not same_tokenizer(saved, ours):
+        raise ConfigError(f"checkpoint {where} was trained with {describe_record(saved)} but this run uses "
+                          f"{describe_record(ours)}; refusing to load it with data of another tokenizer.")
 
 
 def check_compatible(meta: Dict[str, Any], cfg: Config, where: str, world: int, precision: Optional[str] = None) -> str:
@@ -118,7 +130,7 @@ def check_compatible(meta: Dict[str, Any], cfg: Config, where: str, world: int, 
     resumed by this run: another model shape or tokenizer, another global batch size, or another layout
     with no complete universal/ state."""
     check_same_shape(meta, cfg, where)
-    check_same_tokenizer(meta, cfg, where)
+    check_same_tokenizer(meta, run_tokenizer(cfg), where)
     check_global_batch(meta, cfg, where, world)
     changes = layout_changes(meta, cfg, world, precision)
     if not changes:
@@ -166,5 +178,5 @@ def find_init_from(cfg: Config) -> Optional[str]:
     except CheckpointError as exc:
         raise ConfigError(f"training.init_from: {exc}") from None
     check_same_shape(meta, cfg, folder)
-    check_same_tokenizer(meta, cfg, folder)
+    check_same_tokenizer(meta, run_tokenizer(cfg), folder, untracked_means_gpt2=False)
     return model_path(folder)

@@ -24,15 +24,9 @@ from ..utils import fs
 from ..utils.distributed import barrier, rank, world_size
 from .layout import FORMAT, make_meta, model_path, prune, tag_for, temp_tag, write_latest, write_meta
 from .rng import restore_rng, save_rng
+from .compat import run_tokenizer
 from .universal import save_universal
 from .tokenizer import save_tokenizer
-
-
-def run_tokenizer(cfg: Config):
-    """The run's tokenizer (cached per process by build_tokenizer; the trainer's preflight loaded it)."""
-    from ..data.tokenizer import build_tokenizer
-
-    return build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model or None)
 
 
 class _MasterWeightsView:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..checkpoint.compat import run_tokenizer as load_run_tokenizer
 from ..config import Config, ConfigError
 
 
@@ -102,13 +103,7 @@ def build_eval_datasets(cfg: Config, dp_size: int, which: str = "valid") -> "col
 def build_tokenizer_for(cfg: Config):
     """The run's tokenizer (data.tokenizer_type / data.tokenizer_model); ConfigError when it cannot be
     loaded or has more tokens than model.vocab_size."""
-    from ..data.errors import DataError
-    from ..data.tokenizer import build_tokenizer
-
-    try:
-        tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model or None)
-    except DataError as exc:
-        raise ConfigError(f"data.tokenizer_model: {exc}") from None
+    tok = load_run_tokenizer(cfg)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of the "
                           f"tokenizer {tok.name} ({tok.vocab_size}); set model.vocab_size={tok.vocab_size}.")
@@ -143,33 +138,9 @@ def run_tokenizer(cfg: Config):
     model.vocab_size (`build_tokenizer_for`); the default GPT-2 tokenizer is only loaded, since small test
     models read toy corpora of small ids with it and `check_data_tokenizers` already refuses any dataset
     whose recorded vocabulary or largest id does not fit the model."""
-    from ..data.errors import DataError
-    from ..data.tokenizer import HF_TYPE, build_tokenizer
+    from ..data.tokenizer import HF_TYPE
 
-    if cfg.data.tokenizer_type == HF_TYPE:
-        return build_tokenizer_for(cfg)
-    try:
-        return build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model or None)
-    except DataError as exc:
-        raise ConfigError(f"data.tokenizer_type: {exc}") from None
-
-
-def check_checkpoint_tokenizer(meta: dict, tokenizer, where: str) -> None:
-    """ConfigError (one sentence) when the checkpoint to resume was trained with another tokenizer than
-    this run's data; a checkpoint without a record predates them and was made with GPT-2's."""
-    from ..data.dataset_meta import LEGACY_TOKENIZER_TYPE, describe_record, same_tokenizer
-
-    saved = meta.get("tokenizer")
-    ours = tokenizer.describe()
-    if saved is None:
-        if tokenizer.tokenizer_type != LEGACY_TOKENIZER_TYPE:
-            raise ConfigError(f"checkpoint {where} has no tokenizer record (it predates them, so it was trained "
-                              f"with {LEGACY_TOKENIZER_TYPE}) but this run uses {describe_record(ours)}; "
-                              "refusing to resume it.")
-        return
-    if not same_tokenizer(saved, ours):
-        raise ConfigError(f"checkpoint {where} was trained with {describe_record(saved)} but this run uses "
-                          f"{describe_record(ours)}; refusing to resume it with data of another tokenizer.")
+    return build_tokenizer_for(cfg) if cfg.data.tokenizer_type == HF_TYPE else load_run_tokenizer(cfg)
 
 
 def byte_length_table(tokenizer, vocab_size: int, device) -> torch.Tensor:

@@ -37,7 +37,7 @@ from ..utils.distributed import rank, world_size
 from .arguments import RunOptions
 from ..data.bpb import bits_per_byte, bpb_sums
 from .data import (EvalBatchSampler, TrainBatchSampler, build_datasets, build_eval_datasets, byte_length_table,
-                   check_checkpoint_tokenizer, check_data_paths, check_data_tokenizers, check_eval_data_paths, loader,
+                   check_data_paths, check_data_tokenizers, check_eval_data_paths, loader,
                    run_tokenizer, split_inputs)
 from .diagnostics import gate_means
 from .distributed import device as current_device
@@ -63,9 +63,7 @@ def preflight(cfg: Config, opts: RunOptions) -> Dict[str, Any]:
     check_eval_data_paths(cfg)
     tokenizer = run_tokenizer(cfg)
     data_notes = check_data_tokenizers(cfg, tokenizer)  # refuses data of another tokenizer / a larger vocab
-    resume = checkpoint.find_resume(cfg, world, precision)
-    if resume is not None:
-        check_checkpoint_tokenizer(resume.meta, tokenizer, os.path.join(cfg.training.load, resume.tag))
+    resume = checkpoint.find_resume(cfg, world, precision)  # refuses another shape, tokenizer, batch, layout
     init_from = checkpoint.find_init_from(cfg) if resume is None else None
     return {"world": world, "ds_base": ds_base, "precision": precision, "resume": resume, "init_from": init_from,
             "tokenizer": tokenizer, "data_notes": data_notes}

@@ -102,16 +102,16 @@ def test_named_valid_sets_are_reported_separately(trained):
 
 def test_checkpoint_carries_the_tokenizer_and_resume_refuses_another(trained):
     from loop_megatron.checkpoint import load_tokenizer, read_meta, resolve_checkpoint
-    from loop_megatron.training.data import check_checkpoint_tokenizer
+    from loop_megatron.checkpoint import check_same_tokenizer
 
     folder = resolve_checkpoint(trained["save"])
     meta = read_meta(folder)
     assert meta["tokenizer"] == trained["tok"].describe()
     assert os.path.isfile(os.path.join(folder, "tokenizer.json"))
     assert load_tokenizer(folder).sha256 == trained["tok"].sha256
-    check_checkpoint_tokenizer(meta, trained["tok"], folder)
+    check_same_tokenizer(meta, trained["tok"], folder)
     with pytest.raises(ConfigError, match=r"was trained with HuggingFaceTokenizer .* but this run uses GPT2BPETokenizer"):
-        check_checkpoint_tokenizer(meta, build_tokenizer(), folder)
+        check_same_tokenizer(meta, build_tokenizer(), folder)
 
 
 def _reference_byte_lengths(tokenizer_json):
