@@ -15,6 +15,11 @@ Writes <out-dir>/<source>.jsonl (documents in a fixed shuffled order) and
 <out-dir>/<source>_text_document.{bin,idx,meta.json}, then prints per-source documents, bytes, tokens
 and licences, and a --data-path that blends the sources by size. A source that cannot be fetched is
 reported and skipped; the exit status is 1 when none worked or when a source named in --sources failed.
+With --holdout F, each source is written as <source>_train, <source>_valid and <source>_test (the last F
+of its shuffled documents are valid, the F before them test), and the named held-out sets are printed:
+
+    python tools/prepare_corpus.py --out-dir data/study --jsonl-only --holdout 0.05     # then a tokenizer
+    python tools/train_tokenizer.py --input data/study/*_train.jsonl --vocab-size 2048 --output tokenizers/study2k
 """
 
 import argparse
@@ -38,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer-model", default=None, help="HuggingFaceTokenizer: tokenizer.json or its folder")
     p.add_argument("--seed", type=int, default=1234, help="document shuffling seed")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
+                   help="hold out this fraction of each source's documents for validation and as many for test: "
+                        "writes <source>_train/_valid/_test instead of <source> (default 0: no holdout)")
     p.add_argument("--jsonl-only", action="store_true", help="write the JSONL files without tokenizing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -61,8 +69,14 @@ def report(results, jsonl_only: bool) -> str:
         total = sum(r.tokens for r in ok)
         blend = " ".join(f"{r.tokens / total:.3f} {r.prefix}" for r in ok)
         lines.append(f"\nBlend by size: --data-path {blend}")
-        lines.append("(tokens include one end-of-document token per document; each dataset is split by "
-                     "--split on its own, so every source contributes to train, valid and test.)")
+        if any(r.heldout for r in ok):
+            lines.append("Held out: --valid-data-path " + " ".join(f"{r.name}={r.heldout['valid']}" for r in ok)
+                         + " --test-data-path " + " ".join(f"{r.name}={r.heldout['test']}" for r in ok))
+            lines.append("(tokens include one end-of-document token per document; train with --split 1,0,0, "
+                         "the held-out documents are in the named sets.)")
+        else:
+            lines.append("(tokens include one end-of-document token per document; each dataset is split by "
+                         "--split on its own, so every source contributes to train, valid and test.)")
     elif ok:
         lines.append("\nJSONL written: " + " ".join(r.jsonl for r in ok))
     return "\n".join(lines)
@@ -74,7 +88,7 @@ def main(argv=None) -> int:
         results = prepare_corpus(
             args.out_dir, args.sources, args.cache_dir, args.tokenizer_type, args.tokenizer_model,
             seed=args.seed, workers=args.workers, jsonl_only=args.jsonl_only, progress=not args.no_progress,
-            log=lambda line: print(line, file=sys.stderr, flush=True),
+            log=lambda line: print(line, file=sys.stderr, flush=True), holdout=args.holdout,
         )
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -10,7 +10,7 @@ import importlib.util
 import json
 import os
 import random
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..utils.fs import atomic_open, exclusive_lock
 from .errors import DataError
@@ -107,7 +107,12 @@ class SourceResult:
     jsonl: str = ""
     """The shuffled documents as JSONL (``{"text", "id"}`` per line)."""
     prefix: str = ""
-    """The indexed dataset (empty with jsonl_only or on failure)."""
+    """The indexed dataset (empty with jsonl_only or on failure); with a holdout, the training part."""
+    heldout: Dict[str, str] = dataclasses.field(default_factory=dict)
+    """With a holdout: {'valid': prefix, 'test': prefix} of the held-out documents (JSONL paths with
+    jsonl_only), disjoint from ``prefix``."""
+    heldout_documents: int = 0
+    """Documents in each held-out part (0 without a holdout)."""
     error: str = ""
     """Why the source could not be prepared (one sentence), empty when it worked."""
 
@@ -138,6 +143,21 @@ def write_documents_jsonl(path: str, documents: Sequence[Tuple[str, str]]) -> in
     return total
 
 
+def split_holdout(documents: Sequence, fraction: float, name: str = "") -> Dict[str, List]:
+    """{'all': documents} without a holdout, else {'train', 'valid', 'test'}: the last
+    max(1, round(fraction * n)) documents are 'valid', as many before them 'test', the rest 'train'."""
+    if not fraction:
+        return {"all": list(documents)}
+    if not 0 < fraction < 0.5:
+        raise DataError(f"--holdout {fraction}: must be in (0, 0.5) (a fraction held out for valid and again for test).")
+    n = len(documents)
+    k = max(1, round(fraction * n))
+    if n < 2 * k + 1:
+        raise DataError(f"{name}: {n} documents are too few to hold out {k} for valid and {k} for test.")
+    return {"train": list(documents[: n - 2 * k]), "test": list(documents[n - 2 * k: n - k]),
+            "valid": list(documents[n - k:])}
+
+
 def prepare_corpus(
     out_dir: str,
     sources: Optional[Sequence[str]] = None,
@@ -149,6 +169,7 @@ def prepare_corpus(
     jsonl_only: bool = False,
     progress: bool = False,
     log=None,
+    holdout: float = 0.0,
 ) -> List[SourceResult]:
     """Build ``out_dir/<name>.jsonl`` and ``out_dir/<name>_text_document.{bin,idx,meta.json}`` per source.
 
@@ -167,11 +188,17 @@ def prepare_corpus(
         jsonl_only: write the JSONL files only (e.g. to train a tokenizer on them first).
         progress: show preprocessing progress bars.
         log: callable taking one line, for progress messages (default: silent).
+        holdout: fraction of each source's documents (at least one) held out for validation and the same
+            again for test, taken from the end of the shuffled order. The parts become ``<name>_train``,
+            ``<name>_valid`` and ``<name>_test`` (JSONL and datasets), so a tokenizer can be trained on
+            the ``_train`` JSONL alone and every source can be validated on documents never trained on.
+            0 (default) writes one ``<name>`` part.
     """
     from .preprocess import preprocess
     from .sources import SOURCES
 
     names = resolve_source_names(sources)
+    split_holdout(range(3), holdout)  # a bad fraction stops before any fetching
     cache_dir = cache_dir or os.path.join(out_dir, ".cache")
     if not jsonl_only:
         from .tokenizer import build_tokenizer
@@ -189,15 +216,26 @@ def prepare_corpus(
             if not documents:
                 raise DataError(f"{name}: the source yielded no documents.")
             random.Random(seed).shuffle(documents)
-            result.jsonl = os.path.join(out_dir, f"{name}.jsonl")
-            result.text_bytes = write_documents_jsonl(result.jsonl, documents)
+            parts = split_holdout(documents, holdout, name)
             result.documents = len(documents)
-            if not jsonl_only:
-                stats = preprocess(result.jsonl, os.path.join(out_dir, name), ["text"], append_eod=True,
-                                   workers=workers, progress=progress, tokenizer_type=tokenizer_type,
-                                   tokenizer_model=tokenizer_model)
-                result.prefix = stats.output_prefixes["text"]
-                result.tokens = stats.tokens
+            for part, docs in parts.items():
+                stem = name if part == "all" else f"{name}_{part}"
+                jsonl = os.path.join(out_dir, f"{stem}.jsonl")
+                text_bytes = write_documents_jsonl(jsonl, docs)
+                prefix, tokens = jsonl, 0
+                if not jsonl_only:
+                    stats = preprocess(jsonl, os.path.join(out_dir, stem), ["text"], append_eod=True,
+                                       workers=workers, progress=progress, tokenizer_type=tokenizer_type,
+                                       tokenizer_model=tokenizer_model)
+                    prefix, tokens = stats.output_prefixes["text"], stats.tokens
+                result.text_bytes += text_bytes
+                result.tokens += tokens
+                if part in ("all", "train"):
+                    result.jsonl = jsonl
+                    result.prefix = "" if jsonl_only else prefix
+                else:
+                    result.heldout[part] = prefix
+                    result.heldout_documents = len(docs)
         except DataError as err:
             result.error = str(err)
             if log:

@@ -325,6 +325,9 @@ class Trainer:
                   "step_time": step_time, "tokens_seen": tokens_seen}
         if step.flops_per_token is not None:
             self.window_flops.append(step.flops_per_token)
+            # The FLOPs this step actually ran (sampled or scheduled depth differs per step), so a study can
+            # compare runs at equal training compute (experiments/study_report.py).
+            record["flops_per_token"] = step.flops_per_token
         if step.loops is not None and depth_is_varied(self.cfg):
             scalars["train/loops"] = record["loops"] = step.loops
             self.window_loops.append(step.loops)

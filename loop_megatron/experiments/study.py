@@ -1,0 +1,421 @@
+"""The "does looping pay?" study: a seeded CPU-scale grid of unshared, looped, recurrent-depth and
+progressively looped GPTs on the multi-source corpus, reported in bits per byte per source.
+
+    python -m loop_megatron.experiments.study                 # the full study (`make experiments`)
+    python -m loop_megatron.experiments.study --quick         # the smoke run (`QUICK=1 make experiments`)
+    python -m loop_megatron.experiments.study --report-only   # tables and plots from what is on disk
+
+Steps, each skipped when its output already exists (so an interrupted study is simply started again):
+  1. data: the five corpus sources with 5% of each source's documents held out for validation and 5%
+     for test (tools/prepare_corpus.py --holdout), a byte-level BPE of `vocab_size` tokens trained on
+     the training documents only (tools/train_tokenizer.py), every part tokenized with it;
+  2. learning rate: the 1-layer baseline trained once per LR of `lr_grid` (seed `seeds[0]`), the LR
+     with the lowest mean valid bits per byte over the five sources is used for every arm
+     (chosen on the validation split only; the test split is never looked at for any choice);
+  3. training: every arm of ARMS x every seed, same token budget, same hyper-parameters; a seed fixes
+     initialisation and data order, so arms with the same seed see the same batches in the same order;
+  4. evaluation (tools/evaluate.py): each checkpoint on the whole held-out valid and test sets of every
+     source at its trained depth; looped arms also at other loop counts, and the recurrent-depth arm
+     with adaptive per-token exit (KL criterion) — the test-time compute curve;
+  5. report (experiments/study_report.py): tables and plots in `out_dir`, optionally spliced into the
+     README between the study markers.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..utils.fs import write_json
+
+SOURCES = ("sotu", "kjv", "anarchist-faq", "jargon", "fortunes")
+"""Corpus sources, each validated (and tested) separately."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One configuration of the grid."""
+
+    name: str
+    """Short name used for folders, tables and legends."""
+    preset: str
+    """Trainer preset (loop_megatron/config.py PRESETS) it starts from."""
+    family: str
+    """'unshared', 'looped', 'recurrent' or 'progressive': how the plots and comparisons group it."""
+    description: str
+    """One line for the tables."""
+    overrides: Tuple[str, ...] = ()
+    """Config overrides (SECTION.FIELD=VALUE) on top of the preset and the study's common settings."""
+    sweep_loops: Tuple[int, ...] = ()
+    """Inference loop counts the checkpoint is also evaluated at (empty: the trained depth only)."""
+    exit_thresholds: Tuple[float, ...] = ()
+    """KL thresholds (nats) of an adaptive-exit sweep (empty: none)."""
+    exit_max_loops: int = 0
+    """Loop cap of the adaptive-exit sweep."""
+
+
+ARMS: Tuple[Arm, ...] = (
+    Arm("1L", "tiny-1l", "unshared", "1 layer"),
+    Arm("1Lx2", "tiny-1l-2loop", "looped", "1 shared layer x 2 loops", sweep_loops=(1, 2, 3, 4)),
+    Arm("1Lx4", "tiny-1l-4loop", "looped", "1 shared layer x 4 loops", sweep_loops=(1, 2, 3, 4, 6, 8)),
+    Arm("2L", "tiny-2l", "unshared", "2 layers"),
+    Arm("2Lx2", "tiny-2l-2loop", "looped", "2 shared layers x 2 loops", sweep_loops=(1, 2, 3, 4)),
+    Arm("4L", "tiny-4l", "unshared", "4 layers (the deeper unshared model)"),
+    # The 2-layer model's unique parameters, spent Huginn-style: a prelude layer, then one core layer
+    # iterated r ~ Poisson-lognormal (mean 4, cap 8) times with diagonal injection of the prelude output
+    # (2d extra parameters, against 2d^2 for 'linear', so the parameter match stays within 0.1%), a
+    # random initial state and backprop through the last 2 iterations only. No coda: the final LayerNorm
+    # and the head read the state out (a coda layer would be a third unique block).
+    Arm("rec", "tiny-recurrent", "recurrent",
+        "recurrent depth: prelude 1 + core 1 x ~4 sampled loops (cap 8, backprop 2), diagonal injection",
+        overrides=("model.num_layers=1", "model.coda_layers=0", "model.loop_injection=diagonal"),
+        sweep_loops=(1, 2, 3, 4, 6, 8, 12, 16), exit_thresholds=(0.1, 0.03, 0.01, 0.003, 0.001),
+        exit_max_loops=8),
+    # Progressive looping: 1 -> 4 loops linearly over the first half of training, then 4.
+    Arm("1Lx4-prog", "tiny-1l-4loop", "progressive", "1 shared layer, loops 1 -> 4 over the first half",
+        overrides=("training.loop_schedule=linear:0:1,0.5:4",), sweep_loops=(1, 2, 3, 4, 6, 8)),
+)
+
+
+@dataclasses.dataclass
+class StudySettings:
+    """Everything that decides the study's numbers (written to OUT/settings.json)."""
+
+    tokens_per_run: int = 2_500_000
+    """Training tokens per run (the issue asks for at least 2M)."""
+    seeds: Tuple[int, ...] = (1, 2, 3)
+    """Seeds per arm; each fixes initialisation and data order."""
+    lr_grid: Tuple[float, ...] = (1e-3, 2e-3, 4e-3, 8e-3)
+    """Peak learning rates tried on the 1-layer baseline (seeds[0]); the best valid BPB is used for all."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of the peak LR."""
+    warmup_fraction: float = 0.05
+    """Linear warm-up, as a fraction of the training iterations."""
+    micro_batch: int = 32
+    """Sequences per step (one micro-batch, no accumulation)."""
+    seq_length: int = 128
+    """Tokens per sequence."""
+    vocab_size: int = 2048
+    """The study tokenizer's vocabulary: small, so that the blocks, not the embedding, hold most parameters
+    from two layers up (at d=128 a block has 198K parameters, the tied embedding 262K)."""
+    holdout: float = 0.05
+    """Fraction of each source's documents held out for valid, and again for test."""
+    evals: int = 10
+    """Validation points during training (for the curves; eval_iters micro-batches per source)."""
+    eval_iters: int = 4
+    """Micro-batches per source at each validation point during training."""
+    sweep_eval_iters: int = 8
+    """Micro-batches per source for the loop and exit sweeps (the headline uses the whole sets)."""
+    final_eval_iters: int = 0
+    """Micro-batches per source of the headline valid/test evaluation; 0 = the whole held-out sets."""
+    data_dir: str = "data/study"
+    tokenizer_dir: str = "tokenizers/study2k"
+    runs_dir: str = "runs/study"
+    ckpt_dir: str = "checkpoints/study"
+    out_dir: str = "results/study"
+    quick: bool = False
+    """The smoke configuration (fewer tokens and seeds, two LRs)."""
+
+    @classmethod
+    def quick_settings(cls) -> "StudySettings":
+        return cls(tokens_per_run=200_000, seeds=(1, 2), lr_grid=(2e-3, 4e-3), evals=4, sweep_eval_iters=2,
+                   final_eval_iters=4,
+                   runs_dir="runs/study-quick", ckpt_dir="checkpoints/study-quick", out_dir="results/study-quick",
+                   quick=True)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch * self.seq_length
+
+    @property
+    def train_iters(self) -> int:
+        return max(1, -(-self.tokens_per_run // self.tokens_per_step))
+
+    def as_dict(self) -> Dict:
+        return dict(dataclasses.asdict(self), train_iters=self.train_iters,
+                    tokens_per_step=self.tokens_per_step)
+
+
+def run_name(arm: str, seed: int) -> str:
+    return f"{arm}-s{seed}"
+
+
+class Study:
+    """Runs the steps of the module docstring; every output lands atomically, so a restart skips it."""
+
+    def __init__(self, settings: StudySettings, arms: Sequence[Arm] = ARMS, python: Optional[str] = None,
+                 log=print):
+        self.s = settings
+        self.arms = list(arms)
+        self.python = python or sys.executable
+        self.log = log
+        self.repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.started = time.time()
+
+    # ----------------------------------------------------------------------------------------- helpers
+    def _path(self, *parts: str) -> str:
+        return os.path.join(*parts)
+
+    def _elapsed(self) -> str:
+        m, s = divmod(int(time.time() - self.started), 60)
+        return f"{m}:{s:02d}"
+
+    def _run(self, cmd: List[str], log_path: str, echo_prefix: str = "") -> None:
+        """Run cmd, its output to log_path; progress lines ('iter N/M | loss ...') are echoed."""
+        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as log_file:
+            log_file.write("$ " + " ".join(cmd) + "\n")
+            log_file.flush()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    cwd=self.repo, bufsize=1)
+            for line in proc.stdout:
+                log_file.write(line)
+                if echo_prefix and line.startswith("iter ") and "| loss" in line:
+                    self.log(f"  {echo_prefix} {line.rstrip()}")
+            code = proc.wait()
+        if code != 0:
+            raise StudyError(f"{' '.join(cmd[:4])} ... failed (exit {code}); see {log_path}.")
+
+    def _tool(self, name: str) -> List[str]:
+        return [self.python, os.path.join(self.repo, "tools", name)]
+
+    # -------------------------------------------------------------------------------------------- data
+    @property
+    def tokenizer_file(self) -> str:
+        return self._path(self.s.tokenizer_dir, "tokenizer.json")
+
+    def prefix(self, source: str, part: str) -> str:
+        return self._path(self.s.data_dir, f"{source}_{part}_text_document")
+
+    def named_sets(self, part: str) -> List[str]:
+        return [f"{source}={self.prefix(source, part)}" for source in SOURCES]
+
+    def prepare_data(self) -> None:
+        """Corpus with holdout, tokenizer on the training documents, datasets in its tokens."""
+        d = self.s.data_dir
+        if all(os.path.exists(self.prefix(src, part) + ".idx") for src in SOURCES for part in ("train", "valid", "test")) \
+                and os.path.exists(self.tokenizer_file):
+            self.log(f"[data] {d} and {self.tokenizer_file} exist; reusing them")
+            return
+        holdout = ["--holdout", str(self.s.holdout), "--no-progress", "--sources", *SOURCES]
+        if not os.path.exists(self.tokenizer_file):
+            self.log(f"[data] corpus texts -> {d} (5 sources, {self.s.holdout:.0%} valid + test held out)")
+            self._run([*self._tool("prepare_corpus.py"), "--out-dir", d, "--jsonl-only", *holdout],
+                      self._path(d, "prepare.log"))
+            self.log(f"[data] a {self.s.vocab_size}-token BPE on the training documents -> {self.s.tokenizer_dir}")
+            self._run([*self._tool("train_tokenizer.py"), "--input",
+                       *[self._path(d, f"{src}_train.jsonl") for src in SOURCES],
+                       "--vocab-size", str(self.s.vocab_size), "--output", self.s.tokenizer_dir],
+                      self._path(d, "tokenizer.log"))
+        self.log("[data] tokenizing every part")
+        self._run([*self._tool("prepare_corpus.py"), "--out-dir", d, *holdout, "--workers", "2",
+                   "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", self.s.tokenizer_dir],
+                  self._path(d, "prepare.log"))
+
+    def train_blend(self) -> List[str]:
+        """--data-path weights: each source's share of the training tokens."""
+        from ..data.indexed_dataset import IndexedDataset
+
+        sizes = {}
+        for src in SOURCES:
+            sizes[src] = len(IndexedDataset(self.prefix(src, "train")).tokens)
+        total = sum(sizes.values())
+        out: List[str] = []
+        for src in SOURCES:
+            out += [f"{sizes[src] / total:.6f}", self.prefix(src, "train")]
+        return out
+
+    # ---------------------------------------------------------------------------------------- training
+    def run_dir(self, name: str) -> str:
+        return self._path(self.s.runs_dir, name)
+
+    def ckpt_dir(self, name: str) -> str:
+        return self._path(self.s.ckpt_dir, name)
+
+    def is_trained(self, name: str) -> bool:
+        path = self._path(self.run_dir(name), "summary.json")
+        if not os.path.isfile(path) or not os.path.isfile(self._path(self.ckpt_dir(name), "latest")):
+            return False
+        with open(path, encoding="utf-8") as f:
+            return int(json.load(f).get("iterations") or 0) >= self.s.train_iters
+
+    def trainer_command(self, arm: Arm, seed: int, lr: float, name: str) -> List[str]:
+        s = self.s
+        iters = s.train_iters
+        eval_interval = max(1, iters // max(1, s.evals))
+        return [self.python, "-m", "loop_megatron.train", "--preset", arm.preset,
+                "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", self.tokenizer_file,
+                "--override", f"model.vocab_size={s.vocab_size}",
+                *[x for o in arm.overrides for x in ("--override", o)],
+                "--data-path", *self.train_blend(), "--split", "1,0,0",
+                "--valid-data-path", *self.named_sets("valid"),
+                "--seq-length", str(s.seq_length), "--micro-batch-size", str(s.micro_batch),
+                "--global-batch-size", str(s.micro_batch), "--train-iters", str(iters),
+                "--lr", f"{lr:g}", "--min-lr", f"{lr * s.min_lr_ratio:g}",
+                "--lr-warmup-iters", str(max(1, int(iters * s.warmup_fraction))),
+                "--seed", str(seed), "--zero-stage", "0",
+                "--eval-interval", str(eval_interval), "--eval-iters", str(s.eval_iters),
+                "--log-interval", str(max(1, iters // 5)),
+                "--save", self.ckpt_dir(name), "--load", self.ckpt_dir(name), "--save-interval", str(iters),
+                "--keep-last", "1", "--run-dir", self.run_dir(name)]
+
+    def train(self, arm: Arm, seed: int, lr: float, name: str, label: str) -> None:
+        if self.is_trained(name):
+            self.log(f"{label} {name}: trained already")
+            return
+        t0 = time.time()
+        self.log(f"{label} {name}: training ({arm.description}, seed {seed}, lr {lr:g}, "
+                 f"{self.s.train_iters} steps x {self.s.tokens_per_step} tokens)  [study {self._elapsed()}]")
+        self._run(self.trainer_command(arm, seed, lr, name), self._path(self.run_dir(name), "train.log"),
+                  echo_prefix=name)
+        self.log(f"{label} {name}: done in {time.time() - t0:.0f} s")
+
+    # -------------------------------------------------------------------------------------- evaluation
+    def eval_path(self, name: str, kind: str) -> str:
+        return self._path(self.s.out_dir, "eval", f"{name}.{kind}.json")
+
+    def evaluate(self, name: str, kind: str, extra: Sequence[str], split: str = "valid") -> str:
+        """tools/evaluate.py on the named sets; kind names the JSON (valid, test, loops, exit)."""
+        out = self.eval_path(name, kind)
+        if os.path.isfile(out):
+            return out
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        flag = "--valid-data-path" if split == "valid" else "--test-data-path"
+        cmd = [*self._tool("evaluate.py"), "--load", self.ckpt_dir(name), flag, *self.named_sets(split),
+               "--eval-split", split, "--micro-batch-size", str(self.s.micro_batch), *extra, "--json", out]
+        self._run(cmd, self._path(self.run_dir(name), f"evaluate.{kind}.log"))
+        return out
+
+    def evaluate_run(self, arm: Arm, name: str) -> None:
+        t0 = time.time()
+        final = ["--eval-iters", str(self.s.final_eval_iters)] if self.s.final_eval_iters else []
+        self.evaluate(name, "valid", final)
+        self.evaluate(name, "test", final, split="test")
+        sweep = ["--eval-iters", str(self.s.sweep_eval_iters)]
+        if arm.sweep_loops:
+            self.evaluate(name, "loops", [*sweep, "--loops", *map(str, arm.sweep_loops)])
+        if arm.exit_thresholds:
+            self.evaluate(name, "exit", [*sweep, "--exit-criterion", "kl", "--exit-threshold",
+                                         *map(str, arm.exit_thresholds), "--max-loops", str(arm.exit_max_loops)])
+        self.log(f"        {name}: evaluated in {time.time() - t0:.0f} s")
+
+    # ------------------------------------------------------------------------------------------- steps
+    def choose_lr(self) -> float:
+        """Train the 1-layer baseline at each LR (first seed); the lowest mean valid BPB wins."""
+        from .study_report import macro_bpb
+
+        base = self.arms[0]
+        seed = self.s.seeds[0]
+        rows = []
+        for i, lr in enumerate(self.s.lr_grid):
+            name = f"lr{lr:g}-{run_name(base.name, seed)}"
+            self.train(base, seed, lr, name, f"[lr {i + 1}/{len(self.s.lr_grid)}]")
+            final = ["--eval-iters", str(self.s.final_eval_iters)] if self.s.final_eval_iters else []
+            path = self.evaluate(name, "valid", final)
+            rows.append({"lr": lr, "run": name, "valid_bpb": macro_bpb(path)})
+        best = min(rows, key=lambda r: r["valid_bpb"])
+        write_json(self._path(self.s.out_dir, "lr_sweep.json"), make_parent=True, obj=
+                   {"arm": base.name, "seed": seed, "rows": rows, "chosen_lr": best["lr"],
+                    "criterion": "mean over sources of whole-valid-set bits per byte"})
+        self.log("[lr] " + ", ".join(f"{r['lr']:g}: {r['valid_bpb']:.4f}" for r in rows)
+                 + f" -> {best['lr']:g}")
+        return best["lr"]
+
+    def run(self, only: Sequence[str] = (), report_only: bool = False, readme: Optional[str] = None) -> Dict:
+        from .study_report import write_study_report
+
+        os.makedirs(self.s.out_dir, exist_ok=True)
+        if not report_only:
+            self.prepare_data()
+            lr = self.choose_lr()
+            write_json(self._path(self.s.out_dir, "settings.json"),
+                       dict(self.s.as_dict(), lr=lr, arms=[dataclasses.asdict(a) for a in self.arms],
+                            sources=list(SOURCES),
+                            example_command=self.trainer_command(self.arms[0], self.s.seeds[0], lr, "NAME")[1:]))
+            arms = [a for a in self.arms if not only or a.name in only]
+            # Seed-major order: an interrupted or partial study has every arm at the first seeds.
+            plan = [(arm, seed) for seed in self.s.seeds for arm in arms]
+            for k, (arm, seed) in enumerate(plan):
+                name = run_name(arm.name, seed)
+                # The first seed's 1-layer run at the chosen LR is the LR sweep's run: reuse it.
+                lr_run = f"lr{lr:g}-{name}"
+                if arm is self.arms[0] and seed == self.s.seeds[0] and self.is_trained(lr_run):
+                    self._alias(lr_run, name)
+                self.train(arm, seed, lr, name, f"[{k + 1}/{len(plan)}]")
+                self.evaluate_run(arm, name)
+        written = write_study_report(self.s.out_dir, self.s.runs_dir, readme=readme)
+        self.log(f"[report] {', '.join(sorted(written.values()))}  [study {self._elapsed()}]")
+        return written
+
+    def _alias(self, source: str, target: str) -> None:
+        """Point target's run and checkpoint folders at source's (same arm, seed and LR: the same run)."""
+        for root in (self.s.runs_dir, self.s.ckpt_dir):
+            dst = self._path(root, target)
+            if not os.path.lexists(dst):
+                os.symlink(source, dst)
+        src_eval = self.eval_path(source, "valid")
+        dst_eval = self.eval_path(target, "valid")
+        if os.path.isfile(src_eval) and not os.path.exists(dst_eval):
+            with open(src_eval, encoding="utf-8") as f:
+                write_json(dst_eval, json.load(f), make_parent=True)
+
+
+class StudyError(RuntimeError):
+    """A step of the study failed; the message names its log file."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m loop_megatron.experiments.study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 200K tokens per run, 2 seeds, 2 LRs, into runs/study-quick and "
+                        "results/study-quick (under 15 minutes on 2 cores)")
+    p.add_argument("--only", nargs="+", default=[], metavar="ARM",
+                   help=f"train and evaluate only these arms (of {', '.join(a.name for a in ARMS)}); the report "
+                        "covers every finished run")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 1 2 3; quick: 1 2)")
+    p.add_argument("--tokens", type=float, help="training tokens per run (default 2.5e6; quick: 2e5)")
+    p.add_argument("--out", help="results folder (default results/study; quick: results/study-quick)")
+    p.add_argument("--runs-dir", help="run folders (default runs/study; quick: runs/study-quick)")
+    p.add_argument("--ckpt-dir", help="checkpoints (default checkpoints/study; quick: checkpoints/study-quick)")
+    p.add_argument("--data-dir", help="corpus and datasets (default data/study, shared by quick and full)")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the tables and plots from disk")
+    p.add_argument("--readme", metavar="README.md",
+                   help="also replace the README block between '<!-- study:begin -->' and '<!-- study:end -->' "
+                        "with the generated tables and figures")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = StudySettings.quick_settings() if args.quick else StudySettings()
+    if args.seeds:
+        settings.seeds = tuple(args.seeds)
+    if args.tokens:
+        settings.tokens_per_run = int(args.tokens)
+    for flag, attr in (("out", "out_dir"), ("runs_dir", "runs_dir"), ("ckpt_dir", "ckpt_dir"), ("data_dir", "data_dir")):
+        if getattr(args, flag):
+            setattr(settings, attr, getattr(args, flag))
+    unknown = [a for a in args.only if a not in {arm.name for arm in ARMS}]
+    if unknown:
+        print(f"study: error: --only {' '.join(unknown)}: unknown arm (known: {', '.join(a.name for a in ARMS)}).",
+              file=sys.stderr)
+        return 2
+    try:
+        Study(settings, log=lambda line: print(line, flush=True)).run(args.only, args.report_only, args.readme)
+    except StudyError as exc:
+        print(f"study: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("study: interrupted; start it again to go on where it stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,576 @@
+"""Tables and plots of the "does looping pay?" study (experiments/study.py), from what its runs left on disk.
+
+Reads OUT/settings.json, OUT/lr_sweep.json, OUT/eval/<arm>-s<seed>.{valid,test,loops,exit}.json
+(tools/evaluate.py --json) and RUNS/<arm>-s<seed>/{summary.json,metrics.jsonl}; writes
+  OUT/results.md            every table below (also spliced into the README with readme=...)
+  OUT/study.json            the aggregated numbers the tables show
+  OUT/curves.png            train loss and mean valid BPB against tokens, mean over seeds with a min-max band
+  OUT/bpb_vs_depth.png      valid BPB against effective depth, unshared vs shared
+  OUT/bpb_vs_loops.png      valid BPB against inference loops, and the adaptive-exit curve
+Every number is a mean over seeds with its sample standard deviation ("±"); comparisons are paired by
+seed (same data order). The headline metric is bits per byte averaged over the five sources (each source
+weighs the same, whatever its size).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..utils import fs
+from .records import ExperimentError, _read_json, _read_yaml
+
+README_BEGIN = "<!-- study:begin -->"
+README_END = "<!-- study:end -->"
+
+# (A, B, matched on, note): the comparisons the issue and the papers ask about.
+PAIRS: Tuple[Tuple[str, str, str, str], ...] = (
+    ("1Lx2", "1L", "parameters", "paper: loop-45m (1x2) 3.67 vs lite-45m (1x1) 3.98 val loss"),
+    ("1Lx4", "1L", "parameters", ""),
+    ("2Lx2", "2L", "parameters", ""),
+    ("rec", "2L", "parameters", "the recurrent-depth recipe"),
+    ("1Lx4-prog", "1Lx4", "parameters", "progressive vs fixed loops"),
+    ("1Lx2", "2L", "effective depth", ""),
+    ("1Lx4", "4L", "effective depth", ""),
+    ("2Lx2", "4L", "effective depth", "paper: loop-81m (6x6) 3.11 vs gpt2-124m (12L) 3.12"),
+    ("rec", "4L", "training FLOPs (about)", ""),
+)
+
+
+# ------------------------------------------------------------------------------------------- numbers
+def mean_sd(values: Sequence[float]) -> Tuple[float, float, int]:
+    """(mean, sample standard deviation (0 for one value), n) of the finite values; (nan, nan, 0) if none."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return float("nan"), float("nan"), 0
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return m, sd, len(vals)
+
+
+def _pm(values: Sequence[float], spec: str = ".4f") -> str:
+    m, sd, n = mean_sd(values)
+    if n == 0:
+        return "–"
+    return f"{m:{spec}} ± {sd:{spec}}" if n > 1 else f"{m:{spec}}"
+
+
+def _eval_rows(path: str) -> List[Dict]:
+    data = _read_json(path)
+    rows = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not rows:
+        raise ExperimentError(f"{path}: expected tools/evaluate.py --json output with a 'results' list.")
+    return rows
+
+
+def per_source(path: str, metric: str = "bpb") -> Dict[str, float]:
+    """{set name: metric} of an evaluate.py JSON at one depth (the file's only row per set)."""
+    out: Dict[str, float] = {}
+    for row in _eval_rows(path):
+        if row.get("exit_criterion", "none") not in (None, "none"):
+            continue
+        out.setdefault(row.get("name") or "valid", float(row[metric]))
+    return out
+
+
+def macro_bpb(path: str) -> float:
+    """Mean over the sets of an evaluate.py JSON of their bits per byte (each set weighs the same)."""
+    values = list(per_source(path).values())
+    return sum(values) / len(values)
+
+
+@dataclass
+class RunResult:
+    """One (arm, seed) run: its held-out numbers, sweeps and training records."""
+
+    arm: str
+    seed: int
+    valid_bpb: Dict[str, float] = field(default_factory=dict)
+    valid_loss: Dict[str, float] = field(default_factory=dict)
+    test_bpb: Dict[str, float] = field(default_factory=dict)
+    loops: List[Dict] = field(default_factory=list)
+    exits: List[Dict] = field(default_factory=list)
+    summary: Dict = field(default_factory=dict)
+    records: List[Dict] = field(default_factory=list)
+    config: Dict = field(default_factory=dict)
+
+    @property
+    def macro_valid_bpb(self) -> float:
+        return sum(self.valid_bpb.values()) / len(self.valid_bpb) if self.valid_bpb else float("nan")
+
+    @property
+    def macro_valid_loss(self) -> float:
+        return sum(self.valid_loss.values()) / len(self.valid_loss) if self.valid_loss else float("nan")
+
+    @property
+    def macro_test_bpb(self) -> float:
+        return sum(self.test_bpb.values()) / len(self.test_bpb) if self.test_bpb else float("nan")
+
+    @property
+    def train_flops_per_token(self) -> float:
+        """Mean training FLOPs per token over the steps run (sampled/scheduled depth included)."""
+        flops = [r["flops_per_token"] for r in self.records if r.get("flops_per_token") is not None]
+        return sum(flops) / len(flops) if flops else float("nan")
+
+
+def _macro(sweep_rows: Sequence[Dict], key) -> Dict:
+    """Group sweep rows by key(row) and average bpb and mean_iterations over the sets."""
+    groups: Dict = {}
+    for row in sweep_rows:
+        groups.setdefault(key(row), []).append(row)
+    return {k: {"bpb": sum(r["bpb"] for r in rows) / len(rows),
+                "mean_iterations": sum(r.get("mean_iterations", 0) for r in rows) / len(rows)}
+            for k, rows in groups.items()}
+
+
+def _read_records(path: str) -> List[Dict]:
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut by an interruption; the rest is still good
+    return out
+
+
+def load_results(out_dir: str, runs_dir: str, arms: Sequence[str], seeds: Sequence[int]) -> Dict[str, List[RunResult]]:
+    """{arm: [RunResult per seed that has a valid evaluation]}."""
+    results: Dict[str, List[RunResult]] = {}
+    for arm in arms:
+        for seed in seeds:
+            name = f"{arm}-s{seed}"
+            valid = os.path.join(out_dir, "eval", f"{name}.valid.json")
+            if not os.path.isfile(valid):
+                continue
+            r = RunResult(arm, seed, per_source(valid), per_source(valid, "loss"))
+            test = os.path.join(out_dir, "eval", f"{name}.test.json")
+            if os.path.isfile(test):
+                r.test_bpb = per_source(test)
+            for kind, attr in (("loops", "loops"), ("exit", "exits")):
+                path = os.path.join(out_dir, "eval", f"{name}.{kind}.json")
+                if os.path.isfile(path):
+                    setattr(r, attr, _eval_rows(path))
+            summary = os.path.join(runs_dir, name, "summary.json")
+            if os.path.isfile(summary):
+                r.summary = _read_json(summary)
+            r.records = _read_records(os.path.join(runs_dir, name, "metrics.jsonl"))
+            config = os.path.join(runs_dir, name, "config.yaml")
+            if os.path.isfile(config):
+                r.config = _read_yaml(config)
+            results.setdefault(arm, []).append(r)
+    return results
+
+
+# --------------------------------------------------------------------------------------- comparisons
+def compare(a: List[RunResult], b: List[RunResult]) -> Optional[Dict]:
+    """Paired (by seed) difference of mean valid BPB, A - B, and a verdict against the seed spread."""
+    by_seed = {r.seed: r for r in b}
+    diffs = [ra.macro_valid_bpb - by_seed[ra.seed].macro_valid_bpb for ra in a if ra.seed in by_seed]
+    if not diffs:
+        return None
+    d_mean, d_sd, n = mean_sd(diffs)
+    _, sd_a, _ = mean_sd([r.macro_valid_bpb for r in a])
+    _, sd_b, _ = mean_sd([r.macro_valid_bpb for r in b])
+    noise = math.sqrt((sd_a ** 2 + sd_b ** 2) / 2)
+    a_better = sum(d < 0 for d in diffs)
+    if n < 2:
+        verdict = "one seed: no verdict"
+    elif a_better in (0, n) and abs(d_mean) > 2 * noise:
+        verdict = "A better" if d_mean < 0 else "B better"
+    else:
+        verdict = "within noise"
+    return {"delta": d_mean, "delta_sd": d_sd, "n": n, "a_better": a_better, "seed_sd": noise, "verdict": verdict,
+            "diffs": diffs}
+
+
+def equivalent_layers(bpb: float, unshared: Dict[int, float]) -> Optional[float]:
+    """Unique layers an unshared model would need for this bpb: piecewise-linear in log2(layers) through
+    the unshared points, extended linearly past the ends; None unless bpb falls with depth there."""
+    pts = sorted(unshared.items())
+    if len(pts) < 2 or any(pts[i + 1][1] >= pts[i][1] for i in range(len(pts) - 1)):
+        return None
+    xs = [math.log2(L) for L, _ in pts]
+    ys = [v for _, v in pts]
+    for i in range(len(pts) - 1):
+        last = i == len(pts) - 2
+        if ys[i + 1] <= bpb or last:
+            if bpb > ys[0]:
+                i = 0
+            t = (ys[i] - bpb) / (ys[i] - ys[i + 1])
+            return 2 ** (xs[i] + t * (xs[i + 1] - xs[i]))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def _arm_meta(settings: Dict) -> Dict[str, Dict]:
+    return {a["name"]: a for a in settings.get("arms", [])}
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Optional[Sequence[str]] = None) -> str:
+    align = align or ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt_params(n: Optional[float]) -> str:
+    if n is None or not math.isfinite(n):
+        return "–"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def _unique_block_params(r: RunResult) -> Optional[float]:
+    s = r.summary
+    if s.get("non_embedding_params") is None:
+        return None
+    return float(s["non_embedding_params"])
+
+
+def results_table(results: Dict[str, List[RunResult]], sources: Sequence[str], meta: Dict[str, Dict]) -> str:
+    header = ["arm", "what", "seeds", "params", "non-emb. params", "train MFLOP/token", "**valid bpb (mean of sources)**",
+              *sources, "valid loss (mean)", "test bpb (mean)"]
+    rows = []
+    for arm, runs in results.items():
+        rows.append([f"**{arm}**", meta.get(arm, {}).get("description", ""), str(len(runs)),
+                     _fmt_params(runs[0].summary.get("params")), _fmt_params(_unique_block_params(runs[0])),
+                     _pm([r.train_flops_per_token / 1e6 for r in runs], ".2f"),
+                     "**" + _pm([r.macro_valid_bpb for r in runs]) + "**",
+                     *[_pm([r.valid_bpb.get(s, float("nan")) for r in runs], ".3f") for s in sources],
+                     _pm([r.macro_valid_loss for r in runs]), _pm([r.macro_test_bpb for r in runs])])
+    align = ["---", "---"] + ["---:"] * (len(header) - 2)
+    return _table(header, rows, align)
+
+
+def comparison_rows(results: Dict[str, List[RunResult]]) -> List[Dict]:
+    out = []
+    for a, b, matched, note in PAIRS:
+        if a not in results or b not in results:
+            continue
+        c = compare(results[a], results[b])
+        if c is None:
+            continue
+        ra, rb = results[a][0], results[b][0]
+        params = (ra.summary.get("params") or float("nan")) / (rb.summary.get("params") or float("nan"))
+        flops = (mean_sd([r.train_flops_per_token for r in results[a]])[0]
+                 / mean_sd([r.train_flops_per_token for r in results[b]])[0])
+        out.append(dict(c, a=a, b=b, matched=matched, note=note, params_ratio=params, flops_ratio=flops))
+    return out
+
+
+def comparison_table(rows: Sequence[Dict]) -> str:
+    header = ["A", "B", "matched on", "params A/B", "train FLOPs A/B", "Δ valid bpb (A − B)", "seeds A better",
+              "seed sd", "verdict", "note"]
+    body = [[r["a"], r["b"], r["matched"], f"{r['params_ratio']:.2f}", f"{r['flops_ratio']:.2f}",
+             f"{r['delta']:+.4f} ± {r['delta_sd']:.4f}", f"{r['a_better']}/{r['n']}", f"{r['seed_sd']:.4f}",
+             r["verdict"], r["note"]] for r in rows]
+    return _table(header, body, ["---", "---", "---", "---:", "---:", "---:", "---:", "---:", "---", "---"])
+
+
+def recurrence_worth(results: Dict[str, List[RunResult]], meta: Dict[str, Dict]) -> List[Dict]:
+    """Per looped arm: the unique layers an unshared model would need for its BPB (paired by seed), and
+    what one extra block application is worth in unique blocks: (L_eq - U) / (applications - U)."""
+    unshared_arms = {1: "1L", 2: "2L", 4: "4L"}
+    if not all(a in results for a in unshared_arms.values()):
+        return []
+    out = []
+    for arm, runs in results.items():
+        if meta.get(arm, {}).get("family") == "unshared":
+            continue
+        model = runs[0].config.get("model") or {}
+        unique = sum(int(model.get(k) or 0) for k in ("prelude_layers", "num_layers", "coda_layers"))
+        applications = runs[0].summary.get("effective_depth")
+        if not applications or applications <= unique:
+            continue
+        eq, worth = [], []
+        for r in runs:
+            points = {L: next((x.macro_valid_bpb for x in results[name] if x.seed == r.seed), float("nan"))
+                      for L, name in unshared_arms.items()}
+            L_eq = equivalent_layers(r.macro_valid_bpb, points)
+            if L_eq is not None:
+                eq.append(L_eq)
+                worth.append((L_eq - unique) / (applications - unique))
+        out.append({"arm": arm, "unique_layers": unique, "applications": applications,
+                    "equivalent_layers": eq, "worth": worth, "seeds": len(runs)})
+    return out
+
+
+def worth_table(rows: Sequence[Dict]) -> str:
+    body = [[r["arm"], str(r["unique_layers"]), str(r["applications"]),
+             _pm(r["equivalent_layers"], ".2f") if r["equivalent_layers"] else "n/a",
+             _pm(r["worth"], ".2f") if r["worth"] else "n/a", f"{len(r['worth'])}/{r['seeds']}"] for r in rows]
+    return _table(["arm", "unique layers U", "block applications A", "equivalent unshared layers L_eq",
+                   "worth of one extra application (L_eq − U)/(A − U)", "seeds placed"], body)
+
+
+def loop_sweep(results: Dict[str, List[RunResult]]) -> Dict[str, Dict[int, List[float]]]:
+    """{arm: {inference loops: [mean-of-sources bpb per seed]}} from the loops sweep."""
+    out: Dict[str, Dict[int, List[float]]] = {}
+    for arm, runs in results.items():
+        for r in runs:
+            if not r.loops:
+                continue
+            for loops, v in _macro(r.loops, lambda row: int(row["loops"])).items():
+                out.setdefault(arm, {}).setdefault(loops, []).append(v["bpb"])
+    return out
+
+
+def exit_sweep(results: Dict[str, List[RunResult]]) -> Dict[str, Dict[float, Dict[str, List[float]]]]:
+    """{arm: {threshold: {'bpb': [...], 'mean_iterations': [...]}}} from the adaptive-exit sweep."""
+    out: Dict[str, Dict[float, Dict[str, List[float]]]] = {}
+    for arm, runs in results.items():
+        for r in runs:
+            rows = [row for row in r.exits if row.get("exit_criterion") not in (None, "none")]
+            for thr, v in _macro(rows, lambda row: float(row["exit_threshold"])).items():
+                cell = out.setdefault(arm, {}).setdefault(thr, {"bpb": [], "mean_iterations": []})
+                cell["bpb"].append(v["bpb"])
+                cell["mean_iterations"].append(v["mean_iterations"])
+    return out
+
+
+def loops_table(sweep: Dict[str, Dict[int, List[float]]], trained: Dict[str, int]) -> str:
+    all_loops = sorted({L for per in sweep.values() for L in per})
+    body = []
+    for arm, per in sweep.items():
+        best = min(per, key=lambda L: mean_sd(per[L])[0])
+        cells = []
+        for L in all_loops:
+            if L not in per:
+                cells.append("–")
+                continue
+            text = _pm(per[L], ".3f") + ("*" if L == trained.get(arm) else "")
+            cells.append(f"**{text}**" if L == best else text)
+        body.append([arm, *cells])
+    return _table(["arm", *[f"{L} loops" for L in all_loops]], body)
+
+
+def exit_table(exits: Dict[str, Dict[float, Dict[str, List[float]]]]) -> str:
+    body = []
+    for arm, per in exits.items():
+        for thr in sorted(per, reverse=True):
+            body.append([arm, f"kl < {thr:g}", _pm(per[thr]["mean_iterations"], ".2f"), _pm(per[thr]["bpb"], ".3f")])
+    return _table(["arm", "exit rule", "mean iterations / token", "valid bpb (mean of sources)"], body)
+
+
+# ----------------------------------------------------------------------------------------------- plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    from .plots import _save_figure
+
+    return _save_figure(fig, path)
+
+
+def _curve(runs: Sequence[RunResult], key, smooth_weight: float = 0.0):
+    """(x tokens, mean, min, max) over seeds of the records that have key(record)."""
+    from .plots import smooth
+
+    series = []
+    for r in runs:
+        pts = [(rec.get("tokens_seen") or rec["iteration"], key(rec)) for rec in r.records if key(rec) is not None]
+        if pts:
+            xs, ys = zip(*pts)
+            series.append((list(xs), smooth(ys, smooth_weight) if smooth_weight else list(ys)))
+    if not series:
+        return None
+    n = min(len(s[0]) for s in series)
+    xs = series[0][0][:n]
+    cols = [[s[1][i] for s in series] for i in range(n)]
+    return xs, [sum(c) / len(c) for c in cols], [min(c) for c in cols], [max(c) for c in cols]
+
+
+def plot_curves(results: Dict[str, List[RunResult]], sources: Sequence[str], path: str) -> str:
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+
+    def valid_bpb(rec):
+        vals = [rec.get(f"valid_{s}_bpb") for s in sources]
+        return sum(vals) / len(vals) if all(v is not None for v in vals) else None
+
+    # valid records carry no tokens_seen: place them at iteration x tokens per step
+    for arm, runs in results.items():
+        per_step = (runs[0].summary.get("tokens_seen") or 0) / max(1, runs[0].summary.get("iterations") or 1)
+        train = _curve(runs, lambda rec: rec.get("loss") if "loss" in rec else None, 0.9)
+        if train:
+            xs, m, lo, hi = train
+            (line,) = ax1.plot(xs, m, label=arm, lw=1.2)
+            ax1.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+        valid = _curve([RunResult(r.arm, r.seed, records=[dict(rec, tokens_seen=rec["iteration"] * per_step)
+                                                          for rec in r.records]) for r in runs], valid_bpb)
+        if valid:
+            xs, m, lo, hi = valid
+            (line,) = ax2.plot(xs, m, marker="o", ms=3, label=arm, lw=1.2)
+            ax2.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+    ax1.set(xlabel="training tokens", ylabel="train loss (EMA 0.9)", title="Training loss (band: min-max over seeds)")
+    ax2.set(xlabel="training tokens", ylabel="valid bits per byte (mean of sources)",
+            title="Validation during training (first micro-batches of each source)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    lows = [r.macro_valid_bpb for runs in results.values() for r in runs]
+    if lows:
+        ax2.set_ylim(min(lows) - 0.05, min(lows) + 1.0)
+        ax1.set_ylim(None, None)
+    return _save(fig, path)
+
+
+def plot_bpb_vs_depth(results: Dict[str, List[RunResult]], meta: Dict[str, Dict], path: str) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    styles = {"unshared": ("o", "-"), "looped": ("s", ""), "recurrent": ("D", ""), "progressive": ("^", "")}
+    unshared = []
+    for arm, runs in results.items():
+        family = meta.get(arm, {}).get("family", "looped")
+        depth = runs[0].summary.get("effective_depth")
+        m, sd, _ = mean_sd([r.macro_valid_bpb for r in runs])
+        if depth is None:
+            continue
+        marker, _ = styles.get(family, ("s", ""))
+        ax.errorbar([depth], [m], yerr=[sd], marker=marker, capsize=3, ms=7,
+                    color="black" if family == "unshared" else None, label=None if family == "unshared" else arm)
+        ax.annotate(arm, (depth, m), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        if family == "unshared":
+            unshared.append((depth, m))
+    if unshared:
+        xs, ys = zip(*sorted(unshared))
+        ax.plot(xs, ys, "k-", lw=1, label="unshared 1L, 2L, 4L")
+    ax.set(xlabel="effective depth (block applications at evaluation)", ylabel="valid bits per byte (mean of sources)",
+           title="Depth: unique vs shared (mean ± sd over seeds)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_bpb_vs_loops(sweep, exits, trained: Dict[str, int], path: str) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for arm, per in sweep.items():
+        xs = sorted(per)
+        stats = [mean_sd(per[L]) for L in xs]
+        m = [s[0] for s in stats]
+        sd = [s[1] for s in stats]
+        (line,) = ax.plot(xs, m, marker="o", ms=4, label=f"{arm} fixed depth (trained {trained.get(arm, '?')})")
+        ax.fill_between(xs, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
+                        color=line.get_color(), alpha=0.15)
+        if arm in exits:
+            per_exit = exits[arm]
+            thr = sorted(per_exit, reverse=True)
+            ex = [mean_sd(per_exit[t]["mean_iterations"])[0] for t in thr]
+            ey = [mean_sd(per_exit[t]["bpb"])[0] for t in thr]
+            ax.plot(ex, ey, "--", marker="x", color=line.get_color(), label=f"{arm} adaptive exit (KL threshold)")
+    ax.set(xlabel="loop iterations at inference (mean per token for adaptive exit)",
+           ylabel="valid bits per byte (mean of sources)", title="Test-time compute: depth as a dial")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- report
+def write_study_report(out_dir: str, runs_dir: str, readme: Optional[str] = None) -> Dict[str, str]:
+    """Write results.md, study.json and the three plots into out_dir; splice into readme when given."""
+    settings_path = os.path.join(out_dir, "settings.json")
+    if not os.path.isfile(settings_path):
+        raise ExperimentError(f"{settings_path}: not found; run the study first (python -m loop_megatron.experiments.study).")
+    settings = _read_json(settings_path)
+    meta = _arm_meta(settings)
+    sources = settings.get("sources", [])
+    results = load_results(out_dir, runs_dir, list(meta), settings.get("seeds", []))
+    if not results:
+        raise ExperimentError(f"{out_dir}/eval: no evaluated run yet.")
+    trained = {arm: int(runs[0].summary.get("num_loops") or 1) for arm, runs in results.items()}
+    comps = comparison_rows(results)
+    worth = recurrence_worth(results, meta)
+    sweep = loop_sweep(results)
+    exits = exit_sweep(results)
+    lr_path = os.path.join(out_dir, "lr_sweep.json")
+    lr = _read_json(lr_path) if os.path.isfile(lr_path) else None
+
+    written = {
+        "curves": plot_curves(results, sources, os.path.join(out_dir, "curves.png")),
+        "depth": plot_bpb_vs_depth(results, meta, os.path.join(out_dir, "bpb_vs_depth.png")),
+    }
+    if sweep:
+        written["loops"] = plot_bpb_vs_loops(sweep, exits, trained, os.path.join(out_dir, "bpb_vs_loops.png"))
+
+    def block(prefix: str) -> str:
+        s = settings
+        parts = [
+            f"Setup (from `{settings_path}`): {s['tokens_per_run']:,} training tokens per run "
+            f"({s['train_iters']} steps of {s['micro_batch']} x {s['seq_length']} tokens), seeds "
+            f"{', '.join(map(str, s['seeds']))}, peak LR {s['lr']:g} (cosine to {s['min_lr_ratio']:g}x, "
+            f"{s['warmup_fraction']:.0%} warm-up), d=128, 4 heads, a {s['vocab_size']:,}-token BPE trained on the "
+            f"training documents; each source's held-out valid and test documents ({s['holdout']:.0%} each) "
+            + ("are evaluated whole" if not s.get("final_eval_iters") else
+               f"are evaluated on their first {s['final_eval_iters']} micro-batches (quick mode)")
+            + ". `±` is the sample standard deviation over seeds.",
+        ]
+        if lr:
+            parts += ["", "**Learning rate**, chosen once on the validation split for the 1-layer baseline "
+                      f"(seed {lr['seed']}; {lr['criterion']}) and used for every arm:", "",
+                      _table(["peak LR", "valid bpb"], [[f"{r['lr']:g}" + (" (chosen)" if r["lr"] == lr["chosen_lr"] else ""),
+                                                          f"{r['valid_bpb']:.4f}"] for r in lr["rows"]])]
+        parts += ["", "**Valid bits per byte by source** (held-out sets, trained depth):", "",
+                  results_table(results, sources, meta)]
+        if comps:
+            parts += ["", "**Comparisons**, paired by seed (Δ < 0: A is better). Verdict: 'A better' / 'B better' when "
+                      "every seed agrees and |Δ| exceeds twice the seed sd; otherwise 'within noise':", "",
+                      comparison_table(comps)]
+        if worth:
+            parts += ["", "**What one recurrence is worth** (arXiv 2604.21106 reports about 0.46 of a unique block): "
+                      "the unshared 1L/2L/4L results, interpolated in log(layers) per seed, give the unique layers "
+                      "L_eq that would reach each shared model's BPB:", "", worth_table(worth)]
+        if sweep:
+            parts += ["", "**BPB against inference loops** (first "
+                      f"{s['sweep_eval_iters']} micro-batches of each source's valid set; * trained depth, bold best):",
+                      "", loops_table(sweep, trained)]
+        if exits:
+            parts += ["", "**Adaptive per-token exit** (KL between successive iterations' next-token distributions; "
+                      "same valid batches as the sweep):", "", exit_table(exits)]
+        parts += ["", f"![training curves]({prefix}curves.png)", "", f"![bpb vs depth]({prefix}bpb_vs_depth.png)"]
+        if sweep:
+            parts += ["", f"![bpb vs loops]({prefix}bpb_vs_loops.png)"]
+        return "\n".join(parts) + "\n"
+
+    written["results"] = fs.write_text(os.path.join(out_dir, "results.md"), "# Does looping pay?\n\n" + block(""))
+    summary = {
+        "settings": settings, "lr_sweep": lr,
+        "arms": {arm: {"seeds": [r.seed for r in runs], "valid_bpb": [r.macro_valid_bpb for r in runs],
+                       "valid_bpb_by_source": {s: [r.valid_bpb.get(s) for r in runs] for s in sources},
+                       "test_bpb": [r.macro_test_bpb for r in runs],
+                       "train_flops_per_token": [r.train_flops_per_token for r in runs],
+                       "params": runs[0].summary.get("params")} for arm, runs in results.items()},
+        "comparisons": comps, "recurrence_worth": worth,
+        "loop_sweep": {arm: {str(L): v for L, v in per.items()} for arm, per in sweep.items()},
+        "exit_sweep": {arm: {str(t): v for t, v in per.items()} for arm, per in exits.items()},
+    }
+    written["json"] = fs.write_json(os.path.join(out_dir, "study.json"), summary)
+    if readme:
+        prefix = os.path.relpath(out_dir, os.path.dirname(os.path.abspath(readme)) or ".") + "/"
+        written["readme"] = splice_readme(readme, block(prefix))
+    return written
+
+
+def splice_readme(readme: str, block: str) -> str:
+    """Replace the text between README_BEGIN and README_END in readme (atomically)."""
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.S)
+    if not pattern.search(text):
+        raise ExperimentError(f"{readme}: no '{README_BEGIN}' ... '{README_END}' block to replace.")
+    new = pattern.sub(lambda _: f"{README_BEGIN}\n{block}{README_END}", text, count=1)
+    return fs.write_text(readme, new)
