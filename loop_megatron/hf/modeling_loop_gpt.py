@@ -31,6 +31,12 @@ are part of each iteration) and a token's output is that of its exit iteration; 
 once after the loop. KV rule ("latest entry"): at iteration n, a token that stopped after m < n iterations
 contributes the key/value it produced at iteration m for the same block application; in the cache its
 slots of iterations m+1..num_loops hold copies of those entries.
+
+Padded batches: a 2-D ``attention_mask`` (1 = real token, over the cached and new positions, as generate()
+passes it) masks pad keys out (a pad query sees itself, so no row is empty), positions default to the real
+tokens before each one (cumsum(mask) - 1, 0 at leading pads; generate() passes the same ``position_ids``),
+and with an exit criterion pad positions count as exited before the first iteration, so each real token's
+logits equal its row's alone.
 """
 from __future__ import annotations
 
@@ -275,13 +281,17 @@ class LoopGPTModel(LoopGPTPreTrainedModel):
             return injection(x, e) + (h - u if a is None else a * (h - u))
         return h if a is None else x + a * (h - x)
 
-    def _adaptive(self, x, e, mask, cache, slot, num_loops, criterion, threshold):
-        """The loop with per-token exits; returns the final hidden states (ln_f applied) of each token."""
+    def _adaptive(self, x, e, mask, cache, slot, num_loops, criterion, threshold, real=None):
+        """The loop with per-token exits; returns the final hidden states (ln_f applied) of each token.
+        `real` [B, T] (bool) marks the non-pad tokens; pads count as exited from the start."""
         decodes = criterion in ("kl", "entropy")
         core = len(self.loop.blocks) * self.config.inner_loops
         per_iteration = core + (len(self.coda) if decodes else 0)
         B, T = x.shape[:2]
-        active = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        if real is None:
+            active = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        else:
+            active = real.to(device=x.device, dtype=torch.bool).clone()
         view = _LatestEntryCache(cache)
         out = prev = None
         survive = torch.ones(B, T, dtype=torch.float32, device=x.device)
@@ -350,6 +360,10 @@ class LoopGPTModel(LoopGPTPreTrainedModel):
                 while len(layers) < needed:  # more loops than the config's: more applications to cache
                     layers.append(DynamicLayer())
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        padding = attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all())
+        if position_ids is None and padding:  # positions count real tokens only (0 at leading pads)
+            seen = attention_mask[:, -(past + T):].long()
+            position_ids = (seen.cumsum(-1) - 1).clamp(min=0)[:, -T:].to(inputs_embeds.device)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None]
         if past + T > self.config.n_positions:
@@ -364,7 +378,8 @@ class LoopGPTModel(LoopGPTPreTrainedModel):
         e = x
         x = self._initial_state(e, state_generator)
         if criterion != "none":
-            hidden = self._adaptive(x, e, mask, past_key_values, slot, num_loops, criterion, threshold)
+            real = attention_mask[:, -T:] if padding else None
+            hidden = self._adaptive(x, e, mask, past_key_values, slot, num_loops, criterion, threshold, real)
             return BaseModelOutputWithPast(last_hidden_state=hidden, **{_CACHE_FIELD: past_key_values})
         for n in range(num_loops):
             x = self._iteration(x, e, n, mask, past_key_values, slot)

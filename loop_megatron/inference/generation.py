@@ -9,6 +9,9 @@ Adaptive depth: `exit_criterion` (none|kl|entropy|gate) and `exit_threshold` sto
 separately (num_loops is then the cap); the cache follows the same "latest entry" KV rule as the
 full-sequence forward (model/exit.py), so cached and recomputed generation agree.
 `return_iterations=True` also returns the iterations each fed position used.
+
+Batches of prompts of different lengths: `pad_prompts` pads them (left or right) and returns the attention
+mask to pass as `generate(..., attention_mask=mask)`; see generate() for the layout and the padding rule.
 """
 from __future__ import annotations
 
@@ -48,12 +51,43 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Opt
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int = 0, padding_side: str = "left"):
+    """(ids [B, W], attention_mask [B, W]) for prompts of different lengths, W the longest: each row is its
+    prompt with `pad_token_id` filling the `padding_side` ('left' or 'right'); the mask is 1 at real tokens."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+    rows = [list(p) for p in prompts]
+    if not rows or min(len(r) for r in rows) == 0:
+        raise ValueError("every prompt needs at least one token.")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), int(pad_token_id), dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        cols = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
+        ids[b, cols] = torch.tensor(r, dtype=torch.long)
+        mask[b, cols] = 1
+    return ids, mask
+
+
+def _padding_side(mask: torch.Tensor) -> str:
+    """'left' when every row's pads come first, else 'right' when every row's pads come last."""
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("attention_mask has a row with no real token; every prompt needs at least one.")
+    step = mask[:, 1:].long() - mask[:, :-1].long()
+    if bool((step >= 0).all()):
+        return "left"
+    if bool((step <= 0).all()):
+        return "right"
+    raise ValueError("attention_mask must be left- or right-padded: each row's real tokens contiguous at one "
+                     "end (mixing left- and right-padded rows is not supported).")
+
+
 @torch.no_grad()
 def generate(model, prompt: Union[torch.Tensor, Sequence[int]], max_new_tokens: int = 50, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, num_loops: Optional[int] = None,
              eos_token_id: Optional[int] = None, seed: Optional[int] = None, use_cache: bool = True,
              exit_criterion: Optional[str] = None, exit_threshold: Optional[float] = None,
-             return_iterations: bool = False):
+             return_iterations: bool = False, attention_mask: Optional[torch.Tensor] = None):
     """Prompt plus continuation, LongTensor [B, T + new] (a 1-D prompt is treated as batch 1).
     With `return_iterations`, (ids, iterations): iterations [B, T + new - 1] holds the loop iterations each
     position that was run through the model used (the last token is sampled, never run).
@@ -61,6 +95,17 @@ def generate(model, prompt: Union[torch.Tensor, Sequence[int]], max_new_tokens: 
     Stops after `max_new_tokens`, when every row has produced `eos_token_id`, or at the model's
     position limit (max_position_embeddings). Rows that finished early are padded with eos.
     `use_cache=False` recomputes the whole sequence each step (slow; a reference for the cache).
+
+    Padded batches: prompts of different lengths go in as `prompt` [B, T] with `attention_mask` [B, T]
+    (1 = real token, 0 = padding; `pad_prompts` builds both), left- or right-padded (the side is read from
+    the mask; every row needs a real token). Generation runs left-padded (right-padded rows are shifted
+    right first): a pad is masked out of attention and positions count real tokens only, so each row's
+    continuation is the one its prompt gives alone. The output keeps the input's layout: left-padded rows are
+    `prompt + continuation` as above; a right-padded row is its real tokens, its continuation, then its pad
+    entries (their input values, moved to the end). `iterations` is aligned with the output's positions and
+    is 0 at pads (in a right-padded row, also at the last sampled token, which is never run), so means over
+    `iterations > 0` ignore them. An all-ones mask is the same as no mask. The position limit applies to
+    each row's real tokens.
     """
     device = next(model.parameters()).device
     ids = torch.as_tensor(prompt, dtype=torch.long, device=device)
@@ -68,10 +113,25 @@ def generate(model, prompt: Union[torch.Tensor, Sequence[int]], max_new_tokens: 
         ids = ids[None]
     if ids.shape[1] == 0:
         raise ValueError("the prompt is empty; give at least one token.")
+    mask, shift = None, None
+    if attention_mask is not None:
+        mask = torch.as_tensor(attention_mask, device=device)
+        if mask.ndim == 1:
+            mask = mask[None]
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, the prompt {tuple(ids.shape)}.")
+        mask = mask.to(torch.bool)
+        if _padding_side(mask) == "right":  # to left padding: a stable sort puts each row's pads first
+            order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
+            ids, mask = ids.gather(1, order), mask.gather(1, order)
+            shift = (~mask).sum(dim=1)  # each row's pads, to move back to its end afterwards
+        if bool(mask.all()):
+            mask = None
+    longest = ids.shape[1] if mask is None else int(mask.sum(dim=1).max())
     limit = model.cfg.max_position_embeddings
-    if ids.shape[1] > limit:
-        raise ValueError(f"the prompt has {ids.shape[1]} tokens, more than max_position_embeddings ({limit}).")
-    max_new_tokens = max(0, min(max_new_tokens, limit - ids.shape[1]))
+    if longest > limit:
+        raise ValueError(f"the prompt has {longest} tokens, more than max_position_embeddings ({limit}).")
+    max_new_tokens = max(0, min(max_new_tokens, limit - longest))
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device)
@@ -85,30 +145,43 @@ def generate(model, prompt: Union[torch.Tensor, Sequence[int]], max_new_tokens: 
         counts = []
         for _ in range(max_new_tokens):
             stats = ExitStats()
-            logits, _ = model(step_input if use_cache else ids, num_loops=num_loops, kv_cache=cache,
+            fed = step_input if use_cache else ids
+            logits, _ = model(fed, num_loops=num_loops, kv_cache=cache, attention_mask=mask,
                               return_logits=True, exit_criterion=exit_criterion, exit_threshold=exit_threshold,
                               exit_stats=stats)
-            counts = _step_iterations(model, stats, counts, step_input if use_cache else ids, num_loops, use_cache)
+            real = None if mask is None else mask[:, -fed.shape[1]:]
+            counts = _step_iterations(model, stats, counts, fed, num_loops, use_cache, real)
             nxt = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
                 finished |= nxt == eos_token_id
             ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             step_input = nxt[:, None]
             if eos_token_id is not None and bool(finished.all()):
                 break
     finally:
         model.train(was_training)
+    iterations = torch.cat(counts, dim=1) if counts else ids.new_zeros(ids.shape[0], 0)
+    if shift is not None:  # back to right padding: roll each row left by its pad count
+        cols = (torch.arange(ids.shape[1], device=device)[None] + shift[:, None]) % ids.shape[1]
+        ids = ids.gather(1, cols)
+        if counts:
+            iterations = torch.cat([iterations, iterations.new_zeros(ids.shape[0], 1)], dim=1).gather(1, cols)[:, :-1]
     if return_iterations:
-        return ids, (torch.cat(counts, dim=1) if counts else ids.new_zeros(ids.shape[0], 0))
+        return ids, iterations
     return ids
 
 
-def _step_iterations(model, stats: ExitStats, counts, fed: torch.Tensor, num_loops, use_cache: bool):
-    """Iterations of the positions just run (a fixed-depth forward: its loop count for every one)."""
+def _step_iterations(model, stats: ExitStats, counts, fed: torch.Tensor, num_loops, use_cache: bool,
+                     real: Optional[torch.Tensor] = None):
+    """Iterations of the positions just run (a fixed-depth forward: its loop count for every real one)."""
     its = stats.iterations
     if its is None:
         its = torch.full(fed.shape, num_loops or model.cfg.num_loops, dtype=torch.long, device=fed.device)
+        if real is not None:
+            its = its * real
     return counts + [its] if use_cache else [its]
 
 

@@ -3,7 +3,10 @@
 The fused q/k/v projection is column-parallel with stride 3 (its full weight is [q; k; v] as in GPT-2,
 and each rank holds the q, k and v rows of its own heads); the output projection is row-parallel.
 Attention itself runs through flash-attn when it is installed and the tensors are fp16/bf16 on a CUDA
-device, and through PyTorch's scaled_dot_product_attention otherwise.
+device, and through PyTorch's scaled_dot_product_attention otherwise. A padded batch passes `attn_mask`, a
+bool [batch, 1, new, all keys] mask (True = attend) that the model builds once per forward
+(`padding_attention_mask` in model/gpt.py: causal, cache offset, padding); it always goes through SDPA. It is
+per batch row and identical on every TP rank (heads are sharded, rows are not), so nothing is sharded.
 """
 from __future__ import annotations
 
@@ -45,30 +48,37 @@ class CausalSelfAttention(nn.Module):
         self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size,
                                       init_fn=lambda w: nn.init.normal_(w, std=output_std))
 
-    def _use_flash(self, q: torch.Tensor, kv_cache: Optional[KVCache]) -> bool:
-        if self.backend == "sdpa" or kv_cache is not None or flash_attn_func is None:
+    def _use_flash(self, q: torch.Tensor, kv_cache: Optional[KVCache], attn_mask: Optional[torch.Tensor]) -> bool:
+        if self.backend == "sdpa" or kv_cache is not None or attn_mask is not None or flash_attn_func is None:
             return False
         return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
-    def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.local_width, dim=-1)
         q, k, v = (t.view(B, T, self.local_heads, self.head_dim) for t in (q, k, v))
         dropout_p = self.dropout_p if self.training else 0.0
         # Attention probabilities are sharded by head: give each TP rank its own dropout stream.
         with tp_rng_fork() if dropout_p > 0 else contextlib.nullcontext():
-            if self._use_flash(q, kv_cache):
+            if self._use_flash(q, kv_cache, attn_mask):
                 y = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
             else:
-                y = self._sdpa(q, k, v, dropout_p, kv_cache)
+                y = self._sdpa(q, k, v, dropout_p, kv_cache, attn_mask)
         return self.proj(y.reshape(B, T, self.local_width))
 
-    def _sdpa(self, q, k, v, dropout_p: float, kv_cache: Optional[KVCache]) -> torch.Tensor:
+    def _sdpa(self, q, k, v, dropout_p: float, kv_cache: Optional[KVCache],
+              attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         T, S = q.shape[2], k.shape[2]
-        if S == T:
+        if attn_mask is not None:  # padding (the causal and cache-offset parts are already in it)
+            if attn_mask.shape[-2:] != (T, S):
+                raise ValueError(f"attention mask covers {tuple(attn_mask.shape[-2:])} (queries, keys) but "
+                                 f"attention has {T} queries and {S} keys.")
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        elif S == T:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         elif T == 1:  # one new token attends to everything cached
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)

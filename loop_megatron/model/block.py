@@ -38,7 +38,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, output_std)
         self.dropout = cfg.hidden_dropout
 
-    def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        x = x + F.dropout(self.attn(self.ln_1(x), kv_cache), self.dropout, self.training)
+    def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + F.dropout(self.attn(self.ln_1(x), kv_cache, attn_mask), self.dropout, self.training)
         x = x + F.dropout(self.mlp(self.ln_2(x)), self.dropout, self.training)
         return x

@@ -29,6 +29,12 @@ iterations m+1..num_loops filled with its iteration-m entries (copies), so a lat
 exactly what the full-sequence forward would. Exited positions' queries are never used (their outputs are
 discarded), so a generation step whose tokens all stopped skips the remaining iterations entirely.
 
+Padding (a batch with an attention mask, model/gpt.py): pad positions are treated as already exited. They
+start inactive, run no iteration (their state stays s_0, their iteration count is 0, so ExitStats means taken
+over positions with iterations > 0 ignore them), never hold back the "everyone stopped" shortcut, and their
+keys/values are masked out of every real position's attention, so they cannot change a real position's output
+or exit decision.
+
 Learned exit gate (`model.exit_gate`, Ouro): training loss = sum_n p(exit at n) L_n - beta * H(p(exit)),
 per token, with p(exit at n) = lambda_n prod_{j<n} (1 - lambda_j) and the last iteration (the row's depth)
 taking the remainder; L_n is the LM loss of the readout after iteration n.
@@ -52,7 +58,7 @@ DECODING_CRITERIA = ("kl", "entropy")  # read the state out through coda + head 
 @dataclass
 class ExitStats:
     """Out-parameter of an adaptive forward: `iterations` [batch, seq] (long) = outer iterations each new
-    position used (the cap for positions that never met the criterion)."""
+    position used (the cap for positions that never met the criterion; 0 for padding positions)."""
 
     iterations: Optional[torch.Tensor] = None
 
@@ -204,21 +210,27 @@ class ExitRule:
 
 def adaptive_loop(stack, x: torch.Tensor, num_loops: int, kv_cache: Optional[KVCache], rule: ExitRule,
                   readout: Optional[Callable], gate: Optional[nn.Module], stats: Optional[ExitStats],
-                  state_generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                  state_generator: Optional[torch.Generator] = None, attn_mask: Optional[torch.Tensor] = None,
+                  real: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run `stack` (a LoopStack) with per-position exits. Returns the final (frozen) states [B, T, d], or,
     for the decoding criteria, the output logits (this rank's vocabulary slice) of each position's exit
-    iteration. `readout(s, kv)` = coda + ln_f + head through the KV view (decoding criteria only)."""
+    iteration. `readout(s, kv)` = coda + ln_f + head through the KV view (decoding criteria only).
+    `attn_mask` (a padded batch's attention mask) goes to every block application; `real` [B, T] (bool) marks
+    the non-padding positions: the others count as exited before the first iteration."""
     e = x if stack.injection_kind != "none" else None
     s = stack.initial_state(x, state_generator)
     B, T = s.shape[:2]
-    active = torch.ones(B, T, dtype=torch.bool, device=s.device)
+    if real is None:
+        active = torch.ones(B, T, dtype=torch.bool, device=s.device)
+    else:
+        active = real.to(device=s.device, dtype=torch.bool).clone()
     iterations = torch.zeros(B, T, dtype=torch.long, device=s.device)
     view = LatestEntryKV(kv_cache)
     out = prev_log_p = None
     survive = torch.ones(B, T, dtype=torch.float32, device=s.device)  # gate: prod (1 - lambda_j)
     for n in range(num_loops):
         view.start_iteration(active)
-        s = torch.where(active[..., None], stack.iteration(s, n, view, e), s)
+        s = torch.where(active[..., None], stack.iteration(s, n, view, e, attn_mask), s)
         iterations += active
         last = n == num_loops - 1
         if rule.decodes:

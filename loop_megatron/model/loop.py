@@ -121,20 +121,24 @@ class LoopStack(nn.Module):
             return None
         return self.gates[min(n, self.gates.shape[0] - 1)]
 
-    def _apply_block(self, block: Block, h: torch.Tensor, kv_cache: Optional[KVCache]) -> torch.Tensor:
+    def _apply_block(self, block: Block, h: torch.Tensor, kv_cache: Optional[KVCache],
+                     attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.checkpointing == "per-block" and self._checkpoint_active(kv_cache):
-            return checkpoint(block, h, use_reentrant=False)
-        return block(h, kv_cache)
+            if attn_mask is None:
+                return checkpoint(block, h, use_reentrant=False)
+            return checkpoint(block, h, None, attn_mask, use_reentrant=False)
+        return block(h, kv_cache, attn_mask)
 
-    def core(self, u: torch.Tensor, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+    def core(self, u: torch.Tensor, kv_cache: Optional[KVCache] = None,
+             attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """f(u): every shared block applied inner_loops times in place."""
         for block in self.blocks:
             for _ in range(self.inner_loops):
-                u = self._apply_block(block, u, kv_cache)
+                u = self._apply_block(block, u, kv_cache, attn_mask)
         return u
 
     def iteration(self, x: torch.Tensor, n: int, kv_cache: Optional[KVCache] = None,
-                  e: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  e: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One outer iteration s_t -> s_{t+1} (the equations in the module docstring)."""
         kind = self.injection_kind
         if kind == "add":
@@ -143,7 +147,7 @@ class LoopStack(nn.Module):
             u = self.injection(x, e)
         else:
             u = x
-        h = self.core(u, kv_cache)
+        h = self.core(u, kv_cache, attn_mask)
         a = self.gate(n)
         if kind == "diagonal":
             update = h - u
@@ -164,20 +168,22 @@ class LoopStack(nn.Module):
             return noise.to(e.device) * self.state_std
         return torch.zeros_like(e)
 
-    def _step(self, s: torch.Tensor, n: int, kv_cache: Optional[KVCache], e: Optional[torch.Tensor]) -> torch.Tensor:
+    def _step(self, s: torch.Tensor, n: int, kv_cache: Optional[KVCache], e: Optional[torch.Tensor],
+              attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.checkpointing == "per-iteration" and self._checkpoint_active(kv_cache):
             # Non-reentrant: the shared weights get one gradient per iteration, which the reentrant
             # variant (and deepspeed.checkpointing) mishandle under ZeRO-2/3.
-            return checkpoint(self.iteration, s, n, kv_cache, e, use_reentrant=False)
-        return self.iteration(s, n, kv_cache, e)
+            return checkpoint(self.iteration, s, n, kv_cache, e, attn_mask, use_reentrant=False)
+        return self.iteration(s, n, kv_cache, e, attn_mask)
 
     def forward(self, x: torch.Tensor, num_loops: Optional[int] = None, kv_cache: Optional[KVCache] = None, *,
                 backprop_loops: Optional[int] = None, loop_depths: Optional[torch.Tensor] = None,
                 state_generator: Optional[torch.Generator] = None,
                 states: Optional[List[torch.Tensor]] = None,
-                no_grad_loops: Optional[int] = None) -> torch.Tensor:
+                no_grad_loops: Optional[int] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run the loop on the prelude output `x` (= e) and return the final state s_r. `states`, when
-        given, receives s_1..s_r (the exit gate's training loss reads every iteration's state)."""
+        given, receives s_1..s_r (the exit gate's training loss reads every iteration's state). `attn_mask`:
+        a padded batch's attention mask (model/attention.py), passed to every block application."""
         e = x if self.injection_kind != "none" else None
         if loop_depths is not None:
             loop_depths = loop_depths.to(device=x.device, dtype=torch.long).view(-1)
@@ -211,7 +217,7 @@ class LoopStack(nn.Module):
                 # Rows whose own last k iterations start here are cut from their earlier graph.
                 s = torch.where((row_starts == n).view(-1, 1, 1), s.detach(), s)
             with torch.set_grad_enabled(tracked):
-                s_next = self._step(s, n, kv_cache, e)
+                s_next = self._step(s, n, kv_cache, e, attn_mask)
                 if loop_depths is not None:  # rows past their depth keep their state: mask the update
                     s_next = torch.where((loop_depths > n).view(-1, 1, 1), s_next, s)
             s = s_next
@@ -221,7 +227,9 @@ class LoopStack(nn.Module):
 
     def adaptive(self, x: torch.Tensor, num_loops: Optional[int], kv_cache: Optional[KVCache], rule: ExitRule,
                  readout=None, gate=None, stats: Optional[ExitStats] = None,
-                 state_generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Inference with per-position exits (model/exit.py: the criteria and the KV rule)."""
+                 state_generator: Optional[torch.Generator] = None, attn_mask: Optional[torch.Tensor] = None,
+                 real: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Inference with per-position exits (model/exit.py: the criteria and the KV rule); `real` [B, T]
+        marks the positions that are not padding (None: all are)."""
         return adaptive_loop(self, x, num_loops or self.num_loops, kv_cache, rule, readout, gate, stats,
-                             state_generator)
+                             state_generator, attn_mask, real)

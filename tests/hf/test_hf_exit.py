@@ -96,3 +96,28 @@ def test_plain_gpt2_export_is_unaffected_and_exit_models_are_not_plain(tmp_path)
     assert convert_checkpoint_to_hf(save, str(tmp_path / "gated_hf")) == "loop_gpt"
     with pytest.raises(ConversionError, match="model.exit_gate True"):
         convert_checkpoint_to_hf(save, str(tmp_path / "gated_gpt2"), fmt="gpt2")
+
+
+@pytest.mark.parametrize("criterion", ["none", "entropy", "kl", "gate"])
+def test_hf_left_padded_batch_equals_ours_and_each_row_alone(tmp_path, criterion):
+    """Padding (issue #15): the remote-code model's logits on a left-padded batch (attention_mask, positions
+    from it) equal ours at every real token, exits on; and HF generate() on the padded batch equals ours."""
+    from loop_megatron.inference.generation import generate, pad_prompts
+
+    model, hf, _ = _export(tmp_path, gated_recurrent())
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (10, 6, 3)]
+    ids, mask = pad_prompts(rows, pad_token_id=EOD, padding_side="left")
+    t = 0.0 if criterion == "none" else _threshold_with_mixed_exits(model, ids[:1], criterion, CANDIDATES[criterion])
+    kw = {} if criterion == "none" else dict(exit_criterion=criterion, exit_threshold=t)
+    real = mask.bool()
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask, **kw)[0]
+        theirs = hf(ids, attention_mask=mask, **kw).logits
+        assert (ours - theirs)[real].abs().max().item() < ATOL
+        for b, row in enumerate(rows):
+            alone = hf(torch.tensor([row]), **kw).logits[0]
+            assert (theirs[b, real[b]] - alone).abs().max().item() < ATOL, b
+    res = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=EOD,
+                      eos_token_id=None, **kw)
+    assert torch.equal(res, generate(model, ids, attention_mask=mask, max_new_tokens=6, temperature=0, **kw))

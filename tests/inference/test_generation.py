@@ -152,3 +152,30 @@ def test_generate_tool_with_exits_shows_iterations(tmp_path, capsys):
     assert lines[0] == prompt + tok.decode(out[0, len(ids):].tolist())
     assert lines[1].startswith("iterations per token (cap 5, mean 2.00): ") and " | " in lines[1]
     assert lines[2].split(" ")[0] == f"{tok.decode([ids[0]])!r}:2"
+
+
+def test_generate_tool_batches_several_prompts_with_padding(tmp_path, capsys):
+    """--prompt repeated or --prompt-file: one left-padded batch; each greedy continuation = the prompt alone."""
+    from loop_megatron.data.tokenizer import GPT2Tokenizer
+
+    save, model = make_checkpoint(tmp_path, tiny_config(num_loops=3))
+    main = tool_main("generate")
+    texts = ["The state of the Union is strong", "We", "Fellow citizens of"]
+    tok = GPT2Tokenizer()
+    expected = []
+    for i, text in enumerate(texts):
+        ids = tok.encode(text)
+        new = generate(model, ids, max_new_tokens=6, temperature=0, eos_token_id=tok.eod)[0, len(ids):].tolist()
+        if tok.eod in new:
+            new = new[:new.index(tok.eod)]
+        expected += [f"--- prompt {i + 1} ---", text + tok.decode(new)]
+    args = ["--load", save, "--max-new-tokens", "6", "--temperature", "0"]
+    assert main(args + [a for t in texts for a in ("--prompt", t)]) == 0
+    assert capsys.readouterr().out.rstrip("\n").split("\n") == expected
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(texts[:2]) + "\n\n" + texts[2] + "\n")
+    assert main(args + ["--prompt-file", str(path)]) == 0
+    assert capsys.readouterr().out.rstrip("\n").split("\n") == expected
+    (tmp_path / "empty.txt").write_text("\n \n")
+    assert main(args + ["--prompt-file", str(tmp_path / "empty.txt")]) == 1
+    assert "has no prompts" in capsys.readouterr().err
