@@ -171,10 +171,12 @@ class Study:
         with open(log_path, "a", encoding="utf-8") as log_file:
             log_file.write("$ " + " ".join(cmd) + "\n")
             log_file.flush()
+            # Unbuffered children: their progress lines reach the log (and the console) as they are printed.
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    cwd=self.repo, bufsize=1)
+                                    cwd=self.repo, bufsize=1, env=dict(os.environ, PYTHONUNBUFFERED="1"))
             for line in proc.stdout:
                 log_file.write(line)
+                log_file.flush()
                 if echo_prefix and line.startswith("iter ") and "| loss" in line:
                     self.log(f"  {echo_prefix} {line.rstrip()}")
             code = proc.wait()

@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from loop_megatron.config import preset
-from loop_megatron.experiments.budget import iterations_for_budget
 from loop_megatron.experiments.plots import plot_loss_vs_loops
 from loop_megatron.experiments.records import ExperimentError, expand_run_dirs, load_eval_json, load_run, load_runs
 from loop_megatron.experiments.report import write_report
@@ -169,9 +168,3 @@ def test_cli_end_to_end(runs, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plot_runs.py"), str(tmp_path / "nope"),
                            "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode != 0 and "run folder not found" in proc.stderr
-
-
-def test_iterations_for_budget():
-    # 8 runs in 60 min with 6 min reserved: 405 s each, minus 25 s startup, over 1.12 s per step.
-    assert iterations_for_budget(1.0, 60, 8) == 330
-    assert iterations_for_budget(100.0, 10, 8) == 20  # never below the minimum

@@ -1,0 +1,158 @@
+"""The "does looping pay?" study: holdout splits, every arm's trainer command, the statistics and the report."""
+import json
+import math
+import os
+
+import pytest
+
+from loop_megatron.data.corpus import split_holdout
+from loop_megatron.data.errors import DataError
+from loop_megatron.experiments import study_report
+from loop_megatron.experiments.records import ExperimentError
+from loop_megatron.experiments.study import ARMS, SOURCES, Study, StudySettings, build_parser
+from loop_megatron.experiments.study_report import (RunResult, compare, equivalent_layers, mean_sd, splice_readme,
+                                                    write_study_report)
+from loop_megatron.training.arguments import config_from_args
+
+
+def test_split_holdout_is_disjoint_and_takes_the_end():
+    docs = list(range(100))
+    parts = split_holdout(docs, 0.05)
+    assert parts["valid"] == list(range(95, 100)) and parts["test"] == list(range(90, 95))
+    assert parts["train"] == list(range(90))
+    assert split_holdout(docs, 0.0) == {"all": docs}
+    assert len(split_holdout(list(range(5)), 0.01)["valid"]) == 1  # at least one document
+    with pytest.raises(DataError, match="too few"):
+        split_holdout([1, 2], 0.05, "tiny")
+    with pytest.raises(DataError, match="--holdout 0.6"):
+        split_holdout(docs, 0.6)
+
+
+def test_every_arm_builds_a_valid_trainer_config(tmp_path, monkeypatch):
+    """Each arm's command line, exactly as the study passes it, parses and validates."""
+    settings = StudySettings(data_dir=str(tmp_path / "data"), tokenizer_dir=str(tmp_path / "tok"))
+    study = Study(settings)
+    monkeypatch.setattr(study, "train_blend", lambda: ["1.0", study.prefix("sotu", "train")])
+    seen = {}
+    for arm in ARMS:
+        cmd = study.trainer_command(arm, seed=3, lr=4e-3, name=f"{arm.name}-s3")
+        assert cmd[1:3] == ["-m", "loop_megatron.train"]
+        cfg, _ = config_from_args(cmd[3:])
+        cfg.validate(1)
+        m, t = cfg.model, cfg.training
+        assert (m.vocab_size, t.seed, t.lr, t.train_iters) == (2048, 3, 4e-3, settings.train_iters)
+        assert cfg.data.split == "1,0,0" and len(cfg.data.valid_data_path) == len(SOURCES)
+        seen[arm.name] = cfg
+    # The recurrent arm spends exactly the 2-layer model's unique blocks (prelude 1 + core 1, no coda).
+    rec, two = seen["rec"].model, seen["2L"].model
+    assert rec.prelude_layers + rec.num_layers + rec.coda_layers == two.num_layers == 2
+    assert rec.loop_injection == "diagonal" and seen["rec"].training.backprop_loops == 2
+    assert seen["1Lx4-prog"].training.loop_schedule.startswith("linear:")
+    assert settings.tokens_per_run >= 2_000_000 and len(settings.seeds) >= 2
+
+
+def test_quick_settings_and_cli_overrides():
+    quick = StudySettings.quick_settings()
+    assert quick.quick and quick.out_dir != StudySettings().out_dir and len(quick.seeds) >= 2
+    args = build_parser().parse_args(["--quick", "--only", "1L", "rec", "--tokens", "1e5"])
+    assert args.only == ["1L", "rec"] and args.tokens == 1e5
+
+
+def test_mean_sd_and_paired_comparison():
+    m, sd, n = mean_sd([1.0, 2.0, 3.0])
+    assert (m, n) == (2.0, 3) and sd == pytest.approx(1.0)
+    assert mean_sd([float("nan")])[2] == 0
+
+    def runs(arm, values):
+        return [RunResult(arm, seed, valid_bpb={"a": v, "b": v}) for seed, v in enumerate(values, start=1)]
+
+    # A is better on every seed by far more than the spread.
+    c = compare(runs("A", [2.0, 2.1, 2.2]), runs("B", [2.5, 2.6, 2.7]))
+    assert c["delta"] == pytest.approx(-0.5) and c["a_better"] == 3 and c["verdict"] == "A better"
+    # Seeds disagree: within noise.
+    c = compare(runs("A", [2.0, 2.6]), runs("B", [2.1, 2.5]))
+    assert c["verdict"] == "within noise"
+    # One seed: no verdict.
+    assert compare(runs("A", [2.0]), runs("B", [2.5]))["verdict"] == "one seed: no verdict"
+
+
+def test_equivalent_layers_interpolates_in_log_depth():
+    unshared = {1: 3.0, 2: 2.8, 4: 2.6}
+    assert equivalent_layers(2.8, unshared) == pytest.approx(2.0)
+    assert equivalent_layers(2.9, unshared) == pytest.approx(math.sqrt(2))
+    assert equivalent_layers(2.7, unshared) == pytest.approx(2 ** 1.5)
+    assert equivalent_layers(2.5, unshared) == pytest.approx(2 ** 2.5)  # extended past 4 layers
+    assert equivalent_layers(2.7, {1: 3.0, 2: 2.6, 4: 2.8}) is None  # depth does not help: no placement
+
+
+def test_splice_readme_replaces_only_the_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- study:begin -->\nold\n<!-- study:end -->\noutro\n")
+    splice_readme(str(readme), "new table\n")
+    assert readme.read_text() == "intro\n<!-- study:begin -->\nnew table\n<!-- study:end -->\noutro\n"
+    (tmp_path / "other.md").write_text("no markers\n")
+    with pytest.raises(ExperimentError, match="no '<!-- study:begin -->'"):
+        splice_readme(str(tmp_path / "other.md"), "x")
+
+
+def _fake_study(tmp_path, bpb):
+    """settings.json, evaluate.py JSONs and run folders as the study leaves them, with chosen numbers."""
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    (out / "eval").mkdir(parents=True)
+    arms = [a for a in ARMS if a.name in bpb]
+    settings = dict(StudySettings().as_dict(), lr=4e-3, sources=["s1", "s2"], seeds=[1, 2],
+                    arms=[dict(name=a.name, family=a.family, description=a.description) for a in arms])
+    (out / "settings.json").write_text(json.dumps(settings))
+    (out / "lr_sweep.json").write_text(json.dumps({"arm": "1L", "seed": 1, "chosen_lr": 4e-3, "criterion": "c",
+                                                   "rows": [{"lr": 2e-3, "valid_bpb": 3.0}, {"lr": 4e-3, "valid_bpb": 2.9}]}))
+    depth = {"1L": 1, "2L": 2, "4L": 4, "1Lx2": 2, "1Lx4": 4}
+    for arm in arms:
+        for seed in (1, 2):
+            name = f"{arm.name}-s{seed}"
+            value = bpb[arm.name] + 0.01 * seed
+            rows = [{"name": s, "loops": 1, "loss": value * 2, "bpb": value, "exit_criterion": "none"} for s in ("s1", "s2")]
+            for kind in ("valid", "test"):
+                (out / "eval" / f"{name}.{kind}.json").write_text(json.dumps({"results": rows}))
+            if arm.sweep_loops:
+                sweep = [dict(r, loops=L, bpb=value + 0.1 * abs(L - depth[arm.name]), mean_iterations=L)
+                         for L in (1, 2, 4) for r in rows]
+                (out / "eval" / f"{name}.loops.json").write_text(json.dumps({"results": sweep}))
+            run = runs / name
+            run.mkdir(parents=True)
+            layers = 1 if arm.name.startswith("1L") else int(arm.name[0])
+            (run / "summary.json").write_text(json.dumps({
+                "params": 1000 * layers, "non_embedding_params": 500 * layers, "num_layers": layers,
+                "num_loops": depth[arm.name] // layers, "effective_depth": depth[arm.name], "iterations": 10,
+                "tokens_seen": 40960}))
+            (run / "config.yaml").write_text(f"model:\n  num_layers: {layers}\n")
+            (run / "metrics.jsonl").write_text("".join(
+                json.dumps({"iteration": i, "loss": 5.0 - 0.1 * i, "tokens_seen": 4096 * i,
+                            "flops_per_token": 1e6 * depth[arm.name]}) + "\n" +
+                json.dumps({"iteration": i, "valid_s1_bpb": value + 1 / i, "valid_s2_bpb": value + 1 / i}) + "\n"
+                for i in range(1, 11)))
+    return out, runs
+
+
+def test_report_tables_plots_and_readme(tmp_path):
+    out, runs = _fake_study(tmp_path, {"1L": 3.0, "2L": 2.8, "4L": 2.6, "1Lx2": 2.9, "1Lx4": 2.7})
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- study:begin -->\n<!-- study:end -->\n")
+    written = write_study_report(str(out), str(runs), readme=str(readme))
+    for key in ("curves", "depth", "loops", "results", "json", "readme"):
+        assert os.path.getsize(written[key]) > 0, key
+    text = (out / "results.md").read_text()
+    assert "| **1Lx2** |" in text and "0.004 (chosen)" in text
+    # 1Lx2 (2.91, 2.92) against 1L (3.01, 3.02): -0.1 on both seeds, spread 0.007: a clear win.
+    assert "| 1Lx2 | 1L | parameters | 1.00 | 2.00 | -0.1000 ± 0.0000 | 2/2 |" in text and "A better" in text
+    summary = json.loads((out / "study.json").read_text())
+    worth = {w["arm"]: w for w in summary["recurrence_worth"]}
+    # 1Lx2 reaches 2.9 (+0.01 per seed, as do the unshared runs): sqrt(2) unshared layers, worth 0.41 each.
+    assert worth["1Lx2"]["equivalent_layers"] == pytest.approx([math.sqrt(2)] * 2)
+    assert worth["1Lx2"]["worth"] == pytest.approx([math.sqrt(2) - 1] * 2)
+    assert summary["arms"]["1Lx4"]["train_flops_per_token"] == [4e6, 4e6]
+    assert "results/curves.png" in readme.read_text()
+
+
+def test_report_without_runs_says_so(tmp_path):
+    with pytest.raises(ExperimentError, match="settings.json: not found"):
+        study_report.write_study_report(str(tmp_path), str(tmp_path))
