@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -90,7 +91,7 @@ class StudySettings:
     """Training tokens per run (the issue asks for at least 2M)."""
     seeds: Tuple[int, ...] = (1, 2, 3)
     """Seeds per arm; each fixes initialisation and data order."""
-    lr_grid: Tuple[float, ...] = (1e-3, 2e-3, 4e-3, 8e-3)
+    lr_grid: Tuple[float, ...] = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)
     """Peak learning rates tried on the 1-layer baseline (seeds[0]); the best valid BPB is used for all."""
     min_lr_ratio: float = 0.1
     """Cosine decay floor as a fraction of the peak LR."""
@@ -239,8 +240,18 @@ class Study:
     def ckpt_dir(self, name: str) -> str:
         return self._path(self.s.ckpt_dir, name)
 
-    def is_trained(self, name: str) -> bool:
-        path = self._path(self.run_dir(name), "summary.json")
+    def is_trained(self, name: str, lr: Optional[float] = None) -> bool:
+        """True when the run finished train_iters; a run made with another LR than `lr` is refused."""
+        run = self.run_dir(name)
+        config = self._path(run, "config.yaml")
+        if lr is not None and os.path.isfile(config):
+            from .records import _read_yaml
+
+            used = (_read_yaml(config).get("training") or {}).get("lr")
+            if used is not None and abs(float(used) - lr) > 1e-12 * lr:
+                raise StudyError(f"{run} was trained with lr {float(used):g} but the study now uses {lr:g}; "
+                                 f"delete {run} and {self.ckpt_dir(name)} (or the whole study folders) and start again.")
+        path = self._path(run, "summary.json")
         if not os.path.isfile(path) or not os.path.isfile(self._path(self.ckpt_dir(name), "latest")):
             return False
         with open(path, encoding="utf-8") as f:
@@ -267,9 +278,13 @@ class Study:
                 "--keep-last", "1", "--run-dir", self.run_dir(name)]
 
     def train(self, arm: Arm, seed: int, lr: float, name: str, label: str) -> None:
-        if self.is_trained(name):
+        if self.is_trained(name, lr):
             self.log(f"{label} {name}: trained already")
             return
+        if os.path.isdir(self.run_dir(name)) and not os.path.isfile(self._path(self.ckpt_dir(name), "latest")):
+            # Interrupted before its first checkpoint: it starts again from step 0, so its old records go
+            # (metrics.jsonl would otherwise hold the first steps twice).
+            shutil.rmtree(self.run_dir(name))
         t0 = time.time()
         self.log(f"{label} {name}: training ({arm.description}, seed {seed}, lr {lr:g}, "
                  f"{self.s.train_iters} steps x {self.s.tokens_per_step} tokens)  [study {self._elapsed()}]")
@@ -346,7 +361,7 @@ class Study:
                 name = run_name(arm.name, seed)
                 # The first seed's 1-layer run at the chosen LR is the LR sweep's run: reuse it.
                 lr_run = f"lr{lr:g}-{name}"
-                if arm is self.arms[0] and seed == self.s.seeds[0] and self.is_trained(lr_run):
+                if arm is self.arms[0] and seed == self.s.seeds[0] and self.is_trained(lr_run, lr):
                     self._alias(lr_run, name)
                 self.train(arm, seed, lr, name, f"[{k + 1}/{len(plan)}]")
                 self.evaluate_run(arm, name)

@@ -9,7 +9,7 @@ from loop_megatron.data.corpus import split_holdout
 from loop_megatron.data.errors import DataError
 from loop_megatron.experiments import study_report
 from loop_megatron.experiments.records import ExperimentError
-from loop_megatron.experiments.study import ARMS, SOURCES, Study, StudySettings, build_parser
+from loop_megatron.experiments.study import ARMS, SOURCES, Study, StudyError, StudySettings, build_parser
 from loop_megatron.experiments.study_report import (RunResult, compare, equivalent_layers, mean_sd, splice_readme,
                                                     write_study_report)
 from loop_megatron.training.arguments import config_from_args
@@ -156,3 +156,14 @@ def test_report_tables_plots_and_readme(tmp_path):
 def test_report_without_runs_says_so(tmp_path):
     with pytest.raises(ExperimentError, match="settings.json: not found"):
         study_report.write_study_report(str(tmp_path), str(tmp_path))
+
+
+def test_a_run_made_with_another_lr_is_refused(tmp_path):
+    settings = StudySettings(runs_dir=str(tmp_path / "runs"), ckpt_dir=str(tmp_path / "ckpt"))
+    run = tmp_path / "runs" / "1L-s1"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("training:\n  lr: 0.002\n")
+    study = Study(settings)
+    assert study.is_trained("1L-s1", 0.002) is False  # same LR, not finished
+    with pytest.raises(StudyError, match="trained with lr 0.002 but the study now uses 0.001"):
+        study.is_trained("1L-s1", 0.001)
