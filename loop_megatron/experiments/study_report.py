@@ -193,9 +193,14 @@ def compare(a: List[RunResult], b: List[RunResult]) -> Optional[Dict]:
 
 def equivalent_layers(bpb: float, unshared: Dict[int, float]) -> Optional[float]:
     """Unique layers an unshared model would need for this bpb: piecewise-linear in log2(layers) through
-    the unshared points, extended linearly past the ends; None unless bpb falls with depth there."""
+    the unshared points, extended linearly past the ends. Only the points up to the first one that does
+    not improve on its predecessor are used (where unique depth still pays); None when fewer than two."""
     pts = sorted(unshared.items())
-    if len(pts) < 2 or any(pts[i + 1][1] >= pts[i][1] for i in range(len(pts) - 1)):
+    for i in range(1, len(pts)):
+        if not pts[i][1] < pts[i - 1][1]:
+            pts = pts[:i]
+            break
+    if len(pts) < 2:
         return None
     xs = [math.log2(L) for L, _ in pts]
     ys = [v for _, v in pts]
@@ -393,6 +398,17 @@ def _curve(runs: Sequence[RunResult], key, smooth_weight: float = 0.0):
     return xs, [sum(c) / len(c) for c in cols], [min(c) for c in cols], [max(c) for c in cols]
 
 
+def _valid_points(records: Sequence[Dict], tokens_per_step: float) -> List[Dict]:
+    """One record per validation point: the trainer writes one line per named set, without tokens_seen."""
+    merged: Dict[int, Dict] = {}
+    for rec in records:
+        if any(k.startswith("valid_") for k in rec):
+            point = merged.setdefault(int(rec["iteration"]), {"iteration": int(rec["iteration"]),
+                                                              "tokens_seen": int(rec["iteration"]) * tokens_per_step})
+            point.update({k: v for k, v in rec.items() if k.startswith("valid_")})
+    return [merged[i] for i in sorted(merged)]
+
+
 def plot_curves(results: Dict[str, List[RunResult]], sources: Sequence[str], path: str) -> str:
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -401,7 +417,6 @@ def plot_curves(results: Dict[str, List[RunResult]], sources: Sequence[str], pat
         vals = [rec.get(f"valid_{s}_bpb") for s in sources]
         return sum(vals) / len(vals) if all(v is not None for v in vals) else None
 
-    # valid records carry no tokens_seen: place them at iteration x tokens per step
     for arm, runs in results.items():
         per_step = (runs[0].summary.get("tokens_seen") or 0) / max(1, runs[0].summary.get("iterations") or 1)
         train = _curve(runs, lambda rec: rec.get("loss") if "loss" in rec else None, 0.9)
@@ -409,8 +424,7 @@ def plot_curves(results: Dict[str, List[RunResult]], sources: Sequence[str], pat
             xs, m, lo, hi = train
             (line,) = ax1.plot(xs, m, label=arm, lw=1.2)
             ax1.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
-        valid = _curve([RunResult(r.arm, r.seed, records=[dict(rec, tokens_seen=rec["iteration"] * per_step)
-                                                          for rec in r.records]) for r in runs], valid_bpb)
+        valid = _curve([RunResult(r.arm, r.seed, records=_valid_points(r.records, per_step)) for r in runs], valid_bpb)
         if valid:
             xs, m, lo, hi = valid
             (line,) = ax2.plot(xs, m, marker="o", ms=3, label=arm, lw=1.2)
@@ -457,26 +471,38 @@ def plot_bpb_vs_depth(results: Dict[str, List[RunResult]], meta: Dict[str, Dict]
 
 
 def plot_bpb_vs_loops(sweep, exits, trained: Dict[str, int], path: str) -> str:
+    """Left: every swept arm's BPB against fixed inference loops. Right: the arms with an adaptive-exit sweep,
+    zoomed, fixed depth beside the exit curve (x = mean iterations per token): the test-time compute curve."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, 4.8))
     for arm, per in sweep.items():
         xs = sorted(per)
         stats = [mean_sd(per[L]) for L in xs]
         m = [s[0] for s in stats]
         sd = [s[1] for s in stats]
-        (line,) = ax.plot(xs, m, marker="o", ms=4, label=f"{arm} fixed depth (trained {trained.get(arm, '?')})")
-        ax.fill_between(xs, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
-                        color=line.get_color(), alpha=0.15)
+        color = None  # the arm's colour in both panels
+        for a in (ax, zoom) if arm in exits else (ax,):
+            (line,) = a.plot(xs, m, marker="o", ms=4, color=color,
+                             label=f"{arm} fixed depth (trained {trained.get(arm, '?')})")
+            color = line.get_color()
+            a.fill_between(xs, [p - q for p, q in zip(m, sd)], [p + q for p, q in zip(m, sd)], color=color, alpha=0.15)
         if arm in exits:
             per_exit = exits[arm]
             thr = sorted(per_exit, reverse=True)
             ex = [mean_sd(per_exit[t]["mean_iterations"])[0] for t in thr]
             ey = [mean_sd(per_exit[t]["bpb"])[0] for t in thr]
-            ax.plot(ex, ey, "--", marker="x", color=line.get_color(), label=f"{arm} adaptive exit (KL threshold)")
+            for a in (ax, zoom):
+                a.plot(ex, ey, "--", marker="x", color=color, label=f"{arm} adaptive exit (KL threshold)")
+            for t, x, y in zip(thr, ex, ey):
+                zoom.annotate(f"{t:g}", (x, y), textcoords="offset points", xytext=(3, 5), fontsize=7)
     ax.set(xlabel="loop iterations at inference (mean per token for adaptive exit)",
-           ylabel="valid bits per byte (mean of sources)", title="Test-time compute: depth as a dial")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+           ylabel="valid bits per byte (mean of sources)", title="Depth as a dial: all looped arms")
+    zoom.set(xlabel="loop iterations at inference (mean per token for adaptive exit)",
+             ylabel="valid bits per byte (mean of sources)", title="Sampled-depth model: fixed depth vs adaptive exit")
+    for a in (ax, zoom):
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -532,8 +558,10 @@ def write_study_report(out_dir: str, runs_dir: str, readme: Optional[str] = None
                       comparison_table(comps)]
         if worth:
             parts += ["", "**What one recurrence is worth** (arXiv 2604.21106 reports about 0.46 of a unique block): "
-                      "the unshared 1L/2L/4L results, interpolated in log(layers) per seed, give the unique layers "
-                      "L_eq that would reach each shared model's BPB:", "", worth_table(worth)]
+                      "the unshared 1L/2L/4L results, interpolated linearly in log(layers) per seed (only as deep "
+                      "as unique depth keeps improving; extended linearly past the ends), give the unique layers "
+                      "L_eq that would reach each shared model's BPB; a negative worth means the extra "
+                      "applications left the model worse than its unique layers alone would be:", "", worth_table(worth)]
         if sweep:
             parts += ["", "**BPB against inference loops** (first "
                       f"{s['sweep_eval_iters']} micro-batches of each source's valid set; * trained depth, bold best):",

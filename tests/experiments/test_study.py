@@ -82,7 +82,9 @@ def test_equivalent_layers_interpolates_in_log_depth():
     assert equivalent_layers(2.9, unshared) == pytest.approx(math.sqrt(2))
     assert equivalent_layers(2.7, unshared) == pytest.approx(2 ** 1.5)
     assert equivalent_layers(2.5, unshared) == pytest.approx(2 ** 2.5)  # extended past 4 layers
-    assert equivalent_layers(2.7, {1: 3.0, 2: 2.6, 4: 2.8}) is None  # depth does not help: no placement
+    # Past the best unshared depth (4L worse than 2L) only the part where depth still pays is used.
+    assert equivalent_layers(2.7, {1: 3.0, 2: 2.6, 4: 2.8}) == pytest.approx(2 ** 0.75)
+    assert equivalent_layers(2.7, {1: 3.0, 2: 3.1, 4: 2.8}) is None  # depth never pays: no placement
 
 
 def test_splice_readme_replaces_only_the_block(tmp_path):
