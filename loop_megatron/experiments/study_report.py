@@ -1,7 +1,11 @@
 """Tables and plots of the "does looping pay?" study (experiments/study.py), from what its runs left on disk.
 
 Reads OUT/settings.json, OUT/lr_sweep.json, OUT/eval/<arm>-s<seed>.{valid,test,loops,exit}.json
-(tools/evaluate.py --json) and RUNS/<arm>-s<seed>/{summary.json,metrics.jsonl}; writes
+(tools/evaluate.py --json) and RUNS/<arm>-s<seed>/{summary.json,config.yaml,metrics.jsonl}; first copies
+each evaluated run's three files into OUT/runs/<arm>-s<seed>/ (metrics thinned to every 5th training step
+plus every evaluation), so that OUT alone holds every number the report prints and a later --report-only
+needs no run folders; writes
+  OUT/runs/...              the archived run records above
   OUT/results.md            every table below (also spliced into the README with readme=...)
   OUT/study.json            the aggregated numbers the tables show
   OUT/curves.png            train loss and mean valid BPB against tokens, mean over seeds with a min-max band
@@ -25,6 +29,12 @@ from .records import ExperimentError, _read_json, _read_yaml
 
 README_BEGIN = "<!-- study:begin -->"
 README_END = "<!-- study:end -->"
+# The test-time compute section of the README carries the recurrent-depth arm's compute curve in its own
+# block (optional: spliced only where the README has these markers).
+README_TTC_BEGIN = "<!-- study-ttc:begin -->"
+README_TTC_END = "<!-- study-ttc:end -->"
+# Training records kept in the archived metrics.jsonl: every Nth training step (and every evaluation).
+ARCHIVE_EVERY = 5
 
 # (A, B, matched on, note): the comparisons the issue and the papers ask about.
 PAIRS: Tuple[Tuple[str, str, str, str], ...] = (
@@ -111,7 +121,10 @@ class RunResult:
 
     @property
     def train_flops_per_token(self) -> float:
-        """Mean training FLOPs per token over the steps run (sampled/scheduled depth included)."""
+        """Mean training FLOPs per token over the steps run (sampled/scheduled depth included); exact from
+        the archived summary (its records are thinned), else from the records."""
+        if self.summary.get("train_flops_per_token") is not None:
+            return float(self.summary["train_flops_per_token"])
         flops = [r["flops_per_token"] for r in self.records if r.get("flops_per_token") is not None]
         return sum(flops) / len(flops) if flops else float("nan")
 
@@ -141,8 +154,43 @@ def _read_records(path: str) -> List[Dict]:
     return out
 
 
-def load_results(out_dir: str, runs_dir: str, arms: Sequence[str], seeds: Sequence[int]) -> Dict[str, List[RunResult]]:
-    """{arm: [RunResult per seed that has a valid evaluation]}."""
+def _is_training_record(rec: Dict) -> bool:
+    return "loss" in rec and not any(k.startswith(("valid", "test")) for k in rec)
+
+
+def archive_run(run_dir: str, dest: str) -> None:
+    """Copy a run's summary.json and config.yaml into dest, with a thinned metrics.jsonl (every
+    ARCHIVE_EVERY-th training step, the first and last, every evaluation record) and the exact mean
+    training FLOPs per token added to the summary (the thinned records would only approximate it)."""
+    records = _read_records(os.path.join(run_dir, "metrics.jsonl"))
+    summary_path = os.path.join(run_dir, "summary.json")
+    summary = _read_json(summary_path) if os.path.isfile(summary_path) else {}
+    flops = [r["flops_per_token"] for r in records if r.get("flops_per_token") is not None]
+    if flops:
+        summary["train_flops_per_token"] = sum(flops) / len(flops)
+    train_steps = [r.get("iteration") for r in records if _is_training_record(r)]
+    ends = {train_steps[0], train_steps[-1]} if train_steps else set()
+    kept = [r for r in records if not _is_training_record(r)
+            or r.get("iteration") in ends or (r.get("iteration") or 0) % ARCHIVE_EVERY == 0]
+    fs.write_json(os.path.join(dest, "summary.json"), summary, make_parent=True)
+    fs.write_text(os.path.join(dest, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
+    config = os.path.join(run_dir, "config.yaml")
+    if os.path.isfile(config):
+        with open(config, encoding="utf-8") as f:
+            fs.write_text(os.path.join(dest, "config.yaml"), f.read())
+
+
+def archive_runs(out_dir: str, runs_dir: str, names: Sequence[str]) -> None:
+    """archive_run for every named run that has both an evaluation in out_dir and a folder in runs_dir."""
+    for name in names:
+        src = os.path.join(runs_dir, name)
+        if os.path.isfile(os.path.join(out_dir, "eval", f"{name}.valid.json")) and \
+                os.path.isfile(os.path.join(src, "metrics.jsonl")):
+            archive_run(src, os.path.join(out_dir, "runs", name))
+
+
+def load_results(out_dir: str, arms: Sequence[str], seeds: Sequence[int]) -> Dict[str, List[RunResult]]:
+    """{arm: [RunResult per seed that has a valid evaluation]}; run records from OUT/runs (the archive)."""
     results: Dict[str, List[RunResult]] = {}
     for arm in arms:
         for seed in seeds:
@@ -158,11 +206,12 @@ def load_results(out_dir: str, runs_dir: str, arms: Sequence[str], seeds: Sequen
                 path = os.path.join(out_dir, "eval", f"{name}.{kind}.json")
                 if os.path.isfile(path):
                     setattr(r, attr, _eval_rows(path))
-            summary = os.path.join(runs_dir, name, "summary.json")
+            run_dir = os.path.join(out_dir, "runs", name)
+            summary = os.path.join(run_dir, "summary.json")
             if os.path.isfile(summary):
                 r.summary = _read_json(summary)
-            r.records = _read_records(os.path.join(runs_dir, name, "metrics.jsonl"))
-            config = os.path.join(runs_dir, name, "config.yaml")
+            r.records = _read_records(os.path.join(run_dir, "metrics.jsonl"))
+            config = os.path.join(run_dir, "config.yaml")
             if os.path.isfile(config):
                 r.config = _read_yaml(config)
             results.setdefault(arm, []).append(r)
@@ -364,6 +413,126 @@ def exit_table(exits: Dict[str, Dict[float, Dict[str, List[float]]]]) -> str:
     return _table(["arm", "exit rule", "mean iterations / token", "valid bpb (mean of sources)"], body)
 
 
+# ------------------------------------------------------------------------------------ claims, compute
+# An adaptive exit "matches" fixed depth when its BPB is within this fraction of the fixed-depth BPB on the
+# same batches (0.1%: below the seed spread of every arm in the study, so it cannot change a verdict).
+EXIT_MATCH_TOLERANCE = 1e-3
+PAPER_WORTH = 0.46
+
+
+def cheapest_matching_exit(sweep: Dict[int, List[float]], exits: Dict[float, Dict[str, List[float]]],
+                           depth: int) -> Optional[Dict]:
+    """The exit threshold with the fewest mean iterations whose BPB (mean over seeds) is within
+    EXIT_MATCH_TOLERANCE of fixed depth `depth` on the same batches; None when none is."""
+    if depth not in sweep or not exits:
+        return None
+    fixed = mean_sd(sweep[depth])[0]
+    ok = [(mean_sd(v["mean_iterations"])[0], thr, mean_sd(v["bpb"])[0]) for thr, v in exits.items()
+          if mean_sd(v["bpb"])[0] <= fixed * (1 + EXIT_MATCH_TOLERANCE)]
+    if not ok:
+        return None
+    iters, thr, bpb = min(ok)
+    return {"threshold": thr, "mean_iterations": iters, "bpb": bpb, "fixed_depth": depth, "fixed_bpb": fixed,
+            "saving": 1 - iters / depth}
+
+
+def _verdict_word(c: Optional[Dict], want: str) -> str:
+    """Map a comparison verdict to whether the claim (want: 'A better' or 'A not worse') held."""
+    if c is None:
+        return "not run"
+    v = c["verdict"]
+    if v == "A better":
+        return "reproduced"
+    if v == "B better":
+        return "not reproduced (the opposite, beyond the seed spread)"
+    if v == "within noise":
+        return "reproduced (no difference beyond the seed spread)" if want == "A not worse" else \
+            "not reproduced (no difference beyond the seed spread)"
+    return v
+
+
+def claims(comps: Sequence[Dict], worth: Sequence[Dict], sweep: Dict[str, Dict[int, List[float]]],
+           exits: Dict[str, Dict[float, Dict[str, List[float]]]], trained: Dict[str, int]) -> List[Dict]:
+    """The papers' claims, each against the study's numbers and a verdict that follows from the tables."""
+    by_pair = {(c["a"], c["b"]): c for c in comps}
+
+    def delta(a: str, b: str) -> str:
+        c = by_pair.get((a, b))
+        return "–" if c is None else f"{a} − {b}: {c['delta']:+.4f} ± {c['delta_sd']:.4f} bpb ({c['a_better']}/{c['n']} seeds better)"
+
+    rows = []
+    for a, b in (("1Lx2", "1L"), ("1Lx4", "1L"), ("2Lx2", "2L")):
+        rows.append({"claim": f"Looping beats no looping at equal parameters ({a} vs {b})",
+                     "paper": "1x2 vs 1x1: 3.67 vs 3.98 val loss (arXiv 2409.14199)" if a == "1Lx2" else "",
+                     "ours": delta(a, b), "verdict": _verdict_word(by_pair.get((a, b)), "A better")})
+    for a in ("2Lx2", "1Lx4"):
+        rows.append({"claim": f"A looped model approaches the deeper unshared one of its effective depth ({a} vs 4L)",
+                     "paper": "6x6 vs 12L: 3.11 vs 3.12 val loss at 0.65x the parameters" if a == "2Lx2" else "",
+                     "ours": delta(a, "4L"), "verdict": _verdict_word(by_pair.get((a, "4L")), "A not worse")})
+    for w in worth:
+        if not w["worth"]:
+            continue
+        m, sd, n = mean_sd(w["worth"])
+        inside = abs(m - PAPER_WORTH) <= max(2 * sd, 0.1)
+        rows.append({"claim": f"One extra application of the shared block is worth about {PAPER_WORTH} of a unique "
+                              f"block ({w['arm']})",
+                     "paper": "≈0.46 (arXiv 2604.21106)", "ours": f"{_pm(w['worth'], '.2f')} ({n} seeds)",
+                     "verdict": "reproduced" if inside else ("not reproduced (worth less)" if m < PAPER_WORTH
+                                                             else "not reproduced (worth more)")})
+    for arm, per in exits.items():
+        depth = trained.get(arm)
+        if arm not in sweep or depth not in sweep[arm]:
+            continue
+        deepest = max(sweep[arm])
+        diffs = [x - y for x, y in zip(sweep[arm][deepest], sweep[arm][depth])]
+        m, sd, n = mean_sd(diffs)
+        stable = m <= EXIT_MATCH_TOLERANCE * mean_sd(sweep[arm][depth])[0]
+        rows.append({"claim": f"Injection + sampled depth extrapolate: more loops at inference than trained do "
+                              f"not hurt ({arm}, {depth} -> {deepest} loops)",
+                     "paper": "Huginn (arXiv 2502.05171)",
+                     "ours": f"bpb({deepest}) − bpb({depth}): {m:+.4f} ± {sd:.4f} ({n} seeds)",
+                     "verdict": "reproduced" if stable else "not reproduced (degrades)"})
+        best = cheapest_matching_exit(sweep[arm], per, depth)
+        rows.append({"claim": f"A per-token exit keeps the quality of fixed depth with fewer iterations ({arm})",
+                     "paper": "Huginn, Ouro (arXiv 2510.25741)",
+                     "ours": "no threshold matched" if best is None else
+                     f"kl < {best['threshold']:g}: {best['mean_iterations']:.2f} iterations/token, "
+                     f"{best['saving']:.0%} fewer than depth {depth}, bpb {best['bpb']:.4f} vs {best['fixed_bpb']:.4f}",
+                     "verdict": "reproduced" if best is not None and best["saving"] > 0 else "not reproduced"})
+    for a, b, what in (("rec", "2L", "The recurrent-depth recipe beats spending the same unique parameters unshared"),
+                       ("1Lx4-prog", "1Lx4", "Progressive looping beats fixed looping")):
+        if (a, b) in by_pair:
+            rows.append({"claim": f"{what} ({a} vs {b})", "paper": "", "ours": delta(a, b),
+                         "verdict": _verdict_word(by_pair[(a, b)], "A better")})
+    return rows
+
+
+def claims_table(rows: Sequence[Dict]) -> str:
+    return _table(["claim", "paper", "this study", "verdict"],
+                  [[r["claim"], r["paper"] or "–", r["ours"], r["verdict"]] for r in rows], ["---"] * 4)
+
+
+def compute_curve_block(sweep: Dict[str, Dict[int, List[float]]], exits: Dict[str, Dict[float, Dict[str, List[float]]]],
+                        trained: Dict[str, int], plot: str) -> str:
+    """For each arm with an exit sweep: fixed depths and exit thresholds as one table sorted by compute."""
+    parts = []
+    for arm, per in exits.items():
+        rows = [(float(L), f"fixed {L} loops", f"{L}", _pm(v, ".4f")) for L, v in sweep.get(arm, {}).items()]
+        rows += [(mean_sd(v["mean_iterations"])[0], f"kl < {thr:g}", _pm(v["mean_iterations"], ".2f"),
+                  _pm(v["bpb"], ".4f")) for thr, v in per.items()]
+        rows.sort(key=lambda r: (r[0], r[1]))
+        parts += [f"`{arm}` (mean of the five sources' valid bpb, ± over seeds; fixed depths and the `kl` exit on "
+                  "the same batches, sorted by iterations per token):", "",
+                  _table(["setting", "iterations / token", "valid bpb"], [r[1:] for r in rows]), ""]
+        best = cheapest_matching_exit(sweep.get(arm, {}), per, trained.get(arm, 0))
+        if best is not None:
+            parts += [f"The cheapest exit within {EXIT_MATCH_TOLERANCE:.1%} of the trained depth's bpb is "
+                      f"kl < {best['threshold']:g}: {best['mean_iterations']:.2f} iterations per token, "
+                      f"{best['saving']:.0%} fewer than depth {best['fixed_depth']}.", ""]
+    parts.append(f"![test-time compute]({plot})")
+    return "\n".join(parts) + "\n"
+
+
 # ----------------------------------------------------------------------------------------------- plots
 def _pyplot():
     import matplotlib
@@ -515,7 +684,9 @@ def write_study_report(out_dir: str, runs_dir: str, readme: Optional[str] = None
     settings = _read_json(settings_path)
     meta = _arm_meta(settings)
     sources = settings.get("sources", [])
-    results = load_results(out_dir, runs_dir, list(meta), settings.get("seeds", []))
+    names = [f"{arm}-s{seed}" for arm in meta for seed in settings.get("seeds", [])]
+    archive_runs(out_dir, runs_dir, names)
+    results = load_results(out_dir, list(meta), settings.get("seeds", []))
     if not results:
         raise ExperimentError(f"{out_dir}/eval: no evaluated run yet.")
     trained = {arm: int(runs[0].summary.get("num_loops") or 1) for arm, runs in results.items()}
@@ -523,6 +694,7 @@ def write_study_report(out_dir: str, runs_dir: str, readme: Optional[str] = None
     worth = recurrence_worth(results, meta)
     sweep = loop_sweep(results)
     exits = exit_sweep(results)
+    claim_rows = claims(comps, worth, sweep, exits, trained)
     lr_path = os.path.join(out_dir, "lr_sweep.json")
     lr = _read_json(lr_path) if os.path.isfile(lr_path) else None
 
@@ -550,6 +722,10 @@ def write_study_report(out_dir: str, runs_dir: str, readme: Optional[str] = None
                       f"(seed {lr['seed']}; {lr['criterion']}) and used for every arm:", "",
                       _table(["peak LR", "valid bpb"], [[f"{r['lr']:g}" + (" (chosen)" if r["lr"] == lr["chosen_lr"] else ""),
                                                           f"{r['valid_bpb']:.4f}"] for r in lr["rows"]])]
+        if claim_rows:
+            parts += ["", "**The claims, checked** (each verdict follows from the tables below: a comparison "
+                      "counts when every seed agrees and the mean difference exceeds twice the seed sd):", "",
+                      claims_table(claim_rows)]
         parts += ["", "**Valid bits per byte by source** (held-out sets, trained depth):", "",
                   results_table(results, sources, meta)]
         if comps:
@@ -582,7 +758,7 @@ def write_study_report(out_dir: str, runs_dir: str, readme: Optional[str] = None
                        "test_bpb": [r.macro_test_bpb for r in runs],
                        "train_flops_per_token": [r.train_flops_per_token for r in runs],
                        "params": runs[0].summary.get("params")} for arm, runs in results.items()},
-        "comparisons": comps, "recurrence_worth": worth,
+        "claims": claim_rows, "comparisons": comps, "recurrence_worth": worth,
         "loop_sweep": {arm: {str(L): v for L, v in per.items()} for arm, per in sweep.items()},
         "exit_sweep": {arm: {str(t): v for t, v in per.items()} for arm, per in exits.items()},
     }
@@ -590,15 +766,22 @@ def write_study_report(out_dir: str, runs_dir: str, readme: Optional[str] = None
     if readme:
         prefix = os.path.relpath(out_dir, os.path.dirname(os.path.abspath(readme)) or ".") + "/"
         written["readme"] = splice_readme(readme, block(prefix))
+        if exits and "loops" in written:
+            splice_readme(readme, compute_curve_block(sweep, exits, trained, prefix + "bpb_vs_loops.png"),
+                          README_TTC_BEGIN, README_TTC_END, required=False)
     return written
 
 
-def splice_readme(readme: str, block: str) -> str:
-    """Replace the text between README_BEGIN and README_END in readme (atomically)."""
+def splice_readme(readme: str, block: str, begin: str = README_BEGIN, end: str = README_END,
+                  required: bool = True) -> str:
+    """Replace the text between the begin and end markers in readme (atomically). A README without the
+    markers is an error when required, else left alone."""
     with open(readme, encoding="utf-8") as f:
         text = f.read()
-    pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.S)
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise ExperimentError(f"{readme}: no '{README_BEGIN}' ... '{README_END}' block to replace.")
-    new = pattern.sub(lambda _: f"{README_BEGIN}\n{block}{README_END}", text, count=1)
+        if not required:
+            return readme
+        raise ExperimentError(f"{readme}: no '{begin}' ... '{end}' block to replace.")
+    new = pattern.sub(lambda _: f"{begin}\n{block}{end}", text, count=1)
     return fs.write_text(readme, new)

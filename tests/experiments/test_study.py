@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 
 import pytest
 
@@ -10,8 +11,8 @@ from loop_megatron.data.errors import DataError
 from loop_megatron.experiments import study_report
 from loop_megatron.experiments.records import ExperimentError
 from loop_megatron.experiments.study import ARMS, SOURCES, Study, StudyError, StudySettings, build_parser
-from loop_megatron.experiments.study_report import (RunResult, compare, equivalent_layers, mean_sd, splice_readme,
-                                                    write_study_report)
+from loop_megatron.experiments.study_report import (RunResult, cheapest_matching_exit, compare, compute_curve_block,
+                                                    equivalent_layers, mean_sd, splice_readme, write_study_report)
 from loop_megatron.training.arguments import config_from_args
 
 
@@ -153,6 +154,53 @@ def test_report_tables_plots_and_readme(tmp_path):
     assert worth["1Lx2"]["worth"] == pytest.approx([math.sqrt(2) - 1] * 2)
     assert summary["arms"]["1Lx4"]["train_flops_per_token"] == [4e6, 4e6]
     assert "results/curves.png" in readme.read_text()
+    # The claims follow from the comparisons: 1Lx2 beats 1L on both seeds by 0.1 >> 2 x 0.007.
+    verdicts = {c["claim"]: c["verdict"] for c in summary["claims"]}
+    assert verdicts["Looping beats no looping at equal parameters (1Lx2 vs 1L)"] == "reproduced"
+    # 1Lx4 (2.71, 2.72) vs 4L (2.61, 2.62): worse beyond the spread, so "approaches" did not hold.
+    assert verdicts["A looped model approaches the deeper unshared one of its effective depth (1Lx4 vs 4L)"].startswith(
+        "not reproduced")
+    assert "**The claims, checked**" in text
+
+
+def test_report_archives_run_records_and_rebuilds_without_run_folders(tmp_path):
+    out, runs = _fake_study(tmp_path, {"1L": 3.0, "2L": 2.8, "4L": 2.6, "1Lx2": 2.9, "1Lx4": 2.7})
+    write_study_report(str(out), str(runs))
+    first = (out / "results.md").read_text()
+    archived = out / "runs" / "1Lx4-s1"
+    records = [json.loads(line) for line in (archived / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["iteration"] for r in records if "loss" in r]
+    assert train_steps == [1, 5, 10]  # first, every 5th, last
+    assert sum("valid_s1_bpb" in r for r in records) == 10  # every evaluation kept
+    assert json.loads((archived / "summary.json").read_text())["train_flops_per_token"] == 4e6
+    shutil.rmtree(runs)
+    write_study_report(str(out), str(runs))  # the archive alone rebuilds the same report
+    assert (out / "results.md").read_text() == first
+
+
+def test_compute_curve_block_and_the_cheapest_matching_exit(tmp_path):
+    sweep = {1: [3.0, 3.1], 2: [2.5, 2.6], 4: [2.40, 2.42], 8: [2.40, 2.42]}
+    exits = {0.1: {"bpb": [2.6, 2.7], "mean_iterations": [1.5, 1.6]},
+             0.01: {"bpb": [2.401, 2.421], "mean_iterations": [2.9, 3.1]},   # within 0.1% of depth 4
+             0.001: {"bpb": [2.40, 2.42], "mean_iterations": [3.8, 3.8]}}
+    best = cheapest_matching_exit(sweep, exits, 4)
+    assert best["threshold"] == 0.01 and best["mean_iterations"] == pytest.approx(3.0)
+    assert best["saving"] == pytest.approx(0.25)
+    assert cheapest_matching_exit(sweep, {0.1: exits[0.1]}, 4) is None
+    block = compute_curve_block({"rec": sweep}, {"rec": exits}, {"rec": 4}, "results/study/bpb_vs_loops.png")
+    lines = [line for line in block.splitlines() if line.startswith("| ") and "setting" not in line]
+    assert [line.split(" | ")[0] for line in lines] == ["| fixed 1 loops", "| kl < 0.1", "| fixed 2 loops",
+                                                        "| kl < 0.01", "| kl < 0.001", "| fixed 4 loops",
+                                                        "| fixed 8 loops"]
+    assert "kl < 0.01: 3.00 iterations per token, 25% fewer than depth 4" in block
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- study-ttc:begin -->\nold\n<!-- study-ttc:end -->\nb\n")
+    splice_readme(str(readme), block, "<!-- study-ttc:begin -->", "<!-- study-ttc:end -->")
+    assert "kl < 0.01" in readme.read_text() and "old" not in readme.read_text()
+    (tmp_path / "plain.md").write_text("x\n")
+    splice_readme(str(tmp_path / "plain.md"), block, "<!-- study-ttc:begin -->", "<!-- study-ttc:end -->",
+                  required=False)
+    assert (tmp_path / "plain.md").read_text() == "x\n"
 
 
 def test_report_without_runs_says_so(tmp_path):
