@@ -12,7 +12,8 @@ from loop_megatron.experiments import study_report
 from loop_megatron.experiments.records import ExperimentError
 from loop_megatron.experiments.study import ARMS, SOURCES, Study, StudyError, StudySettings, build_parser
 from loop_megatron.experiments.study_report import (RunResult, cheapest_matching_exit, compare, compute_curve_block,
-                                                    equivalent_layers, mean_sd, splice_readme, write_study_report)
+                                                    equivalent_layers, exit_advantage, fixed_depth_at, mean_sd,
+                                                    splice_readme, write_study_report)
 from loop_megatron.training.arguments import config_from_args
 
 
@@ -187,6 +188,11 @@ def test_compute_curve_block_and_the_cheapest_matching_exit(tmp_path):
     assert best["threshold"] == 0.01 and best["mean_iterations"] == pytest.approx(3.0)
     assert best["saving"] == pytest.approx(0.25)
     assert cheapest_matching_exit(sweep, {0.1: exits[0.1]}, 4) is None
+    # Against a uniform depth at the same iterations, seed 1: 2.9 iterations lie 0.45 of the way from
+    # depth 2 (2.5) to depth 4 (2.40), so the uniform depth reaches 2.455 and the exit (2.401) is 0.054 better.
+    adv = exit_advantage(sweep, exits)
+    assert adv[0.01][0] == pytest.approx(2.401 - 2.455)
+    assert fixed_depth_at({2: 2.0, 4: 1.0}, 3.0) == pytest.approx(1.5) and fixed_depth_at({2: 2.0}, 9) is None
     block = compute_curve_block({"rec": sweep}, {"rec": exits}, {"rec": 4}, "results/study/bpb_vs_loops.png")
     lines = [line for line in block.splitlines() if line.startswith("| ") and "setting" not in line]
     assert [line.split(" | ")[0] for line in lines] == ["| fixed 1 loops", "| kl < 0.1", "| fixed 2 loops",
