@@ -195,9 +195,9 @@ def test_compute_curve_block_and_the_cheapest_matching_exit(tmp_path):
     assert fixed_depth_at({2: 2.0, 4: 1.0}, 3.0) == pytest.approx(1.5) and fixed_depth_at({2: 2.0}, 9) is None
     block = compute_curve_block({"rec": sweep}, {"rec": exits}, {"rec": 4}, "results/study/bpb_vs_loops.png")
     lines = [line for line in block.splitlines() if line.startswith("| ") and "setting" not in line]
-    assert [line.split(" | ")[0] for line in lines] == ["| fixed 1 loops", "| kl < 0.1", "| fixed 2 loops",
-                                                        "| kl < 0.01", "| kl < 0.001", "| fixed 4 loops",
-                                                        "| fixed 8 loops"]
+    assert [line.split(" | ")[0] for line in lines] == ["| fixed depth 1", "| kl < 0.1", "| fixed depth 2",
+                                                        "| kl < 0.01", "| kl < 0.001", "| fixed depth 4",
+                                                        "| fixed depth 8"]
     assert "kl < 0.01: 3.00 iterations per token, 25% fewer than depth 4" in block
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- study-ttc:begin -->\nold\n<!-- study-ttc:end -->\nb\n")
