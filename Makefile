@@ -43,7 +43,7 @@ bench: $(STAMP)
 bench-gpu: $(STAMP)
 	$(BIN)/python bench/gpu_bench.py
 
-## experiments: the "does looping pay?" study (about 75 min on 2 cores; QUICK=1: the smoke run, < 15 min).
+## experiments: the "does looping pay?" study (110 min on 2 cores; QUICK=1: the smoke run, < 15 min).
 ## Writes results/study/ and the README's Results tables (QUICK=1: results/study-quick/, README untouched).
 experiments: $(STAMP)
 	bash launch/run_small_experiments.sh

@@ -8,7 +8,7 @@
 #                                    truncated backprop (the 2-layer model's unique parameters)
 #   1Lx4-prog                        progressive looping, 1 -> 4 loops over the first half
 #
-# 3 seeds x 2.5M tokens each, LR chosen on the validation split for 1L; about 75 minutes on 2 cores.
+# 3 seeds x 2.5M tokens each, LR chosen on the validation split for 1L; 110 minutes measured on 2 cores.
 # Then the tables and figures are written to results/study/ and into README.md between the
 # '<!-- study:begin -->' / '<!-- study:end -->' markers. An interrupted study resumes where it stopped.
 #
