@@ -440,12 +440,14 @@ def cheapest_matching_exit(sweep: Dict[int, List[float]], exits: Dict[float, Dic
 def fixed_depth_at(per_depth: Dict[int, float], iterations: float) -> Optional[float]:
     """Fixed-depth BPB at a fractional number of iterations: linear between the swept depths on either
     side; None outside the swept range."""
+    if iterations in per_depth:
+        return per_depth[iterations]
     depths = sorted(per_depth)
     for lo, hi in zip(depths, depths[1:]):
-        if lo <= iterations <= hi:
+        if lo < iterations < hi:
             t = (iterations - lo) / (hi - lo)
             return per_depth[lo] + t * (per_depth[hi] - per_depth[lo])
-    return per_depth[depths[0]] if depths and iterations == depths[0] else None
+    return None
 
 
 def exit_advantage(sweep: Dict[int, List[float]], exits: Dict[float, Dict[str, List[float]]]) -> Dict[float, List[float]]:
@@ -463,8 +465,9 @@ def exit_advantage(sweep: Dict[int, List[float]], exits: Dict[float, Dict[str, L
 
 
 def _paired_verdict(diffs: Sequence[float], floor: float = 0.0) -> str:
-    """The comparisons' rule on paired differences (< 0 good): every seed agrees and |mean| > 2 sd; and
-    |mean| at least `floor`, below which a difference counts as none in practice."""
+    """Verdict on paired per-seed differences (< 0 good) of two settings of the same checkpoints: every seed
+    agrees and |mean| exceeds twice their sd (the sd of the differences: the seeds' own spread cancels in
+    the pairing), and |mean| is at least `floor`, below which a difference counts as none in practice."""
     m, sd, n = mean_sd(diffs)
     if n < 2:
         return "one seed: no verdict"
