@@ -20,13 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from loop_megatron.config import ModelConfig  # noqa: E402
-from loop_megatron.model import LoopGPT  # noqa: E402
+from loop_megatron.model import LoopDepth, LoopGPT  # noqa: E402
 from loop_megatron.utils.profiling import time_and_peak  # noqa: E402
 
 
 def measure(model: LoopGPT, ids: torch.Tensor, loops: int, k: int, device: torch.device, repeats: int):
     def step():
-        _, loss = model(ids[:, :-1], ids[:, 1:], num_loops=loops, backprop_loops=k or None)
+        _, loss = model(ids[:, :-1], ids[:, 1:], depth=LoopDepth(loops, k))
         loss.backward()
 
     return time_and_peak(step, device, repeats)

@@ -60,7 +60,7 @@ def evaluate(model, dataset, micro_batch_size: int = 8, eval_iters: Optional[int
     `exit_criterion`/`exit_threshold`: adaptive per-token exit with `num_loops` as the cap (default: fixed
     depth). `byte_lengths` (the tokenizer's token_byte_lengths()) adds bits per byte (data/bpb.py)."""
     from ..data.bpb import bits_per_byte, bpb_sums
-    from ..model.exit import ExitStats
+    from ..model.exit import ExitRule, ExitStats
 
     device = next(model.parameters()).device
     lengths = None if byte_lengths is None else torch.as_tensor(byte_lengths, dtype=torch.long, device=device)
@@ -68,6 +68,7 @@ def evaluate(model, dataset, micro_batch_size: int = 8, eval_iters: Optional[int
     model.eval()
     loops = num_loops or model.loop.num_loops
     criterion = exit_criterion or "none"
+    rule = ExitRule(criterion, exit_threshold)
     # nats, text nats, bytes, iterations: summed on the device, read once at the end
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     tokens, batches = 0, 0
@@ -76,9 +77,8 @@ def evaluate(model, dataset, micro_batch_size: int = 8, eval_iters: Optional[int
             batch = batch.to(device)
             labels = batch[:, 1:]
             stats = ExitStats()
-            _, token_loss = model(batch[:, :-1], labels, num_loops=loops, return_logits=False,
-                                  loss_reduction="none", exit_criterion=criterion, exit_threshold=exit_threshold,
-                                  exit_stats=stats)
+            _, token_loss = model(batch[:, :-1], labels, depth=loops, exit_rule=rule, return_logits=False,
+                                  loss_reduction="none", exit_stats=stats)
             token_loss = token_loss.double()
             sums[0] += token_loss.sum()
             if lengths is not None:

@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..model import KVCache
-from ..model.exit import ExitStats
+from ..model.exit import ExitRule, ExitStats
 
 
 def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
@@ -136,6 +136,10 @@ def generate(model, prompt: Union[torch.Tensor, Sequence[int]], max_new_tokens: 
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
+    # None/None = the model config's exit setting; a threshold alone applies to the config's criterion.
+    rule = None
+    if exit_criterion is not None or exit_threshold is not None:
+        rule = ExitRule(exit_criterion or model.cfg.exit_criterion, exit_threshold)
     was_training = model.training
     model.eval()
     try:
@@ -146,9 +150,8 @@ def generate(model, prompt: Union[torch.Tensor, Sequence[int]], max_new_tokens: 
         for _ in range(max_new_tokens):
             stats = ExitStats()
             fed = step_input if use_cache else ids
-            logits, _ = model(fed, num_loops=num_loops, kv_cache=cache, attention_mask=mask,
-                              return_logits=True, exit_criterion=exit_criterion, exit_threshold=exit_threshold,
-                              exit_stats=stats)
+            logits, _ = model(fed, depth=num_loops, exit_rule=rule, kv_cache=cache, attention_mask=mask,
+                              return_logits=True, exit_stats=stats)
             real = None if mask is None else mask[:, -fed.shape[1]:]
             counts = _step_iterations(model, stats, counts, fed, num_loops, use_cache, real)
             nxt = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)

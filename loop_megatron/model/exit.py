@@ -194,10 +194,11 @@ class LatestEntryKV:
 
 @dataclass
 class ExitRule:
-    """The inference-time exit settings of one forward."""
+    """The inference-time exit settings of one forward: a criterion of EXIT_CRITERIA and its threshold (None =
+    the model config's exit_threshold)."""
 
     criterion: str
-    threshold: float
+    threshold: Optional[float] = None
 
     def __post_init__(self):
         if self.criterion not in EXIT_CRITERIA:

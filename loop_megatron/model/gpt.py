@@ -12,6 +12,7 @@ from ..config import ModelConfig
 from ..parallel import (VocabParallelEmbedding, gather_from_tp_region, get_tensor_model_parallel_rank,
                         vocab_parallel_cross_entropy)
 from .block import Block
+from .depth import DepthLike, LoopDepth
 from .exit import ExitGate, ExitRule, ExitStats, expected_exit_loss
 from .kv_cache import KVCache
 from .loop import LoopStack
@@ -58,18 +59,20 @@ class LoopGPT(nn.Module):
 
     forward(input_ids, labels) returns (logits, loss): `loss` is the mean token cross-entropy over labels
     that are not IGNORE_INDEX (None without labels), or with `loss_reduction="none"` the per-token
-    cross-entropy [B, T] (0 at ignored labels; evaluation sums it for bits per byte); `logits` are the full-vocabulary logits (gathered
-    over TP ranks, vocab padding removed), returned when no labels are given or `return_logits=True`.
+    cross-entropy [B, T] (0 at ignored labels; evaluation sums it for bits per byte); `logits` are the
+    full-vocabulary logits (gathered over TP ranks, vocab padding removed), returned when no labels are given
+    or `return_logits=True`.
+    `depth`: how deep this call runs the loop, an int (iterations) or a `LoopDepth` (model/depth.py: iterations,
+    truncated backprop, per-row depths, no-grad prefix, the first state's generator); None = model.num_loops.
+    `exit_rule`: per-position exits at inference (model/exit.py: criteria and the KV rule; None = the config's
+    exit_criterion outside training, `ExitRule("none")` = fixed depth), the depth's iterations being the cap;
+    an `ExitStats` passed as `exit_stats` receives the iterations each position used.
     Padding: `attention_mask` [B, S] (1 = real token) over every key position (cached ones + input_ids) runs
     a padded batch: pad keys are masked out, positions count real tokens only (see `padding_masks`), pad
     positions are exited from the start (0 iterations in exit_stats), and each real position's logits equal
     its row's run alone; pads' own logits are meaningless and pad labels should be IGNORE_INDEX.
-    The loop's depth is chosen per call (see model/loop.py): `num_loops` (r), `backprop_loops` (k, truncated
-    backprop), `loop_depths` (a LongTensor [batch] of per-row depths), `no_grad_loops` (a common start of
-    the graph across data-parallel ranks) and `state_generator` (a random initial state outside training). At inference `exit_criterion` (none|kl|entropy|gate) and
-    `exit_threshold` stop each position separately (model/exit.py: criteria and the KV rule), `num_loops`
-    being the cap; an `ExitStats` passed as `exit_stats` receives the iterations each position used. With
-    `model.exit_gate` and labels in training the loss is the gate's expected loss over the exit distribution.
+    With `model.exit_gate` and labels in training the loss is the gate's expected loss over the exit
+    distribution (`exit_gate_loss`); inference with an exit criterion runs `adaptive_logits`.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -128,18 +131,13 @@ class LoopGPT(nn.Module):
             x = block(x, kv_cache, attn_mask)
         return x
 
-    def hidden_states(self, input_ids: torch.Tensor, num_loops: Optional[int] = None,
-                      kv_cache: Optional[KVCache] = None, *, backprop_loops: Optional[int] = None,
-                      loop_depths: Optional[torch.Tensor] = None,
-                      state_generator: Optional[torch.Generator] = None,
-                      states: Optional[List[torch.Tensor]] = None,
-                      no_grad_loops: Optional[int] = None,
-                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Final-LayerNorm hidden states [batch, seq, hidden] (fixed depth)."""
+    def hidden_states(self, input_ids: torch.Tensor, depth: DepthLike = None, kv_cache: Optional[KVCache] = None,
+                      attention_mask: Optional[torch.Tensor] = None,
+                      states: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """Final-LayerNorm hidden states [batch, seq, hidden] at a fixed `depth`; `states`, when given,
+        receives the loop state after every iteration."""
         x, attn_mask, _ = self._embed(input_ids, kv_cache, attention_mask)
-        x = self.loop(x, num_loops=num_loops, kv_cache=kv_cache, backprop_loops=backprop_loops,
-                      loop_depths=loop_depths, state_generator=state_generator, states=states,
-                      no_grad_loops=no_grad_loops, attn_mask=attn_mask)
+        x = self.loop(x, LoopDepth.of(depth), kv_cache, attn_mask, states)
         x = self._coda(x, kv_cache, attn_mask)
         if kv_cache is not None:
             kv_cache.end(input_ids.shape[1])
@@ -155,85 +153,87 @@ class LoopGPT(nn.Module):
             return F.linear(hidden, self.wte.weight[:self.cfg.vocab_size])
         return self.wte.logits_parallel(hidden).masked_fill(self.vocab_padding_mask, float("-inf"))
 
-    def exit_rule(self, exit_criterion: Optional[str] = None, exit_threshold: Optional[float] = None) -> Optional[ExitRule]:
-        """The exit settings of a call (None = fixed depth); the model config's are the inference defaults."""
+    def resolve_exit(self, exit_rule: Optional[ExitRule] = None) -> Optional[ExitRule]:
+        """The exit rule of a call with its threshold filled in, or None for a fixed depth: the model config's
+        exit_criterion/exit_threshold are the inference defaults; training never exits."""
         training = self.training and torch.is_grad_enabled()
-        criterion = exit_criterion or ("none" if training else self.cfg.exit_criterion)
+        criterion = exit_rule.criterion if exit_rule is not None else ("none" if training else self.cfg.exit_criterion)
         if criterion == "none":
             return None
         if training:
             raise ValueError("exit criteria apply at inference only (eval mode or torch.no_grad()).")
         if criterion == "gate" and self.exit_gate is None:
             raise ValueError("exit criterion 'gate' needs a model with an exit gate (model.exit_gate true).")
-        return ExitRule(criterion, self.cfg.exit_threshold if exit_threshold is None else float(exit_threshold))
+        threshold = exit_rule.threshold if exit_rule is not None else None
+        return ExitRule(criterion, self.cfg.exit_threshold if threshold is None else float(threshold))
 
-    def _adaptive_logits(self, input_ids, rule: ExitRule, num_loops, kv_cache, state_generator, exit_stats,
-                         attention_mask=None):
-        """This rank's logits with per-position exits (model/exit.py); pad positions count as exited."""
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *, depth: DepthLike = None,
+                exit_rule: Optional[ExitRule] = None, kv_cache: Optional[KVCache] = None,
+                attention_mask: Optional[torch.Tensor] = None, exit_stats: Optional[ExitStats] = None,
+                return_logits: Optional[bool] = None,
+                loss_reduction: str = "mean") -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        depth = LoopDepth.of(depth)
+        rule = self.resolve_exit(exit_rule)
+        loss = None
+        if rule is not None:
+            logits_parallel = self.adaptive_logits(input_ids, rule, depth, kv_cache, exit_stats, attention_mask)
+        elif self.exit_gate is not None and labels is not None and self.training and torch.is_grad_enabled():
+            logits_parallel, loss = self.exit_gate_loss(input_ids, labels, depth, attention_mask)
+        else:
+            logits_parallel = self.logits_parallel(self.hidden_states(input_ids, depth, kv_cache, attention_mask))
+        if labels is not None and loss is None:
+            loss = self.lm_loss(logits_parallel, labels, loss_reduction)
+        if return_logits is None:
+            return_logits = labels is None
+        logits = gather_from_tp_region(logits_parallel)[..., :self.cfg.vocab_size] if return_logits else None
+        return logits, loss
+
+    def lm_loss(self, logits_parallel: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Token cross-entropy over labels that are not IGNORE_INDEX: their mean, or with reduction 'none'
+        the per-token loss [B, T] with 0 at ignored labels."""
+        keep = labels != IGNORE_INDEX
+        loss = vocab_parallel_cross_entropy(logits_parallel, labels.masked_fill(~keep, 0)) * keep
+        if reduction == "mean":
+            return loss.sum() / keep.sum().clamp(min=1)
+        if reduction != "none":
+            raise ValueError(f"loss_reduction must be 'mean' or 'none', got {reduction!r}")
+        return loss
+
+    def adaptive_logits(self, input_ids: torch.Tensor, rule: ExitRule, depth: LoopDepth,
+                        kv_cache: Optional[KVCache] = None, exit_stats: Optional[ExitStats] = None,
+                        attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """This rank's logits with per-position exits (model/exit.py), `depth` the cap; pads count as exited."""
         x, attn_mask, real = self._embed(input_ids, kv_cache, attention_mask)
         if rule.decodes:  # the coda + head read the state out every iteration; outputs = exit iteration's
             readout = lambda s, kv: self.logits_parallel(self.ln_f(self._coda(s, kv, attn_mask)))  # noqa: E731
-            logits = self.loop.adaptive(x, num_loops, kv_cache, rule, readout=readout, stats=exit_stats,
-                                        state_generator=state_generator, attn_mask=attn_mask, real=real)
+            logits = self.loop.adaptive(x, depth, kv_cache, rule, readout=readout, stats=exit_stats,
+                                        attn_mask=attn_mask, real=real)
         else:
-            s = self.loop.adaptive(x, num_loops, kv_cache, rule, gate=self.exit_gate, stats=exit_stats,
-                                   state_generator=state_generator, attn_mask=attn_mask, real=real)
+            s = self.loop.adaptive(x, depth, kv_cache, rule, gate=self.exit_gate, stats=exit_stats,
+                                   attn_mask=attn_mask, real=real)
             logits = self.logits_parallel(self.ln_f(self._coda(s, kv_cache, attn_mask)))
         if kv_cache is not None:
             kv_cache.end(input_ids.shape[1])
         return logits
 
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-                num_loops: Optional[int] = None, kv_cache: Optional[KVCache] = None,
-                return_logits: Optional[bool] = None, backprop_loops: Optional[int] = None,
-                loop_depths: Optional[torch.Tensor] = None,
-                state_generator: Optional[torch.Generator] = None, exit_criterion: Optional[str] = None,
-                exit_threshold: Optional[float] = None,
-                exit_stats: Optional[ExitStats] = None,
-                no_grad_loops: Optional[int] = None,
-                loss_reduction: str = "mean",
-                attention_mask: Optional[torch.Tensor] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        rule = self.exit_rule(exit_criterion, exit_threshold)
-        keep = None if labels is None else labels != IGNORE_INDEX
-        safe_labels = None if labels is None else labels.masked_fill(~keep, 0)
-        loss = None
-        if rule is not None:
-            if loop_depths is not None or backprop_loops:
-                raise ValueError("exit criteria cannot be combined with loop_depths or backprop_loops.")
-            logits_parallel = self._adaptive_logits(input_ids, rule, num_loops, kv_cache, state_generator, exit_stats,
-                                                    attention_mask)
-        elif self.exit_gate is not None and labels is not None and self.training and torch.is_grad_enabled():
-            # The exit gate's objective: the expected loss over the exit distribution (model/exit.py).
-            states: List[torch.Tensor] = []
-            self.hidden_states(input_ids, num_loops=num_loops, kv_cache=kv_cache, backprop_loops=backprop_loops,
-                               loop_depths=loop_depths, state_generator=state_generator, states=states,
-                               no_grad_loops=no_grad_loops, attention_mask=attention_mask)
-            T = input_ids.shape[1]  # the readout's coda runs without the cache: its keys are the T new ones
-            coda_mask = padding_masks(None if attention_mask is None else attention_mask[:, -T:], T)[0]
-            losses, lambdas = [], []
-            for s in states:
-                logits_parallel = self.logits_parallel(self.ln_f(self._coda(s, None, coda_mask)))
-                losses.append(vocab_parallel_cross_entropy(logits_parallel, safe_labels))
-                lambdas.append(self.exit_gate(s))
-            loss = expected_exit_loss(torch.stack(losses), torch.stack(lambdas), keep, self.exit_entropy_beta,
-                                      loop_depths)
-        else:
-            hidden = self.hidden_states(input_ids, num_loops=num_loops, kv_cache=kv_cache,
-                                        backprop_loops=backprop_loops, loop_depths=loop_depths,
-                                        state_generator=state_generator, no_grad_loops=no_grad_loops,
-                                        attention_mask=attention_mask)
-            logits_parallel = self.logits_parallel(hidden)
-        if labels is not None and loss is None:
-            per_token = vocab_parallel_cross_entropy(logits_parallel, safe_labels)
-            loss = per_token * keep
-            if loss_reduction == "mean":
-                loss = loss.sum() / keep.sum().clamp(min=1)
-            elif loss_reduction != "none":
-                raise ValueError(f"loss_reduction must be 'mean' or 'none', got {loss_reduction!r}")
-        if return_logits is None:
-            return_logits = labels is None
-        logits = gather_from_tp_region(logits_parallel)[..., :self.cfg.vocab_size] if return_logits else None
-        return logits, loss
+    def exit_gate_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, depth: LoopDepth,
+                       attention_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The exit gate's training objective (model/exit.py): the expected LM loss over the exit distribution
+        minus exit_entropy_beta times its entropy. Returns (the last iteration's logits slice, the loss)."""
+        states: List[torch.Tensor] = []
+        self.hidden_states(input_ids, depth, None, attention_mask, states)
+        T = input_ids.shape[1]  # the readout's coda runs without a cache: its keys are the T new ones
+        coda_mask = padding_masks(None if attention_mask is None else attention_mask[:, -T:], T)[0]
+        keep = labels != IGNORE_INDEX
+        safe_labels = labels.masked_fill(~keep, 0)
+        losses, lambdas = [], []
+        for s in states:
+            logits_parallel = self.logits_parallel(self.ln_f(self._coda(s, None, coda_mask)))
+            losses.append(vocab_parallel_cross_entropy(logits_parallel, safe_labels))
+            lambdas.append(self.exit_gate(s))
+        loss = expected_exit_loss(torch.stack(losses), torch.stack(lambdas), keep, self.exit_entropy_beta,
+                                  depth.loop_depths)
+        return logits_parallel, loss
 
     # ------------------------------------------------------------------------------------------------
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

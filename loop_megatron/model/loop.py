@@ -19,21 +19,8 @@ Initial state (`model.loop_state_init`): s_0 = e ('input'), 0 ('zeros') or N(0, 
 ('random': drawn in training mode from the default RNG, which is identical on every TP rank; in eval mode
 s_0 = 0, its mean, unless a `state_generator` is passed).
 
-Per-call depth controls (all keyword arguments of forward, defaults = the fixed-depth model):
-  num_loops r        iterations to run (default: the model's num_loops; with loop_depths: max(loop_depths)).
-  backprop_loops k   truncated backprop: only each row's last k iterations get gradient. Iterations that
-                     no row needs a gradient for run under torch.no_grad() (and are never checkpointed);
-                     the state is detached where a row's last k begin. 0/None = all.
-  loop_depths [B]    per-row depths r_b: the batch runs max(r_b) iterations and row b's state is held
-                     (s_{t+1} = s_t) after its own r_b, by masking the update, so each row equals that row
-                     run alone at depth r_b.
-  state_generator    a torch.Generator for a 'random' initial state (also in eval mode).
-  no_grad_loops      with k and loop_depths: run at most this many leading iterations under no_grad (the
-                     default is max(min(loop_depths) - k, 0), which depends on this rank's rows). Under
-                     ZeRO-3 every data-parallel rank must build its graph over the same iterations (the
-                     backward gathers parameters collectively per module call), so the trainer passes the
-                     value of the whole micro-step. Gradients do not change: each row is still cut where
-                     its own last k iterations begin.
+The depth of a call (iterations r, truncated backprop k, per-row depths, the no-grad prefix, the first
+state's generator) arrives as one `LoopDepth` (model/depth.py, which also holds the truncation plan).
 Per-position exits at inference (`adaptive`, criteria none|kl|entropy|gate) and the KV rule they follow
 live in model/exit.py.
 
@@ -52,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .block import Block
+from .depth import LoopDepth, truncation_plan
 from .exit import ExitRule, ExitStats, adaptive_loop
 from .kv_cache import KVCache
 
@@ -176,46 +164,23 @@ class LoopStack(nn.Module):
             return checkpoint(self.iteration, s, n, kv_cache, e, attn_mask, use_reentrant=False)
         return self.iteration(s, n, kv_cache, e, attn_mask)
 
-    def forward(self, x: torch.Tensor, num_loops: Optional[int] = None, kv_cache: Optional[KVCache] = None, *,
-                backprop_loops: Optional[int] = None, loop_depths: Optional[torch.Tensor] = None,
-                state_generator: Optional[torch.Generator] = None,
-                states: Optional[List[torch.Tensor]] = None,
-                no_grad_loops: Optional[int] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Run the loop on the prelude output `x` (= e) and return the final state s_r. `states`, when
-        given, receives s_1..s_r (the exit gate's training loss reads every iteration's state). `attn_mask`:
-        a padded batch's attention mask (model/attention.py), passed to every block application."""
+    def forward(self, x: torch.Tensor, depth: LoopDepth, kv_cache: Optional[KVCache] = None,
+                attn_mask: Optional[torch.Tensor] = None, states: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """Run the loop on the prelude output `x` (= e) to the `depth` of this call and return the final state
+        s_r. `states`, when given, receives s_1..s_r (the exit gate's training loss reads every iteration's
+        state). `attn_mask`: a padded batch's attention mask (model/attention.py), passed to every block."""
         e = x if self.injection_kind != "none" else None
-        if loop_depths is not None:
-            loop_depths = loop_depths.to(device=x.device, dtype=torch.long).view(-1)
-            if loop_depths.shape[0] != x.shape[0]:
-                raise ValueError(f"loop_depths has {loop_depths.shape[0]} entries for a batch of {x.shape[0]}.")
-            deepest, shallowest = torch.stack([loop_depths.max(), loop_depths.min()]).tolist()  # one host sync
-            if shallowest < 1:
-                raise ValueError("loop_depths must all be >= 1.")
-            if num_loops is not None and num_loops < deepest:
-                raise ValueError(f"num_loops ({num_loops}) is below the deepest row of loop_depths ({deepest}).")
-            r = num_loops or deepest
-        else:
-            r = num_loops or self.num_loops
-        s = self.initial_state(x, state_generator)
+        r, loop_depths, shallowest = depth.resolve(self.num_loops, x.shape[0], x.device)
         grad = torch.is_grad_enabled()
-        k = backprop_loops or 0
-        if not grad or k <= 0 or k >= r:
-            first_graph, row_starts = 0, None  # every iteration (if any) builds the graph
-        elif loop_depths is None:
-            first_graph, row_starts = r - k, None
-        else:
-            row_starts = (loop_depths - k).clamp(min=0)  # where row b's last k iterations begin
-            first_graph = max(shallowest - k, 0)
-            if no_grad_loops is not None:
-                first_graph = max(0, min(first_graph, int(no_grad_loops)))
+        plan = truncation_plan(r, depth.backprop_loops, grad, loop_depths, shallowest, depth.no_grad_loops)
+        s = self.initial_state(x, depth.state_generator)
         for n in range(r):
-            # Truncated backprop: iterations before first_graph run under no_grad, so the state leaving
+            # Truncated backprop: iterations before plan.first_graph run under no_grad, so the state leaving
             # them carries no graph and nothing before first_graph gets gradient.
-            tracked = grad and n >= first_graph
-            if tracked and row_starts is not None and n > first_graph:
+            tracked = grad and plan.tracked(n)
+            if tracked and plan.cuts_rows(n):
                 # Rows whose own last k iterations start here are cut from their earlier graph.
-                s = torch.where((row_starts == n).view(-1, 1, 1), s.detach(), s)
+                s = torch.where((plan.row_starts == n).view(-1, 1, 1), s.detach(), s)
             with torch.set_grad_enabled(tracked):
                 s_next = self._step(s, n, kv_cache, e, attn_mask)
                 if loop_depths is not None:  # rows past their depth keep their state: mask the update
@@ -225,11 +190,12 @@ class LoopStack(nn.Module):
                 states.append(s)
         return s
 
-    def adaptive(self, x: torch.Tensor, num_loops: Optional[int], kv_cache: Optional[KVCache], rule: ExitRule,
+    def adaptive(self, x: torch.Tensor, depth: LoopDepth, kv_cache: Optional[KVCache], rule: ExitRule,
                  readout=None, gate=None, stats: Optional[ExitStats] = None,
-                 state_generator: Optional[torch.Generator] = None, attn_mask: Optional[torch.Tensor] = None,
-                 real: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Inference with per-position exits (model/exit.py: the criteria and the KV rule); `real` [B, T]
-        marks the positions that are not padding (None: all are)."""
-        return adaptive_loop(self, x, num_loops or self.num_loops, kv_cache, rule, readout, gate, stats,
-                             state_generator, attn_mask, real)
+                 attn_mask: Optional[torch.Tensor] = None, real: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Inference with per-position exits, `depth.num_loops` being the cap (model/exit.py: the criteria and
+        the KV rule); `real` [B, T] marks the positions that are not padding (None: all are)."""
+        if not depth.is_fixed:
+            raise ValueError("exit criteria cannot be combined with loop_depths or backprop_loops.")
+        return adaptive_loop(self, x, depth.num_loops or self.num_loops, kv_cache, rule, readout, gate, stats,
+                             depth.state_generator, attn_mask, real)

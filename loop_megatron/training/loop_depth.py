@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 
 from ..config import Config, ModelConfig, parse_loop_schedule
+from ..model.depth import LoopDepth
 from ..model.stats import flops_per_token
 from .data import micro_batch_indices
 
@@ -72,26 +72,6 @@ class LoopSchedule:
             return v0
         q1, v1 = self.points[i + 1]
         return v0 + (v1 - v0) * (p - q0) / (q1 - q0)
-
-
-@dataclass
-class StepDepth:
-    """What one micro-step runs: `num_loops` r for the batch, `loop_depths` [B] per row (or None),
-    `backprop_loops` k (0 = all). Pass them to LoopGPT.forward as keyword arguments."""
-
-    num_loops: int
-    backprop_loops: int = 0
-    loop_depths: Optional[torch.Tensor] = None
-    no_grad_loops: Optional[int] = None
-    """Per-sequence with k: the leading iterations every DP rank runs without a graph (from the whole
-    micro-step's shallowest row), so ZeRO-3's backward gathers line up across ranks."""
-
-    def forward_kwargs(self) -> dict:
-        kwargs = {"num_loops": self.num_loops, "backprop_loops": self.backprop_loops or None,
-                  "loop_depths": self.loop_depths}
-        if self.no_grad_loops is not None:
-            kwargs["no_grad_loops"] = self.no_grad_loops
-        return kwargs
 
 
 class LoopDepthSampler:
@@ -148,7 +128,7 @@ class LoopDepthSampler:
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
     def micro_step_depths(self, iteration: int, micro_batch: int, first_sample: int, micro_batch_size: int,
-                          dp_rank: int = 0, dp_size: int = 1) -> StepDepth:
+                          dp_rank: int = 0, dp_size: int = 1) -> LoopDepth:
         """The depths of one micro-step on data-parallel rank `dp_rank`.
 
         `first_sample` is the global index of the first sample of this micro-step over all DP ranks
@@ -157,10 +137,10 @@ class LoopDepthSampler:
         mode every rank runs max over the whole micro-step, so ZeRO-3's collectives line up."""
         k = self.backprop_loops
         if not self.per_sequence:
-            return StepDepth(self.step_loops(iteration, micro_batch), k)
+            return LoopDepth(self.step_loops(iteration, micro_batch), k)
         every = self.sample_loops(iteration, torch.arange(first_sample, first_sample + micro_batch_size * dp_size))
         mine = every[dp_rank * micro_batch_size:(dp_rank + 1) * micro_batch_size]
-        return StepDepth(int(every.max()), k, mine, max(int(every.min()) - k, 0) if k else None)
+        return LoopDepth(int(every.max()), k, mine, max(int(every.min()) - k, 0) if k else None)
 
     def eval_loops(self, iteration: Optional[int] = None) -> int:
         """Depth for evaluation: training.eval_loops, else the level (at `iteration`, default the end of
@@ -181,8 +161,8 @@ def depth_is_varied(cfg: Config) -> bool:
 
 
 def step_depths(sampler: LoopDepthSampler, iteration: int, accum: int, global_batch: int,
-                micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1) -> List[StepDepth]:
-    """The StepDepth of each of the `accum` micro-batches of optimizer step `iteration` on `dp_rank`.
+                micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1) -> List[LoopDepth]:
+    """The LoopDepth of each of the `accum` micro-batches of optimizer step `iteration` on `dp_rank`.
 
     Samples are laid out as training/data.py's TrainBatchSampler consumes them: step `iteration` starts
     at consumed = iteration * global_batch and micro-step m covers the next micro_batch_size * dp_size
@@ -193,7 +173,7 @@ def step_depths(sampler: LoopDepthSampler, iteration: int, accum: int, global_ba
             for m in range(accum)]
 
 
-def step_flops_per_token(model_cfg: ModelConfig, seq_length: int, depths: List[StepDepth]) -> float:
+def step_flops_per_token(model_cfg: ModelConfig, seq_length: int, depths: List[LoopDepth]) -> float:
     """Training FLOPs per token of a step whose micro-batches ran `depths` (forward over each r, backward
     over each k), averaged over the micro-batches (they hold the same number of tokens)."""
     counts = [loop_flop_counts(d.num_loops, d.backprop_loops) for d in depths]
@@ -208,5 +188,5 @@ def loop_flop_counts(num_loops: int, backprop_loops: int = 0) -> Tuple[int, int]
     return r, k
 
 
-__all__ = ["LOGNORMAL_SIGMA", "LoopDepthSampler", "LoopSchedule", "StepDepth", "depth_is_varied", "loop_flop_counts",
+__all__ = ["LOGNORMAL_SIGMA", "LoopDepthSampler", "LoopSchedule", "depth_is_varied", "loop_flop_counts",
            "step_depths", "step_flops_per_token"]

@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..model.depth import LoopDepth
 from ..parallel import get_tensor_model_parallel_group, get_tensor_model_parallel_world_size
 from .data import split_inputs
 from .ds_config import trainer_clips  # noqa: F401  (re-exported: where the trainer clips)
@@ -68,11 +69,11 @@ class StepStats(NamedTuple):
 
 def train_step(engine, batches: Iterator[torch.Tensor], accum: int, device: torch.device,
                clipper: Optional[FusedClipper] = None, stop_requested: bool = False,
-               forward_kwargs: Optional[Sequence[Dict[str, Any]]] = None) -> StepStats:
+               depths: Optional[Sequence[LoopDepth]] = None) -> StepStats:
     """Forward/backward `accum` micro-batches from `batches` and take one optimizer step.
 
-    `forward_kwargs` (one dict per micro-batch, e.g. a sampled loop depth from
-    `training.loop_depth.StepDepth.forward_kwargs()`) go to the model's forward; None = the plain call.
+    `depths` (one LoopDepth per micro-batch, e.g. a sampled loop depth from training/loop_depth.py) go to the
+    model's forward; None = the model's own depth.
 
     The losses stay on the device; after the step one all-reduce carries the loss sum and the stop flag,
     and one host transfer brings loss, grad norm and flag back together: one host sync per step.
@@ -81,7 +82,7 @@ def train_step(engine, batches: Iterator[torch.Tensor], accum: int, device: torc
     norm = None
     for m in range(accum):
         x, y = split_inputs(next(batches), device)
-        _, loss = engine(x, labels=y, **(forward_kwargs[m] if forward_kwargs is not None else {}))
+        _, loss = engine(x, labels=y, depth=None if depths is None else depths[m])
         engine.backward(loss)
         if clipper is not None and m == accum - 1:
             norm = clipper(device)

@@ -148,7 +148,7 @@ class Trainer:
                              self.cfg.training.micro_batch_size, self.dp_rank, self.dp)
         # One host sync per step: loss, grad norm and the stop flag come back together (training/step.py).
         stats = train_step(self.engine, iter(micro_batches), len(micro_batches), self.device, self.clipper,
-                           self.stop.requested, forward_kwargs=[d.forward_kwargs() for d in depths])
+                           self.stop.requested, depths=depths)
         return StepResult(loss=stats.loss, lr=lr, grad_norm=stats.grad_norm, stop=stats.stop,
                           loops=sum(d.num_loops for d in depths) / len(depths),
                           flops_per_token=step_flops_per_token(self.cfg.model, self.seq, depths))
@@ -291,7 +291,7 @@ class Trainer:
                              self.cfg.data.num_workers, generator=gen):
             x, y = split_inputs(tokens, self.device)
             _, token_loss = self.engine(x, labels=y, loss_reduction="none",
-                                        num_loops=self.depth_sampler.eval_loops())  # --eval-loops
+                                        depth=self.depth_sampler.eval_loops())  # --eval-loops
             token_loss = token_loss.detach().double()
             nats, nbytes = bpb_sums(token_loss, y, self.byte_lengths)
             total += torch.stack([token_loss.sum(), total.new_tensor(y.numel()), nats, nbytes.double()])

@@ -42,7 +42,7 @@ def test_load_model_with_more_loops_reuses_last_gate(tmp_path):
     save, model = make_checkpoint(tmp_path, cfg, random_gates=True)
     x = torch.randint(0, cfg.model.vocab_size, (1, 8))
     four = load_model(save, num_loops=4)
-    torch.testing.assert_close(four(x)[0], model(x, num_loops=4)[0], rtol=0, atol=0)
+    torch.testing.assert_close(four(x)[0], model(x, depth=4)[0], rtol=0, atol=0)
 
 
 def one_sentence(msg: str) -> bool:

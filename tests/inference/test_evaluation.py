@@ -90,11 +90,11 @@ def test_exit_sweep_rows_table_json_and_plot(tmp_path, corpus, capsys):
     assert early.mean_iterations == 2.0
     assert early.loss == pytest.approx(evaluate(model, ds, 3, 2, num_loops=2).loss, rel=1e-6)
     # a threshold in between: the mean iterations is the average of the per-token counts
-    from loop_megatron.model.exit import ExitStats
+    from loop_megatron.model.exit import ExitRule, ExitStats
     tokens = torch.stack([torch.as_tensor(ds[i]["tokens"]) for i in range(6)])
     stats = ExitStats()
     with torch.no_grad():
-        model(tokens[:, :-1], num_loops=4, exit_criterion="entropy", exit_threshold=10.6, exit_stats=stats)
+        model(tokens[:, :-1], depth=4, exit_rule=ExitRule("entropy", 10.6), exit_stats=stats)
     mid = evaluate(model, ds, 3, 2, num_loops=4, exit_criterion="entropy", exit_threshold=10.6)
     assert mid.mean_iterations == pytest.approx(stats.iterations.float().mean().item())
 

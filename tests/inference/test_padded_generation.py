@@ -6,7 +6,7 @@ import torch
 
 from loop_megatron.inference.generation import generate, pad_prompts
 from loop_megatron.model import KVCache
-from loop_megatron.model.exit import ExitStats
+from loop_megatron.model.exit import ExitRule, ExitStats
 from tests.model.test_exit import MIXED, build, tiny
 
 LENGTHS = (7, 4, 2)
@@ -22,7 +22,7 @@ def rows(lengths=LENGTHS, seed=0, vocab=97):
 def forward(model, ids, criterion, threshold, **kw):
     stats = ExitStats()
     with torch.no_grad():
-        logits, _ = model(torch.as_tensor(ids), exit_criterion=criterion, exit_threshold=threshold,
+        logits, _ = model(torch.as_tensor(ids), exit_rule=ExitRule(criterion, threshold),
                           exit_stats=stats, **kw)
     return logits, stats.iterations
 

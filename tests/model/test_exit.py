@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from loop_megatron.config import ModelConfig
 from loop_megatron.inference.generation import generate
 from loop_megatron.model import KVCache, LoopGPT
-from loop_megatron.model.exit import ExitStats, configure_exit_training, exit_distribution, expected_exit_loss
+from loop_megatron.model.exit import ExitRule, ExitStats, configure_exit_training, exit_distribution, expected_exit_loss
 from loop_megatron.training.optim import parameter_groups
 
 # Thresholds that give a mix of exit depths on the model below (checked by test_thresholds_give_mixed_depths).
@@ -34,10 +34,15 @@ def build(cfg: ModelConfig = None, seed: int = 0) -> LoopGPT:
     return model
 
 
+def exit_rule(criterion, threshold):
+    """The forward's exit setting (criterion None: the model config's default)."""
+    return None if criterion is None else ExitRule(criterion, threshold)
+
+
 def run(model, ids, criterion, threshold, **kw):
     stats = ExitStats()
     with torch.no_grad():
-        logits, _ = model(ids, exit_criterion=criterion, exit_threshold=threshold, exit_stats=stats, **kw)
+        logits, _ = model(ids, exit_rule=exit_rule(criterion, threshold), exit_stats=stats, **kw)
     return logits, stats.iterations
 
 
@@ -118,11 +123,11 @@ def test_exit_off_or_never_met_is_the_fixed_depth_model_bitwise():
     ids = torch.randint(0, 97, (2, 10))
     with torch.no_grad():
         fixed, _ = model(ids)
-        fixed3, _ = model(ids, num_loops=3)
+        fixed3, _ = model(ids, depth=3)
     for criterion, threshold in [("none", 0.0), ("entropy", 0.0), ("kl", 0.0), ("gate", 1.0)]:
         logits, its = run(model, ids, criterion, threshold)
         assert torch.equal(logits, fixed), criterion
-        logits, its = run(model, ids, criterion, threshold, num_loops=3)
+        logits, its = run(model, ids, criterion, threshold, depth=3)
         assert torch.equal(logits, fixed3), criterion
         if criterion != "none":
             assert torch.equal(its, torch.full((2, 10), 3))
@@ -162,11 +167,11 @@ def test_cached_generation_equals_recomputed_generation_with_exits(criterion, th
     # and every step's logits agree (prefill in one chunk, then one token at a time)
     cache = KVCache()
     with torch.no_grad():
-        step_logits, _ = model(cached[:, :5], kv_cache=cache, exit_criterion=criterion, exit_threshold=threshold)
+        step_logits, _ = model(cached[:, :5], kv_cache=cache, exit_rule=ExitRule(criterion, threshold))
         for t in range(5, cached.shape[1]):
-            last, _ = model(cached[:, t:t + 1], kv_cache=cache, exit_criterion=criterion, exit_threshold=threshold)
+            last, _ = model(cached[:, t:t + 1], kv_cache=cache, exit_rule=ExitRule(criterion, threshold))
             step_logits = torch.cat([step_logits, last], dim=1)
-        whole, _ = model(cached, exit_criterion=criterion, exit_threshold=threshold)
+        whole, _ = model(cached, exit_rule=ExitRule(criterion, threshold))
     assert (step_logits - whole).abs().max().item() < 1e-5
 
 
@@ -174,8 +179,8 @@ def test_cache_with_exits_fills_every_slot_to_the_same_length():
     model = build(tiny(num_layers=2, inner_loops=2))
     cache = KVCache()
     with torch.no_grad():
-        model(torch.randint(0, 97, (2, 4)), kv_cache=cache, exit_criterion="gate", exit_threshold=0.3)
-        model(torch.randint(0, 97, (2, 1)), kv_cache=cache, exit_criterion="gate", exit_threshold=0.3)
+        model(torch.randint(0, 97, (2, 4)), kv_cache=cache, exit_rule=ExitRule("gate", 0.3))
+        model(torch.randint(0, 97, (2, 1)), kv_cache=cache, exit_rule=ExitRule("gate", 0.3))
     cfg = model.cfg
     assert len(cache.slots) == cfg.prelude_layers + 6 * 2 * 2 + cfg.coda_layers
     assert {k.shape[2] for k, _ in cache.slots} == {5}
@@ -184,7 +189,7 @@ def test_cache_with_exits_fills_every_slot_to_the_same_length():
 def test_exits_are_refused_in_training_and_gate_needs_a_gate():
     model = build().train()
     with pytest.raises(ValueError, match="inference only"):
-        model(torch.zeros(1, 3, dtype=torch.long), exit_criterion="kl", exit_threshold=0.1)
+        model(torch.zeros(1, 3, dtype=torch.long), exit_rule=ExitRule("kl", 0.1))
     plain = build(tiny(exit_gate=False))
     with pytest.raises(ValueError, match="exit gate"):
         run(plain, torch.zeros(1, 3, dtype=torch.long), "gate", 0.5)
@@ -243,14 +248,14 @@ def test_model_gate_loss_equals_expected_loss_over_fixed_depth_losses():
     with torch.no_grad():
         per_depth = []
         for n in range(1, R + 1):  # L_n = the fixed-depth model's per-token loss at depth n
-            logits, _ = model(x, num_loops=n)
+            logits, _ = model(x, depth=n)
             per_depth.append(F.cross_entropy(logits.reshape(-1, 97), y.reshape(-1), reduction="none").view(2, 7))
         states = []
-        model.hidden_states(x, num_loops=R, states=states)
+        model.hidden_states(x, R, states=states)
         lam = torch.stack([model.exit_gate(s) for s in states])
     want = expected_exit_loss(torch.stack(per_depth), lam, torch.ones_like(y, dtype=torch.bool), 0.05)
     model.train()
-    _, loss = model(x, y, num_loops=R)
+    _, loss = model(x, y, depth=R)
     assert abs(loss.item() - want.item()) < 1e-5
     loss.backward()
     assert model.exit_gate.proj.weight.grad.abs().sum() > 0
@@ -266,7 +271,7 @@ def test_gate_only_training_changes_only_the_gate():
     opt = torch.optim.AdamW(groups, lr=1e-2)
     for _ in range(3):
         ids = torch.randint(0, 97, (2, 9))
-        _, loss = model(ids[:, :-1], ids[:, 1:], num_loops=3)
+        _, loss = model(ids[:, :-1], ids[:, 1:], depth=3)
         opt.zero_grad()
         loss.backward()
         opt.step()

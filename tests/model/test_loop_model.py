@@ -142,7 +142,7 @@ def test_more_loops_at_inference_reuse_last_gate():
     model = build(tiny(num_loops=2)).eval()
     ids = torch.randint(0, 97, (1, 8))
     with torch.no_grad():
-        logits4, _ = model(ids, num_loops=4)
+        logits4, _ = model(ids, depth=4)
         logits2, _ = model(ids)
     assert logits4.shape == logits2.shape
     assert (logits4 - logits2).abs().max() > 1e-4

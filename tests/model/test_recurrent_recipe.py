@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from loop_megatron.config import ModelConfig
-from loop_megatron.model import KVCache, LoopGPT, flops_per_token, parameter_count
+from loop_megatron.model import KVCache, LoopDepth, LoopGPT, flops_per_token, parameter_count
 
 V = 97
 
@@ -136,7 +136,7 @@ def test_injection_matches_reference(kind, gates, init):
     ids = torch.randint(0, V, (2, 11))
     with torch.no_grad():
         for r in (1, 3, 5):  # 5 > the gate count: the last gate is reused
-            ours, _ = model(ids, num_loops=r)
+            ours, _ = model(ids, depth=r)
             ref = reference_logits(model, ids, r)
             assert (ours - ref).abs().max().item() < 1e-5, (kind, r)
 
@@ -175,7 +175,7 @@ def test_random_state_is_random_in_training_and_zero_in_eval_unless_a_generator_
     with torch.no_grad():
         assert torch.equal(model(ids)[0], zeros(ids)[0])  # eval: deterministic s_0 = 0
         # with a generator: N(0, sigma^2) from it, the same draw the reference makes
-        ours = model(ids, state_generator=torch.Generator().manual_seed(5))[0]
+        ours = model(ids, depth=LoopDepth(state_generator=torch.Generator().manual_seed(5)))[0]
         s0 = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(5)) * 0.5
         ref = reference_logits(model, ids, 3, s0=s0)
         assert (ours - ref).abs().max() < 1e-5
@@ -194,7 +194,7 @@ def test_gate_count_can_exceed_num_loops():
     assert model.loop.gates.shape == (5, 32)
     ids = torch.randint(0, V, (1, 7))
     with torch.no_grad():
-        assert (model(ids, num_loops=5)[0] - reference_logits(model, ids, 5)).abs().max() < 1e-5
+        assert (model(ids, depth=5)[0] - reference_logits(model, ids, 5)).abs().max() < 1e-5
 
 
 def test_parameter_count_matches_built_model():
@@ -215,7 +215,7 @@ def test_injection_parameters_are_not_weight_decayed():
 def _loss_grads(model, ids, seed=123, **kw):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    _, loss = model(ids[:, :-1], ids[:, 1:], **kw)
+    _, loss = model(ids[:, :-1], ids[:, 1:], depth=LoopDepth(**kw))
     loss.backward()
     return loss.detach(), grads(model)
 
@@ -265,14 +265,14 @@ def test_each_row_equals_that_row_run_alone_at_its_depth(kind):
     depths = torch.tensor([1, 4, 6])
     k = 2
     model.zero_grad(set_to_none=True)
-    logits, _ = model(inputs, num_loops=None, loop_depths=depths, backprop_loops=k, return_logits=True)
+    logits, _ = model(inputs, depth=LoopDepth(None, k, depths), return_logits=True)
     row_loss = row_losses(logits, targets)
     row_loss.sum().backward()
     batched = grads(model)
     alone_loss, alone_grads = [], None
     for b in range(3):
         model.zero_grad(set_to_none=True)
-        lb, _ = model(inputs[b:b + 1], num_loops=int(depths[b]), backprop_loops=k, return_logits=True)
+        lb, _ = model(inputs[b:b + 1], depth=LoopDepth(int(depths[b]), k), return_logits=True)
         loss_b = row_losses(lb, targets[b:b + 1])[0]
         loss_b.backward()
         alone_loss.append(loss_b.detach())
@@ -288,11 +288,11 @@ def test_row_depths_without_grad_and_with_explicit_num_loops():
     model = build(tiny(loop_injection="add")).eval()
     ids = torch.randint(0, V, (2, 8))
     with torch.no_grad():
-        logits, _ = model(ids, loop_depths=torch.tensor([3, 1]), num_loops=4)
-        assert (logits[0] - model(ids[:1], num_loops=3)[0][0]).abs().max() < 1e-5
-        assert (logits[1] - model(ids[1:], num_loops=1)[0][0]).abs().max() < 1e-5
+        logits, _ = model(ids, depth=LoopDepth(4, loop_depths=torch.tensor([3, 1])))
+        assert (logits[0] - model(ids[:1], depth=3)[0][0]).abs().max() < 1e-5
+        assert (logits[1] - model(ids[1:], depth=1)[0][0]).abs().max() < 1e-5
         with pytest.raises(ValueError, match="num_loops"):
-            model(ids, loop_depths=torch.tensor([3, 1]), num_loops=2)
+            model(ids, depth=LoopDepth(2, loop_depths=torch.tensor([3, 1])))
 
 
 def test_kv_cache_decoding_with_injection_matches_full_forward():
@@ -300,11 +300,11 @@ def test_kv_cache_decoding_with_injection_matches_full_forward():
         model = build(tiny(loop_injection=kind, loop_state_init=init, loop_gates="vector", inner_loops=2)).eval()
         ids = torch.randint(0, V, (2, 12))
         with torch.no_grad():
-            full, _ = model(ids, num_loops=4)
+            full, _ = model(ids, depth=4)
             cache = KVCache()
-            steps = [model(ids[:, :5], num_loops=4, kv_cache=cache)[0]]
+            steps = [model(ids[:, :5], depth=4, kv_cache=cache)[0]]
             for t in range(5, 12):
-                steps.append(model(ids[:, t:t + 1], num_loops=4, kv_cache=cache)[0])
+                steps.append(model(ids[:, t:t + 1], depth=4, kv_cache=cache)[0])
         assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5, kind
 
 

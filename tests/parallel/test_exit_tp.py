@@ -4,7 +4,7 @@ import torch
 
 from loop_megatron.config import ModelConfig
 from loop_megatron.model import LoopGPT
-from loop_megatron.model.exit import ExitStats, configure_exit_training
+from loop_megatron.model.exit import ExitRule, ExitStats, configure_exit_training
 from loop_megatron.parallel import destroy_model_parallel, initialize_model_parallel
 from tests.dist_utils import run_distributed
 from tests.parallel.test_tensor_parallel import _gathered_grads
@@ -34,11 +34,11 @@ def _run(tp: int, ids: torch.Tensor):
     with torch.no_grad():
         for criterion, threshold in CASES:
             stats = ExitStats()
-            logits, _ = model(ids, exit_criterion=criterion, exit_threshold=threshold, exit_stats=stats)
+            logits, _ = model(ids, exit_rule=ExitRule(criterion, threshold), exit_stats=stats)
             out[criterion] = (logits, stats.iterations)
     model.train()
     configure_exit_training(model, 0.1, gate_only=False)
-    _, loss = model(ids[:, :-1], ids[:, 1:], num_loops=4)
+    _, loss = model(ids[:, :-1], ids[:, 1:], depth=4)
     loss.backward()
     out["gate_loss"] = loss.detach()
     out["grads"] = _gathered_grads(model)

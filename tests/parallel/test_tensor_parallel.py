@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from loop_megatron.config import ModelConfig
-from loop_megatron.model import LoopGPT, full_state_dict
+from loop_megatron.model import LoopDepth, LoopGPT, full_state_dict
 from loop_megatron.parallel import (VocabParallelEmbedding, destroy_model_parallel, get_tensor_model_parallel_group,
                                     get_tensor_model_parallel_rank, initialize_model_parallel, merge_shards,
                                     vocab_parallel_cross_entropy)
@@ -146,7 +146,7 @@ def _run_recipe_model(tp: int, cfg: ModelConfig, ids: torch.Tensor, forward_kwar
     with torch.no_grad():
         for p in model.loop.injection.parameters():
             p.add_(0.1 * torch.randn_like(p))  # the default RNG: identical on every TP rank
-    logits, loss = model(ids[:, :-1], ids[:, 1:], return_logits=True, **forward_kwargs)  # random s_0 drawn here
+    logits, loss = model(ids[:, :-1], ids[:, 1:], return_logits=True, depth=LoopDepth(**forward_kwargs))  # random s_0 drawn here
     loss.backward()
     return {"logits": logits.detach(), "loss": loss.detach(), "grads": _gathered_grads(model),
             "weights": full_state_dict(model)}

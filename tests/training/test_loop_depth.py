@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from loop_megatron.config import ConfigError, preset
+from loop_megatron.model.depth import LoopDepth
 from loop_megatron.training.loop_depth import LoopDepthSampler, LoopSchedule, loop_flop_counts
 
 
@@ -89,8 +90,8 @@ def test_per_sequence_depths_follow_the_sample_not_the_data_parallel_layout():
     assert torch.equal(s.sample_loops(3, torch.arange(48, 56)), one_rank.loop_depths)
     many = s.sample_loops(3, torch.arange(0, 400))
     assert len(set(many.tolist())) > 3 and many.max() <= 8
-    kwargs = one_rank.forward_kwargs()
-    assert set(kwargs) == {"num_loops", "backprop_loops", "loop_depths"}
+    # what the model's forward receives as `depth`: one object, no truncation asked for here
+    assert isinstance(one_rank, LoopDepth) and one_rank.backprop_loops == 0 and one_rank.no_grad_loops is None
 
 
 def test_step_depth_carries_backprop_loops_and_eval_loops():

@@ -173,7 +173,7 @@ def test_a_common_no_grad_prefix_leaves_per_row_gradients_unchanged():
     """no_grad_loops (what the trainer passes so ZeRO-3 ranks share one graph layout) builds more graph
     but every row is still cut where its own last k iterations begin: same loss, same gradients."""
     from loop_megatron.config import ModelConfig
-    from loop_megatron.model import LoopGPT
+    from loop_megatron.model import LoopDepth, LoopGPT
 
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=32, num_attention_heads=4, vocab_size=64, max_position_embeddings=16,
@@ -184,7 +184,7 @@ def test_a_common_no_grad_prefix_leaves_per_row_gradients_unchanged():
 
     def grads(**kw):
         model.zero_grad()
-        _, loss = model(x, labels=x, num_loops=5, backprop_loops=2, loop_depths=depths, **kw)
+        _, loss = model(x, labels=x, depth=LoopDepth(5, 2, depths, **kw))
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
