@@ -1,9 +1,11 @@
 """Hugging Face configuration of a Loop-Residual GPT (Ng & Wang, arXiv 2409.14199).
 
-Self-contained (imports only transformers) so that it can be copied into an exported model folder and
-loaded with ``trust_remote_code=True``. Field names follow GPT-2's config where they exist.
+Field names follow GPT-2's config where they exist; `model_config()` translates them into the package's
+`ModelConfig`, the one description of the model's shape (config.py, exported beside this file).
 """
 from transformers import PretrainedConfig
+
+from ..config import ModelConfig
 
 
 class LoopGPTConfig(PretrainedConfig):
@@ -13,8 +15,8 @@ class LoopGPTConfig(PretrainedConfig):
     ``x = x + a_n * (h - x)``; `prelude_layers` unshared blocks run before the loop and `coda_layers`
     after it. `loop_injection` ('none', 'add', 'linear', 'diagonal') re-injects the prelude output e into
     every iteration and `loop_state_init` ('input', 'zeros', 'random') picks the first state (a 'random'
-    model starts from zeros unless a `state_generator` is passed); see modeling_loop_gpt.py for the
-    equations. `loop_gate_count` gates exist (0 = num_loops); later iterations reuse the last one.
+    model starts from zeros unless a `state_generator` is passed at inference); `gate_init` is the gates' initial
+    value. `loop_gate_count` gates exist (0 = num_loops); later iterations reuse the last one.
     `exit_criterion` ('none', 'kl', 'entropy', 'gate') and `exit_threshold` stop each token's loop separately
     at inference (`num_loops` is then the cap; `exit_gate` adds the learned gate 'gate' reads); they can also
     be passed to forward() / generate(). `num_hidden_layers` is the number of block *applications* per
@@ -40,6 +42,7 @@ class LoopGPTConfig(PretrainedConfig):
     prelude_layers: int = 0
     coda_layers: int = 0
     loop_gates: str = "vector"
+    gate_init: float = 1.0
     loop_gate_count: int = 0
     loop_injection: str = "none"
     loop_state_init: str = "input"
@@ -82,6 +85,20 @@ class LoopGPTConfig(PretrainedConfig):
         if exit_criterion in ("kl", "entropy"):
             return self.prelude_layers + num_loops * (core + self.coda_layers)
         return self.prelude_layers + num_loops * core + self.coda_layers
+
+    def model_config(self) -> ModelConfig:
+        """The package's ModelConfig of this model: the HF vocabulary is unpadded (the export drops padding
+        rows) and dropout is GPT-2's residual/attention dropout."""
+        return ModelConfig(
+            vocab_size=self.vocab_size, make_vocab_size_divisible_by=1, max_position_embeddings=self.n_positions,
+            hidden_size=self.n_embd, num_attention_heads=self.n_head, ffn_hidden_size=self.n_inner or 0,
+            num_layers=self.n_layer, num_loops=self.num_loops, inner_loops=self.inner_loops,
+            prelude_layers=self.prelude_layers, coda_layers=self.coda_layers, loop_gates=self.loop_gates,
+            gate_init=self.gate_init, hidden_dropout=self.resid_pdrop, attention_dropout=self.attn_pdrop,
+            layernorm_epsilon=self.layer_norm_epsilon, init_method_std=self.initializer_range,
+            loop_gate_count=self.loop_gate_count, loop_injection=self.loop_injection,
+            loop_state_init=self.loop_state_init, loop_state_std=self.loop_state_std, exit_gate=self.exit_gate,
+            exit_criterion=self.exit_criterion, exit_threshold=self.exit_threshold)
 
 
 __all__ = ["LoopGPTConfig"]

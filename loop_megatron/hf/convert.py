@@ -4,8 +4,9 @@ Export (ours -> HF):
   * gates 'none' (or every gate exactly one), no loop injection and s_0 = e -> a plain `GPT2LMHeadModel`, unrolled: HF layer j is the
     j-th block *application* (prelude blocks, then for each outer iteration each shared block repeated
     inner_loops times, then coda blocks). Loads with plain transformers, no remote code.
-  * otherwise -> the custom `loop_gpt` architecture (configuration_loop_gpt.py + modeling_loop_gpt.py
-    copied into the folder, `auto_map` in config.json), shared blocks stored once plus the gates and the
+  * otherwise -> the custom `loop_gpt` architecture: the package's own model source written into the folder
+    by hf/remote_code.py (the adapter modeling_loop_gpt.py, configuration_loop_gpt.py and the package modules
+    they import, flattened; `auto_map` in config.json), shared blocks stored once plus the gates and the
     injection's parameters (a model with injection or another initial state is never a plain GPT-2); load
     with `trust_remote_code=True`.
   Both folders carry the checkpoint's tokenizer (GPT-2's files, or a trained HuggingFaceTokenizer as a
@@ -32,9 +33,8 @@ import torch
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint_files
 from ..config import Config, ModelConfig
 from ..utils import fs
+from .remote_code import write_remote_code
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REMOTE_CODE_FILES = ("configuration_loop_gpt.py", "modeling_loop_gpt.py")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EOD_TOKEN = "<|endoftext|>"
 EOD_ID = 50256
@@ -225,7 +225,7 @@ def loop_gpt_config(m: ModelConfig, **extra):
         vocab_size=m.vocab_size, n_positions=m.max_position_embeddings, n_embd=m.hidden_size,
         n_head=m.num_attention_heads, n_inner=None if m.ffn_size == 4 * m.hidden_size else m.ffn_size,
         n_layer=m.num_layers, num_loops=m.num_loops, inner_loops=m.inner_loops, prelude_layers=m.prelude_layers,
-        coda_layers=m.coda_layers, loop_gates=m.loop_gates, loop_gate_count=m.loop_gate_count,
+        coda_layers=m.coda_layers, loop_gates=m.loop_gates, gate_init=m.gate_init, loop_gate_count=m.loop_gate_count,
         loop_injection=m.loop_injection, loop_state_init=m.loop_state_init, loop_state_std=m.loop_state_std,
         exit_gate=m.exit_gate, exit_criterion=m.exit_criterion, exit_threshold=m.exit_threshold,
         resid_pdrop=m.hidden_dropout,
@@ -235,13 +235,12 @@ def loop_gpt_config(m: ModelConfig, **extra):
 
 
 def to_loop_gpt_state_dict(sd: Dict[str, torch.Tensor], m: ModelConfig) -> Dict[str, torch.Tensor]:
-    """LoopGPTForCausalLM tensors: our names under `transformer.`, vocab padding removed, lm_head tied."""
+    """LoopGPTForCausalLM tensors: our names under `transformer.`, vocab padding removed (the head is wte)."""
     out = {}
     for name, t in sd.items():
         if name == "wte.weight":
             t = t[:m.vocab_size]
         out[f"transformer.{name}"] = t.contiguous().clone()
-    out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
 
 
@@ -291,8 +290,7 @@ def export_to_hf(sd: Dict[str, torch.Tensor], cfg: Config, out_dir: str, dtype: 
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if fmt == "loop_gpt":
-            for name in REMOTE_CODE_FILES:
-                shutil.copyfile(os.path.join(HERE, name), os.path.join(tmp, name))
+            write_remote_code(tmp)
         write_tokenizer(tmp, m.max_position_embeddings, tokenizer)
         fs.replace_dir(tmp, out_dir)
     except BaseException:

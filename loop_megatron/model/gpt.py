@@ -96,7 +96,9 @@ class LoopGPT(nn.Module):
         # Which of this rank's vocabulary rows are padding: fixed at construction, so the forward pass
         # neither rebuilds it nor syncs with the host to ask whether any exist. Not saved in checkpoints.
         start = get_tensor_model_parallel_rank() * self.wte.per_rank
-        is_padding = torch.arange(start, start + self.wte.per_rank) >= cfg.vocab_size
+        # On the CPU whatever the default device: a model built on the meta device (transformers' from_pretrained)
+        # can still ask whether padding exists.
+        is_padding = torch.arange(start, start + self.wte.per_rank, device="cpu") >= cfg.vocab_size
         self.register_buffer("vocab_padding_mask", is_padding if bool(is_padding.any()) else None, persistent=False)
 
     # ------------------------------------------------------------------------------------------------
