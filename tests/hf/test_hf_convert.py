@@ -23,7 +23,7 @@ def assert_same_logits(ours, hf, vocab, num_loops=None, seed=0, **hf_kwargs):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, vocab, (3, 20), generator=g)
     with torch.no_grad():
-        a = ours(x, num_loops=num_loops)[0]
+        a = ours(x, depth=num_loops)[0]
         b = hf(x, **hf_kwargs).logits
     assert a.shape == b.shape == (3, 20, vocab)
     assert (a - b).abs().max().item() < ATOL
@@ -114,21 +114,52 @@ def test_gated_loop_exports_custom_architecture(tmp_path, variant):
     # More loops than trained (the last gate is reused) agree as well.
     with torch.no_grad():
         x = torch.randint(0, VOCAB, (2, 10))
-        assert (model(x, num_loops=5)[0] - hf(x, num_loops=5).logits).abs().max() < ATOL
+        assert (model(x, depth=5)[0] - hf(x, num_loops=5).logits).abs().max() < ATOL
 
 
-def test_remote_code_files_import_only_torch_and_transformers():
-    from loop_megatron.hf import convert
+def test_remote_code_is_the_package_model_and_imports_only_torch_numpy_transformers():
+    """The export carries no second implementation: apart from the adapter and the HF config class, every file
+    is a package module whose only changed lines are its relative imports, and the adapter defines no layers."""
+    import sys
 
-    for name in convert.REMOTE_CODE_FILES:
-        tree = ast.parse(open(os.path.join(convert.HERE, name)).read())
+    from loop_megatron.hf import remote_code
+
+    sources = remote_code.remote_code_sources()
+    assert {"modeling_loop_gpt.py", "configuration_loop_gpt.py", "model_gpt.py", "model_loop.py", "model_exit.py",
+            "model_attention.py", "model_block.py", "config.py", "parallel.py"} <= set(sources)
+    flat_to_module = {}
+    for name, text in sources.items():
+        module = next(m for m in _reachable_modules(remote_code) if remote_code.flat_name(m) + ".py" == name)
+        flat_to_module[name] = module
+        original = open(remote_code.module_path(module), encoding="utf-8").read().splitlines()
+        exported = text.splitlines()
+        assert len(original) == len(exported), name
+        changed = [(a, b) for a, b in zip(original, exported) if a != b]
+        assert all(a.lstrip().startswith("from .") and b.lstrip().startswith("from .") for a, b in changed), name
         roots = set()
-        for node in ast.walk(tree):
+        for node in ast.walk(ast.parse(text)):
             if isinstance(node, ast.Import):
                 roots |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                roots.add(node.module.split(".")[0])
             elif isinstance(node, ast.ImportFrom):
-                roots.add("." if node.level else node.module.split(".")[0])
-        assert roots <= {"torch", "transformers", "typing", "__future__", "."}, (name, roots)
+                assert node.level == 1 and node.module + ".py" in sources, (name, node.module)
+        outside = {r for r in roots if r not in sys.stdlib_module_names}
+        assert outside <= {"torch", "transformers", "numpy", "yaml", "flash_attn"}, (name, outside)
+    adapter = ast.parse(sources["modeling_loop_gpt.py"])
+    classes = {node.name for node in ast.walk(adapter) if isinstance(node, ast.ClassDef)}
+    assert classes == {"LoopGPTPreTrainedModel", "LoopGPTForCausalLM", "_ApplicationCache"}
+    assert "scaled_dot_product_attention" not in sources["modeling_loop_gpt.py"]
+
+
+def _reachable_modules(remote_code):
+    seen, pending = set(), list(remote_code.ENTRY_MODULES)
+    while pending:
+        m = pending.pop()
+        if m not in seen:
+            seen.add(m)
+            pending += [t for _, t in remote_code._relative_imports(m)]
+    return seen
 
 
 def test_custom_folder_loads_in_a_fresh_process_offline(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from loop_megatron.hf import convert_checkpoint_to_hf
 from loop_megatron.hf.convert import ConversionError, export_to_hf
 from loop_megatron.model import full_state_dict
-from loop_megatron.model.exit import ExitStats
+from loop_megatron.model.exit import ExitRule, ExitStats
 
 from .helpers import VOCAB, load_hf, make_checkpoint, tiny_config
 
@@ -36,7 +36,7 @@ def _threshold_with_mixed_exits(model, x, criterion, candidates):
     for t in candidates:
         stats = ExitStats()
         with torch.no_grad():
-            model(x, exit_criterion=criterion, exit_threshold=t, exit_stats=stats)
+            model(x, exit_rule=ExitRule(criterion, t), exit_stats=stats)
         if len(set(stats.iterations.flatten().tolist())) >= 2:
             return t
     pytest.fail(f"no threshold among {candidates} gives mixed exits for {criterion}")
@@ -55,7 +55,7 @@ def test_hf_logits_equal_ours_with_exits_on(tmp_path, criterion):
     t = _threshold_with_mixed_exits(model, x, criterion, CANDIDATES[criterion])
     with torch.no_grad():
         for loops in (None, 3, 7):
-            ours = model(x, num_loops=loops, exit_criterion=criterion, exit_threshold=t)[0]
+            ours = model(x, depth=loops, exit_rule=ExitRule(criterion, t))[0]
             theirs = hf(x, num_loops=loops, exit_criterion=criterion, exit_threshold=t).logits
             assert (ours - theirs).abs().max().item() < ATOL, loops
         # exits change the output, and the fixed-depth path is untouched
@@ -64,7 +64,7 @@ def test_hf_logits_equal_ours_with_exits_on(tmp_path, criterion):
     # the config's defaults are used when no kwargs are given
     hf.config.exit_criterion, hf.config.exit_threshold = criterion, t
     with torch.no_grad():
-        assert (hf(x).logits - model(x, exit_criterion=criterion, exit_threshold=t)[0]).abs().max() < ATOL
+        assert (hf(x).logits - model(x, exit_rule=ExitRule(criterion, t))[0]).abs().max() < ATOL
 
 
 @pytest.mark.parametrize("criterion", ["kl", "gate"])
@@ -81,7 +81,7 @@ def test_hf_generate_with_exits_equals_our_cached_and_full_forward(tmp_path, cri
     assert torch.equal(res.sequences, ours)
     steps = torch.stack(res.logits, dim=1)
     with torch.no_grad():
-        full = model(res.sequences[:, :-1], exit_criterion=criterion, exit_threshold=t)[0][:, 5:]
+        full = model(res.sequences[:, :-1], exit_rule=ExitRule(criterion, t))[0][:, 5:]
     assert (steps - full).abs().max() < ATOL
 
 
@@ -112,7 +112,7 @@ def test_hf_left_padded_batch_equals_ours_and_each_row_alone(tmp_path, criterion
     kw = {} if criterion == "none" else dict(exit_criterion=criterion, exit_threshold=t)
     real = mask.bool()
     with torch.no_grad():
-        ours = model(ids, attention_mask=mask, **kw)[0]
+        ours = model(ids, attention_mask=mask, exit_rule=ExitRule(criterion, t))[0]
         theirs = hf(ids, attention_mask=mask, **kw).logits
         assert (ours - theirs)[real].abs().max().item() < ATOL
         for b, row in enumerate(rows):

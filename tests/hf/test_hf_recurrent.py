@@ -8,7 +8,7 @@ import torch
 from loop_megatron.checkpoint.io import load_checkpoint
 from loop_megatron.hf import convert_checkpoint_to_hf, convert_hf_to_checkpoint
 from loop_megatron.hf.convert import ConversionError, export_to_hf
-from loop_megatron.model import full_state_dict
+from loop_megatron.model import LoopDepth, full_state_dict
 
 from .helpers import VOCAB, load_hf, make_checkpoint, tiny_config
 
@@ -42,7 +42,7 @@ def test_recurrent_model_exports_remote_code_with_equal_logits(tmp_path, kind, i
     x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for loops in (None, 1, 6):  # the config's count, fewer, and more than trained (last gate reused)
-            ours = model(x, num_loops=loops)[0]
+            ours = model(x, depth=loops)[0]
             theirs = hf(x, num_loops=loops).logits
             assert (ours - theirs).abs().max().item() < ATOL, loops
 
@@ -56,7 +56,7 @@ def test_random_state_with_a_generator_matches_and_default_is_zeros(tmp_path):
     hf = load_hf(out, trust_remote_code=True)
     x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours = model(x, state_generator=torch.Generator().manual_seed(4))[0]
+        ours = model(x, depth=LoopDepth(state_generator=torch.Generator().manual_seed(4)))[0]
         theirs = hf(x, state_generator=torch.Generator().manual_seed(4)).logits
         assert (ours - theirs).abs().max().item() < ATOL
         assert (ours - model(x)[0]).abs().max() > 1e-3  # the generator's state did matter
@@ -114,3 +114,20 @@ def test_fresh_hf_model_initialises_injection_like_ours():
         for name, p in ours.loop.injection.named_parameters():
             theirs = dict(hf.transformer.loop.injection.named_parameters())[name]
             assert torch.allclose(theirs, p, atol=1e-7), (kind, name)
+
+
+def test_fresh_hf_model_is_built_by_the_package_model_with_its_gate_init():
+    """The adapter builds the package's LoopGPT, so a fresh HF model has our init (gate_init included) bit for bit."""
+    from loop_megatron.hf.convert import loop_gpt_config
+    from loop_megatron.hf.modeling_loop_gpt import LoopGPTForCausalLM
+    from loop_megatron.model import LoopGPT
+
+    cfg = tiny_config(num_loops=3, loop_gates="vector", gate_init=0.25, make_vocab_size_divisible_by=1)
+    torch.manual_seed(11)
+    hf = LoopGPTForCausalLM(loop_gpt_config(cfg.model))
+    torch.manual_seed(11)
+    ours = LoopGPT(cfg.model)
+    assert torch.all(hf.transformer.loop.gates == 0.25)
+    theirs = hf.transformer.state_dict()
+    for name, p in ours.state_dict().items():
+        assert torch.equal(theirs[name], p), name
