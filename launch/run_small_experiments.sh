@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # "Does looping pay?": the CPU-scale study behind the README's Results section (`make experiments`).
 # A seeded grid on the five-source corpus with its own 2,048-token BPE, reported in bits per byte on
-# each source's held-out documents (loop_megatron/experiments/study.py says every step):
+# each source's held-out documents (studies/looping_pays/study.py says every step):
 #
 #   1L, 1Lx2, 1Lx4, 2L, 2Lx2, 4L     unshared and looped GPT-2s, d=128
 #   rec                              recurrent depth: prelude 1 + core 1 x ~4 sampled loops, injection,
@@ -15,7 +15,7 @@
 #   QUICK=1   the smoke run: 200K tokens, 2 seeds, 2 LRs, into runs/study-quick and results/study-quick
 #             (README untouched; under 15 minutes)
 #   ONLY="1L rec"   train/evaluate only these arms (the report covers every finished run)
-# Further flags go to the study (python -m loop_megatron.experiments.study --help).
+# Further flags go to the study (python -m studies.looping_pays.study --help).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"
 cd "$REPO_ROOT"
@@ -30,4 +30,4 @@ if [ -n "${ONLY:-}" ]; then
     # shellcheck disable=SC2206  # a list of arm names
     args+=(--only $ONLY)
 fi
-exec "$PYTHON" -m loop_megatron.experiments.study "${args[@]}" "$@"
+exec "$PYTHON" -m studies.looping_pays.study "${args[@]}" "$@"

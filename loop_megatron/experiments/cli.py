@@ -2,7 +2,7 @@
 
     python tools/plot_runs.py RUN_DIR [RUN_DIR ...] --out results/mine [--eval-json J ...]
 
-(The "does looping pay?" study has its own driver and report: experiments/study.py, study_report.py.)
+(The "does looping pay?" study has its own driver and report beside the library: studies/looping_pays/.)
 """
 from __future__ import annotations
 

@@ -1,11 +1,16 @@
 """Matplotlib figures (Agg backend, written atomically as PNG): loss curves of training runs side by side,
-and held-out loss against the loop count."""
+held-out loss against the loop count, and the test-time compute curve of `tools/evaluate.py --plot`.
+`pyplot()` and `save_figure()` are the two steps every figure here is drawn between, public for figures
+of one's own (studies/)."""
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 
 from ..utils import fs
 from .records import LoopEval, Run
+
+if TYPE_CHECKING:
+    from ..inference.evaluation import EvalResult
 
 
 def smooth(values: Sequence[float], weight: float) -> List[float]:
@@ -17,7 +22,8 @@ def smooth(values: Sequence[float], weight: float) -> List[float]:
     return out
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed); imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,7 +34,7 @@ def _pyplot():
 
 def plot_loss_curves(runs: Sequence[Run], path: str, smoothing: float = 0.6, x_axis: str = "iteration") -> str:
     """Two panels (train loss, valid loss) against the iteration (or 'tokens'), one line per run."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
@@ -53,11 +59,12 @@ def plot_loss_curves(runs: Sequence[Run], path: str, smoothing: float = 0.6, x_a
         ax.set_ylabel("cross-entropy (nats/token)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
-def _save_figure(fig, path: str) -> str:
-    """Write a matplotlib figure as PNG under a temporary name, then rename (never a half-written plot)."""
+def save_figure(fig, path: str) -> str:
+    """Lay the figure out (tight_layout), write it as a PNG at 120 dpi under a temporary name, rename it to
+    `path` (its folder made if needed: never a half-written plot) and close it; returns `path`."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -70,7 +77,7 @@ def _save_figure(fig, path: str) -> str:
 
 
 def plot_loss_vs_loops(evals: Sequence[LoopEval], path: str) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     for i, e in enumerate(evals):
         xs = [p["loops"] for p in e.points]
@@ -86,4 +93,32 @@ def plot_loss_vs_loops(evals: Sequence[LoopEval], path: str) -> str:
     ax.set_title("loss vs. loop count")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
+
+
+def plot_compute_curve(results: Sequence["EvalResult"], path: str, title: str = "") -> str:
+    """PNG of loss against mean loop iterations per token: the fixed-depth sweep and each exit criterion's
+    thresholds as separate lines (the test-time compute curve), per evaluation set. `results` are the
+    `EvalResult`s of `loop_megatron.inference.evaluation.evaluate_checkpoint` (what `tools/evaluate.py
+    --plot` draws)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    groups: Dict[Tuple[str, str], List["EvalResult"]] = {}
+    for r in results:
+        groups.setdefault((r.name, r.exit_criterion), []).append(r)
+    several_sets = len({name for name, _ in groups}) > 1
+    for i, ((name, criterion), rows) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "none"))):
+        rows = sorted(rows, key=lambda r: r.mean_iterations)
+        label = "fixed depth (--loops)" if criterion == "none" else f"exit: {criterion} (cap {rows[0].loops})"
+        label = f"{name}: {label}" if several_sets else label
+        ax.plot([r.mean_iterations for r in rows], [r.loss for r in rows], marker="o", color=f"C{i}", label=label)
+        if criterion != "none":
+            for r in rows:
+                ax.annotate(f"{r.exit_threshold:g}", (r.mean_iterations, r.loss), fontsize=7,
+                            textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("mean loop iterations per token")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title(title or "test-time compute curve")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

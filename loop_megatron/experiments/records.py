@@ -4,7 +4,10 @@ A run folder is what `python -m loop_megatron.train --run-dir DIR` leaves behind
 resolved config), `summary.json` (params, depth, tokens seen, final losses, speed) and TensorBoard event
 files under `tensorboard/` (scalars `train/loss`, `valid/loss`, ... against the iteration). `load_run` /
 `load_runs` read them into `Run` records (TensorBoard through `EventAccumulator`); `load_eval_json` reads
-a `tools/evaluate.py --json` file (one checkpoint at several loop counts) into a `LoopEval`.
+a `tools/evaluate.py --json` file (one checkpoint at several loop counts) into a `LoopEval`. The file
+readers underneath, `read_yaml`, `read_json` and `read_jsonl` (the run's `metrics.jsonl` records), are
+public for analyses of their own (studies/); the first two raise ExperimentError naming a file they
+cannot parse.
 """
 from __future__ import annotations
 
@@ -175,7 +178,9 @@ def load_scalars(folder: str) -> Dict[str, Series]:
     return {tag: sorted(points.items()) for tag, points in merged.items()}
 
 
-def _read_yaml(path: str) -> Dict[str, Any]:
+def read_yaml(path: str) -> Dict[str, Any]:
+    """A YAML mapping (a run's config.yaml); ExperimentError names the file when it cannot be parsed or is
+    not a mapping. An empty file reads as {}."""
     import yaml
 
     try:
@@ -188,12 +193,32 @@ def _read_yaml(path: str) -> Dict[str, Any]:
     return data
 
 
-def _read_json(path: str) -> Any:
+def read_json(path: str) -> Any:
+    """A JSON file (summary.json, a `tools/evaluate.py --json` output, ...); ExperimentError names the file
+    when it is not valid JSON."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as exc:
         raise ExperimentError(f"{path}: not valid JSON ({exc}).") from None
+
+
+def read_jsonl(path: str) -> List[Dict[str, Any]]:
+    """The records of a JSON-lines file (a run's metrics.jsonl: one record per logged step or evaluation),
+    in file order; [] when the file does not exist. Blank lines are skipped, and so is a line that is not
+    valid JSON (one cut by an interruption: the rest of the file is still good)."""
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    return out
 
 
 def load_run(run_dir: str, name: Optional[str] = None) -> Run:
@@ -206,8 +231,8 @@ def load_run(run_dir: str, name: Optional[str] = None) -> Run:
         raise ExperimentError(f"{run_dir}: run folder not found.")
     config_path = os.path.join(run_dir, "config.yaml")
     summary_path = os.path.join(run_dir, "summary.json")
-    config = _read_yaml(config_path) if os.path.isfile(config_path) else {}
-    summary = _read_json(summary_path) if os.path.isfile(summary_path) else {}
+    config = read_yaml(config_path) if os.path.isfile(config_path) else {}
+    summary = read_json(summary_path) if os.path.isfile(summary_path) else {}
     scalars = load_scalars(run_dir)
     tb_dir = (config.get("training") or {}).get("tensorboard_dir")
     if not scalars and tb_dir and os.path.isdir(tb_dir):
@@ -271,7 +296,7 @@ def load_eval_json(path: str, name: Optional[str] = None) -> LoopEval:
     [{"loops", "loss", "perplexity", "tokens", "batches"}, ...]}. The name defaults to the file's stem."""
     if not os.path.isfile(path):
         raise ExperimentError(f"{path}: evaluation JSON not found.")
-    data = _read_json(path)
+    data = read_json(path)
     results = data.get("results") if isinstance(data, dict) else data
     if not isinstance(results, list) or not results:
         raise ExperimentError(f"{path}: expected a 'results' list of {{loops, loss}} entries.")

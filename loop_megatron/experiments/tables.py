@@ -1,4 +1,5 @@
-"""Markdown tables: the results of training runs and held-out loss against the loop count."""
+"""Markdown tables: the results of training runs and held-out loss against the loop count, and
+`markdown_table`, a plain table of a header and rows (public, for tables of one's own: studies/)."""
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
@@ -22,6 +23,16 @@ def baseline_run(runs: Sequence[Run], name: Optional[str] = None) -> Optional[Ru
     if name:
         raise ExperimentError(f"--baseline {name}: no run of that name or preset.")
     return runs[0]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: Optional[Sequence[str]] = None) -> str:
+    """A Markdown table: the header row, the alignment row (`align`, one '---' / '---:' / ... per column;
+    default: the first column left, the others right-aligned) and one line per row (cells through str),
+    joined by newlines with no trailing one."""
+    align = align or ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def _fmt(value: Optional[float], spec: str) -> str:

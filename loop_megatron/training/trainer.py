@@ -326,7 +326,7 @@ class Trainer:
         if step.flops_per_token is not None:
             self.window_flops.append(step.flops_per_token)
             # The FLOPs this step actually ran (sampled or scheduled depth differs per step), so a study can
-            # compare runs at equal training compute (experiments/study_report.py).
+            # compare runs at equal training compute (studies/looping_pays/report.py).
             record["flops_per_token"] = step.flops_per_token
         if step.loops is not None and depth_is_varied(self.cfg):
             scalars["train/loops"] = record["loops"] = step.loops

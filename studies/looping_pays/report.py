@@ -1,4 +1,7 @@
-"""Tables and plots of the "does looping pay?" study (experiments/study.py), from what its runs left on disk.
+"""Tables and plots of the "does looping pay?" study (study.py beside this file), from what its runs left
+on disk. Built on loop_megatron.experiments' public analysis API (the file readers of `records`,
+`tables.markdown_table`, the `plots` figure helpers); the comparisons, the claims and their prose are the
+study's own.
 
 Reads OUT/settings.json, OUT/lr_sweep.json, OUT/eval/<arm>-s<seed>.{valid,test,loops,exit}.json
 (tools/evaluate.py --json) and RUNS/<arm>-s<seed>/{summary.json,config.yaml,metrics.jsonl}; first copies
@@ -24,8 +27,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..utils import fs
-from .records import ExperimentError, _read_json, _read_yaml
+from loop_megatron.experiments.plots import pyplot, save_figure, smooth
+from loop_megatron.experiments.records import ExperimentError, read_json, read_jsonl, read_yaml
+from loop_megatron.experiments.tables import markdown_table
+from loop_megatron.utils import fs
 
 README_BEGIN = "<!-- study:begin -->"
 README_END = "<!-- study:end -->"
@@ -69,7 +74,7 @@ def _pm(values: Sequence[float], spec: str = ".4f") -> str:
 
 
 def _eval_rows(path: str) -> List[Dict]:
-    data = _read_json(path)
+    data = read_json(path)
     rows = data.get("results") if isinstance(data, dict) else None
     if not isinstance(rows, list) or not rows:
         raise ExperimentError(f"{path}: expected tools/evaluate.py --json output with a 'results' list.")
@@ -139,21 +144,6 @@ def _macro(sweep_rows: Sequence[Dict], key) -> Dict:
             for k, rows in groups.items()}
 
 
-def _read_records(path: str) -> List[Dict]:
-    if not os.path.isfile(path):
-        return []
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut by an interruption; the rest is still good
-    return out
-
-
 def _is_training_record(rec: Dict) -> bool:
     return "loss" in rec and not any(k.startswith(("valid", "test")) for k in rec)
 
@@ -162,9 +152,9 @@ def archive_run(run_dir: str, dest: str) -> None:
     """Copy a run's summary.json and config.yaml into dest, with a thinned metrics.jsonl (every
     ARCHIVE_EVERY-th training step, the first and last, every evaluation record) and the exact mean
     training FLOPs per token added to the summary (the thinned records would only approximate it)."""
-    records = _read_records(os.path.join(run_dir, "metrics.jsonl"))
+    records = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     summary_path = os.path.join(run_dir, "summary.json")
-    summary = _read_json(summary_path) if os.path.isfile(summary_path) else {}
+    summary = read_json(summary_path) if os.path.isfile(summary_path) else {}
     flops = [r["flops_per_token"] for r in records if r.get("flops_per_token") is not None]
     if flops:
         summary["train_flops_per_token"] = sum(flops) / len(flops)
@@ -209,11 +199,11 @@ def load_results(out_dir: str, arms: Sequence[str], seeds: Sequence[int]) -> Dic
             run_dir = os.path.join(out_dir, "runs", name)
             summary = os.path.join(run_dir, "summary.json")
             if os.path.isfile(summary):
-                r.summary = _read_json(summary)
-            r.records = _read_records(os.path.join(run_dir, "metrics.jsonl"))
+                r.summary = read_json(summary)
+            r.records = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
             config = os.path.join(run_dir, "config.yaml")
             if os.path.isfile(config):
-                r.config = _read_yaml(config)
+                r.config = read_yaml(config)
             results.setdefault(arm, []).append(r)
     return results
 
@@ -268,13 +258,6 @@ def _arm_meta(settings: Dict) -> Dict[str, Dict]:
     return {a["name"]: a for a in settings.get("arms", [])}
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Optional[Sequence[str]] = None) -> str:
-    align = align or ["---"] + ["---:"] * (len(header) - 1)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _fmt_params(n: Optional[float]) -> str:
     if n is None or not math.isfinite(n):
         return "–"
@@ -300,7 +283,7 @@ def results_table(results: Dict[str, List[RunResult]], sources: Sequence[str], m
                      *[_pm([r.valid_bpb.get(s, float("nan")) for r in runs], ".3f") for s in sources],
                      _pm([r.macro_valid_loss for r in runs]), _pm([r.macro_test_bpb for r in runs])])
     align = ["---", "---"] + ["---:"] * (len(header) - 2)
-    return _table(header, rows, align)
+    return markdown_table(header, rows, align)
 
 
 def comparison_rows(results: Dict[str, List[RunResult]]) -> List[Dict]:
@@ -325,7 +308,7 @@ def comparison_table(rows: Sequence[Dict]) -> str:
     body = [[r["a"], r["b"], r["matched"], f"{r['params_ratio']:.2f}", f"{r['flops_ratio']:.2f}",
              f"{r['delta']:+.4f} ± {r['delta_sd']:.4f}", f"{r['a_better']}/{r['n']}", f"{r['seed_sd']:.4f}",
              r["verdict"], r["note"]] for r in rows]
-    return _table(header, body, ["---", "---", "---", "---:", "---:", "---:", "---:", "---:", "---", "---"])
+    return markdown_table(header, body, ["---", "---", "---", "---:", "---:", "---:", "---:", "---:", "---", "---"])
 
 
 def recurrence_worth(results: Dict[str, List[RunResult]], meta: Dict[str, Dict]) -> List[Dict]:
@@ -360,8 +343,8 @@ def worth_table(rows: Sequence[Dict]) -> str:
     body = [[r["arm"], str(r["unique_layers"]), str(r["applications"]),
              _pm(r["equivalent_layers"], ".2f") if r["equivalent_layers"] else "n/a",
              _pm(r["worth"], ".2f") if r["worth"] else "n/a", f"{len(r['worth'])}/{r['seeds']}"] for r in rows]
-    return _table(["arm", "unique layers U", "block applications A", "equivalent unshared layers L_eq",
-                   "worth of one extra application (L_eq − U)/(A − U)", "seeds placed"], body)
+    return markdown_table(["arm", "unique layers U", "block applications A", "equivalent unshared layers L_eq",
+                           "worth of one extra application (L_eq − U)/(A − U)", "seeds placed"], body)
 
 
 def loop_sweep(results: Dict[str, List[RunResult]]) -> Dict[str, Dict[int, List[float]]]:
@@ -402,7 +385,7 @@ def loops_table(sweep: Dict[str, Dict[int, List[float]]], trained: Dict[str, int
             text = _pm(per[L], ".3f") + ("*" if L == trained.get(arm) else "")
             cells.append(f"**{text}**" if L == best else text)
         body.append([arm, *cells])
-    return _table(["arm", *[f"{L} loops" for L in all_loops]], body)
+    return markdown_table(["arm", *[f"{L} loops" for L in all_loops]], body)
 
 
 def exit_table(exits: Dict[str, Dict[float, Dict[str, List[float]]]]) -> str:
@@ -410,7 +393,7 @@ def exit_table(exits: Dict[str, Dict[float, Dict[str, List[float]]]]) -> str:
     for arm, per in exits.items():
         for thr in sorted(per, reverse=True):
             body.append([arm, f"kl < {thr:g}", _pm(per[thr]["mean_iterations"], ".2f"), _pm(per[thr]["bpb"], ".3f")])
-    return _table(["arm", "exit rule", "mean iterations / token", "valid bpb (mean of sources)"], body)
+    return markdown_table(["arm", "exit rule", "mean iterations / token", "valid bpb (mean of sources)"], body)
 
 
 # ------------------------------------------------------------------------------------ claims, compute
@@ -564,8 +547,8 @@ def claims(comps: Sequence[Dict], worth: Sequence[Dict], sweep: Dict[str, Dict[i
 
 
 def claims_table(rows: Sequence[Dict]) -> str:
-    return _table(["claim", "paper", "this study", "verdict"],
-                  [[r["claim"], r["paper"] or "–", r["ours"], r["verdict"]] for r in rows], ["---"] * 4)
+    return markdown_table(["claim", "paper", "this study", "verdict"],
+                          [[r["claim"], r["paper"] or "–", r["ours"], r["verdict"]] for r in rows], ["---"] * 4)
 
 
 def compute_curve_block(sweep: Dict[str, Dict[int, List[float]]], exits: Dict[str, Dict[float, Dict[str, List[float]]]],
@@ -582,8 +565,8 @@ def compute_curve_block(sweep: Dict[str, Dict[int, List[float]]], exits: Dict[st
                   "the same batches, sorted by iterations per token; the last column is the exit's bpb minus "
                   "the fixed-depth bpb interpolated at the same iterations, paired by seed, < 0: the exit "
                   "spends its iterations better):", "",
-                  _table(["setting", "iterations / token", "valid bpb", "Δ vs uniform depth at equal iterations"],
-                         [r[1:] for r in rows]), ""]
+                  markdown_table(["setting", "iterations / token", "valid bpb",
+                                  "Δ vs uniform depth at equal iterations"], [r[1:] for r in rows]), ""]
         best = cheapest_matching_exit(sweep.get(arm, {}), per, trained.get(arm, 0))
         if best is not None:
             parts += [f"The cheapest exit within {EXIT_MATCH_TOLERANCE:.1%} of the trained depth's bpb is "
@@ -594,25 +577,8 @@ def compute_curve_block(sweep: Dict[str, Dict[int, List[float]]], exits: Dict[st
 
 
 # ----------------------------------------------------------------------------------------------- plots
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str) -> str:
-    from .plots import _save_figure
-
-    return _save_figure(fig, path)
-
-
 def _curve(runs: Sequence[RunResult], key, smooth_weight: float = 0.0):
     """(x tokens, mean, min, max) over seeds of the records that have key(record)."""
-    from .plots import smooth
-
     series = []
     for r in runs:
         pts = [(rec.get("tokens_seen") or rec["iteration"], key(rec)) for rec in r.records if key(rec) is not None]
@@ -639,7 +605,7 @@ def _valid_points(records: Sequence[Dict], tokens_per_step: float) -> List[Dict]
 
 
 def plot_curves(results: Dict[str, List[RunResult]], sources: Sequence[str], path: str) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
 
     def valid_bpb(rec):
@@ -668,11 +634,11 @@ def plot_curves(results: Dict[str, List[RunResult]], sources: Sequence[str], pat
     if lows:
         ax2.set_ylim(min(lows) - 0.05, min(lows) + 1.0)
         ax1.set_ylim(None, None)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bpb_vs_depth(results: Dict[str, List[RunResult]], meta: Dict[str, Dict], path: str) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.8))
     styles = {"unshared": ("o", "-"), "looped": ("s", ""), "recurrent": ("D", ""), "progressive": ("^", "")}
     unshared = []
@@ -696,13 +662,13 @@ def plot_bpb_vs_depth(results: Dict[str, List[RunResult]], meta: Dict[str, Dict]
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bpb_vs_loops(sweep, exits, trained: Dict[str, int], path: str) -> str:
     """Left: every swept arm's BPB against fixed inference loops. Right: the arms with an adaptive-exit sweep,
     zoomed, fixed depth beside the exit curve (x = mean iterations per token): the test-time compute curve."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, 4.8))
     for arm, per in sweep.items():
         xs = sorted(per)
@@ -732,7 +698,7 @@ def plot_bpb_vs_loops(sweep, exits, trained: Dict[str, int], path: str) -> str:
         a.grid(alpha=0.3)
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -740,8 +706,8 @@ def write_study_report(out_dir: str, runs_dir: str, readme: Optional[str] = None
     """Write results.md, study.json and the three plots into out_dir; splice into readme when given."""
     settings_path = os.path.join(out_dir, "settings.json")
     if not os.path.isfile(settings_path):
-        raise ExperimentError(f"{settings_path}: not found; run the study first (python -m loop_megatron.experiments.study).")
-    settings = _read_json(settings_path)
+        raise ExperimentError(f"{settings_path}: not found; run the study first (python -m studies.looping_pays.study).")
+    settings = read_json(settings_path)
     meta = _arm_meta(settings)
     sources = settings.get("sources", [])
     names = [f"{arm}-s{seed}" for arm in meta for seed in settings.get("seeds", [])]
@@ -756,7 +722,7 @@ def write_study_report(out_dir: str, runs_dir: str, readme: Optional[str] = None
     exits = exit_sweep(results)
     claim_rows = claims(comps, worth, sweep, exits, trained)
     lr_path = os.path.join(out_dir, "lr_sweep.json")
-    lr = _read_json(lr_path) if os.path.isfile(lr_path) else None
+    lr = read_json(lr_path) if os.path.isfile(lr_path) else None
 
     written = {
         "curves": plot_curves(results, sources, os.path.join(out_dir, "curves.png")),
@@ -780,8 +746,9 @@ def write_study_report(out_dir: str, runs_dir: str, readme: Optional[str] = None
         if lr:
             parts += ["", "**Learning rate**, chosen once on the validation split for the 1-layer baseline "
                       f"(seed {lr['seed']}; {lr['criterion']}) and used for every arm:", "",
-                      _table(["peak LR", "valid bpb"], [[f"{r['lr']:g}" + (" (chosen)" if r["lr"] == lr["chosen_lr"] else ""),
-                                                          f"{r['valid_bpb']:.4f}"] for r in lr["rows"]])]
+                      markdown_table(["peak LR", "valid bpb"],
+                                     [[f"{r['lr']:g}" + (" (chosen)" if r["lr"] == lr["chosen_lr"] else ""),
+                                       f"{r['valid_bpb']:.4f}"] for r in lr["rows"]])]
         if claim_rows:
             parts += ["", "**The claims, checked** (each verdict follows from the tables below: a comparison "
                       "counts when every seed agrees and the mean difference exceeds twice the seed sd):", "",

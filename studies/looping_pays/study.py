@@ -1,9 +1,22 @@
 """The "does looping pay?" study: a seeded CPU-scale grid of unshared, looped, recurrent-depth and
 progressively looped GPTs on the multi-source corpus, reported in bits per byte per source.
 
-    python -m loop_megatron.experiments.study                 # the full study (`make experiments`)
-    python -m loop_megatron.experiments.study --quick         # the smoke run (`QUICK=1 make experiments`)
-    python -m loop_megatron.experiments.study --report-only   # tables and plots from what is on disk
+    python -m studies.looping_pays.study                 # the full study (`make experiments`)
+    python -m studies.looping_pays.study --quick         # the smoke run (`QUICK=1 make experiments`)
+    python -m studies.looping_pays.study --report-only   # tables and plots from what is on disk
+
+How it is run, and what it may use. The study lives beside the library, not in it: it is a client of
+loop_megatron like tools/ (the top of the dependency graph), and nothing in loop_megatron/ imports it.
+It is a module of the `studies` package, run with `python -m` from the repository root (the root on
+sys.path; launch/run_small_experiments.sh, hence `make experiments`, does exactly that), so that the
+driver and its report (report.py) import each other as siblings without a path bootstrap. It uses only
+the package's public API: the analysis API of loop_megatron.experiments (run records, Markdown tables,
+figures), loop_megatron.utils.fs for its atomic writes and the indexed-dataset reader for the training
+blend. It drives the trainer and the tools through their public command lines, each run in its own
+subprocess (`python -m loop_megatron.train`, tools/*.py): a run's failure, memory and global state stay
+in that process, its log is the process's output, and a study resumes by looking at what the finished
+processes left on disk. The arm names, the papers' numbers and the claims' prose belong to the study and
+stay here and in report.py.
 
 Steps, each skipped when its output already exists (so an interrupted study is simply started again):
   1. data: the five corpus sources with 5% of each source's documents held out for validation and 5%
@@ -17,7 +30,7 @@ Steps, each skipped when its output already exists (so an interrupted study is s
   4. evaluation (tools/evaluate.py): each checkpoint on the whole held-out valid and test sets of every
      source at its trained depth; looped arms also at other loop counts, and the recurrent-depth arm
      with adaptive per-token exit (KL criterion) — the test-time compute curve;
-  5. report (experiments/study_report.py): tables and plots in `out_dir`, optionally spliced into the
+  5. report (report.py beside this file): tables and plots in `out_dir`, optionally spliced into the
      README between the study markers.
 """
 from __future__ import annotations
@@ -32,7 +45,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..utils.fs import write_json
+from loop_megatron.utils.fs import write_json
 
 SOURCES = ("sotu", "kjv", "anarchist-faq", "jargon", "fortunes")
 """Corpus sources, each validated (and tested) separately."""
@@ -222,7 +235,7 @@ class Study:
 
     def train_blend(self) -> List[str]:
         """--data-path weights: each source's share of the training tokens."""
-        from ..data.indexed_dataset import IndexedDataset
+        from loop_megatron.data.indexed_dataset import IndexedDataset
 
         sizes = {}
         for src in SOURCES:
@@ -245,9 +258,9 @@ class Study:
         run = self.run_dir(name)
         config = self._path(run, "config.yaml")
         if lr is not None and os.path.isfile(config):
-            from .records import _read_yaml
+            from loop_megatron.experiments.records import read_yaml
 
-            used = (_read_yaml(config).get("training") or {}).get("lr")
+            used = (read_yaml(config).get("training") or {}).get("lr")
             if used is not None and abs(float(used) - lr) > 1e-12 * lr:
                 raise StudyError(f"{run} was trained with lr {float(used):g} but the study now uses {lr:g}; "
                                  f"delete {run} and {self.ckpt_dir(name)} (or the whole study folders) and start again.")
@@ -324,7 +337,7 @@ class Study:
     # ------------------------------------------------------------------------------------------- steps
     def choose_lr(self) -> float:
         """Train the 1-layer baseline at each LR (first seed); the lowest mean valid BPB wins."""
-        from .study_report import macro_bpb
+        from .report import macro_bpb
 
         base = self.arms[0]
         seed = self.s.seeds[0]
@@ -344,7 +357,7 @@ class Study:
         return best["lr"]
 
     def run(self, only: Sequence[str] = (), report_only: bool = False, readme: Optional[str] = None) -> Dict:
-        from .study_report import write_study_report
+        from .report import write_study_report
 
         os.makedirs(self.s.out_dir, exist_ok=True)
         if not report_only:
@@ -387,7 +400,7 @@ class StudyError(RuntimeError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loop_megatron.experiments.study", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m studies.looping_pays.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 200K tokens per run, 2 seeds, 2 LRs, into runs/study-quick and "

@@ -8,13 +8,13 @@ import pytest
 
 from loop_megatron.data.corpus import split_holdout
 from loop_megatron.data.errors import DataError
-from loop_megatron.experiments import study_report
 from loop_megatron.experiments.records import ExperimentError
-from loop_megatron.experiments.study import ARMS, SOURCES, Study, StudyError, StudySettings, build_parser
-from loop_megatron.experiments.study_report import (RunResult, cheapest_matching_exit, compare, compute_curve_block,
-                                                    equivalent_layers, exit_advantage, fixed_depth_at, mean_sd,
-                                                    splice_readme, write_study_report)
 from loop_megatron.training.arguments import config_from_args
+from studies.looping_pays import report as study_report
+from studies.looping_pays.report import (RunResult, cheapest_matching_exit, compare, compute_curve_block,
+                                         equivalent_layers, exit_advantage, fixed_depth_at, mean_sd, splice_readme,
+                                         write_study_report)
+from studies.looping_pays.study import ARMS, SOURCES, Study, StudyError, StudySettings, build_parser
 
 
 def test_split_holdout_is_disjoint_and_takes_the_end():
