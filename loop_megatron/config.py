@@ -436,19 +436,23 @@ PRESETS: Dict[str, Callable[[], Config]] = {}
 
 PRESET_DESCRIPTIONS: Dict[str, str] = {}
 
+PRESET_RECIPES: Dict[str, str] = {}
+"""Preset name -> the recipe it is built on: 'paper' (paper_recipe) or 'cpu' (cpu_recipe)."""
 
-def register_preset(name: str, description: str, build: Callable[[], Config]) -> None:
+
+def register_preset(name: str, description: str, build: Callable[[], Config], recipe: str = "") -> None:
     """Add a preset to the registry (`--preset NAME`, launch/presets/NAME.sh)."""
     PRESETS[name] = build
     PRESET_DESCRIPTIONS[name] = description
+    PRESET_RECIPES[name] = recipe
 
 
 def _paper(name: str, description: str, training: Optional[Dict[str, Any]] = None, **model: Any) -> None:
-    register_preset(name, description, lambda: paper_recipe(name, model, training))
+    register_preset(name, description, lambda: paper_recipe(name, model, training), "paper")
 
 
 def _cpu(name: str, description: str, training: Optional[Dict[str, Any]] = None, **model: Any) -> None:
-    register_preset(name, description, lambda: cpu_recipe(name, model, training))
+    register_preset(name, description, lambda: cpu_recipe(name, model, training), "cpu")
 
 
 # Paper variants (d=768, 12 heads, context 1024, GPT-2 vocab, tied embeddings).
@@ -820,18 +824,23 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                      f"({t.micro_batch_size}) x gradient accumulation x data-parallel size ({dp}).")
 
 
-def describe_fields() -> str:
-    """Markdown configuration reference built from the field docstrings."""
+def describe_fields(flags: Optional[Dict[str, str]] = None) -> str:
+    """Markdown configuration reference built from the field docstrings; `flags` (config key -> trainer
+    flag, e.g. training.arguments.flag_table() inverted) adds a column naming each field's flag."""
     lines = []
     for section_name, cls in SECTIONS.items():
         lines.append(f"### `{section_name}` — {inspect.getdoc(cls)}\n")
-        lines.append("| field | default | meaning |")
-        lines.append("|---|---|---|")
+        if flags is None:
+            lines += ["| field | default | meaning |", "|---|---|---|"]
+        else:
+            lines += ["| field | flag | default | meaning |", "|---|---|---|---|"]
         docs = field_docs(cls)
         default = cls()
         for f in dataclasses.fields(cls):
             value = getattr(default, f.name)
-            lines.append(f"| `{f.name}` | `{value!r}` | {' '.join(docs.get(f.name, '').split())} |")
+            flag = "" if flags is None else \
+                f" {'`' + flags[section_name + '.' + f.name] + '`' if section_name + '.' + f.name in flags else ''} |"
+            lines.append(f"| `{f.name}` |{flag} `{value!r}` | {' '.join(docs.get(f.name, '').split())} |")
         lines.append("")
     return "\n".join(lines)
 
