@@ -38,6 +38,7 @@ def run_case(preset_name, compile_blocks, checkpointing, args, peak_flops):
     t = cfg.training
     t.micro_batch_size, t.zero_stage, t.precision, t.compile = args.micro_batch, 0, "bf16", compile_blocks
     t.train_iters, t.lr_warmup_iters = 10 ** 6, 10
+    t.global_batch_size = 0  # one micro-batch per optimizer step (the preset's recipe accumulates to 480)
     dev = torch.device("cuda", torch.cuda.current_device())
     log_lines = []
     torch.manual_seed(0)

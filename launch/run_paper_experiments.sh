@@ -10,7 +10,8 @@
 # Without --dry-run the runs start on the hostfile's nodes through DeepSpeed's ssh/pdsh launcher
 # (for clusters without ssh, run launch/presets/<name>.sh on every node with --no-ssh --node-rank R).
 #
-# Hyper-parameters (nanoGPT's GPT-2-small recipe, which the paper follows), each an environment variable:
+# Hyper-parameters: the paper presets' recipe (loop_megatron/config.py paper_recipe: nanoGPT's GPT-2-small
+# recipe, which the paper follows), each changeable by an environment variable (DATA: alias of OWT_DATA):
 #   OWT_DATA=data/openwebtext/openwebtext_text_document   (prepare: see launch/README.md)
 #   SEQ_LENGTH=1024  MICRO_BATCH=12  GLOBAL_BATCH=<480..512, a multiple of micro x ranks>  TRAIN_ITERS=600000
 #   LR=6e-4  MIN_LR=6e-5  WARMUP_ITERS=2000  PRECISION=bf16  ZERO_STAGE=1  ACT_CKPT=none

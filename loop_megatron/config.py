@@ -8,7 +8,6 @@ which rejects impossible settings with one sentence naming the field.
 from __future__ import annotations
 
 import ast
-import copy
 import dataclasses
 import inspect
 import json
@@ -16,7 +15,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 
 class ConfigError(ValueError):
@@ -211,7 +210,7 @@ class TrainingConfig:
     (no accumulation). Must equal micro_batch_size x gradient accumulation x DP size."""
 
     train_iters: int = 1000
-    """Optimizer steps to train for."""
+    """Optimizer steps to train for (in total, counting resumed ones)."""
 
     lr: float = 6e-4
     """Peak learning rate."""
@@ -248,20 +247,22 @@ class TrainingConfig:
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
 
     cpu_offload: bool = False
-    """Offload optimizer state to CPU (ZeRO-2/3)."""
+    """Offload optimizer state to CPU with DeepSpeedCPUAdam; needs zero_stage 1, 2 or 3 (JIT-builds
+    cpu_adam once)."""
 
     precision: str = "auto"
-    """'auto' (bf16 on GPUs that support it, fp32 otherwise), 'fp32', 'bf16' or 'fp16'."""
+    """'auto' (bf16 on GPUs that support it, fp32 otherwise), 'fp32', 'bf16' or 'fp16' (refused on CPU)."""
 
     deepspeed_config: str = ""
-    """Optional DeepSpeed JSON to start from (ds_configs/); batch sizes and precision are filled in
-    from this config, and conflicting values are refused."""
+    """Optional DeepSpeed JSON to start from (e.g. ds_configs/zero2.json); batch sizes, clipping and
+    precision are filled in from this config, and a file value that disagrees stops the run."""
 
     save: str = ""
     """Checkpoint folder ('' = no checkpoints)."""
 
     load: str = ""
-    """Checkpoint folder to resume from ('' = start fresh)."""
+    """Checkpoint folder to resume from (its 'latest' tag); a folder without checkpoints, or '', starts
+    fresh."""
 
     override_global_batch: bool = False
     """Resume a checkpoint trained with another global batch size: the iteration count, LR schedule and
@@ -277,16 +278,16 @@ class TrainingConfig:
     """Save every N steps (0 = only at the end and on SIGTERM/SIGINT)."""
 
     keep_last: int = 3
-    """Checkpoints to keep; older ones are deleted after a newer one is complete."""
+    """Complete checkpoints to keep; older ones are deleted after a newer one is complete (0 = keep all)."""
 
     eval_interval: int = 100
     """Evaluate on the valid split every N steps (and at the end); 0 = only at the end."""
 
     eval_iters: int = 10
-    """Micro-batches per evaluation."""
+    """Micro-batches per rank per evaluation (0 = no evaluation)."""
 
     log_interval: int = 10
-    """Console progress line every N steps."""
+    """Console progress line every N steps (rank 0)."""
 
     tensorboard_dir: str = ""
     """TensorBoard event folder ('' = <run_dir>/tensorboard)."""
@@ -380,62 +381,114 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Presets: the paper's five GPT-2-small-width variants and tiny CPU ones.
+# Presets: whole recipes (model, data, parallel layout, training), one function each in a registry.
+# The paper's five GPT-2-small-width variants and the recurrent one train on OpenWebText with nanoGPT's
+# GPT-2-small recipe; the tiny CPU ones on the bundled State-of-the-Union corpus. `launch/presets/*.sh`,
+# `launch/run_paper_experiments.sh` and the trainer's --preset all read them from here.
 # ----------------------------------------------------------------------------------------------------
+BUNDLED_DATA = "data/sotu_text_document"
+"""The bundled CPU corpus the tiny presets train on; `launch/train.sh` prepares it (tools/prepare_sotu.py)
+on first use when a run reads this prefix and its .idx is missing."""
+
+PAPER_DATA = "data/openwebtext/openwebtext_text_document"
+"""OpenWebText as tools/preprocess_data.py writes it (launch/README.md says how)."""
+
 _TINY = dict(hidden_size=128, num_attention_heads=4, max_position_embeddings=256)
-_TINY_DATA = dict(seq_length=128)
 _RECURRENT = dict(loop_injection="linear", loop_state_init="random", loop_gates="none")
 _RECURRENT_TRAINING = dict(loop_sampling="poisson-lognormal")
 
-PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
-    # Paper variants (d=768, 12 heads, context 1024, GPT-2 vocab, tied embeddings).
-    "gpt2-124m": {"model": dict(num_layers=12, num_loops=1, loop_gates="none")},
-    "loop-81m": {"model": dict(num_layers=6, num_loops=6)},
-    "loop-67m": {"model": dict(num_layers=4, num_loops=6, inner_loops=2)},
-    "lite-45m": {"model": dict(num_layers=1, num_loops=1, loop_gates="none")},
-    "loop-45m": {"model": dict(num_layers=1, num_loops=2)},
-    # Tiny CPU-scale runs (the seed implementation's comparison), same width for all.
-    "tiny-4l": {"model": dict(_TINY, num_layers=4, num_loops=1, loop_gates="none"), "data": dict(_TINY_DATA)},
-    "tiny-2l-2loop": {"model": dict(_TINY, num_layers=2, num_loops=2), "data": dict(_TINY_DATA)},
-    "tiny-2l-3loop": {"model": dict(_TINY, num_layers=2, num_loops=3), "data": dict(_TINY_DATA)},
-    "tiny-1l-4loop": {"model": dict(_TINY, num_layers=1, num_loops=4), "data": dict(_TINY_DATA)},
-    "tiny-2l": {"model": dict(_TINY, num_layers=2, num_loops=1, loop_gates="none"), "data": dict(_TINY_DATA)},
-    "tiny-1l": {"model": dict(_TINY, num_layers=1, num_loops=1, loop_gates="none"), "data": dict(_TINY_DATA)},
-    "tiny-1l-2loop": {"model": dict(_TINY, num_layers=1, num_loops=2), "data": dict(_TINY_DATA)},
-    # Recurrent-depth recipes (Huginn-style): prelude / core / coda, linear injection, random s_0, depth
-    # sampled per step (mean, cap), truncated backprop; num_loops is the evaluation depth (the mean).
-    "tiny-recurrent": {"model": dict(_TINY, **_RECURRENT, prelude_layers=1, num_layers=2, coda_layers=1, num_loops=4),
-                       "data": dict(_TINY_DATA),
-                       "training": dict(_RECURRENT_TRAINING, mean_loops=4, max_loops=8, backprop_loops=2)},
-    "recurrent-97m": {"model": dict(_RECURRENT, prelude_layers=2, num_layers=4, coda_layers=2, num_loops=8),
-                      "training": dict(_RECURRENT_TRAINING, mean_loops=8, max_loops=16, backprop_loops=4)},
-}
 
-PRESET_DESCRIPTIONS = {
-    "gpt2-124m": "GPT-2 small baseline: 12 layers, no loop (paper: 124M)",
-    "loop-81m": "6 shared layers x 6 loops (paper: 81M)",
-    "loop-67m": "4 shared layers x 6 outer loops x 2 inner loops (paper: 67M)",
-    "lite-45m": "1-layer baseline, no loop (paper: 45M)",
-    "loop-45m": "1 shared layer x 2 loops (paper: 45M)",
-    "tiny-4l": "CPU: 4 layers, no loop (d=128)",
-    "tiny-2l-2loop": "CPU: 2 shared layers x 2 loops (d=128)",
-    "tiny-2l-3loop": "CPU: 2 shared layers x 3 loops (d=128)",
-    "tiny-1l-4loop": "CPU: 1 shared layer x 4 loops (d=128)",
-    "tiny-2l": "CPU: 2 layers, no loop (d=128): same parameters as tiny-2l-*loop",
-    "tiny-1l": "CPU: 1 layer, no loop (d=128)",
-    "tiny-1l-2loop": "CPU: 1 shared layer x 2 loops (d=128)",
-    "tiny-recurrent": "CPU recurrent depth: 1 prelude + 2 core x ~4 loops (sampled, max 8, backprop 2) + 1 coda, "
-                      "linear injection, random s_0 (d=128)",
-    "recurrent-97m": "Recurrent depth at GPT-2-small width: 2 prelude + 4 core x ~8 loops (sampled, max 16, "
-                     "backprop 4) + 2 coda, linear injection, random s_0",
-}
+def paper_recipe(name: str, model: Dict[str, Any], training: Optional[Dict[str, Any]] = None) -> Config:
+    """GPT-2-small width (d=768, 12 heads, context 1024, GPT-2 vocab) on OpenWebText with nanoGPT's
+    GPT-2-small recipe, which the paper follows: micro-batch 12, global batch 480 sequences (~0.5M tokens),
+    600k steps, lr 6e-4 -> 6e-5 cosine after 2000 warmup steps, bf16, ZeRO-1, checkpoints in
+    checkpoints/NAME (resumed from there) every 5000 steps. The global batch 480 suits 1, 2, 4 or 8 ranks;
+    `launch/run_paper_experiments.sh` picks one in nanoGPT's 480..512 range for its rank count."""
+    return _recipe(name, {
+        "model": dict(model),
+        "data": dict(data_path=[PAPER_DATA], split="949,50,1", seq_length=1024),
+        "training": dict(micro_batch_size=12, global_batch_size=480, train_iters=600000, lr=6e-4, min_lr=6e-5,
+                         lr_warmup_iters=2000, precision="bf16", zero_stage=1, save=f"checkpoints/{name}",
+                         load=f"checkpoints/{name}", save_interval=5000, eval_interval=1000, eval_iters=100,
+                         log_interval=10, run_dir=f"runs/{name}", **(training or {})),
+    })
+
+
+def cpu_recipe(name: str, model: Dict[str, Any], training: Optional[Dict[str, Any]] = None) -> Config:
+    """d=128, 4 heads, 128-token samples on the bundled State-of-the-Union corpus: micro-batch 8, 200
+    steps, lr 1e-3 -> 1e-4 after 20 warmup steps, evaluation every 50 steps (5 micro-batches),
+    checkpoints in checkpoints/NAME at the end."""
+    return _recipe(name, {
+        "model": dict(_TINY, **model),
+        "data": dict(data_path=[BUNDLED_DATA], split="949,50,1", seq_length=128),
+        "training": dict(micro_batch_size=8, train_iters=200, lr=1e-3, min_lr=1e-4, lr_warmup_iters=20,
+                         eval_interval=50, eval_iters=5, log_interval=10, save=f"checkpoints/{name}",
+                         run_dir=f"runs/{name}", **(training or {})),
+    })
+
+
+def _recipe(name: str, sections: Dict[str, Dict[str, Any]]) -> Config:
+    return Config.from_dict(sections, source=f"preset {name}")
+
+
+PRESETS: Dict[str, Callable[[], Config]] = {}
+"""Preset name -> a function returning its whole Config (a fresh one each call)."""
+
+PRESET_DESCRIPTIONS: Dict[str, str] = {}
+
+PRESET_RECIPES: Dict[str, str] = {}
+"""Preset name -> the recipe it is built on: 'paper' (paper_recipe) or 'cpu' (cpu_recipe)."""
+
+
+def register_preset(name: str, description: str, build: Callable[[], Config], recipe: str = "") -> None:
+    """Add a preset to the registry (`--preset NAME`, launch/presets/NAME.sh)."""
+    PRESETS[name] = build
+    PRESET_DESCRIPTIONS[name] = description
+    PRESET_RECIPES[name] = recipe
+
+
+def _paper(name: str, description: str, training: Optional[Dict[str, Any]] = None, **model: Any) -> None:
+    register_preset(name, description, lambda: paper_recipe(name, model, training), "paper")
+
+
+def _cpu(name: str, description: str, training: Optional[Dict[str, Any]] = None, **model: Any) -> None:
+    register_preset(name, description, lambda: cpu_recipe(name, model, training), "cpu")
+
+
+# Paper variants (d=768, 12 heads, context 1024, GPT-2 vocab, tied embeddings).
+_paper("gpt2-124m", "GPT-2 small baseline: 12 layers, no loop (paper: 124M)",
+       num_layers=12, num_loops=1, loop_gates="none")
+_paper("loop-81m", "6 shared layers x 6 loops (paper: 81M)", num_layers=6, num_loops=6)
+_paper("loop-67m", "4 shared layers x 6 outer loops x 2 inner loops (paper: 67M)",
+       num_layers=4, num_loops=6, inner_loops=2)
+_paper("lite-45m", "1-layer baseline, no loop (paper: 45M)", num_layers=1, num_loops=1, loop_gates="none")
+_paper("loop-45m", "1 shared layer x 2 loops (paper: 45M)", num_layers=1, num_loops=2)
+# Tiny CPU-scale runs (the seed implementation's comparison), same width for all.
+_cpu("tiny-4l", "CPU: 4 layers, no loop (d=128)", num_layers=4, num_loops=1, loop_gates="none")
+_cpu("tiny-2l-2loop", "CPU: 2 shared layers x 2 loops (d=128)", num_layers=2, num_loops=2)
+_cpu("tiny-2l-3loop", "CPU: 2 shared layers x 3 loops (d=128)", num_layers=2, num_loops=3)
+_cpu("tiny-1l-4loop", "CPU: 1 shared layer x 4 loops (d=128)", num_layers=1, num_loops=4)
+_cpu("tiny-2l", "CPU: 2 layers, no loop (d=128): same parameters as tiny-2l-*loop",
+     num_layers=2, num_loops=1, loop_gates="none")
+_cpu("tiny-1l", "CPU: 1 layer, no loop (d=128)", num_layers=1, num_loops=1, loop_gates="none")
+_cpu("tiny-1l-2loop", "CPU: 1 shared layer x 2 loops (d=128)", num_layers=1, num_loops=2)
+# Recurrent-depth recipes (Huginn-style): prelude / core / coda, linear injection, random s_0, depth
+# sampled per step (mean, cap), truncated backprop; num_loops is the evaluation depth (the mean).
+_cpu("tiny-recurrent", "CPU recurrent depth: 1 prelude + 2 core x ~4 loops (sampled, max 8, backprop 2) + 1 coda, "
+                       "linear injection, random s_0 (d=128)",
+     training=dict(_RECURRENT_TRAINING, mean_loops=4, max_loops=8, backprop_loops=2),
+     **_RECURRENT, prelude_layers=1, num_layers=2, coda_layers=1, num_loops=4)
+_paper("recurrent-97m", "Recurrent depth at GPT-2-small width: 2 prelude + 4 core x ~8 loops (sampled, max 16, "
+                        "backprop 4) + 2 coda, linear injection, random s_0",
+       training=dict(_RECURRENT_TRAINING, mean_loops=8, max_loops=16, backprop_loops=4),
+       **_RECURRENT, prelude_layers=2, num_layers=4, coda_layers=2, num_loops=8)
 
 
 def preset(name: str) -> Config:
     """The named preset as a fresh Config (raises ConfigError naming `preset` if unknown)."""
     if name not in PRESETS:
         raise ConfigError(f"preset: unknown preset '{name}'; choose one of {', '.join(sorted(PRESETS))}.")
-    return Config.from_dict(copy.deepcopy(PRESETS[name]), source=f"preset {name}")
+    return PRESETS[name]()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -519,32 +572,81 @@ def parse_override(text: str) -> tuple:
     return key.strip(), value.strip()
 
 
-def load_config(preset_name: Optional[str] = None, path: Optional[str] = None,
-                overrides: Optional[List[str]] = None) -> Config:
-    """Preset, then file (YAML or JSON; may name its own `preset:`), then overrides. Not validated."""
-    raw = None
-    if path:
-        if not os.path.exists(path):
-            raise ConfigError(f"{path}: config file not found.")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        try:
-            if path.endswith(".json"):
-                raw = json.loads(text)
-            else:
-                import yaml
+def read_config_file(path: str) -> Dict[str, Any]:
+    """The {section: {field: value}} mapping of a YAML or JSON config file (read and parsed once; it may
+    name its own `preset:`). Raises ConfigError naming the file when it is missing or unparsable."""
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: config file not found.")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith(".json"):
+            raw = json.loads(text)
+        else:
+            import yaml
 
-                raw = yaml.safe_load(text) or {}
-        except Exception as exc:  # yaml/json parse errors carry line numbers in their text
-            raise ConfigError(f"{path}: cannot parse config ({exc}).") from None
-        preset_name = preset_name or (raw.get("preset") if isinstance(raw, dict) else None)
+            raw = yaml.safe_load(text) or {}
+    except Exception as exc:  # yaml/json parse errors carry line numbers in their text
+        raise ConfigError(f"{path}: cannot parse config ({exc}).") from None
+    return raw
+
+
+def file_preset_name(raw: Any) -> Optional[str]:
+    """The `preset:` a parsed config file names, if any."""
+    return (raw.get("preset") or None) if isinstance(raw, dict) else None
+
+
+def file_keys(raw: Any) -> List[str]:
+    """The section.field keys a parsed config file sets (for 'explicitly set' bookkeeping)."""
+    keys = []
+    if isinstance(raw, dict):
+        for section, values in raw.items():
+            if isinstance(values, dict):
+                keys.extend(f"{section}.{name.replace('-', '_')}" for name in values)
+    return keys
+
+
+def compose_config(preset_name: Optional[str] = None, raw: Optional[Dict[str, Any]] = None,
+                   source: str = "config", overrides: Optional[List[str]] = None) -> Config:
+    """Preset (or the defaults), then a parsed file mapping, then `section.field=value` overrides."""
     cfg = preset(preset_name) if preset_name else Config()
     if raw is not None:
-        apply_dict(cfg, raw, path)
+        apply_dict(cfg, raw, source)
     for item in overrides or []:
         key, value = parse_override(item)
         set_field(cfg, key, value, "command line")
     return cfg
+
+
+def load_config(preset_name: Optional[str] = None, path: Optional[str] = None,
+                overrides: Optional[List[str]] = None) -> Config:
+    """Preset, then file (YAML or JSON; may name its own `preset:`), then overrides. Not validated."""
+    raw = read_config_file(path) if path else None
+    return compose_config(preset_name or file_preset_name(raw), raw, path or "config", overrides)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Derived quantities: one definition each, used by every caller.
+# ----------------------------------------------------------------------------------------------------
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    """Data-parallel ranks: world size / tensor-parallel size (at least 1)."""
+    return max(1, world_size // cfg.parallel.tensor_model_parallel_size)
+
+
+def global_batch_size(cfg: Config, dp_size: int) -> int:
+    """Samples per optimizer step: training.global_batch_size, or micro batch x DP size when it is 0."""
+    t = cfg.training
+    return t.global_batch_size or t.micro_batch_size * dp_size
+
+
+def accumulation_steps(cfg: Config, dp_size: int) -> int:
+    """Micro-batches per rank per optimizer step: global batch / (micro batch x DP size)."""
+    return global_batch_size(cfg, dp_size) // (cfg.training.micro_batch_size * dp_size)
+
+
+def run_folder(cfg: Config, preset_name: Optional[str] = None) -> str:
+    """The run folder: training.run_dir, or runs/<preset name, or 'custom' without a preset>."""
+    return cfg.training.run_dir or os.path.join("runs", preset_name or "custom")
 
 
 def save_yaml(cfg: Config, path: str) -> None:
@@ -715,25 +817,30 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if world_size is not None:
         _require(world_size % tp == 0,
                  f"parallel.tensor_model_parallel_size ({tp}) must divide the world size ({world_size}).")
-        dp = world_size // tp
+        dp = data_parallel_size(cfg, world_size)
         if t.global_batch_size:
             _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
                      f"training.global_batch_size ({t.global_batch_size}) must equal training.micro_batch_size "
                      f"({t.micro_batch_size}) x gradient accumulation x data-parallel size ({dp}).")
 
 
-def describe_fields() -> str:
-    """Markdown configuration reference built from the field docstrings."""
+def describe_fields(flags: Optional[Dict[str, str]] = None) -> str:
+    """Markdown configuration reference built from the field docstrings; `flags` (config key -> trainer
+    flag, e.g. training.arguments.flag_table() inverted) adds a column naming each field's flag."""
     lines = []
     for section_name, cls in SECTIONS.items():
         lines.append(f"### `{section_name}` — {inspect.getdoc(cls)}\n")
-        lines.append("| field | default | meaning |")
-        lines.append("|---|---|---|")
+        if flags is None:
+            lines += ["| field | default | meaning |", "|---|---|---|"]
+        else:
+            lines += ["| field | flag | default | meaning |", "|---|---|---|---|"]
         docs = field_docs(cls)
         default = cls()
         for f in dataclasses.fields(cls):
             value = getattr(default, f.name)
-            lines.append(f"| `{f.name}` | `{value!r}` | {' '.join(docs.get(f.name, '').split())} |")
+            flag = "" if flags is None else \
+                f" {'`' + flags[section_name + '.' + f.name] + '`' if section_name + '.' + f.name in flags else ''} |"
+            lines.append(f"| `{f.name}` |{flag} `{value!r}` | {' '.join(docs.get(f.name, '').split())} |")
         lines.append("")
     return "\n".join(lines)
 

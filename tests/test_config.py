@@ -185,3 +185,75 @@ def test_exit_settings_are_checked(overrides, match):
                                                   "model.exit_threshold=0.9", "training.train_exit_gate_only=true",
                                                   "training.exit_entropy_beta=0.05"])
     ok.validate()
+
+
+# ----------------------------------------------------------------------------------------------------
+# One recipe source, one flag source, one definition of each derived quantity
+# ----------------------------------------------------------------------------------------------------
+def test_presets_carry_the_whole_recipe_and_each_has_a_wrapper():
+    import os
+
+    from loop_megatron.config import BUNDLED_DATA, PAPER_DATA, PRESET_RECIPES
+    from tests.conftest import ROOT
+
+    folder = os.path.join(ROOT, "launch", "presets")
+    assert sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".sh")) == sorted(PRESETS)
+    for name in PRESETS:
+        cfg = preset(name)
+        t = cfg.training
+        assert cfg.data.data_path == [BUNDLED_DATA if PRESET_RECIPES[name] == "cpu" else PAPER_DATA], name
+        assert (t.save, t.run_dir) == (f"checkpoints/{name}", f"runs/{name}"), name
+        assert preset(name) is not cfg and preset(name) == cfg  # a fresh, equal Config each call
+        with open(os.path.join(folder, f"{name}.sh")) as f:
+            commands = [line for line in f.read().splitlines() if line and not line.startswith("#")]
+        assert commands == [f'exec "$(dirname "${{BASH_SOURCE[0]}}")/../train.sh" --preset {name} "$@"']
+    paper, tiny = preset("loop-81m").training, preset("tiny-1l").training
+    assert (paper.micro_batch_size, paper.global_batch_size, paper.train_iters, paper.precision, paper.zero_stage,
+            paper.load) == (12, 480, 600000, "bf16", 1, "checkpoints/loop-81m")
+    assert (tiny.train_iters, tiny.lr, tiny.min_lr, tiny.lr_warmup_iters, tiny.eval_interval, tiny.load) == \
+        (200, 1e-3, 1e-4, 20, 50, "")
+
+
+def test_trainer_flags_are_generated_from_the_field_docstrings():
+    from loop_megatron.config import SECTIONS, field_docs
+    from loop_megatron.training.arguments import CONFIG_FLAGS, build_parser, config_from_args, flag_table
+
+    actions = {a.option_strings[0]: a for a in build_parser()._actions if a.option_strings}
+    for flag, key in CONFIG_FLAGS:
+        section, name = key.split(".")
+        doc = " ".join(field_docs(SECTIONS[section])[name].split())
+        assert actions[flag].help.replace("%%", "%") == f"{doc} [{key}]", flag
+    assert len(flag_table()) == len(CONFIG_FLAGS) == 54
+    cfg, opts = config_from_args(["--loops", "3", "--data-path", "a", "b", "--compile", "--lr", "2e-4",
+                                  "--loop-schedule", "0:1,0.35:2"])
+    assert (cfg.model.num_loops, cfg.data.data_path, cfg.training.compile, cfg.training.lr) == (3, ["a", "b"], True, 2e-4)
+    assert {"model.num_loops", "data.data_path", "training.compile", "training.lr"} <= opts.explicit
+    assert cfg.training.run_dir == "runs/custom" and opts.preset is None
+
+
+def test_config_file_is_read_once(tmp_path, monkeypatch):
+    import loop_megatron.training.arguments as arguments
+
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny-1l\ntraining:\n  lr: 0.002\n")
+    calls = []
+    real = arguments.read_config_file
+    monkeypatch.setattr(arguments, "read_config_file", lambda p: calls.append(p) or real(p))
+    cfg, opts = arguments.config_from_args(["--config", str(path)])
+    assert calls == [str(path)]
+    assert opts.preset == "tiny-1l" and cfg.training.run_dir == "runs/tiny-1l" and cfg.training.lr == 0.002
+    assert "training.lr" in opts.explicit and "training.train_iters" not in opts.explicit
+
+
+def test_derived_quantities():
+    from loop_megatron.config import accumulation_steps, data_parallel_size, global_batch_size, run_folder
+
+    cfg = preset("tiny-1l")
+    cfg.parallel.tensor_model_parallel_size = 2
+    assert data_parallel_size(cfg, 8) == 4 and data_parallel_size(cfg, 1) == 1
+    assert (global_batch_size(cfg, 4), accumulation_steps(cfg, 4)) == (32, 1)
+    cfg.training.global_batch_size = 96
+    assert (global_batch_size(cfg, 4), accumulation_steps(cfg, 4)) == (96, 3)
+    assert run_folder(cfg, "tiny-1l") == "runs/tiny-1l"
+    cfg.training.run_dir = ""
+    assert run_folder(cfg, "x") == "runs/x" and run_folder(cfg) == "runs/custom"

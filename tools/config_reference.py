@@ -11,14 +11,20 @@ import sys
 
 import _bootstrap  # noqa: F401  (repo root on sys.path)
 
-from loop_megatron.config import PRESET_DESCRIPTIONS, describe_fields
+import inspect
+
+from loop_megatron.config import PRESET_DESCRIPTIONS, PRESET_RECIPES, cpu_recipe, describe_fields, paper_recipe
+from loop_megatron.training.arguments import flag_table
 from loop_megatron.utils import fs
 
 TARGET = os.path.join(_bootstrap.ROOT, "docs", "configuration.md")
 
 
 def render() -> str:
-    presets = "\n".join(f"| `{name}` | {text} |" for name, text in PRESET_DESCRIPTIONS.items())
+    recipes = {"paper": paper_recipe, "cpu": cpu_recipe}
+    presets = "\n".join(f"| `{name}` | {PRESET_RECIPES[name]} | {text} |" for name, text in PRESET_DESCRIPTIONS.items())
+    recipe_text = "\n".join(f"- **{kind}**: {' '.join(inspect.getdoc(fn).split())}" for kind, fn in recipes.items())
+    flags = {key: flag for flag, key in flag_table().items()}
     return (
         "# Configuration reference\n\n"
         "Generated from the docstrings in `loop_megatron/config.py` by `python tools/config_reference.py`; "
@@ -27,7 +33,14 @@ def render() -> str:
         "`preset:`), then the trainer's flags, then `--override section.field=value`. `validate()` rejects "
         "impossible settings with one sentence naming the field. The resolved config is saved as "
         "`<run_dir>/config.yaml` and inside every checkpoint's `meta.json`.\n\n"
-        "## Presets\n\n| preset | what it is |\n|---|---|\n" + presets + "\n\n## Fields\n\n" + describe_fields()
+        "## Presets\n\n"
+        "A preset is the whole recipe: model shape, data, parallel layout and training settings (a function "
+        "returning a `Config`, registered in `config.PRESETS`; `launch/presets/<name>.sh` runs it). Two "
+        "recipes share the settings beyond the model:\n\n" + recipe_text + "\n\n"
+        "| preset | recipe | what it is |\n|---|---|---|\n" + presets + "\n\n## Fields\n\n"
+        "The flag column names the option of `python -m loop_megatron.train` that sets a field (its `--help` "
+        "text is the meaning below); every field can also be set with `--override section.field=value`.\n\n"
+        + describe_fields(flags)
     )
 
 

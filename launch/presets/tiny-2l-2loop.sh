@@ -1,6 +1,3 @@
 #!/usr/bin/env bash
-# tiny-2l-2loop: CPU: 2 shared layers x 2 loops (d=128)
-# Usage: launch/presets/tiny-2l-2loop.sh [launch/train.sh options] [trainer flags]   (defaults: presets/_common.sh)
-PRESET=tiny-2l-2loop KIND=tiny
-source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-run_preset "$@"
+# tiny-2l-2loop: CPU: 2 shared layers x 2 loops (d=128). Recipe: loop_megatron/config.py; usage: launch/README.md
+exec "$(dirname "${BASH_SOURCE[0]}")/../train.sh" --preset tiny-2l-2loop "$@"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, NamedTuple, Optional
 
-from ..config import Config, ConfigError, ModelConfig
+from ..config import Config, ConfigError, ModelConfig, data_parallel_size, global_batch_size
 from . import universal
 from .io import resolve_checkpoint
 from .layout import CheckpointError, latest_path, meta_path, model_path, read_latest, read_meta
@@ -84,7 +84,7 @@ def saved_global_batch(meta: Dict[str, Any]) -> Optional[int]:
 def check_global_batch(meta: Dict[str, Any], cfg: Config, where: str, world: int) -> None:
     """ConfigError (one sentence) when the global batch size changed without --override-global-batch."""
     t = cfg.training
-    ours = t.global_batch_size or t.micro_batch_size * max(1, world // cfg.parallel.tensor_model_parallel_size)
+    ours = global_batch_size(cfg, data_parallel_size(cfg, world))
     theirs = saved_global_batch(meta)
     if theirs is None or theirs == ours or t.override_global_batch:
         return

@@ -18,7 +18,7 @@ from typing import Any, Dict
 
 import torch
 
-from ..config import Config
+from ..config import Config, data_parallel_size, global_batch_size
 from ..model import full_state_dict
 from ..utils import fs
 from ..utils.distributed import barrier, rank, world_size
@@ -78,12 +78,12 @@ def consolidated_state_dict(engine, zero_stage: int) -> Dict[str, torch.Tensor]:
 def run_layout(engine, cfg: Config) -> Dict[str, Any]:
     """How this run is laid out over ranks (recorded in meta.json and universal/state.json)."""
     t, tp = cfg.training, cfg.parallel.tensor_model_parallel_size
-    dp = max(1, world_size() // tp)
+    dp = data_parallel_size(cfg, world_size())
     dtype = next(engine.module.parameters()).dtype
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     return {"tensor_model_parallel_size": tp, "data_parallel_size": dp, "world_size": world_size(),
             "zero_stage": t.zero_stage, "cpu_offload": bool(t.cpu_offload), "precision": precision,
-            "global_batch_size": t.global_batch_size or t.micro_batch_size * dp}
+            "global_batch_size": global_batch_size(cfg, dp)}
 
 
 def save_engine_checkpoint(engine, cfg: Config, iteration: int, consumed_samples: int) -> str:

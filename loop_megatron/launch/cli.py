@@ -8,6 +8,8 @@ Bad options, hostfiles or settings exit with status 2 and one sentence on stderr
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import shlex
 import shutil
@@ -15,11 +17,11 @@ import subprocess
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-from .commands import build_deepspeed_command, deepspeed_executable, plan_launch, run_plan
+from .commands import REPO_ROOT, build_deepspeed_command, deepspeed_executable, plan_launch, run_plan
 from .environment import gpu_count
 from .errors import LaunchError
 from .hostfile import read_hostfile
-from .paper import PAPER_PRESETS, PaperSettings, format_paper_table, paper_batch_sizes, paper_rows, paper_trainer_args
+from .paper import PAPER_PRESETS, PaperSettings, format_paper_table, paper_rows, paper_trainer_args, run_batch_sizes
 
 
 def _split_passthrough(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
@@ -59,7 +61,29 @@ def main_train(argv: Sequence[str], prog: str = "launch/train.sh") -> int:
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not args.dry_run:
+        status = prepare_bundled_data((["--preset", args.preset] if args.preset else []) + unknown + passthrough)
+        if status:
+            return status
     return run_plan(plan, dry_run=args.dry_run)
+
+
+def prepare_bundled_data(trainer_args: Sequence[str]) -> int:
+    """Prepare the bundled CPU corpus (tools/prepare_sotu.py) when the run reads config.BUNDLED_DATA (the
+    tiny presets' data) and its .idx is missing; returns the preparation's exit status (0 when nothing
+    was needed). A trainer command line that does not parse is left for the trainer to report."""
+    from ..config import BUNDLED_DATA
+    from ..training.arguments import config_from_args
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            cfg, _ = config_from_args(list(trainer_args))
+    except (Exception, SystemExit):
+        return 0
+    if cfg.data.data_path != [BUNDLED_DATA] or os.path.isfile(BUNDLED_DATA + ".idx"):
+        return 0
+    return subprocess.call([sys.executable, os.path.join(REPO_ROOT, "tools", "prepare_sotu.py"),
+                            "--out-dir", os.path.dirname(BUNDLED_DATA)])
 
 
 def main_paper(argv: Sequence[str], prog: str = "launch/run_paper_experiments.sh") -> int:
@@ -92,7 +116,9 @@ def main_paper(argv: Sequence[str], prog: str = "launch/run_paper_experiments.sh
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # only the estimators run here; no detection warning
         settings = PaperSettings.from_env()
         world = nodes * gpus_per_node
-        rows = paper_rows(nodes, gpus_per_node, args.presets, settings.seq_length)
+        recipe = settings.config(args.presets[0])  # the paper presets share data and training settings
+        d, t = recipe.data, recipe.training
+        rows = paper_rows(nodes, gpus_per_node, args.presets, d.seq_length)
         hostfile = args.hostfile or "HOSTFILE"
         commands = []
         for name in args.presets:
@@ -101,17 +127,15 @@ def main_paper(argv: Sequence[str], prog: str = "launch/run_paper_experiments.sh
                                           master_addr=args.master_addr, launcher=args.launcher,
                                           deepspeed=["deepspeed"] if args.dry_run else deepspeed_executable())
             commands.append((name, cmd))
+        micro, global_batch = run_batch_sizes(recipe, settings, world)
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_paper_table(rows, nodes, gpus_per_node))
-    micro, global_batch = paper_batch_sizes(settings.micro_batch_size, world)
-    if settings.global_batch_size:
-        micro, global_batch = settings.micro_batch_size, settings.global_batch_size
-    print(f"\nSettings: seq {settings.seq_length}, micro-batch {micro} x {world} ranks, global batch {global_batch} "
-          f"sequences ({global_batch * settings.seq_length / 1e6:.3f}M tokens/step), {settings.train_iters} iters, "
-          f"lr {settings.lr} -> {settings.min_lr} cosine, warmup {settings.warmup_iters}, {settings.precision}, "
-          f"ZeRO-{settings.zero_stage}, data {settings.data_path}")
+    print(f"\nSettings: seq {d.seq_length}, micro-batch {micro} x {world} ranks, global batch {global_batch} "
+          f"sequences ({global_batch * d.seq_length / 1e6:.3f}M tokens/step), {t.train_iters} iters, "
+          f"lr {t.lr} -> {t.min_lr} cosine, warmup {t.lr_warmup_iters}, {t.precision}, "
+          f"ZeRO-{t.zero_stage}, data {' '.join(d.data_path)}")
     print("\nCommands:" if args.dry_run else "\nRunning, one after another:")
     for name, cmd in commands:
         print(f"# {name}\n{shlex.join(cmd)}", flush=True)

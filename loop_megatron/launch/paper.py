@@ -1,66 +1,77 @@
-"""The paper's five GPT-2-small-width runs: their settings, batch sizes, trainer flags and the size table.
+"""The paper's five GPT-2-small-width runs: batch sizes, trainer flags and the size table.
 
+The recipe itself (data, schedule, precision, ZeRO stage, intervals) is the presets' (`config.paper_recipe`);
 `launch/run_paper_experiments.sh` (through `cli.main_paper`) prints this plan with `--dry-run` and runs it
-otherwise; every hyper-parameter can be changed through the environment variable named in
-`PaperSettings.ENV`.
+otherwise. Each setting can be changed through the environment variable named in `PAPER_ENV`; the run and
+checkpoint folders of the campaign through SAVE_ROOT and RUN_ROOT.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..config import Config, ConfigError, preset, set_field
 from .errors import LaunchError
 from .memory import largest_layer_params, zero_model_state_bytes
 
 PAPER_PRESETS = ("gpt2-124m", "loop-81m", "loop-67m", "lite-45m", "loop-45m")
 
+PAPER_ENV: Dict[str, str] = {
+    "OWT_DATA": "data.data_path", "SEQ_LENGTH": "data.seq_length", "MICRO_BATCH": "training.micro_batch_size",
+    "GLOBAL_BATCH": "training.global_batch_size", "TRAIN_ITERS": "training.train_iters", "LR": "training.lr",
+    "MIN_LR": "training.min_lr", "WARMUP_ITERS": "training.lr_warmup_iters", "ZERO_STAGE": "training.zero_stage",
+    "PRECISION": "training.precision", "ACT_CKPT": "model.activation_checkpointing",
+    "SAVE_INTERVAL": "training.save_interval", "EVAL_INTERVAL": "training.eval_interval",
+    "EVAL_ITERS": "training.eval_iters", "LOG_INTERVAL": "training.log_interval",
+}
+"""Environment variable -> the config field it sets in every paper run (empty or unset: the preset's value).
+GLOBAL_BATCH unset or 0 picks a multiple of micro-batch x ranks in nanoGPT's 480..512 sequences."""
+
+PAPER_ENV_ALIASES: Dict[str, str] = {"DATA": "OWT_DATA"}
+"""Older names still read (launch/presets/_common.sh's): the alias counts only when the main name is unset."""
+
 
 @dataclass
 class PaperSettings:
-    """Hyper-parameters of the paper-scale runs (nanoGPT's GPT-2-small recipe on OpenWebText).
+    """The environment's changes to the paper recipe, and where the campaign keeps its runs."""
 
-    Every field can be changed through the environment variable named in `ENV` (see run_paper_experiments.sh).
-    """
-
-    data_path: str = "data/openwebtext/openwebtext_text_document"
-    seq_length: int = 1024
-    micro_batch_size: int = 12
-    global_batch_size: int = 0
-    """0 = the multiple of micro x data-parallel size in nanoGPT's 480..512 sequences (~0.5M tokens)."""
-    train_iters: int = 600000
-    lr: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_iters: int = 2000
-    zero_stage: int = 1
-    precision: str = "bf16"
-    activation_checkpointing: str = "none"
+    overrides: Dict[str, str] = field(default_factory=dict)
+    """config key -> value from the environment (PAPER_ENV)."""
     save_root: str = "checkpoints/paper"
     run_root: str = "runs/paper"
-    save_interval: int = 5000
-    eval_interval: int = 1000
-    eval_iters: int = 100
-    log_interval: int = 10
-
-    ENV = {"data_path": "OWT_DATA", "seq_length": "SEQ_LENGTH", "micro_batch_size": "MICRO_BATCH",
-           "global_batch_size": "GLOBAL_BATCH", "train_iters": "TRAIN_ITERS", "lr": "LR", "min_lr": "MIN_LR",
-           "warmup_iters": "WARMUP_ITERS", "zero_stage": "ZERO_STAGE", "precision": "PRECISION",
-           "activation_checkpointing": "ACT_CKPT", "save_root": "SAVE_ROOT", "run_root": "RUN_ROOT",
-           "save_interval": "SAVE_INTERVAL", "eval_interval": "EVAL_INTERVAL", "eval_iters": "EVAL_ITERS",
-           "log_interval": "LOG_INTERVAL"}
 
     @classmethod
     def from_env(cls, environ: Optional[Dict[str, str]] = None) -> "PaperSettings":
         environ = os.environ if environ is None else environ
-        settings = cls()
-        for name, var in cls.ENV.items():
+        settings = cls(save_root=environ.get("SAVE_ROOT") or cls.save_root,
+                       run_root=environ.get("RUN_ROOT") or cls.run_root)
+        for alias, var in PAPER_ENV_ALIASES.items():
+            if environ.get(alias) and not environ.get(var):
+                environ = dict(environ, **{var: environ[alias]})
+        for var, key in PAPER_ENV.items():
             if environ.get(var):
-                kind = type(getattr(settings, name))
-                try:
-                    setattr(settings, name, kind(environ[var]))
-                except ValueError:
-                    raise LaunchError(f"{var}={environ[var]!r} is not a valid {kind.__name__}.") from None
+                settings.overrides[key] = environ[var]
+        for name in PAPER_PRESETS:  # a bad value stops here, naming its variable
+            settings.config(name)
         return settings
+
+    def config(self, name: str) -> Config:
+        """The preset's recipe with the environment's changes."""
+        cfg = preset(name)
+        for key, value in self.overrides.items():
+            section, attr = key.split(".")
+            kind = type(getattr(getattr(cfg, section), attr))
+            try:
+                set_field(cfg, key, value, "the environment")
+            except ConfigError:
+                var = next(v for v, k in PAPER_ENV.items() if k == key)
+                raise LaunchError(f"{var}={value!r} is not a valid {kind.__name__}.") from None
+        return cfg
+
+    @property
+    def explicit_global_batch(self) -> bool:
+        return bool(int(self.overrides.get("training.global_batch_size", 0) or 0))
 
 
 def paper_batch_sizes(micro: int, data_parallel: int, target: Tuple[int, int] = (480, 512)) -> Tuple[int, int]:
@@ -75,33 +86,42 @@ def paper_batch_sizes(micro: int, data_parallel: int, target: Tuple[int, int] = 
     return 1, -(-low // data_parallel) * data_parallel
 
 
+def run_batch_sizes(cfg: Config, settings: PaperSettings, data_parallel: int) -> Tuple[int, int]:
+    """(micro, global) of a paper run: GLOBAL_BATCH with MICRO_BATCH when set, else paper_batch_sizes."""
+    t = cfg.training
+    if not settings.explicit_global_batch:
+        return paper_batch_sizes(t.micro_batch_size, data_parallel)
+    if t.global_batch_size % (t.micro_batch_size * data_parallel):
+        raise LaunchError(f"GLOBAL_BATCH={t.global_batch_size} is not a multiple of MICRO_BATCH ({t.micro_batch_size}) "
+                          f"x data-parallel size ({data_parallel}).")
+    return t.micro_batch_size, t.global_batch_size
+
+
 def paper_trainer_args(name: str, settings: PaperSettings, data_parallel: int) -> List[str]:
-    micro, global_batch = paper_batch_sizes(settings.micro_batch_size, data_parallel)
-    if settings.global_batch_size:
-        micro, global_batch = settings.micro_batch_size, settings.global_batch_size
-        if global_batch % (micro * data_parallel):
-            raise LaunchError(f"GLOBAL_BATCH={global_batch} is not a multiple of MICRO_BATCH ({micro}) x "
-                              f"data-parallel size ({data_parallel}).")
-    return ["--preset", name, "--data-path", settings.data_path, "--split", "949,50,1",
-            "--seq-length", str(settings.seq_length), "--micro-batch-size", str(micro),
-            "--global-batch-size", str(global_batch), "--train-iters", str(settings.train_iters),
-            "--lr", str(settings.lr), "--min-lr", str(settings.min_lr), "--lr-warmup-iters", str(settings.warmup_iters),
-            "--precision", settings.precision, "--zero-stage", str(settings.zero_stage),
-            "--activation-checkpointing", settings.activation_checkpointing,
+    """The trainer flags of one paper run: the recipe's values spelled out (so the plan shows them), the
+    batch sizes for this rank count, and the campaign's folders."""
+    cfg = settings.config(name)
+    d, t = cfg.data, cfg.training
+    micro, global_batch = run_batch_sizes(cfg, settings, data_parallel)
+    return ["--preset", name, "--data-path", *d.data_path, "--split", d.split,
+            "--seq-length", str(d.seq_length), "--micro-batch-size", str(micro),
+            "--global-batch-size", str(global_batch), "--train-iters", str(t.train_iters),
+            "--lr", str(t.lr), "--min-lr", str(t.min_lr), "--lr-warmup-iters", str(t.lr_warmup_iters),
+            "--precision", t.precision, "--zero-stage", str(t.zero_stage),
+            "--activation-checkpointing", cfg.model.activation_checkpointing,
             "--save", f"{settings.save_root}/{name}", "--load", f"{settings.save_root}/{name}",
-            "--save-interval", str(settings.save_interval), "--eval-interval", str(settings.eval_interval),
-            "--eval-iters", str(settings.eval_iters), "--log-interval", str(settings.log_interval),
+            "--save-interval", str(t.save_interval), "--eval-interval", str(t.eval_interval),
+            "--eval-iters", str(t.eval_iters), "--log-interval", str(t.log_interval),
             "--run-dir", f"{settings.run_root}/{name}"]
 
 
 def paper_rows(nodes: int, gpus_per_node: int, presets: Sequence[str] = PAPER_PRESETS,
                seq_length: int = 1024) -> List[Dict[str, float]]:
-    from ..config import preset as get_preset
     from ..model.stats import model_summary
 
     rows = []
     for name in presets:
-        cfg = get_preset(name).model
+        cfg = preset(name).model
         summary = model_summary(cfg, seq_length)
         mem = zero_model_state_bytes(int(summary["params"]), largest_layer_params(cfg), nodes, gpus_per_node)
         rows.append({"preset": name, **summary, **mem})

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..checkpoint.compat import run_tokenizer as load_run_tokenizer
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, global_batch_size
 
 
 def check_data_paths(data_path: Sequence[str]) -> None:
@@ -157,7 +157,7 @@ def build_datasets(cfg: Config, dp_size: int):
     from ..data.gpt_dataset import build_train_valid_test_datasets, parse_split
 
     t, d = cfg.training, cfg.data
-    gbs = t.global_batch_size or t.micro_batch_size * dp_size
+    gbs = global_batch_size(cfg, dp_size)
     train_samples = t.train_iters * gbs
     eval_samples = t.eval_iters * t.micro_batch_size * dp_size
     if parse_split(d.split)[1] <= 0:

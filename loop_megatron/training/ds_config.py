@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Set
 
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, accumulation_steps, global_batch_size
 
 # ZeRO tuning used when no --deepspeed-config file is given (the same values as ds_configs/zero*.json).
 # DeepSpeed's own default buckets are 5e8 elements: ~1.9 GiB of fp32 buffers per rank under ZeRO-1/2/3,
@@ -122,9 +122,8 @@ def resolve_precision(cfg: Config, cuda: Optional[bool] = None) -> str:
 
 
 def gradient_accumulation_steps(cfg: Config, dp_size: int) -> int:
-    t = cfg.training
-    gbs = t.global_batch_size or t.micro_batch_size * dp_size
-    return gbs // (t.micro_batch_size * dp_size)
+    """config.accumulation_steps (kept under this name for callers of ds_config)."""
+    return accumulation_steps(cfg, dp_size)
 
 
 def build_ds_config(cfg: Config, dp_size: int, precision: str, base: Optional[Dict[str, Any]] = None,
@@ -134,8 +133,8 @@ def build_ds_config(cfg: Config, dp_size: int, precision: str, base: Optional[Di
     t = cfg.training
     path = t.deepspeed_config or "the DeepSpeed config"
     ds = copy.deepcopy(base) if base else {}
-    gbs = t.global_batch_size or t.micro_batch_size * dp_size
-    accum = gradient_accumulation_steps(cfg, dp_size)
+    gbs = global_batch_size(cfg, dp_size)
+    accum = accumulation_steps(cfg, dp_size)
     owned = {
         "train_batch_size": ("training.global_batch_size", gbs),
         "train_micro_batch_size_per_gpu": ("training.micro_batch_size", t.micro_batch_size),

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .. import checkpoint
-from ..config import Config, save_yaml
+from ..config import Config, accumulation_steps, global_batch_size, run_folder, save_yaml
 from ..model import LoopGPT, load_full_state_dict, model_summary
 from ..model.exit import configure_exit_training
 from ..parallel import (destroy_model_parallel, get_data_parallel_group, get_data_parallel_rank,
@@ -187,8 +187,8 @@ class Trainer:
         init_distributed(self.opts.local_rank, skip_shm_comm=t.ds_skip_shm_comm)
         initialize_model_parallel(cfg.parallel.tensor_model_parallel_size)
         self.dp, self.dp_rank = get_data_parallel_world_size(), get_data_parallel_rank()
-        self.global_batch = t.global_batch_size or t.micro_batch_size * self.dp
-        self.accum = self.global_batch // (t.micro_batch_size * self.dp)
+        self.global_batch = global_batch_size(cfg, self.dp)
+        self.accum = accumulation_steps(cfg, self.dp)
         self.seq = cfg.data.seq_length
         self.device = current_device()
         set_seed(t.seed)
@@ -215,8 +215,7 @@ class Trainer:
 
     def _open_run_dir(self) -> None:
         t = self.cfg.training
-        if not t.run_dir:
-            t.run_dir = os.path.join("runs", self.opts.preset or "custom")
+        t.run_dir = run_folder(self.cfg, self.opts.preset)
         self.run_dir = t.run_dir
         tb_dir = t.tensorboard_dir or os.path.join(self.run_dir, "tensorboard")
         if self.is_rank0:

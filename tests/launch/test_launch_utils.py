@@ -197,3 +197,30 @@ def test_paper_dry_run_prints_table_and_commands(capsys):
 def test_paper_run_without_hostfile_is_refused(capsys):
     assert cli.main(["paper"]) != 0
     assert "needs --hostfile" in capsys.readouterr().err
+
+
+def test_paper_settings_read_the_presets_and_the_environment():
+    from loop_megatron.launch.paper import PaperSettings, paper_trainer_args
+
+    args = paper_trainer_args("loop-45m", PaperSettings.from_env({"DATA": "x/owt", "LR": "3e-4"}), 8)
+    assert args[args.index("--data-path") + 1] == "x/owt" and args[args.index("--lr") + 1] == "0.0003"
+    args = paper_trainer_args("loop-45m", PaperSettings.from_env({"DATA": "x/a", "OWT_DATA": "x/b"}), 8)
+    assert args[args.index("--data-path") + 1] == "x/b"  # the old name is an alias only
+    with pytest.raises(LaunchError, match=r"MICRO_BATCH='many' is not a valid int\."):
+        PaperSettings.from_env({"MICRO_BATCH": "many"})
+
+
+def test_train_prepares_the_bundled_corpus_only_when_missing(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+    assert cli.prepare_bundled_data(["--preset", "tiny-1l"]) == 0
+    assert calls and calls[0][-2:] == ["--out-dir", "data"] and calls[0][1].endswith("tools/prepare_sotu.py")
+    calls.clear()
+    assert cli.prepare_bundled_data(["--preset", "tiny-1l", "--data-path", "elsewhere"]) == 0
+    assert cli.prepare_bundled_data(["--preset", "loop-81m"]) == 0
+    assert cli.prepare_bundled_data(["--no-such-flag"]) == 0
+    os.makedirs("data")
+    open("data/sotu_text_document.idx", "w").close()
+    assert cli.prepare_bundled_data(["--preset", "tiny-1l"]) == 0
+    assert calls == []

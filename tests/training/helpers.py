@@ -41,7 +41,7 @@ def tiny_config(prefix: str, run_dir: str, **overrides: Any) -> Config:
         "training.micro_batch_size": 2, "training.train_iters": 4, "training.lr": 3e-3, "training.min_lr": 3e-4,
         "training.lr_warmup_iters": 1, "training.log_interval": 100, "training.eval_interval": 0,
         "training.eval_iters": 2, "training.precision": "fp32", "training.run_dir": run_dir,
-        "training.seed": 7,
+        "training.seed": 7, "training.save": "",  # the preset's recipe saves to checkpoints/<name>; tests opt in
     }
     values.update(overrides)
     for key, value in values.items():
