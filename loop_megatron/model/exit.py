@@ -139,7 +139,9 @@ def expected_exit_loss(per_iteration_loss: torch.Tensor, lambdas: torch.Tensor, 
     keep [B, T] (labels that are not ignored)."""
     p = exit_distribution(lambdas, depths)
     expected = (p * per_iteration_loss.float()).sum(dim=0)
-    entropy = -torch.special.xlogy(p, p).sum(dim=0)
+    # p log p with a finite gradient at p = 0: iterations past a row's depth have p = 0 exactly, where xlogy's
+    # gradient (log p + 1) is -inf and times dp/dlambda = 0 gives NaN. The clamp changes no value (0 * x = 0).
+    entropy = -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(dim=0)
     per_token = expected - beta * entropy
     keep = keep.to(per_token.dtype)
     return (per_token * keep).sum() / keep.sum().clamp(min=1)

@@ -291,3 +291,19 @@ def test_exit_gate_consumes_no_rng_and_fixed_depth_eval_ignores_it():
     ids = torch.randint(0, 97, (2, 6))
     with torch.no_grad():
         assert torch.equal(with_gate(ids)[0], without(ids)[0])
+
+
+def test_exit_gate_objective_with_per_row_depths_has_finite_gradients():
+    """Rows shallower than the batch have p(exit) = 0 after their depth; the entropy bonus must not make NaN."""
+    from loop_megatron.model import LoopDepth
+
+    model = build(tiny(num_loops=4)).train()
+    configure_exit_training(model, 0.01, gate_only=False)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    _, loss = model(ids[:, :-1], ids[:, 1:], depth=LoopDepth(4, loop_depths=torch.tensor([4, 2])))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    # the shallow row alone gives the same loss contribution as in the batch (the held iterations weigh 0)
+    p = exit_distribution(torch.full((4, 2, 8), 0.5), torch.tensor([4, 2]))
+    assert torch.equal(p[2:, 1], torch.zeros(2, 8)) and torch.allclose(p.sum(0), torch.ones(2, 8))
