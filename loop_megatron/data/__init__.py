@@ -18,7 +18,7 @@ Tokenizers and the datasets they made::
 
 from .bpb import bits_per_byte, bpb_sums, target_bytes
 from .corpus import prepare_corpus, prepare_default_corpus, write_sotu_jsonl
-from .dataset_meta import check_dataset_tokenizer, read_dataset_meta
+from .dataset_meta import read_dataset_meta
 from .errors import DataError
 from .gpt_dataset import (
     BlendedDataset,
@@ -30,7 +30,7 @@ from .gpt_dataset import (
     parse_split,
     split_document_ranges,
 )
-from .indexed_dataset import IndexedDataset, IndexedDatasetBuilder, dataset_exists, optimal_dtype
+from .indexed_dataset import IndexedDataset, IndexedDatasetBuilder, check_dataset_tokenizer, dataset_exists, optimal_dtype
 from .preprocess import PreprocessStats, preprocess
 from .tokenizer import (
     EOD_ID,

@@ -144,7 +144,7 @@ def evaluate_checkpoint(load: str, data_path: Sequence[str], split: str = "949,5
     The datasets are checked to be made by that tokenizer. Returns (results, checkpoint meta);
     meta["config"]["model"]["num_loops"] is the trained count."""
     from ..checkpoint import load_checkpoint, load_tokenizer
-    from ..data.dataset_meta import check_dataset_tokenizer
+    from ..data.indexed_dataset import check_dataset_tokenizer
     from ..data.gpt_dataset import parse_data_path, parse_named_data_paths
     from ..model import LoopGPT, load_full_state_dict
 

@@ -115,7 +115,7 @@ def check_data_tokenizers(cfg: Config, tokenizer) -> List[str]:
     and model.vocab_size; return notes to log (older datasets without a tokenizer record). Raises
     ConfigError (one sentence naming the file) for a dataset made by another tokenizer or holding ids
     beyond model.vocab_size."""
-    from ..data.dataset_meta import check_dataset_tokenizer
+    from ..data.indexed_dataset import check_dataset_tokenizer
     from ..data.errors import DataError
     from ..data.gpt_dataset import parse_data_path
 
