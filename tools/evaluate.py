@@ -68,8 +68,8 @@ def main(argv=None) -> int:
     from loop_megatron.checkpoint import CheckpointError
     from loop_megatron.config import ConfigError
     from loop_megatron.data.errors import DataError
-    from loop_megatron.inference.evaluation import (evaluate_checkpoint, exit_table, markdown_table,
-                                                    plot_compute_curve, write_json)
+    from loop_megatron.experiments.plots import plot_compute_curve
+    from loop_megatron.inference.evaluation import evaluate_checkpoint, exit_table, markdown_table, write_json
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     named = args.test_data_path if args.eval_split == "test" else args.valid_data_path

@@ -1,11 +1,14 @@
 """Matplotlib figures (Agg backend, written atomically as PNG): loss curves of training runs side by side,
-and held-out loss against the loop count."""
+held-out loss against the loop count, and the test-time compute curve of `inference.evaluation` results."""
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 
 from ..utils import fs
 from .records import LoopEval, Run
+
+if TYPE_CHECKING:
+    from ..inference.evaluation import EvalResult
 
 
 def smooth(values: Sequence[float], weight: float) -> List[float]:
@@ -84,6 +87,32 @@ def plot_loss_vs_loops(evals: Sequence[LoopEval], path: str) -> str:
     ax.set_xlabel("loops at evaluation (star: trained loop count)")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title("loss vs. loop count")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save_figure(fig, path)
+
+
+def plot_compute_curve(results: Sequence["EvalResult"], path: str, title: str = "") -> str:
+    """PNG of loss against mean loop iterations per token: the fixed-depth sweep and each exit criterion's
+    thresholds as separate lines (the test-time compute curve), per evaluation set."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    groups: Dict[Tuple[str, str], List[EvalResult]] = {}
+    for r in results:
+        groups.setdefault((r.name, r.exit_criterion), []).append(r)
+    several_sets = len({name for name, _ in groups}) > 1
+    for i, ((name, criterion), rows) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "none"))):
+        rows = sorted(rows, key=lambda r: r.mean_iterations)
+        label = "fixed depth (--loops)" if criterion == "none" else f"exit: {criterion} (cap {rows[0].loops})"
+        label = f"{name}: {label}" if several_sets else label
+        ax.plot([r.mean_iterations for r in rows], [r.loss for r in rows], marker="o", color=f"C{i}", label=label)
+        if criterion != "none":
+            for r in rows:
+                ax.annotate(f"{r.exit_threshold:g}", (r.mean_iterations, r.loss), fontsize=7,
+                            textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("mean loop iterations per token")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title(title or "test-time compute curve")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _save_figure(fig, path)

@@ -6,7 +6,7 @@ held-out samples at each count (the fixed-depth sweep), on every named set (`val
 valid/test split of `data_path`). With an exit criterion (model/exit.py: kl, entropy, gate) and several
 thresholds it also measures, per threshold, the mean loop iterations per token that the adaptive exit used
 and the loss at that average compute: the test-time compute curve, plotted beside the fixed-depth sweep by
-`plot_compute_curve`. Bits per byte count the UTF-8 bytes of the targets with the checkpoint's tokenizer
+`experiments.plots.plot_compute_curve`. Bits per byte count the UTF-8 bytes of the targets with the checkpoint's tokenizer
 (data/bpb.py). Single process, TP=1.
 """
 from __future__ import annotations
@@ -207,34 +207,6 @@ def exit_table(results: Sequence[EvalResult]) -> str:
         lines.append(f"| {r.name} | {kind} | {threshold} | {r.loops} | {r.mean_iterations:.3f} | {r.loss:.4f} | "
                      f"{bpb} | {r.tokens} |")
     return "\n".join(lines)
-
-
-def plot_compute_curve(results: Sequence[EvalResult], path: str, title: str = "") -> str:
-    """PNG of loss against mean loop iterations per token: the fixed-depth sweep and each exit criterion's
-    thresholds as separate lines (the test-time compute curve), per evaluation set."""
-    from ..experiments.plots import _pyplot, _save_figure
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5))
-    groups: Dict[Tuple[str, str], List[EvalResult]] = {}
-    for r in results:
-        groups.setdefault((r.name, r.exit_criterion), []).append(r)
-    several_sets = len({name for name, _ in groups}) > 1
-    for i, ((name, criterion), rows) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "none"))):
-        rows = sorted(rows, key=lambda r: r.mean_iterations)
-        label = "fixed depth (--loops)" if criterion == "none" else f"exit: {criterion} (cap {rows[0].loops})"
-        label = f"{name}: {label}" if several_sets else label
-        ax.plot([r.mean_iterations for r in rows], [r.loss for r in rows], marker="o", color=f"C{i}", label=label)
-        if criterion != "none":
-            for r in rows:
-                ax.annotate(f"{r.exit_threshold:g}", (r.mean_iterations, r.loss), fontsize=7,
-                            textcoords="offset points", xytext=(4, 4))
-    ax.set_xlabel("mean loop iterations per token")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title(title or "test-time compute curve")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save_figure(fig, path)
 
 
 def write_json(results: Sequence[EvalResult], path: str, **extra) -> None:
