@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..checkpoint.compat import run_tokenizer as load_run_tokenizer
 from ..config import Config, ConfigError
 
 
@@ -44,21 +43,17 @@ EVAL_SETS = ("valid", "test")
 
 
 def _named_eval_paths(cfg: Config, which: str):
-    """[(name, prefix)] of data.valid_data_path / data.test_data_path; ConfigError naming the field."""
-    from ..data.errors import DataError
+    """[(name, prefix)] of data.valid_data_path / data.test_data_path; DataError naming the field."""
     from ..data.gpt_dataset import parse_named_data_paths
 
     if which not in EVAL_SETS:
         raise ValueError(f"which must be one of {EVAL_SETS}, got {which!r}")
-    field_name = f"data.{which}_data_path"
-    try:
-        return parse_named_data_paths(getattr(cfg.data, f"{which}_data_path"), field_name)
-    except DataError as exc:
-        raise ConfigError(str(exc)) from None
+    return parse_named_data_paths(getattr(cfg.data, f"{which}_data_path"), f"data.{which}_data_path")
 
 
 def check_eval_data_paths(cfg: Config) -> None:
-    """ConfigError naming the field and the first missing .bin/.idx of the named valid/test sets."""
+    """ConfigError naming the field and the first missing .bin/.idx of the named valid/test sets (DataError
+    naming the field for an entry that cannot be parsed)."""
     for which in EVAL_SETS:
         for name, prefix in _named_eval_paths(cfg, which):
             for ext in (".bin", ".idx"):
@@ -100,47 +95,23 @@ def build_eval_datasets(cfg: Config, dp_size: int, which: str = "valid") -> "col
     return out
 
 
-def build_tokenizer_for(cfg: Config):
-    """The run's tokenizer (data.tokenizer_type / data.tokenizer_model); ConfigError when it cannot be
-    loaded or has more tokens than model.vocab_size."""
-    tok = load_run_tokenizer(cfg)
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of the "
-                          f"tokenizer {tok.name} ({tok.vocab_size}); set model.vocab_size={tok.vocab_size}.")
-    return tok
-
-
 def check_data_tokenizers(cfg: Config, tokenizer) -> List[str]:
     """Check every dataset of data_path, valid_data_path and test_data_path against the run's tokenizer
     and model.vocab_size; return notes to log (older datasets without a tokenizer record). Raises
-    ConfigError (one sentence naming the file) for a dataset made by another tokenizer or holding ids
+    DataError (one sentence naming the file) for a dataset made by another tokenizer or holding ids
     beyond model.vocab_size."""
-    from ..data.indexed_dataset import check_dataset_tokenizer
-    from ..data.errors import DataError
     from ..data.gpt_dataset import parse_data_path
+    from ..data.indexed_dataset import check_dataset_tokenizer
 
     prefixes = [p for _, p in parse_data_path(cfg.data.data_path)] if cfg.data.data_path else []
     for which in EVAL_SETS:
         prefixes += [p for _, p in _named_eval_paths(cfg, which)]
     notes = []
     for prefix in dict.fromkeys(prefixes):
-        try:
-            note = check_dataset_tokenizer(prefix, tokenizer, cfg.model.vocab_size)
-        except DataError as exc:
-            raise ConfigError(str(exc)) from None
+        note = check_dataset_tokenizer(prefix, tokenizer, cfg.model.vocab_size)
         if note:
             notes.append(note)
     return notes
-
-
-def run_tokenizer(cfg: Config):
-    """The run's tokenizer, loaded in preflight. A HuggingFaceTokenizer (chosen on purpose) must fit
-    model.vocab_size (`build_tokenizer_for`); the default GPT-2 tokenizer is only loaded, since small test
-    models read toy corpora of small ids with it and `check_data_tokenizers` already refuses any dataset
-    whose recorded vocabulary or largest id does not fit the model."""
-    from ..data.tokenizer import HF_TYPE
-
-    return build_tokenizer_for(cfg) if cfg.data.tokenizer_type == HF_TYPE else load_run_tokenizer(cfg)
 
 
 def byte_length_table(tokenizer, vocab_size: int, device) -> torch.Tensor:
