@@ -9,7 +9,8 @@ Typical use in the trainer::
     batch = next(iter(DataLoader(train, batch_size=8)))["tokens"]   # LongTensor [8, seq_length + 1]
     inputs, labels = batch[:, :-1], batch[:, 1:]
 
-Tokenizers and the datasets they made::
+Tokenizers and the datasets they made (the trainer, inference and tools ask `checkpoint.tokenizer_for`,
+which builds the tokenizer of a config or a checkpoint with `build_tokenizer`)::
 
     tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model or None)
     note = check_dataset_tokenizer(prefix, tok, cfg.model.vocab_size)   # DataError when they disagree
