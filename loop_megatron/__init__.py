@@ -1,6 +1,8 @@
 """loop_megatron: a DeepSpeed/Megatron-style trainer for Loop-Residual (looped, weight-shared) GPT models.
 
-Package map (each depends only on those above it; the root holds only the config and the entry points):
+Package map (each depends only on those above it; the root holds only the error base, the config and the
+entry points; tests/test_architecture.py checks the rule):
+    errors       LoopMegatronError, the base of every package's error class
     config       typed dataclasses, presets, validation
     utils        atomic file writes (the one writer), rank/barrier helpers, CPU peak-memory meter
     parallel     TP/DP process groups, Megatron column/row layers, vocab-parallel embedding and loss

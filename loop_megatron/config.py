@@ -17,8 +17,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
+from .errors import LoopMegatronError
 
-class ConfigError(ValueError):
+
+class ConfigError(LoopMegatronError):
     """A configuration that cannot work; the message names the offending field."""
 
 

@@ -100,7 +100,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     started = time.perf_counter()
 
-    from .data import DataError, prepare_default_corpus
+    from .data import prepare_default_corpus
+    from .errors import LoopMegatronError
     from .launch.environment import gpu_count
 
     env = dict(os.environ)
@@ -112,7 +113,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"[demo] 1/3 preparing the State-of-the-Union corpus in {args.data_dir}/ ...", flush=True)
     try:
         prefix = prepare_default_corpus(args.data_dir)
-    except DataError as exc:
+    except LoopMegatronError as exc:
         print(f"[demo] error: {exc}", file=sys.stderr)
         return 1
     print(f"[demo]     dataset: {prefix}.bin/.idx", flush=True)

@@ -16,14 +16,13 @@ from typing import List, Optional
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .config import ConfigError
-    from .data.errors import DataError
+    from .errors import LoopMegatronError
     from .training import config_from_args, pretrain
 
     try:
         cfg, opts = config_from_args(argv)
         pretrain(cfg, opts)
-    except (ConfigError, DataError) as exc:
+    except LoopMegatronError as exc:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

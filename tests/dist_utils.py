@@ -8,7 +8,6 @@ picklable (tensors are fine). A failure on any rank fails the test with that ran
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 
@@ -16,11 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from loop_megatron.utils.distributed import free_port
 
 
 def _entry(rank, world_size, port, result_dir, fn, args):

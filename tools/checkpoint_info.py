@@ -16,9 +16,8 @@ import sys
 
 import _bootstrap  # noqa: F401  (repo root on sys.path)
 
-from loop_megatron.checkpoint import CheckpointError
 from loop_megatron.checkpoint.info import describe, format_text
-from loop_megatron.config import ConfigError
+from loop_megatron.errors import LoopMegatronError
 
 
 def main(argv=None) -> int:
@@ -29,7 +28,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         record = describe(args.path, args.tag)
-    except (CheckpointError, ConfigError) as exc:
+    except LoopMegatronError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(record, indent=2) if args.json else format_text(record))

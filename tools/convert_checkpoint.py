@@ -47,8 +47,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from loop_megatron.checkpoint import CheckpointError
-    from loop_megatron.config import ConfigError
+    from loop_megatron.errors import LoopMegatronError
     from loop_megatron.hf.convert import ConversionError, convert_checkpoint_to_hf, convert_hf_to_checkpoint
 
     try:
@@ -61,8 +60,8 @@ def main(argv=None) -> int:
             if args.tokenizer_type or args.tokenizer_model:
                 from loop_megatron.checkpoint import resolve_checkpoint, tokenizer_for
 
-                tokenizer = tokenizer_for(resolve_checkpoint(args.input, args.tag), None, args.tokenizer_type,
-                                          args.tokenizer_model)
+                tokenizer = tokenizer_for(checkpoint=resolve_checkpoint(args.input, args.tag),
+                                          tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model)
             fmt = convert_checkpoint_to_hf(args.input, args.output, tag=args.tag, dtype=args.dtype, fmt=args.format,
                                            overwrite=args.overwrite, tokenizer=tokenizer)
             if fmt == "gpt2":
@@ -79,7 +78,7 @@ def main(argv=None) -> int:
                                                    make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
             print(f"wrote {folder}: {how} (weights only, no optimizer state: start training from it with the "
                   f"trainer's --finetune/init-from option rather than resuming)")
-    except (CheckpointError, ConversionError, ConfigError) as exc:
+    except LoopMegatronError as exc:
         print(f"convert_checkpoint.py: error: {exc}", file=sys.stderr)
         return 1
     return 0

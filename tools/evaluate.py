@@ -65,9 +65,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from loop_megatron.checkpoint import CheckpointError
-    from loop_megatron.config import ConfigError
-    from loop_megatron.data.errors import DataError
+    from loop_megatron.errors import LoopMegatronError
+    from loop_megatron.experiments.plots import plot_compute_curve
     from loop_megatron.inference.evaluation import evaluate_checkpoint, exit_table, markdown_table, write_json
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,8 +80,8 @@ def main(argv=None) -> int:
         if args.tokenizer_type or args.tokenizer_model:
             from loop_megatron.checkpoint import resolve_checkpoint, tokenizer_for
 
-            tokenizer = tokenizer_for(resolve_checkpoint(args.load, args.tag), None, args.tokenizer_type,
-                                      args.tokenizer_model)
+            tokenizer = tokenizer_for(checkpoint=resolve_checkpoint(args.load, args.tag),
+                                      tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model)
         results, meta = evaluate_checkpoint(args.load, args.data_path or [], split=args.split,
                                             eval_split=args.eval_split, seq_length=args.seq_length,
                                             micro_batch_size=args.micro_batch_size, eval_iters=args.eval_iters,
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
                                             exit_criterion=args.exit_criterion,
                                             exit_thresholds=args.exit_threshold, max_loops=args.max_loops,
                                             tokenizer=tokenizer)
-    except (CheckpointError, ConfigError, DataError, ValueError) as exc:
+    except (LoopMegatronError, ValueError) as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 1
     trained = meta["config"]["model"]["num_loops"]
@@ -116,8 +115,6 @@ def main(argv=None) -> int:
                    trained_loops=trained)
     plot = args.plot or (args.json.rsplit(".", 1)[0] + ".png" if args.json and adaptive else None)
     if plot:
-        from loop_megatron.experiments.plots import plot_compute_curve
-
         plot_compute_curve(results, plot, title=f"{os.path.basename(os.path.normpath(args.load))}: "
                                                  f"{args.eval_split} loss vs test-time compute")
         print(f"wrote {plot}")

@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from loop_megatron.checkpoint import CheckpointError, load_model, resolve_checkpoint, tokenizer_for
-    from loop_megatron.config import ConfigError
+    from loop_megatron.checkpoint import load_model, resolve_checkpoint, tokenizer_for
+    from loop_megatron.errors import LoopMegatronError
     from loop_megatron.inference.generation import generate, pad_prompts
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,7 +70,8 @@ def main(argv=None) -> int:
         if args.max_loops is not None and args.max_loops < 1:
             raise ValueError(f"--max-loops must be >= 1, got {args.max_loops}.")
         model = load_model(args.load, args.tag, num_loops=args.max_loops or args.loops, device=device)
-        tok = tokenizer_for(resolve_checkpoint(args.load, args.tag), None, args.tokenizer_type, args.tokenizer_model)
+        tok = tokenizer_for(checkpoint=resolve_checkpoint(args.load, args.tag), tokenizer_type=args.tokenizer_type,
+                            tokenizer_model=args.tokenizer_model)
         texts = _read_prompts(args)
         prompts = [tok.encode(text) for text in texts]
         for text, prompt in zip(texts, prompts):
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
                 if args.show_iterations:  # the row's real positions: after its left padding
                     _print_iterations(tok, prompt + new, counts[j, width - len(prompt):].tolist(), len(prompt),
                                       model.loop.num_loops)
-    except (CheckpointError, ConfigError, ValueError) as exc:
+    except (LoopMegatronError, ValueError) as exc:
         print(f"generate.py: error: {exc}", file=sys.stderr)
         return 1
     return 0

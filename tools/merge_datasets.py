@@ -15,6 +15,7 @@ import _bootstrap  # noqa: F401  (this checkout first on sys.path, before any in
 
 from loop_megatron.data.errors import DataError
 from loop_megatron.data.indexed_dataset import merge_datasets
+from loop_megatron.errors import LoopMegatronError
 
 
 def expand(inputs):
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
     try:
         prefixes = expand(args.input)
         docs = merge_datasets(prefixes, args.output_prefix)
-    except DataError as err:
+    except LoopMegatronError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"Merged {len(prefixes)} datasets ({docs:,} documents) into {args.output_prefix}.{{bin,idx}}.")

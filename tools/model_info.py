@@ -11,7 +11,8 @@ import sys
 
 import _bootstrap  # noqa: F401  (repo root on sys.path)
 
-from loop_megatron.config import PRESET_DESCRIPTIONS, PRESETS, ConfigError, load_config
+from loop_megatron.config import PRESET_DESCRIPTIONS, PRESETS, load_config
+from loop_megatron.errors import LoopMegatronError
 from loop_megatron.model import model_summary
 
 
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
             cfg.validate()
             summary = model_summary(cfg.model, args.seq_length or cfg.data.seq_length)
             rows.append({"preset": name or args.config, **summary})
-    except ConfigError as exc:
+    except LoopMegatronError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

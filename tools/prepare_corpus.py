@@ -28,9 +28,9 @@ import sys
 import _bootstrap  # noqa: F401  (this checkout first on sys.path, before any installed copy)
 
 from loop_megatron.data.corpus import prepare_corpus
-from loop_megatron.data.errors import DataError
 from loop_megatron.data.sources import SOURCES
 from loop_megatron.data.tokenizer import TOKENIZER_TYPES
+from loop_megatron.errors import LoopMegatronError
 
 
 def parse_args(argv=None):
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
             seed=args.seed, workers=args.workers, jsonl_only=args.jsonl_only, progress=not args.no_progress,
             log=lambda line: print(line, file=sys.stderr, flush=True), holdout=args.holdout,
         )
-    except DataError as err:
+    except LoopMegatronError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ import sys
 import _bootstrap  # noqa: F401  (this checkout first on sys.path, before any installed copy)
 
 from loop_megatron.data.corpus import prepare_default_corpus, write_sotu_jsonl
-from loop_megatron.data.errors import DataError
+from loop_megatron.errors import LoopMegatronError
 
 
 def main(argv=None) -> int:
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
         else:
             prefix = prepare_default_corpus(args.out_dir, workers=args.workers, progress=True)
             print(f"Dataset ready: --data-path {prefix}")
-    except DataError as err:
+    except LoopMegatronError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -21,9 +21,9 @@ import sys
 
 import _bootstrap  # noqa: F401  (this checkout first on sys.path, before any installed copy)
 
-from loop_megatron.data.errors import DataError
 from loop_megatron.data.preprocess import preprocess
 from loop_megatron.data.tokenizer import TOKENIZER_TYPES
+from loop_megatron.errors import LoopMegatronError
 
 
 def parse_args(argv=None):
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
             tokenizer_type=args.tokenizer_type,
             tokenizer_model=args.tokenizer_model,
         )
-    except DataError as err:
+    except LoopMegatronError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -15,8 +15,8 @@ import sys
 
 import _bootstrap  # noqa: F401  (this checkout first on sys.path, before any installed copy)
 
-from loop_megatron.data.errors import DataError
 from loop_megatron.data.tokenizer_training import train_bpe_tokenizer
+from loop_megatron.errors import LoopMegatronError
 
 
 def parse_args(argv=None):
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
             args.input, args.vocab_size, args.output, json_keys=args.json_keys, hf_split=args.hf_split,
             min_frequency=args.min_frequency, skip_bad_records=args.skip_bad_records, progress=not args.no_progress,
         )
-    except DataError as err:
+    except LoopMegatronError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,6 +1,7 @@
 """Checkpoints: the one definition of the on-disk layout and everything that reads or writes it.
 
-`layout` names the files and folders (tags, `latest`, meta.json, listing, pruning), `io` reads and writes
+`layout` names the files and folders (tags, `latest`, meta.json, listing, pruning), `tokenizer` answers
+which tokenizer a run or checkpoint uses (`tokenizer_for`) and copies it into checkpoints, `io` reads and writes
 the consolidated TP=1 weights without DeepSpeed (tools, Hugging Face conversion, `--init-from`),
 `compat` refuses a checkpoint that does not fit the run and decides how a fitting one is resumed, `rng`
 saves and restores each rank's random state, `engine` does the collective DeepSpeed save/resume and the

@@ -13,9 +13,11 @@ import os
 from typing import Any, Dict, List, NamedTuple, Optional
 
 from ..config import Config, ConfigError, ModelConfig, data_parallel_size, global_batch_size
+from ..data.dataset_meta import LEGACY_TOKENIZER_TYPE, describe_record, same_tokenizer
 from . import universal
 from .io import resolve_checkpoint
 from .layout import CheckpointError, latest_path, meta_path, model_path, read_latest, read_meta
+from .tokenizer import tokenizer_for
 
 # Model fields that change parameter shapes or what the weights mean: a checkpoint must agree on all.
 SHAPE_FIELDS = ("vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings", "hidden_size",
@@ -94,24 +96,10 @@ def check_global_batch(meta: Dict[str, Any], cfg: Config, where: str, world: int
                       f"{meta.get('consumed_samples', 0)} with the new size.")
 
 
-def run_tokenizer(cfg: Config):
-    """This run's tokenizer (data.tokenizer_type / tokenizer_model); ConfigError naming the field when it
-    cannot be loaded. build_tokenizer caches per process, so preflight's checks share one instance."""
-    from ..data.errors import DataError
-    from ..data.tokenizer import build_tokenizer
-
-    try:
-        return build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model or None)
-    except DataError as exc:
-        raise ConfigError(f"data.tokenizer_model: {exc}") from None
-
-
 def check_same_tokenizer(meta: Dict[str, Any], tokenizer, where: str, untracked_means_gpt2: bool = True) -> None:
     """ConfigError (one sentence) when the checkpoint was trained with another tokenizer than `tokenizer`.
     A checkpoint without a record predates them: with `untracked_means_gpt2` (resume) it counts as GPT-2's;
     without (initialising weights, e.g. from a Hugging Face import) it is not checked."""
-    from ..data.dataset_meta import LEGACY_TOKENIZER_TYPE, describe_record, same_tokenizer
-
     saved = meta.get("tokenizer")
     ours = tokenizer.describe()
     if not isinstance(saved, dict) or not saved.get("sha256"):
@@ -130,7 +118,7 @@ def check_compatible(meta: Dict[str, Any], cfg: Config, where: str, world: int, 
     resumed by this run: another model shape or tokenizer, another global batch size, or another layout
     with no complete universal/ state."""
     check_same_shape(meta, cfg, where)
-    check_same_tokenizer(meta, run_tokenizer(cfg), where)
+    check_same_tokenizer(meta, tokenizer_for(cfg), where)
     check_global_batch(meta, cfg, where, world)
     changes = layout_changes(meta, cfg, world, precision)
     if not changes:
@@ -178,5 +166,5 @@ def find_init_from(cfg: Config) -> Optional[str]:
     except CheckpointError as exc:
         raise ConfigError(f"training.init_from: {exc}") from None
     check_same_shape(meta, cfg, folder)
-    check_same_tokenizer(meta, run_tokenizer(cfg), folder, untracked_means_gpt2=False)
+    check_same_tokenizer(meta, tokenizer_for(cfg), folder, untracked_means_gpt2=False)
     return model_path(folder)

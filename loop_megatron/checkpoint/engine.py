@@ -24,9 +24,8 @@ from ..utils import fs
 from ..utils.distributed import barrier, rank, world_size
 from .layout import FORMAT, make_meta, model_path, prune, tag_for, temp_tag, write_latest, write_meta
 from .rng import restore_rng, save_rng
-from .compat import run_tokenizer
+from .tokenizer import save_tokenizer, tokenizer_for
 from .universal import save_universal
-from .tokenizer import save_tokenizer
 
 
 class _MasterWeightsView:
@@ -110,7 +109,7 @@ def save_engine_checkpoint(engine, cfg: Config, iteration: int, consumed_samples
         meta = make_meta(cfg.to_dict(), iteration, consumed_samples, cfg.parallel.tensor_model_parallel_size,
                          cfg.training.zero_stage, world_size())
         meta.update({k: layout[k] for k in ("global_batch_size", "cpu_offload", "precision")}, universal=universal)
-        meta["tokenizer"] = save_tokenizer(tmp_dir, run_tokenizer(cfg), fsync=True)
+        meta["tokenizer"] = save_tokenizer(tmp_dir, tokenizer_for(cfg), fsync=True)
         write_meta(tmp_dir, meta, fsync=True, trailing_newline=True)
     barrier()
     if rank() == 0:

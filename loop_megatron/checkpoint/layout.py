@@ -26,6 +26,7 @@ import re
 import shutil
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..errors import LoopMegatronError
 from ..utils import fs
 
 FORMAT = "loop_megatron"
@@ -39,7 +40,7 @@ TEMP_SUFFIX = ".tmp"
 TAG_RE = re.compile(r"^iter_(\d{7,})$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LoopMegatronError):
     """A checkpoint folder that cannot be read; the message is one sentence naming the path."""
 
 

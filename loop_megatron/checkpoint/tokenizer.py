@@ -1,20 +1,22 @@
-"""The tokenizer a checkpoint was trained with: recorded in meta.json, its file copied beside model.pt.
+"""The tokenizer of a run or a checkpoint: `tokenizer_for`, the one place that answers it.
 
-`save_tokenizer(folder, tok)` copies a HuggingFaceTokenizer's tokenizer.json into the checkpoint folder
+A checkpoint records its tokenizer in meta.json and, for a HuggingFaceTokenizer, carries a copy of its
+tokenizer.json beside model.pt. `save_tokenizer(folder, tok)` copies that file into a checkpoint folder
 (atomically) and returns the record for meta.json (``tok.describe()``); GPT-2's bundled tokenizer needs
-no file. `load_tokenizer(folder, meta)` gives back the tokenizer evaluation, generation and conversion
-should use: the copied file when the record names a HuggingFaceTokenizer, GPT-2 otherwise (also for
-checkpoints that predate the record).
+no file. `tokenizer_for` gives back the tokenizer the trainer, evaluation, generation, conversion and
+the tools use. It lives here, not in data/, because a checkpoint's record is one of its answers; it is
+used by checkpoint (compatibility refusals, saving), training, inference, hf and tools/.
 """
 from __future__ import annotations
 
 import os
 from typing import Any, Dict, Optional
 
+from ..config import Config, ConfigError
+from ..data.errors import DataError
+from ..data.tokenizer import HF_TYPE, build_tokenizer
 from ..utils import fs
 from .layout import CheckpointError, meta_path, read_meta, tokenizer_path
-
-HF_TYPE = "HuggingFaceTokenizer"
 
 
 def save_tokenizer(folder: str, tokenizer, fsync: bool = False) -> Dict[str, Any]:
@@ -25,11 +27,41 @@ def save_tokenizer(folder: str, tokenizer, fsync: bool = False) -> Dict[str, Any
     return tokenizer.describe()
 
 
-def load_tokenizer(folder: str, meta: Optional[Dict[str, Any]] = None):
-    """The checkpoint's tokenizer (CheckpointError, one sentence, when its file is missing or altered)."""
-    from ..data.errors import DataError
-    from ..data.tokenizer import build_tokenizer
+def tokenizer_for(cfg: Optional[Config] = None, checkpoint: Optional[str] = None,
+                  meta: Optional[Dict[str, Any]] = None, *, tokenizer_type: Optional[str] = None,
+                  tokenizer_model: Optional[str] = None, fit_model_vocab: bool = False):
+    """The tokenizer to use; the first of these that is given wins:
 
+    1. ``tokenizer_type`` / ``tokenizer_model``: named on a tool's command line (--tokenizer-type /
+       --tokenizer-model; a model alone means HuggingFaceTokenizer). DataError when it cannot be loaded.
+    2. ``checkpoint``: a checkpoint folder (a tag folder holding meta.json; ``meta``, its meta.json when
+       already read): the tokenizer it records, GPT-2 for checkpoints without a record (they predate
+       records). CheckpointError when the record names a file the folder lacks or that was altered.
+    3. ``cfg``: the run's data.tokenizer_type / data.tokenizer_model. ConfigError naming
+       data.tokenizer_model when it cannot be loaded.
+
+    With ``fit_model_vocab``, ConfigError when the tokenizer has more tokens than cfg.model.vocab_size.
+    build_tokenizer caches per process, so repeated calls (preflight's checks) share one instance.
+    """
+    if tokenizer_type or tokenizer_model:
+        tok = build_tokenizer(tokenizer_type or (HF_TYPE if tokenizer_model else None), tokenizer_model or None)
+    elif checkpoint is not None:
+        tok = load_tokenizer(checkpoint, meta)
+    elif cfg is not None:
+        try:
+            tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model or None)
+        except DataError as exc:  # the sentence gets the field it came from
+            raise ConfigError(f"data.tokenizer_model: {exc}") from None
+    else:
+        raise TypeError("tokenizer_for needs a config, a checkpoint folder or a tokenizer type/model")
+    if fit_model_vocab and tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of the "
+                          f"tokenizer {tok.name} ({tok.vocab_size}); set model.vocab_size={tok.vocab_size}.")
+    return tok
+
+
+def load_tokenizer(folder: str, meta: Optional[Dict[str, Any]] = None):
+    """The tokenizer checkpoint `folder` records (case 2 of `tokenizer_for`, which callers should use)."""
     meta = meta if meta is not None else read_meta(folder)
     record = meta.get("tokenizer")
     if not record or record.get("type") != HF_TYPE:
@@ -38,26 +70,8 @@ def load_tokenizer(folder: str, meta: Optional[Dict[str, Any]] = None):
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder}: {meta_path(folder)} names a {HF_TYPE} but the checkpoint has no "
                               f"{os.path.basename(path)}; pass --tokenizer-type/--tokenizer-model.")
-    try:
-        tok = build_tokenizer(HF_TYPE, path)
-    except DataError as exc:
-        raise CheckpointError(str(exc)) from None
+    tok = build_tokenizer(HF_TYPE, path)
     if tok.sha256 != record.get("sha256"):
         raise CheckpointError(f"{path}: differs from the tokenizer recorded in {meta_path(folder)} "
                               f"(sha256 {tok.sha256[:12]} vs {str(record.get('sha256'))[:12]}).")
     return tok
-
-
-def tokenizer_for(folder: str, meta: Optional[Dict[str, Any]] = None, tokenizer_type: Optional[str] = None,
-                  tokenizer_model: Optional[str] = None):
-    """The tokenizer a tool should use: the one named on its command line when given, else the
-    checkpoint's."""
-    from ..data.errors import DataError
-    from ..data.tokenizer import build_tokenizer
-
-    if tokenizer_type or tokenizer_model:
-        try:
-            return build_tokenizer(tokenizer_type or (HF_TYPE if tokenizer_model else None), tokenizer_model or None)
-        except DataError as exc:
-            raise CheckpointError(str(exc)) from None
-    return load_tokenizer(folder, meta)

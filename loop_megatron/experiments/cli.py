@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .records import ExperimentError
+from ..errors import LoopMegatronError
 from .report import write_report
 
 
@@ -38,7 +38,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "plot_runs.py") -> in
     try:
         written = write_report(args.runs, args.out, args.eval_json, args.baseline, args.smoothing, args.x_axis,
                                args.title)
-    except ExperimentError as exc:
+    except LoopMegatronError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     with open(written["results"], encoding="utf-8") as f:

@@ -18,10 +18,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
+from ..errors import LoopMegatronError
+
 Series = List[Tuple[int, float]]
 
 
-class ExperimentError(ValueError):
+class ExperimentError(LoopMegatronError):
     """A run folder or results file that cannot be read; the message names it."""
 
 

@@ -32,6 +32,7 @@ import torch
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint_files
 from ..config import Config, ModelConfig
+from ..errors import LoopMegatronError
 from ..utils import fs
 from .remote_code import write_remote_code
 
@@ -55,7 +56,7 @@ _BLOCK_MAP = {
 }
 
 
-class ConversionError(ValueError):
+class ConversionError(LoopMegatronError):
     """A model that cannot be converted; the message says why in one sentence."""
 
 

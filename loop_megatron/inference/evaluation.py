@@ -143,13 +143,13 @@ def evaluate_checkpoint(load: str, data_path: Sequence[str], split: str = "949,5
     `loops`, or the trained count) as the cap; bits per byte from `tokenizer` (default: the checkpoint's).
     The datasets are checked to be made by that tokenizer. Returns (results, checkpoint meta);
     meta["config"]["model"]["num_loops"] is the trained count."""
-    from ..checkpoint import load_checkpoint, load_tokenizer
-    from ..data.dataset_meta import check_dataset_tokenizer
+    from ..checkpoint import load_checkpoint, tokenizer_for
     from ..data.gpt_dataset import parse_data_path, parse_named_data_paths
+    from ..data.indexed_dataset import check_dataset_tokenizer
     from ..model import LoopGPT, load_full_state_dict
 
     cfg, sd, meta = load_checkpoint(load, tag)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(meta["path"], meta)
+    tokenizer = tokenizer if tokenizer is not None else tokenizer_for(checkpoint=meta["path"], meta=meta)
     prefixes = ([p for _, p in parse_named_data_paths(named, f"--{eval_split}-data-path")] if named
                 else [p for _, p in parse_data_path(list(data_path))])
     for prefix in prefixes:

@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from .commands import REPO_ROOT, build_deepspeed_command, deepspeed_executable, plan_launch, run_plan
 from .environment import gpu_count
+from ..errors import LoopMegatronError
 from .errors import LaunchError
 from .hostfile import read_hostfile
 from .paper import PAPER_PRESETS, PaperSettings, format_paper_table, paper_rows, paper_trainer_args, run_batch_sizes
@@ -58,7 +59,7 @@ def main_train(argv: Sequence[str], prog: str = "launch/train.sh") -> int:
         plan = plan_launch(unknown + passthrough, hostfile=args.hostfile, preset=args.preset, num_gpus=args.num_gpus,
                            num_nodes=args.num_nodes, master_addr=args.master_addr, master_port=args.master_port,
                            no_ssh=args.no_ssh, node_rank=args.node_rank, launcher=args.launcher, include=args.include)
-    except LaunchError as exc:
+    except LoopMegatronError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not args.dry_run:
@@ -128,7 +129,7 @@ def main_paper(argv: Sequence[str], prog: str = "launch/run_paper_experiments.sh
                                           deepspeed=["deepspeed"] if args.dry_run else deepspeed_executable())
             commands.append((name, cmd))
         micro, global_batch = run_batch_sizes(recipe, settings, world)
-    except LaunchError as exc:
+    except LoopMegatronError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_paper_table(rows, nodes, gpus_per_node))

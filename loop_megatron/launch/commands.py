@@ -15,7 +15,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from .environment import cpu_cores, cpu_environment, free_port, gpu_count
+from ..utils.distributed import free_port
+from .environment import cpu_cores, cpu_environment, gpu_count
 from .errors import LaunchError
 from .hostfile import format_hostfile, is_local_host, read_hostfile, write_hostfile
 

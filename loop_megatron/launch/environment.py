@@ -1,8 +1,8 @@
-"""This machine: visible GPUs, usable CPU cores, the environment a CPU-only launch needs, a free port."""
+"""This machine: visible GPUs, usable CPU cores, the environment a CPU-only launch needs (a free port:
+`loop_megatron.utils.distributed.free_port`)."""
 from __future__ import annotations
 
 import os
-import socket
 from typing import Dict, Optional
 
 
@@ -36,8 +36,3 @@ def cpu_environment(procs_per_node: int, base: Optional[Dict[str, str]] = None) 
     wanted = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     return {k: v for k, v in wanted.items() if k not in base}
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -17,15 +17,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..checkpoint.compat import run_tokenizer as load_run_tokenizer
 from ..config import Config, ConfigError, global_batch_size
+from ..data.errors import DataError
+from ..data.gpt_dataset import (build_named_eval_datasets, build_train_valid_test_datasets, parse_data_path,
+                                parse_named_data_paths, parse_split)
+from ..data.indexed_dataset import check_dataset_tokenizer
 
 
 def check_data_paths(data_path: Sequence[str]) -> None:
     """ConfigError naming the first missing .bin/.idx (before any heavy work)."""
-    from ..data.gpt_dataset import parse_data_path
-    from ..data.errors import DataError
-
     if not data_path:
         raise ConfigError("data.data_path is empty; pass --data-path PREFIX (a Megatron .bin/.idx pair without "
                           "the extension).")
@@ -44,21 +44,15 @@ EVAL_SETS = ("valid", "test")
 
 
 def _named_eval_paths(cfg: Config, which: str):
-    """[(name, prefix)] of data.valid_data_path / data.test_data_path; ConfigError naming the field."""
-    from ..data.errors import DataError
-    from ..data.gpt_dataset import parse_named_data_paths
-
+    """[(name, prefix)] of data.valid_data_path / data.test_data_path; DataError naming the field."""
     if which not in EVAL_SETS:
         raise ValueError(f"which must be one of {EVAL_SETS}, got {which!r}")
-    field_name = f"data.{which}_data_path"
-    try:
-        return parse_named_data_paths(getattr(cfg.data, f"{which}_data_path"), field_name)
-    except DataError as exc:
-        raise ConfigError(str(exc)) from None
+    return parse_named_data_paths(getattr(cfg.data, f"{which}_data_path"), f"data.{which}_data_path")
 
 
 def check_eval_data_paths(cfg: Config) -> None:
-    """ConfigError naming the field and the first missing .bin/.idx of the named valid/test sets."""
+    """ConfigError naming the field and the first missing .bin/.idx of the named valid/test sets (DataError
+    naming the field for an entry that cannot be parsed)."""
     for which in EVAL_SETS:
         for name, prefix in _named_eval_paths(cfg, which):
             for ext in (".bin", ".idx"):
@@ -74,9 +68,6 @@ def build_eval_datasets(cfg: Config, dp_size: int, which: str = "valid") -> "col
     eval_iters x micro_batch_size x DP samples (a small set is repeated to fill them). Empty when
     training.eval_iters is 0 or data.split gives that split no share.
     """
-    from ..data.errors import DataError
-    from ..data.gpt_dataset import build_named_eval_datasets, build_train_valid_test_datasets, parse_split
-
     t, d = cfg.training, cfg.data
     samples = t.eval_iters * t.micro_batch_size * dp_size
     named = _named_eval_paths(cfg, which)
@@ -100,47 +91,20 @@ def build_eval_datasets(cfg: Config, dp_size: int, which: str = "valid") -> "col
     return out
 
 
-def build_tokenizer_for(cfg: Config):
-    """The run's tokenizer (data.tokenizer_type / data.tokenizer_model); ConfigError when it cannot be
-    loaded or has more tokens than model.vocab_size."""
-    tok = load_run_tokenizer(cfg)
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of the "
-                          f"tokenizer {tok.name} ({tok.vocab_size}); set model.vocab_size={tok.vocab_size}.")
-    return tok
-
-
 def check_data_tokenizers(cfg: Config, tokenizer) -> List[str]:
     """Check every dataset of data_path, valid_data_path and test_data_path against the run's tokenizer
     and model.vocab_size; return notes to log (older datasets without a tokenizer record). Raises
-    ConfigError (one sentence naming the file) for a dataset made by another tokenizer or holding ids
+    DataError (one sentence naming the file) for a dataset made by another tokenizer or holding ids
     beyond model.vocab_size."""
-    from ..data.dataset_meta import check_dataset_tokenizer
-    from ..data.errors import DataError
-    from ..data.gpt_dataset import parse_data_path
-
     prefixes = [p for _, p in parse_data_path(cfg.data.data_path)] if cfg.data.data_path else []
     for which in EVAL_SETS:
         prefixes += [p for _, p in _named_eval_paths(cfg, which)]
     notes = []
     for prefix in dict.fromkeys(prefixes):
-        try:
-            note = check_dataset_tokenizer(prefix, tokenizer, cfg.model.vocab_size)
-        except DataError as exc:
-            raise ConfigError(str(exc)) from None
+        note = check_dataset_tokenizer(prefix, tokenizer, cfg.model.vocab_size)
         if note:
             notes.append(note)
     return notes
-
-
-def run_tokenizer(cfg: Config):
-    """The run's tokenizer, loaded in preflight. A HuggingFaceTokenizer (chosen on purpose) must fit
-    model.vocab_size (`build_tokenizer_for`); the default GPT-2 tokenizer is only loaded, since small test
-    models read toy corpora of small ids with it and `check_data_tokenizers` already refuses any dataset
-    whose recorded vocabulary or largest id does not fit the model."""
-    from ..data.tokenizer import HF_TYPE
-
-    return build_tokenizer_for(cfg) if cfg.data.tokenizer_type == HF_TYPE else load_run_tokenizer(cfg)
 
 
 def byte_length_table(tokenizer, vocab_size: int, device) -> torch.Tensor:
@@ -154,8 +118,6 @@ def byte_length_table(tokenizer, vocab_size: int, device) -> torch.Tensor:
 
 def build_datasets(cfg: Config, dp_size: int):
     """(train, valid) datasets sized for this run; valid is None without a valid split or eval_iters 0."""
-    from ..data.gpt_dataset import build_train_valid_test_datasets, parse_split
-
     t, d = cfg.training, cfg.data
     gbs = global_batch_size(cfg, dp_size)
     train_samples = t.train_iters * gbs

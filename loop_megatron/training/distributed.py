@@ -7,16 +7,11 @@ gloo and CPU otherwise. `rank()`, `world_size()` and `barrier()` live in `loop_m
 from __future__ import annotations
 
 import os
-import socket
 from typing import Optional
 
 import torch
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..utils.distributed import free_port
 
 
 def ensure_env(local_rank: Optional[int] = None) -> None:

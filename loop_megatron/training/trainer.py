@@ -36,9 +36,9 @@ from ..parallel import (destroy_model_parallel, get_data_parallel_group, get_dat
 from ..utils.distributed import rank, world_size
 from .arguments import RunOptions
 from ..data.bpb import bits_per_byte, bpb_sums
+from ..data.tokenizer import HF_TYPE
 from .data import (EvalBatchSampler, TrainBatchSampler, build_datasets, build_eval_datasets, byte_length_table,
-                   check_data_paths, check_data_tokenizers, check_eval_data_paths, loader,
-                   run_tokenizer, split_inputs)
+                   check_data_paths, check_data_tokenizers, check_eval_data_paths, loader, split_inputs)
 from .diagnostics import gate_means
 from .distributed import device as current_device
 from .distributed import env_world_size, init_distributed
@@ -54,14 +54,18 @@ PRIMARY_VALID = "valid"  # TensorBoard/metrics name of the primary (first) valid
 
 
 def preflight(cfg: Config, opts: RunOptions) -> Dict[str, Any]:
-    """Raise ConfigError (one sentence) for anything that cannot work. Touches no process group."""
+    """Raise a LoopMegatronError (ConfigError, DataError, ...: one sentence) for anything that cannot work.
+    Touches no process group."""
     world = dist.get_world_size() if dist.is_initialized() else env_world_size()
     ds_base = adopt_ds_file_settings(cfg, opts.explicit)
     cfg.validate(world)
     precision = resolve_precision(cfg)
     check_data_paths(cfg.data.data_path)
     check_eval_data_paths(cfg)
-    tokenizer = run_tokenizer(cfg)
+    # A HuggingFaceTokenizer (chosen on purpose) must fit model.vocab_size; the default GPT-2 tokenizer is
+    # only loaded, since small test models read toy corpora of small ids with it and check_data_tokenizers
+    # refuses any dataset whose recorded vocabulary or largest id does not fit the model.
+    tokenizer = checkpoint.tokenizer_for(cfg, fit_model_vocab=cfg.data.tokenizer_type == HF_TYPE)
     data_notes = check_data_tokenizers(cfg, tokenizer)  # refuses data of another tokenizer / a larger vocab
     resume = checkpoint.find_resume(cfg, world, precision)  # refuses another shape, tokenizer, batch, layout
     init_from = checkpoint.find_init_from(cfg) if resume is None else None

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from loop_megatron.data import DataError, IndexedDataset, IndexedDatasetBuilder, build_tokenizer, preprocess
-from loop_megatron.data.dataset_meta import check_dataset_tokenizer, meta_path, read_dataset_meta
-from loop_megatron.data.indexed_dataset import merge_datasets, optimal_dtype
+from loop_megatron.data.dataset_meta import meta_path, read_dataset_meta
+from loop_megatron.data.indexed_dataset import check_dataset_tokenizer, merge_datasets, optimal_dtype
 
 from .conftest import MULTILINGUAL, write_jsonl
 

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from loop_megatron.checkpoint import tokenizer_for
 from loop_megatron.config import ConfigError, preset, set_field, validate
 from loop_megatron.data import DataError, IndexedDataset, build_named_eval_datasets, parse_named_data_paths
 from loop_megatron.data.dataset_meta import meta_path
@@ -96,7 +97,7 @@ def test_missing_eval_set_names_field_and_file(tmp_path):
     with pytest.raises(ConfigError, match=rf"^data.test_data_path: {tmp_path}/nothing.bin \(set 'gone'\) does not exist"):
         tdata.check_eval_data_paths(cfg)
     cfg = config(tmp_path, train, **{"data.valid_data_path": ["x=a", "x=b"]})
-    with pytest.raises(ConfigError, match="^data.valid_data_path: the name 'x' is used twice"):
+    with pytest.raises(DataError, match="^data.valid_data_path: the name 'x' is used twice"):
         tdata.check_eval_data_paths(cfg)
 
 
@@ -104,17 +105,17 @@ def test_run_tokenizer_checks(tmp_path, tiny_tokenizer_dir):
     train = dataset(tmp_path, "train")
     held_hf = dataset(tmp_path, "held", tokenizer_type="HuggingFaceTokenizer", model=tiny_tokenizer_dir)
     cfg = config(tmp_path, train, **{"data.valid_data_path": [held_hf]})
-    tok = tdata.build_tokenizer_for(cfg)
+    tok = tokenizer_for(cfg, fit_model_vocab=True)
     assert tok.tokenizer_type == "GPT2BPETokenizer"
-    with pytest.raises(ConfigError, match=rf"^{held_hf}.meta.json: the dataset was made by HuggingFaceTokenizer"):
+    with pytest.raises(DataError, match=rf"^{held_hf}.meta.json: the dataset was made by HuggingFaceTokenizer"):
         tdata.check_data_tokenizers(cfg, tok)
     # The model's vocabulary must hold the tokenizer's.
     hf_cfg = config(tmp_path, held_hf, **{"data.tokenizer_type": "HuggingFaceTokenizer",
                                           "data.tokenizer_model": tiny_tokenizer_dir, "model.vocab_size": 300})
     with pytest.raises(ConfigError, match=r"model.vocab_size \(300\) is smaller than the vocabulary of the tokenizer .* \(400\); set model.vocab_size=400"):
-        tdata.build_tokenizer_for(hf_cfg)
+        tokenizer_for(hf_cfg, fit_model_vocab=True)
     set_field(hf_cfg, "model.vocab_size", 400, "test")
-    assert tdata.check_data_tokenizers(hf_cfg, tdata.build_tokenizer_for(hf_cfg)) == []
+    assert tdata.check_data_tokenizers(hf_cfg, tokenizer_for(hf_cfg, fit_model_vocab=True)) == []
     # Older datasets (no record) are accepted as GPT-2 with a note.
     os.remove(meta_path(train))
     notes = tdata.check_data_tokenizers(config(tmp_path, train), tok)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from loop_megatron.config import ConfigError
-from loop_megatron.data import build_tokenizer, preprocess
+from loop_megatron.data import DataError, build_tokenizer, preprocess
 from loop_megatron.training.arguments import RunOptions
 
 from .conftest import tiny_corpus_texts, write_jsonl
@@ -71,11 +71,11 @@ def test_preflight_refuses_data_of_another_tokenizer(tmp_path, tiny_tokenizer_di
     cfg = _config(str(tmp_path), [hf_data], tiny_tokenizer_dir, **{"data.tokenizer_type": "GPT2BPETokenizer",
                                                                   "data.tokenizer_model": "",
                                                                   "model.vocab_size": 50257})
-    with pytest.raises(ConfigError, match=r"hf_text_document\.meta\.json: the dataset was made by HuggingFaceTokenizer"):
+    with pytest.raises(DataError, match=r"hf_text_document\.meta\.json: the dataset was made by HuggingFaceTokenizer"):
         preflight(cfg, RunOptions())
     # HF run on a GPT-2 dataset, named as a validation set only.
     cfg = _config(str(tmp_path), [hf_data], tiny_tokenizer_dir, **{"data.valid_data_path": [f"g={gpt2_data}"]})
-    with pytest.raises(ConfigError, match=r"g_text_document\.meta\.json: the dataset was made by GPT2BPETokenizer"):
+    with pytest.raises(DataError, match=r"g_text_document\.meta\.json: the dataset was made by GPT2BPETokenizer"):
         preflight(cfg, RunOptions())
     # A model vocabulary smaller than the tokenizer's.
     cfg = _config(str(tmp_path), [hf_data], tiny_tokenizer_dir, **{"model.vocab_size": 256})

@@ -4,11 +4,12 @@ tiny synthetic data with 2 gloo processes; the assertions are on the trainer's s
 checkpoints, never on timing."""
 import json
 import os
-import socket
 import subprocess
 
 import numpy as np
 import pytest
+
+from loop_megatron.utils.distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_SH = os.path.join(ROOT, "launch", "train.sh")
@@ -17,12 +18,6 @@ pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "loop_mega
                                 reason="the trainer (loop_megatron/train.py) does not exist yet")
 
 ITERS, MICRO, SEQ = 6, 2, 32
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from tests.dist_utils import free_port
+from loop_megatron.utils.distributed import free_port
 from tests.training.helpers import PYTHON, REPO, cli_env, write_corpus
 
 ITERS = 10
