@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint_files
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint_files, tokenizer_for
 from ..config import Config, ModelConfig
 from ..errors import LoopMegatronError
 from ..utils import fs
@@ -304,10 +304,8 @@ def convert_checkpoint_to_hf(ckpt_dir: str, out_dir: str, tag: Optional[str] = N
                              fmt: str = "auto", overwrite: bool = False, tokenizer=None) -> str:
     """Checkpoint folder (save dir or tag folder) -> HF folder with the checkpoint's tokenizer (or
     `tokenizer`). Returns the format written."""
-    from ..checkpoint import load_tokenizer
-
     cfg, sd, meta = load_checkpoint(ckpt_dir, tag)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(meta["path"], meta)
+    tokenizer = tokenizer if tokenizer is not None else tokenizer_for(checkpoint=meta["path"], meta=meta)
     return export_to_hf(sd, cfg, out_dir, dtype=dtype, fmt=fmt, meta=meta, overwrite=overwrite, tokenizer=tokenizer)
 
 
