@@ -38,6 +38,8 @@ README_END = "<!-- study:end -->"
 # block (optional: spliced only where the README has these markers).
 README_TTC_BEGIN = "<!-- study-ttc:begin -->"
 README_TTC_END = "<!-- study-ttc:end -->"
+# The archived record of an evaluated run (OUT/runs/<arm>-s<seed>/), which the report needs whole.
+RUN_RECORD_FILES = ("summary.json", "metrics.jsonl", "config.yaml")
 # Training records kept in the archived metrics.jsonl: every Nth training step (and every evaluation).
 ARCHIVE_EVERY = 5
 
@@ -197,13 +199,14 @@ def load_results(out_dir: str, arms: Sequence[str], seeds: Sequence[int]) -> Dic
                 if os.path.isfile(path):
                     setattr(r, attr, _eval_rows(path))
             run_dir = os.path.join(out_dir, "runs", name)
-            summary = os.path.join(run_dir, "summary.json")
-            if os.path.isfile(summary):
-                r.summary = read_json(summary)
+            missing = [f for f in RUN_RECORD_FILES if not os.path.isfile(os.path.join(run_dir, f))]
+            if missing:  # parameters, FLOPs and curves come from these: without them the tables would be wrong
+                raise ExperimentError(
+                    f"{os.path.join(run_dir, missing[0])} is missing: the evaluated run {name} needs its archived "
+                    f"run record ({', '.join(RUN_RECORD_FILES)}); re-run the study (make experiments) to write it.")
+            r.summary = read_json(os.path.join(run_dir, "summary.json"))
             r.records = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-            config = os.path.join(run_dir, "config.yaml")
-            if os.path.isfile(config):
-                r.config = read_yaml(config)
+            r.config = read_yaml(os.path.join(run_dir, "config.yaml"))
             results.setdefault(arm, []).append(r)
     return results
 

@@ -223,3 +223,16 @@ def test_a_run_made_with_another_lr_is_refused(tmp_path):
     assert study.is_trained("1L-s1", 0.002) is False  # same LR, not finished
     with pytest.raises(StudyError, match="trained with lr 0.002 but the study now uses 0.001"):
         study.is_trained("1L-s1", 0.001)
+
+
+def test_report_refuses_an_evaluated_run_without_its_record(tmp_path):
+    """Parameters, FLOPs and curves come from the archived run records: a missing one is refused in one sentence
+    (a fresh clone once lacked them and the report wrote '–' parameters and flipped claims with exit 0)."""
+    out, runs = _fake_study(tmp_path, {"1L": 3.0, "1Lx2": 2.9})
+    write_study_report(str(out), str(runs))
+    shutil.rmtree(runs)
+    (out / "runs" / "1Lx2-s2" / "summary.json").unlink()
+    before = (out / "results.md").read_text()
+    with pytest.raises(ExperimentError, match=r"1Lx2-s2/summary.json is missing: the evaluated run 1Lx2-s2 needs"):
+        write_study_report(str(out), str(runs))
+    assert (out / "results.md").read_text() == before  # nothing rewritten
