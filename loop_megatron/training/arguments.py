@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
             metavar = {int: "N", float: "X"}.get(kind, key.split(".")[1].upper())
             parser.add_argument(flag, dest=dest, type=kind, default=None, metavar=metavar, help=help_text)
     parser.add_argument("--debug-sleep-per-iter", type=float, default=0.0, metavar="SECONDS",
-                        help="Sleep this long after every step (testing aid: keeps a run alive long enough to "
-                             "deliver a signal at a known step).")
+                        help="Make every step this much longer (a sleep before the step's all-reduce; testing aid: "
+                             "a signal sent after step N is logged lands inside step N+1).")
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                         help="Set by the deepspeed/torch launchers; LOCAL_RANK in the environment is used instead "
                              "when present.")
