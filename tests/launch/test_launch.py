@@ -149,3 +149,11 @@ def test_train_sh_ctrl_c_finishes_the_step_saves_and_exits_0(tmp_path, data_pref
     assert "stop requested (SIGINT) at iteration 4; saving and exiting" in log, log[-4000:]
     with open(os.path.join(save_dir, "latest")) as f:
         assert f.read().strip() == "iter_0000004"
+
+
+def test_train_sh_typo_stops_before_any_rank_with_one_line(tmp_path):
+    proc = subprocess.run(["bash", TRAIN_SH, "--num-gpus", "2", "--preset", "tiny-1l", "--", "--hidden", "64"],
+                          cwd=str(tmp_path), env=env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: unknown flag --hidden; did you mean --hidden-size?\n"
+    assert proc.stdout == ""
