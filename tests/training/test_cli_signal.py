@@ -95,12 +95,16 @@ def test_sigterm_to_one_rank_then_resume_matches_uninterrupted(tmp_path):
 
     ref_losses, losses = _losses(ref_dir), _losses(run_dir)
     assert sorted(losses) == sorted(ref_losses) == list(range(1, ITERS + 1))
+    # DP=2 vs accumulation 2 is the same math but not the same fp32 summation order (DeepSpeed's gradient
+    # reduction), so not bit-exact. Measured with this test's settings, seeds 1-4 (throwaway script):
+    # max |loss diff| 4.8e-7, max |weight diff| 3.4e-6 (0 for seeds 1 and 3); 4.2e-6 was seen on another
+    # machine. Bounds ~10x the largest: loss 1e-5 (kept), weights atol 5e-5 (was 1e-6: flaked).
     for it in ref_losses:
         assert abs(losses[it] - ref_losses[it]) < 1e-5, (it, losses[it], ref_losses[it])
     final = torch.load(os.path.join(ck, f"iter_{ITERS:07d}", "model.pt"), weights_only=True)
     ref_final = torch.load(str(tmp_path / "ref_ck" / f"iter_{ITERS:07d}" / "model.pt"), weights_only=True)
     for key, value in ref_final.items():
-        torch.testing.assert_close(final[key], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(final[key], value, rtol=1e-5, atol=5e-5)
 
     # summary.json contract, config.yaml and TensorBoard tags of the reference run.
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
