@@ -16,6 +16,9 @@ from typing import List, Optional
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .utils.signals import STOP_REQUEST
+
+    STOP_REQUEST.install()  # before torch is imported: a stop signal during start-up is kept, not lost
     from .errors import LoopMegatronError
     from .training import config_from_args, pretrain
 
@@ -26,6 +29,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        STOP_REQUEST.uninstall()
     return 0
 
 

@@ -8,8 +8,6 @@ Bad options, hostfiles or settings exit with status 2 and one sentence on stderr
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import shlex
 import shutil
@@ -54,33 +52,74 @@ def _launch_parser(prog: str) -> argparse.ArgumentParser:
 
 def main_train(argv: Sequence[str], prog: str = "launch/train.sh") -> int:
     ours, passthrough = _split_passthrough(argv)
-    args, unknown = _launch_parser(prog).parse_known_args(ours)
+    parser = _launch_parser(prog)
+    args, unknown = parser.parse_known_args(ours)
+    trainer_args = (["--preset", args.preset] if args.preset else []) + unknown + passthrough
+    plan = None
     try:
+        # The command line first (no torch: a fraction of a second), then the layout needs the world size
+        # (GPU detection imports torch).
+        cfg = check_trainer_args(trainer_args, None, parser, unknown)
         plan = plan_launch(unknown + passthrough, hostfile=args.hostfile, preset=args.preset, num_gpus=args.num_gpus,
                            num_nodes=args.num_nodes, master_addr=args.master_addr, master_port=args.master_port,
                            no_ssh=args.no_ssh, node_rank=args.node_rank, launcher=args.launcher, include=args.include)
+        if not args.include:  # --include picks GPUs the plan does not count
+            cfg.validate(plan.world_size)
     except LoopMegatronError as exc:
+        if plan is not None and plan.generated_hostfile:
+            shutil.rmtree(os.path.dirname(plan.hostfile), ignore_errors=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not args.dry_run:
-        status = prepare_bundled_data((["--preset", args.preset] if args.preset else []) + unknown + passthrough)
+        status = prepare_bundled_data(cfg)
         if status:
             return status
     return run_plan(plan, dry_run=args.dry_run)
 
 
-def prepare_bundled_data(trainer_args: Sequence[str]) -> int:
-    """Prepare the bundled CPU corpus (tools/prepare_sotu.py) when the run reads config.BUNDLED_DATA (the
-    tiny presets' data) and its .idx is missing; returns the preparation's exit status (0 when nothing
-    was needed). A trainer command line that does not parse is left for the trainer to report."""
-    from ..config import BUNDLED_DATA
+def check_trainer_args(trainer_args: Sequence[str], world_size: Optional[int],
+                       launch_parser: Optional[argparse.ArgumentParser] = None, before_dashes: Sequence[str] = ()):
+    """The trainer's command line parsed exactly as every rank will parse it (training.arguments), the
+    --deepspeed-config file's settings adopted and the config validated for `world_size` ranks (None:
+    not known here, e.g. with --include), so a typo'd flag or an impossible setting stops the launch in
+    a fraction of a second with one sentence instead of in every rank after start-up. Imports no torch.
+    Data files, the checkpoint to resume and the hardware are still checked by each rank (preflight).
+    An unknown flag given before `--` that is close to one of this launcher's options names that one."""
+    import difflib
+
+    from ..config import ConfigError
     from ..training.arguments import config_from_args
+    from ..training.ds_config import adopt_ds_file_settings
 
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            cfg, _ = config_from_args(list(trainer_args))
-    except (Exception, SystemExit):
-        return 0
+        cfg, opts = config_from_args(list(trainer_args))
+    except ConfigError as exc:
+        flag = next((u.split("=", 1)[0] for u in before_dashes if u.startswith("--")), None)
+        ours = [o for a in launch_parser._actions for o in a.option_strings if o.startswith("--")] \
+            if launch_parser is not None else []
+        close = difflib.get_close_matches(flag, ours, n=1, cutoff=0.75) if flag else []
+        if close and str(exc).startswith(f"unknown flag {flag}"):
+            raise LaunchError(f"unknown flag {flag}; did you mean {close[0]} (an option of launch/train.sh)?") from None
+        raise
+    adopt_ds_file_settings(cfg, opts.explicit)
+    cfg.validate(world_size)
+    return cfg
+
+
+def prepare_bundled_data(cfg) -> int:
+    """Prepare the bundled CPU corpus (tools/prepare_sotu.py) when the run reads config.BUNDLED_DATA (the
+    tiny presets' data) and its .idx is missing; returns the preparation's exit status (0 when nothing
+    was needed). `cfg`: the checked Config, or a trainer command line (one that does not parse: 0)."""
+    from ..config import BUNDLED_DATA
+
+    if isinstance(cfg, (list, tuple)):
+        from ..training.arguments import config_from_args
+
+        try:
+            cfg, _ = config_from_args(list(cfg))
+        except LoopMegatronError:
+            return 0
+
     if cfg.data.data_path != [BUNDLED_DATA] or os.path.isfile(BUNDLED_DATA + ".idx"):
         return 0
     return subprocess.call([sys.executable, os.path.join(REPO_ROOT, "tools", "prepare_sotu.py"),

@@ -186,16 +186,101 @@ def plan_launch(trainer_args: Sequence[str], *, hostfile: Optional[str] = None, 
 
 
 def run_plan(plan: LaunchPlan, dry_run: bool = False) -> int:
-    """Print the plan, then (unless dry_run) run it and return the launcher's exit status."""
+    """Print the plan, then (unless dry_run) run it and return the launcher's exit status (0 also after a
+    clean stop by SIGINT/SIGTERM: see `run_forwarding_signals`)."""
     print(plan.describe(), flush=True)
     if dry_run:
         return 0
     env = dict(os.environ)
     env.update(plan.env)
     try:
-        return subprocess.call(plan.command, env=env)
-    except KeyboardInterrupt:
-        return 130
+        return run_forwarding_signals(plan.command, env, to_ranks=plan.mode != "ssh")
     finally:
         if plan.generated_hostfile:
             shutil.rmtree(os.path.dirname(plan.hostfile), ignore_errors=True)
+
+
+def rank_processes(root_pid: int, module: str = TRAINER_MODULE) -> list:
+    """The trainer ranks (`python ... -m MODULE`) among the descendants of process `root_pid` (psutil
+    processes; the deepspeed runner and its per-node launcher name the module only after `--module`)."""
+    import psutil
+
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    ranks = []
+    for child in children:
+        try:
+            cmd = child.cmdline()
+        except psutil.Error:
+            continue
+        if any(a == "-m" and b == module for a, b in zip(cmd, cmd[1:])):
+            ranks.append(child)
+    return ranks
+
+
+def run_forwarding_signals(command: Sequence[str], env: Dict[str, str], to_ranks: bool = True,
+                           echo_seconds: float = 1.0, prog: str = "launch/train.sh") -> int:
+    """Run the deepspeed launcher and return its exit status, handing SIGINT/SIGTERM to the ranks.
+
+    DeepSpeed's per-node launcher answers SIGINT/SIGTERM by sending SIGTERM to every rank, killing them
+    30 s later and exiting 1, and a Ctrl-C in the terminal also reaches the ranks themselves: the ranks
+    would see two signals (the second one the wrong name) and the run would exit 1. So with `to_ranks`
+    (this machine's ranks are descendants: local and --no-ssh launches) the launcher runs in a process
+    group of its own, which a terminal's Ctrl-C does not reach, and a SIGINT/SIGTERM that reaches this
+    process is forwarded, as itself, to the ranks only: the first asks them to finish the current step,
+    save and exit 0 (the launcher then exits 0, and so does this); a second is forwarded too (at least
+    `echo_seconds` after the first, which the ranks would take for an echo of it) and makes them exit at
+    once; a third kills the launcher's process group. A signal before any rank exists ends the launch.
+    Without `to_ranks` (ssh/pdsh, MPI, slurm) DeepSpeed's runner stays in the terminal's process group
+    and handles the signal itself (it stops every node's ranks; exit status 1); a SIGTERM sent to this
+    process is passed to it.
+    """
+    import signal
+    import time
+
+    kwargs = {"preexec_fn": os.setpgrp} if to_ranks else {}
+    proc = subprocess.Popen(list(command), env=env, **kwargs)
+    received: List[float] = []
+
+    def say(text: str) -> None:
+        try:
+            os.write(2, f"{prog}: {text}\n".encode())
+        except OSError:
+            pass
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        received.append(time.monotonic())
+        if not to_ranks:
+            if signum == signal.SIGTERM:
+                proc.send_signal(signum)
+            return
+        ranks = rank_processes(proc.pid)
+        if len(received) >= 3 or not ranks:
+            say(f"{name}: stopping the launcher{'' if ranks else ' (no rank has started yet)'}")
+            try:
+                os.killpg(proc.pid, signal.SIGKILL if ranks else signal.SIGTERM)
+            except OSError:
+                pass
+            return
+        if len(received) == 1:
+            say(f"{name}: the ranks finish the current step, save (with --save) and exit; "
+                f"send it again to stop them at once")
+        else:
+            time.sleep(max(0.0, echo_seconds + 0.1 - (received[-1] - received[0])))
+            say(f"{name} again: the ranks stop at once; 'latest' stays on the last complete checkpoint")
+        for rank_process in ranks:
+            try:
+                rank_process.send_signal(signum)
+            except Exception:  # psutil.NoSuchProcess: that rank has just finished
+                pass
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = proc.wait()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return 128 - status if status < 0 else status

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import typing
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -114,9 +115,60 @@ class RunOptions:
     local_rank: Optional[int] = None
 
 
+PROG = "python -m loop_megatron.train"
+
+
+class TrainerArgumentParser(argparse.ArgumentParser):
+    """argparse without prefix abbreviations (`--hidden 64` is not `--hidden-size 64`) whose errors are
+    ConfigErrors: one sentence, printed once by the CLI, instead of every rank's usage text."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} ({self.prog} --help lists the flags).")
+
+
+def _config_keys() -> List[str]:
+    return [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def suggest_flag(name: str, parser: argparse.ArgumentParser) -> str:
+    """What an unknown `--name` might have meant: the config field it spells (its flag, or the --override
+    item when the field has no flag), else the nearest flag (difflib), else the nearest field name."""
+    flags = sorted({o for a in parser._actions for o in a.option_strings if o.startswith("--")})
+    by_key = {key: flag for flag, key in CONFIG_FLAGS}
+    keys = _config_keys()
+
+    def field_hint(key: str) -> str:
+        if key in by_key:
+            return f"; did you mean {by_key[key]} (sets {key})?"
+        return f"; {key} has no flag of its own: use --override {key}=VALUE"
+
+    stem = name.lstrip("-").replace("-", "_")
+    spelled = [k for k in keys if stem in (k.split(".")[1], k.replace(".", "_"))]
+    if spelled:
+        return field_hint(sorted(spelled, key=lambda k: k not in by_key)[0])
+    close = difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]}?"
+    close = difflib.get_close_matches(stem, [k.split(".")[1] for k in keys], n=1, cutoff=0.75)
+    if close:
+        return field_hint(next(k for k in keys if k.split(".")[1] == close[0]))
+    return f" ({PROG} --help lists the flags; --override section.field=VALUE sets any config field)"
+
+
+def unknown_arguments_message(unknown: List[str], parser: argparse.ArgumentParser) -> str:
+    """One sentence about the first thing on the command line that is not a trainer flag."""
+    flag = next((u for u in unknown if u.startswith("-")), None)
+    if flag is None:
+        return (f"unexpected argument {unknown[0]!r}: settings are --flag VALUE pairs ({PROG} --help lists "
+                f"the flags).")
+    name = flag.split("=", 1)[0]
+    hint = suggest_flag(name, parser)
+    return f"unknown flag {name}{hint}" + ("" if hint.endswith("?") else ".")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m loop_megatron.train",
+    parser = TrainerArgumentParser(
+        prog=PROG, allow_abbrev=False,
         description="Train a Loop-Residual GPT with tensor parallelism and DeepSpeed ZeRO. Runs as a single "
                     "process without a launcher, or under `deepspeed` / `torchrun`. Settings come from "
                     "--preset, then --config FILE, then the flags below, then --override items; [section.field] "
@@ -141,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
             metavar = {int: "N", float: "X"}.get(kind, key.split(".")[1].upper())
             parser.add_argument(flag, dest=dest, type=kind, default=None, metavar=metavar, help=help_text)
     parser.add_argument("--debug-sleep-per-iter", type=float, default=0.0, metavar="SECONDS",
-                        help="Sleep this long after every step (testing aid: keeps a run alive long enough to "
-                             "deliver a signal at a known step).")
+                        help="Make every step this much longer (a sleep before the step's all-reduce; testing aid: "
+                             "a signal sent after step N is logged lands inside step N+1).")
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                         help="Set by the deepspeed/torch launchers; LOCAL_RANK in the environment is used instead "
                              "when present.")
@@ -151,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(argv: Optional[List[str]] = None) -> Tuple[Config, RunOptions]:
     """Parse the command line into a resolved (not yet validated) Config and the run options."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ConfigError(unknown_arguments_message(unknown, parser))
     raw = read_config_file(args.config) if args.config else None
     preset_name = args.preset or file_preset_name(raw)
     cfg = compose_config(preset_name, raw, args.config or "config")

@@ -13,7 +13,6 @@ import json
 import os
 from typing import Any, Dict, Optional, Set
 
-import torch
 
 from ..config import Config, ConfigError, accumulation_steps, global_batch_size
 
@@ -109,6 +108,8 @@ def adopt_ds_file_settings(cfg: Config, explicit: Set[str]) -> Optional[Dict[str
 
 def resolve_precision(cfg: Config, cuda: Optional[bool] = None) -> str:
     """'fp32', 'bf16' or 'fp16' for this machine; ConfigError where the hardware cannot do it."""
+    import torch  # here, not at the top: launch/train.sh reads the DeepSpeed file without torch
+
     cuda = torch.cuda.is_available() if cuda is None else cuda
     p = cfg.training.precision
     if p == "auto":
@@ -129,6 +130,8 @@ def gradient_accumulation_steps(cfg: Config, dp_size: int) -> int:
 def build_ds_config(cfg: Config, dp_size: int, precision: str, base: Optional[Dict[str, Any]] = None,
                     cuda: Optional[bool] = None) -> Dict[str, Any]:
     """The dict handed to deepspeed.initialize(config=...)."""
+    import torch
+
     cuda = torch.cuda.is_available() if cuda is None else cuda
     t = cfg.training
     path = t.deepspeed_config or "the DeepSpeed config"

@@ -11,7 +11,7 @@ once, no host sync), so the norm costs nothing extra and is the one the update u
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -68,7 +68,7 @@ class StepStats(NamedTuple):
 
 
 def train_step(engine, batches: Iterator[torch.Tensor], accum: int, device: torch.device,
-               clipper: Optional[FusedClipper] = None, stop_requested: bool = False,
+               clipper: Optional[FusedClipper] = None, stop_requested: Union[bool, Callable[[], bool]] = False,
                depths: Optional[Sequence[LoopDepth]] = None) -> StepStats:
     """Forward/backward `accum` micro-batches from `batches` and take one optimizer step.
 
@@ -77,6 +77,8 @@ def train_step(engine, batches: Iterator[torch.Tensor], accum: int, device: torc
 
     The losses stay on the device; after the step one all-reduce carries the loss sum and the stop flag,
     and one host transfer brings loss, grad norm and flag back together: one host sync per step.
+    `stop_requested` may be a callable: it is called right before that all-reduce, so a stop signal that
+    arrives while the micro-batches run is carried by this step, not the next one.
     """
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     norm = None
@@ -91,6 +93,8 @@ def train_step(engine, batches: Iterator[torch.Tensor], accum: int, device: torc
     if norm is None:
         norm = engine.get_global_grad_norm()
     world = dist.get_world_size() if dist.is_initialized() else 1
+    if callable(stop_requested):
+        stop_requested = stop_requested()
     shared = torch.stack([loss_sum / accum, torch.tensor(float(stop_requested), dtype=torch.float64, device=device)])
     if world > 1:
         dist.all_reduce(shared)  # TP ranks hold equal losses; summing over all ranks then / world is the DP mean

@@ -34,6 +34,7 @@ from ..model.exit import configure_exit_training
 from ..parallel import (destroy_model_parallel, get_data_parallel_group, get_data_parallel_rank,
                         get_data_parallel_world_size, initialize_model_parallel, set_seed)
 from ..utils.distributed import rank, world_size
+from ..utils.signals import STOP_REQUEST
 from .arguments import RunOptions
 from ..data.bpb import bits_per_byte, bpb_sums
 from ..data.tokenizer import HF_TYPE
@@ -47,7 +48,6 @@ from .engine import build_engine
 from .loop_depth import LoopDepthSampler, depth_is_varied, step_depths, step_flops_per_token
 from .monitor import RunLogger, Throughput, peak_flops_per_device, progress_line, write_summary
 from .optim import lr_at
-from .signals import StopRequest
 from .step import train_step
 
 PRIMARY_VALID = "valid"  # TensorBoard/metrics name of the primary (first) validation set's loss and bpb
@@ -97,7 +97,7 @@ class Trainer:
         self.engine = None
         self.clipper = self.compile_timer = None
         self.log: Optional[RunLogger] = None  # set once the run folder exists; close() tears down only then
-        self.stop = StopRequest()
+        self.stop = STOP_REQUEST  # installed in setup(); python -m loop_megatron.train installs it earlier
         self.iteration = self.start_iteration = 0
         self.start_consumed = 0  # samples consumed before start_iteration (resumed)
         self.stopped = False
@@ -120,15 +120,12 @@ class Trainer:
         """Step until train_iters (or a stop signal), evaluating and saving on schedule; then a last
         evaluation and save. Returns `summary()`."""
         t = self.cfg.training
-        self.stop.install()
         batches = self.train_batches()
         while self.iteration < t.train_iters:
             t0 = time.perf_counter()
             step = self.train_step(self.next_batch(batches), self.iteration)
             self.iteration += 1
             self.log_step(step, time.perf_counter() - t0)
-            if self.opts.debug_sleep_per_iter > 0:
-                time.sleep(self.opts.debug_sleep_per_iter)
             if self._every(t.eval_interval) and self.iteration < t.train_iters:
                 self.evaluate()
             if self._every(t.save_interval):
@@ -152,10 +149,18 @@ class Trainer:
                              self.cfg.training.micro_batch_size, self.dp_rank, self.dp)
         # One host sync per step: loss, grad norm and the stop flag come back together (training/step.py).
         stats = train_step(self.engine, iter(micro_batches), len(micro_batches), self.device, self.clipper,
-                           self.stop.requested, depths=depths)
+                           self._stop_requested, depths=depths)
         return StepResult(loss=stats.loss, lr=lr, grad_norm=stats.grad_norm, stop=stats.stop,
                           loops=sum(d.num_loops for d in depths) / len(depths),
                           flops_per_token=step_flops_per_token(self.cfg.model, self.seq, depths))
+
+    def _stop_requested(self) -> bool:
+        """Whether this rank got a stop signal; read by train_step right before the step's all-reduce, so a
+        signal that arrives during a step stops the run after that very step. --debug-sleep-per-iter (a
+        testing aid) sleeps here first: a slow step that a test can signal in the middle of."""
+        if self.opts.debug_sleep_per_iter > 0:
+            time.sleep(self.opts.debug_sleep_per_iter)
+        return self.stop.requested
 
     @property
     def depth_sampler(self) -> LoopDepthSampler:
@@ -188,6 +193,7 @@ class Trainer:
     def setup(self) -> None:
         """Processes and groups, run folder and logger, data, model, DeepSpeed engine, resume."""
         cfg, t = self.cfg, self.cfg.training
+        self.stop.install()  # from here a signal asks for a stop at the end of the next step's all-reduce
         init_distributed(self.opts.local_rank, skip_shm_comm=t.ds_skip_shm_comm)
         initialize_model_parallel(cfg.parallel.tensor_model_parallel_size)
         self.dp, self.dp_rank = get_data_parallel_world_size(), get_data_parallel_rank()
@@ -437,9 +443,9 @@ class Trainer:
 
     def close(self) -> None:
         """Signal handlers back, logger closed, engine destroyed, groups forgotten (after any failure too)."""
+        self.stop.uninstall()
         if self.log is None:  # setup stopped before the run folder existed: nothing to tear down
             return
-        self.stop.uninstall()
         if self.compile_timer is not None:
             self.compile_timer.close()
         self.log.close()

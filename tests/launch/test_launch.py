@@ -118,3 +118,42 @@ def test_train_sh_missing_hostfile_stops_before_starting(tmp_path):
     assert proc.stderr.strip() == (f"error: hostfile {tmp_path / 'absent'} does not exist; create it (see "
                                    f"launch/hostfile.example) or leave out --hostfile to run on this machine only.")
     assert proc.stdout == ""
+
+
+def test_train_sh_ctrl_c_finishes_the_step_saves_and_exits_0(tmp_path, data_prefix):
+    """Ctrl-C in a terminal signals the whole foreground process group (here: the group of a new
+    session). launch/train.sh hands exactly one SIGINT to the ranks (DeepSpeed's launcher, in a group of
+    its own, would add a SIGTERM and exit 1): they finish the step the signal landed in, save, log
+    SIGINT, and the launch exits 0."""
+    import re
+    import signal
+
+    run_dir, save_dir = str(tmp_path / "run"), str(tmp_path / "ckpt")
+    args = trainer_args(data_prefix, run_dir, save_dir) + ["--train-iters", "20", "--log-interval", "1",
+                                                           "--eval-interval", "0", "--debug-sleep-per-iter", "1.0"]
+    proc = subprocess.Popen(["bash", TRAIN_SH, "--num-gpus", "2", "--", *args], cwd=str(tmp_path), env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if re.match(r"iter\s+3/", line):
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = "".join(seen) + rest
+    assert proc.returncode == 0, log[-4000:]
+    assert "stop requested (SIGINT) at iteration 4; saving and exiting" in log, log[-4000:]
+    with open(os.path.join(save_dir, "latest")) as f:
+        assert f.read().strip() == "iter_0000004"
+
+
+def test_train_sh_typo_stops_before_any_rank_with_one_line(tmp_path):
+    proc = subprocess.run(["bash", TRAIN_SH, "--num-gpus", "2", "--preset", "tiny-1l", "--", "--hidden", "64"],
+                          cwd=str(tmp_path), env=env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: unknown flag --hidden; did you mean --hidden-size?\n"
+    assert proc.stdout == ""

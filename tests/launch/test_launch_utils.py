@@ -224,3 +224,27 @@ def test_train_prepares_the_bundled_corpus_only_when_missing(tmp_path, monkeypat
     open("data/sotu_text_document.idx", "w").close()
     assert cli.prepare_bundled_data(["--preset", "tiny-1l"]) == 0
     assert calls == []
+
+
+@pytest.mark.parametrize("trainer_args, error", [
+    (["--hidden", "64"], "error: unknown flag --hidden; did you mean --hidden-size?"),
+    (["--global-batch-size", "3"], "error: training.global_batch_size (3) must equal training.micro_batch_size "
+                                   "(8) x gradient accumulation x data-parallel size (2)."),
+])
+def test_train_cli_checks_the_trainer_command_line_before_starting_ranks(trainer_args, error, capsys, monkeypatch,
+                                                                          tmp_path):
+    """Parsed as each rank parses it and validated for the world size it would launch: one sentence, no
+    rank started (each would have printed it, with argparse's usage, after 13-32 s of start-up)."""
+    monkeypatch.setattr(cli, "run_plan", lambda *a, **k: pytest.fail("ranks started"))
+    hf = tmp_path / "hosts"
+    hf.write_text("localhost slots=2\n")
+    assert cli.main(["train", "--hostfile", str(hf), "--preset", "tiny-1l", "--", *trainer_args]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == error and captured.out == ""
+
+
+def test_train_cli_names_its_own_option_for_a_typo(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "run_plan", lambda *a, **k: pytest.fail("ranks started"))
+    assert cli.main(["train", "--num-gpu", "2", "--preset", "tiny-1l"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "error: unknown flag --num-gpu; did you mean --num-gpus (an option of launch/train.sh)?"

@@ -174,3 +174,19 @@ def test_cli_subprocess_help_and_error():
     assert bad.stderr.strip() == ("error: data.data_path: /nonexistent/x.bin does not exist "
                                                    "(expected the pair /nonexistent/x.bin and /nonexistent/x.idx).")
     assert "Traceback" not in bad.stderr
+
+
+def test_no_prefix_abbreviations_and_unknown_flags_name_the_nearest(run_main, prefix):
+    # argparse's default would take --hidden for --hidden-size and train a model of width 64.
+    assert run_main("--data-path", prefix, *TINY, "--hidden", "64") == "unknown flag --hidden; did you mean --hidden-size?"
+    assert run_main("--data-path", prefix, *TINY, "--hiden-size", "64") == \
+        "unknown flag --hiden-size; did you mean --hidden-size?"
+    # a config field written as a flag: its flag where it has one, else the --override item
+    assert run_main("--data-path", prefix, *TINY, "--num-loops", "3") == \
+        "unknown flag --num-loops; did you mean --loops (sets model.num_loops)?"
+    assert run_main("--data-path", prefix, *TINY, "--ffn-hidden-size", "64") == \
+        ("unknown flag --ffn-hidden-size; model.ffn_hidden_size has no flag of its own: use "
+         "--override model.ffn_hidden_size=VALUE.")
+    # argparse's own errors are one sentence too (no usage text)
+    assert run_main("--data-path", prefix, *TINY, "--lr", "fast") == \
+        "argument --lr: invalid float value: 'fast' (python -m loop_megatron.train --help lists the flags)."

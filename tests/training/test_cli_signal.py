@@ -82,7 +82,7 @@ def test_sigterm_to_one_rank_then_resume_matches_uninterrupted(tmp_path):
     assert procs[0].returncode == 0 and procs[1].returncode == 0, log0
     assert "stop requested (signal on another rank)" in log0
     stopped_at = int(open(os.path.join(ck, "latest")).read().strip().split("_")[1])
-    assert 3 <= stopped_at < ITERS, log0
+    assert stopped_at == 4, log0  # the signal lands inside step 4 (the sleep is before its all-reduce)
     assert f"saved checkpoint {os.path.join(ck, f'iter_{stopped_at:07d}')}" in log0
     assert max(_losses(run_dir)) == stopped_at
 
@@ -95,12 +95,16 @@ def test_sigterm_to_one_rank_then_resume_matches_uninterrupted(tmp_path):
 
     ref_losses, losses = _losses(ref_dir), _losses(run_dir)
     assert sorted(losses) == sorted(ref_losses) == list(range(1, ITERS + 1))
+    # DP=2 vs accumulation 2 is the same math but not the same fp32 summation order (DeepSpeed's gradient
+    # reduction), so not bit-exact. Measured with this test's settings, seeds 1-4 (throwaway script):
+    # max |loss diff| 4.8e-7, max |weight diff| 3.4e-6 (0 for seeds 1 and 3); 4.2e-6 was seen on another
+    # machine. Bounds ~10x the largest: loss 1e-5 (kept), weights atol 5e-5 (was 1e-6: flaked).
     for it in ref_losses:
         assert abs(losses[it] - ref_losses[it]) < 1e-5, (it, losses[it], ref_losses[it])
     final = torch.load(os.path.join(ck, f"iter_{ITERS:07d}", "model.pt"), weights_only=True)
     ref_final = torch.load(str(tmp_path / "ref_ck" / f"iter_{ITERS:07d}" / "model.pt"), weights_only=True)
     for key, value in ref_final.items():
-        torch.testing.assert_close(final[key], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(final[key], value, rtol=1e-5, atol=5e-5)
 
     # summary.json contract, config.yaml and TensorBoard tags of the reference run.
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
@@ -124,3 +128,29 @@ def test_sigterm_to_one_rank_then_resume_matches_uninterrupted(tmp_path):
     steps = [e.step for e in acc.Scalars("train/loss")]
     assert steps == list(range(1, ITERS + 1))
     assert [e.step for e in acc.Scalars("valid/loss")] == [4, 8, 10]
+
+
+def test_sigint_stops_after_the_current_step_and_a_second_exits_at_once(tmp_path):
+    """One process, each step 2.5 s long (the sleep sits before the step's all-reduce). A SIGINT once
+    step 3 is logged lands in step 4; a second one 1.3 s later (past the 1 s echo window, still inside
+    step 4) exits at once with 130, without saving: `latest` stays on iteration 2 (--save-interval 2)."""
+    prefix = write_corpus(str(tmp_path / "data"))
+    ck = str(tmp_path / "ck")
+    proc = subprocess.Popen([PYTHON, *_args(prefix, str(tmp_path / "run"), "--save", ck, "--save-interval", "2",
+                                            "--debug-sleep-per-iter", "2.5")],
+                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.match(r"iter\s+3/", line):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(1.3)
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, err = proc.communicate(timeout=120)
+    log = "".join(seen) + rest
+    assert proc.returncode == 130, log + err
+    assert "second stop signal (SIGINT): exiting now" in err and "Traceback" not in err, err
+    assert open(os.path.join(ck, "latest")).read().strip() == "iter_0000002"
+    assert "stop requested" not in log and "iter_0000004" not in log
+

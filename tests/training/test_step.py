@@ -85,3 +85,28 @@ def test_train_step_reads_the_host_once():
     scalars, tolists, stats = run_distributed(_count_host_syncs, 1)[0]
     assert scalars == 0 and tolists == 1, (scalars, tolists)
     assert stats.grad_norm is not None and stats.grad_norm > 0 and 0 < stats.loss < 10 and stats.stop is False
+
+
+def test_stop_flag_is_read_at_the_steps_all_reduce():
+    """A stop signal that arrives while the step's micro-batches run is carried by that same step (the
+    trainer passes a callable read right before the all-reduce), not by the next one."""
+    from loop_megatron.training.step import train_step
+
+    signalled = []
+
+    class Engine:
+        def __call__(self, x, labels=None, depth=None):
+            return None, (x.float().mean() * 0 + 1.0)
+
+        def backward(self, loss):
+            signalled.append(True)  # the signal lands mid-step
+
+        def step(self):
+            pass
+
+        def get_global_grad_norm(self):
+            return 0.5
+
+    batches = iter([torch.zeros(2, 5, dtype=torch.long)] * 2)
+    stats = train_step(Engine(), batches, 2, torch.device("cpu"), stop_requested=lambda: bool(signalled))
+    assert stats.stop and stats.loss == 1.0 and stats.grad_norm == 0.5
