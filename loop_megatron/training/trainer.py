@@ -279,8 +279,8 @@ class Trainer:
             how = ("universal state, new layout: " + "; ".join(checkpoint.layout_changes(
                 resume.meta, self.cfg, world_size(), self.checks["precision"])) if resume.mode == "universal" else
                    "DeepSpeed state, same layout")
-            self.log.print(f"resumed from {folder} (save folder {resume.save_dir}, tag {resume.tag}: {resume.how}) "
-                           f"at iteration {self.iteration}, sample {self.start_consumed} ({how})")
+            self.log.print(f"resumed from {folder} at iteration {self.iteration}, sample {self.start_consumed} "
+                           f"(save folder {resume.save_dir}, tag {resume.tag}: {resume.how}; {how})")
             for note in resume.notes:
                 self.log.print(f"note: {note}")
             if resume.notes and t.override_opt_param_scheduler:

@@ -83,8 +83,8 @@ def test_resume_from_tag_folder_trains_on_and_says_what_it_loaded(run, tmp_path,
     assert out["start_iteration"] == 2 and out["iterations"] == 4
     assert [r["iteration"] for r in out["records"]] == [3, 4]
     text = capsys.readouterr().out
-    assert (f"resumed from {os.path.join(ck, 'iter_0000002')} (save folder {ck}, tag iter_0000002: the tag folder "
-            "given) at iteration 2, sample 4") in text
+    assert (f"resumed from {os.path.join(ck, 'iter_0000002')} at iteration 2, sample 4 (save folder {ck}, tag "
+            "iter_0000002: the tag folder given; DeepSpeed state, same layout)") in text
     assert os.path.isdir(os.path.join(save, "iter_0000004"))
     empty = str(tmp_path / "fresh")
     os.makedirs(empty)
