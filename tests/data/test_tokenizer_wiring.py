@@ -142,7 +142,9 @@ def test_evaluate_bpb_matches_hand_computation(trained, capsys):
     assert [r.name for r in results] == ["alpha", "beta"]
     model = load_model(save)
     lengths = _reference_byte_lengths(trained["tok"].model_path)
-    sets = build_eval_sets([], "", 16, named=[f"alpha={a}", f"beta={b}"], cache_dir=os.path.join(trained["tmp"], "c"))
+    # evaluate_checkpoint samples with the run's seed (its training.seed), as the trainer did.
+    sets = build_eval_sets([], "", 16, seed=trained["cfg"].training.seed, named=[f"alpha={a}", f"beta={b}"],
+                           cache_dir=os.path.join(trained["tmp"], "c"))
     zero_byte_targets = 0
     for r, ds in zip(results, sets.values()):
         tokens = torch.stack([torch.as_tensor(ds[i]["tokens"], dtype=torch.long) for i in range(8)])
