@@ -123,3 +123,14 @@ def test_checkpoint_schedule_keeps_the_curve_and_override_takes_the_new_one(run,
     assert new.training.lr_decay_iters == 0
     assert [r["lr"] for r in out["records"]] == [pytest.approx(lr_at(i, new.training)) for i in range(4, 8)]
     assert out["records"][0]["lr"] > 3e-4  # the LR jumps to the new curve's value at iteration 4
+
+
+def test_schedule_flags_parse_and_exclude_each_other():
+    from loop_megatron.config import ConfigError
+    from loop_megatron.training.arguments import config_from_args
+
+    cfg, opts = config_from_args(["--override-opt_param-scheduler"])
+    assert cfg.training.override_opt_param_scheduler and "training.override_opt_param_scheduler" in opts.explicit
+    cfg, _ = config_from_args(["--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"])
+    with pytest.raises(ConfigError, match="are both set; choose one"):
+        cfg.validate(1)
