@@ -39,7 +39,10 @@ class ModelConfig:
     """Shape of a Loop-Residual GPT: a GPT-2 whose shared stack of blocks is iterated."""
 
     vocab_size: int = 50257
-    """Tokenizer vocabulary size (GPT-2: 50257). Logits beyond it (vocab padding) are masked out."""
+    """Tokenizer vocabulary size (GPT-2: 50257). Logits beyond it (vocab padding) are masked out. With a
+    HuggingFaceTokenizer it follows the tokenizer's vocabulary (or, resuming, the checkpoint's) unless
+    set explicitly (file, flag or --override; a preset's value does not count); a set value smaller than
+    the tokenizer's is refused."""
 
     make_vocab_size_divisible_by: int = 128
     """Pad the embedding table to a multiple of this (Megatron's habit; keeps matmuls aligned). The
@@ -177,7 +180,7 @@ class DataConfig:
     tokenizer_type: str = "GPT2BPETokenizer"
     """Megatron's tokenizer type: 'GPT2BPETokenizer' (GPT-2's 50,257 tokens, bundled offline) or
     'HuggingFaceTokenizer' (a tokenizers tokenizer.json, e.g. from tools/train_tokenizer.py; set
-    model.vocab_size to its vocabulary size). Datasets must have been made by the same tokenizer."""
+    model.vocab_size follows its vocabulary unless set). Datasets must have been made by the same tokenizer."""
 
     tokenizer_model: str = ""
     """HuggingFaceTokenizer: the tokenizer.json, or the folder holding it. Empty for GPT2BPETokenizer."""
@@ -263,13 +266,26 @@ class TrainingConfig:
     """Checkpoint folder ('' = no checkpoints)."""
 
     load: str = ""
-    """Checkpoint folder to resume from (its 'latest' tag); a folder without checkpoints, or '', starts
-    fresh."""
+    """Checkpoint to resume from: the save folder (its 'latest' tag), one tag folder in it (e.g.
+    run/iter_0000020: resumes exactly that tag; saves still go to training.save) or its 'latest' file. A
+    path that does not exist is refused; an existing folder without any checkpoint yet (the first run of
+    --save X --load X) starts fresh; '' starts fresh."""
 
     override_global_batch: bool = False
     """Resume a checkpoint trained with another global batch size: the iteration count, LR schedule and
     optimizer state continue, and the data continues from the checkpoint's consumed_samples (the next
     sample index), now in steps of the new size. Without it such a resume is refused."""
+
+    override_opt_param_scheduler: bool = False
+    """Resume with this run's LR schedule (lr, min_lr, lr_warmup_iters, lr_decay_iters, and train_iters
+    where it is the decay horizon) when it differs from the checkpoint's: the LR of every later step is
+    the new curve's value at that step, so the LR jumps at the resumed iteration to the new curve.
+    Without it (or use_checkpoint_opt_param_scheduler) such a resume is refused."""
+
+    use_checkpoint_opt_param_scheduler: bool = False
+    """Resume with the checkpoint's LR schedule when this run's differs: lr, min_lr, lr_warmup_iters and
+    the decay horizon are taken from the checkpoint (a longer train_iters then trains on at min_lr past
+    the old horizon). Without it (or override_opt_param_scheduler) such a resume is refused."""
 
     init_from: str = ""
     """Start from the weights (model.pt) of this checkpoint folder, e.g. one made from a Hugging Face GPT-2
@@ -814,6 +830,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require(t.train_iters >= 0, f"training.train_iters must be >= 0, got {t.train_iters}.")
     _require(t.lr > 0, f"training.lr must be > 0, got {t.lr}.")
     _require(0 <= t.min_lr <= t.lr, f"training.min_lr ({t.min_lr}) must be between 0 and training.lr ({t.lr}).")
+    _require(not (t.override_opt_param_scheduler and t.use_checkpoint_opt_param_scheduler),
+             "training.override_opt_param_scheduler and training.use_checkpoint_opt_param_scheduler are both set; "
+             "choose one (the command line's schedule or the checkpoint's).")
     _require(not t.cpu_offload or t.zero_stage >= 1,
              "training.cpu_offload needs training.zero_stage 1, 2 or 3 (DeepSpeed offloads ZeRO-partitioned optimizer state).")
     if world_size is not None:

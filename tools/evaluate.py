@@ -2,10 +2,13 @@
 """Held-out loss, perplexity and bits per byte of a loop_megatron checkpoint, versus test-time compute:
 the number of loops (--loops, fixed depth) and adaptive per-token exit (--exit-criterion, one row per
 --exit-threshold, mean loop iterations per token reported); --plot draws loss against mean iterations.
-Evaluates the valid/test split of --data-path or named sets (--valid-data-path NAME=PREFIX ...), each
-reported separately; bits per byte use the checkpoint's tokenizer (override: --tokenizer-type/-model).
+Evaluates what the run held out: by default its own data path (or named validation sets), split, seed,
+sequence length, micro batch size and index cache, read from the checkpoint's recorded config; a flag
+that overrides one is printed with the run's value. Named sets (--valid-data-path NAME=PREFIX ...) are
+each reported separately; bits per byte use the checkpoint's tokenizer (override: --tokenizer-type/-model).
 
 Examples:
+  python tools/evaluate.py --load checkpoints/loop-81m
   python tools/evaluate.py --load checkpoints/loop-81m --data-path data/sotu_text_document
   python tools/evaluate.py --load checkpoints/loop-81m --data-path data/sotu_text_document \\
       --eval-split test --loops 1 2 4 6 8 --json results/loops.json
@@ -28,7 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--load", required=True, metavar="CKPT_DIR", help="checkpoint: the --save folder or a tag folder.")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: 'latest').")
     p.add_argument("--data-path", nargs="+", default=None,
-                   help="indexed-dataset prefix(es) without .bin/.idx, optionally weighted: 0.7 a 0.3 b.")
+                   help="indexed-dataset prefix(es) without .bin/.idx, optionally weighted: 0.7 a 0.3 b "
+                        "(default: the run's data path, or its named validation sets).")
     p.add_argument("--valid-data-path", nargs="+", default=None, metavar="NAME=PREFIX",
                    help="named validation sets, each used whole and reported separately (instead of --data-path).")
     p.add_argument("--test-data-path", nargs="+", default=None, metavar="NAME=PREFIX",
@@ -36,12 +40,15 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer-type", default=None, choices=("GPT2BPETokenizer", "HuggingFaceTokenizer"),
                    help="tokenizer for bits per byte (default: the checkpoint's).")
     p.add_argument("--tokenizer-model", default=None, help="HuggingFaceTokenizer: a tokenizer.json or its folder.")
-    p.add_argument("--split", default="949,50,1", help="train,valid,test proportions by document (default 949,50,1).")
+    p.add_argument("--split", default=None,
+                   help="train,valid,test proportions by document (default: the run's data.split).")
     p.add_argument("--eval-split", choices=("valid", "test"), default="valid", help="split to evaluate (default valid).")
     p.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the checkpoint's).")
-    p.add_argument("--micro-batch-size", type=int, default=8, help="samples per forward pass (default 8).")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="samples per forward pass (default: the run's).")
     p.add_argument("--eval-iters", type=int, default=None,
-                   help="micro-batches to evaluate (default: the whole split).")
+                   help="micro-batches to evaluate (default: the whole split; the trainer's valid line is its "
+                        "eval_iters x DP micro-batches of the run's micro batch size).")
     p.add_argument("--loops", type=int, nargs="+", default=None,
                    help="loop counts to evaluate at (default: the trained count); several print a table.")
     p.add_argument("--exit-criterion", choices=("none", "kl", "entropy", "gate"), default="none",
@@ -54,8 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="write loss versus mean iterations per token (default with --json and an exit criterion: "
                         "beside the JSON, .png).")
-    p.add_argument("--seed", type=int, default=1234, help="sample-order seed (default 1234).")
-    p.add_argument("--data-cache-path", default=None, help="folder for cached sample indices.")
+    p.add_argument("--seed", type=int, default=None, help="sample-order seed (default: the run's training.seed).")
+    p.add_argument("--data-cache-path", default=None,
+                   help="folder for cached sample indices (default: the run's data.data_cache_path).")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON.")
     return p.parse_args(argv)
@@ -67,22 +75,21 @@ def main(argv=None) -> int:
 
     from loop_megatron.errors import LoopMegatronError
     from loop_megatron.experiments.plots import plot_compute_curve
-    from loop_megatron.inference.evaluation import evaluate_checkpoint, exit_table, markdown_table, write_json
+    from loop_megatron.inference.evaluation import (describe_data, evaluate_checkpoint, exit_table, markdown_table,
+                                                    write_json)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     named = args.test_data_path if args.eval_split == "test" else args.valid_data_path
     try:
         if args.data_path and named:
             raise ValueError(f"pass either --data-path or --{args.eval_split}-data-path, not both.")
-        if not args.data_path and not named:
-            raise ValueError(f"pass --data-path (with --split) or --{args.eval_split}-data-path NAME=PREFIX ...")
         tokenizer = None
         if args.tokenizer_type or args.tokenizer_model:
             from loop_megatron.checkpoint import resolve_checkpoint, tokenizer_for
 
             tokenizer = tokenizer_for(checkpoint=resolve_checkpoint(args.load, args.tag),
                                       tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model)
-        results, meta = evaluate_checkpoint(args.load, args.data_path or [], split=args.split,
+        results, meta = evaluate_checkpoint(args.load, args.data_path, split=args.split,
                                             eval_split=args.eval_split, seq_length=args.seq_length,
                                             micro_batch_size=args.micro_batch_size, eval_iters=args.eval_iters,
                                             loops=args.loops, tag=args.tag, seed=args.seed,
@@ -94,6 +101,10 @@ def main(argv=None) -> int:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 1
     trained = meta["config"]["model"]["num_loops"]
+    print(f"data: {describe_data(meta['eval_data'], args.eval_split)}"
+          + ("" if meta["eval_notes"] else " (the run's own settings)"))
+    for note in meta["eval_notes"]:
+        print(f"data: {note}")
     adaptive = args.exit_criterion != "none"
     if len(results) == 1:
         r = results[0]
@@ -101,17 +112,18 @@ def main(argv=None) -> int:
         print(f"{r.name} loss {r.loss:.4f} | perplexity {r.perplexity:.2f}{bpb} | loops {r.loops} | "
               f"{r.tokens} tokens in {r.batches} batches")
     elif adaptive:
-        where = " ".join(named) if named else f"{args.eval_split} split of {' '.join(args.data_path)}"
+        where = describe_data(meta["eval_data"], args.eval_split)
         print(f"{where} ({results[0].tokens} tokens per row; "
               f"fixed-depth rows, then {args.exit_criterion} exit per threshold)\n")
         print(exit_table(results))
     else:
-        where = " ".join(named) if named else f"{args.eval_split} split of {' '.join(args.data_path)}"
+        where = describe_data(meta["eval_data"], args.eval_split)
         print(f"{where} (* = trained loop count)\n")
         print(markdown_table(results, trained_loops=trained))
     if args.json:
         write_json(results, args.json, checkpoint=meta["path"], iteration=meta.get("iteration"),
-                   data_path=args.data_path, named_sets=named, split=args.split, eval_split=args.eval_split,
+                   data_path=meta["eval_data"]["data_path"], named_sets=meta["eval_data"]["named"],
+                   split=meta["eval_data"]["split"], seed=meta["eval_data"]["seed"], eval_split=args.eval_split,
                    trained_loops=trained)
     plot = args.plot or (args.json.rsplit(".", 1)[0] + ".png" if args.json and adaptive else None)
     if plot:

@@ -12,7 +12,8 @@ The trainer, tools/ and hf/ use this package; it depends only on config, model, 
 tokenizer check) data.
 """
 from .compat import (SHAPE_FIELDS, Resume, check_compatible, check_same_shape, check_same_tokenizer, find_init_from,
-                     find_resume, layout_changes, saved_global_batch)
+                     find_resume, layout_changes, locate_resume, resume_vocab_size, saved_global_batch,
+                     schedule_changes)
 from .engine import consolidated_state_dict, load_engine_checkpoint, run_layout, save_engine_checkpoint
 from .io import load_checkpoint, load_model, resolve_checkpoint, save_checkpoint_files
 from .tokenizer import load_tokenizer, save_tokenizer, tokenizer_for
@@ -23,7 +24,7 @@ from .universal import (UniversalError, has_universal, load_universal_optimizer,
 
 __all__ = ["CheckpointError", "FORMAT", "LATEST_FILE", "META_FILE", "MODEL_FILE", "SHAPE_FIELDS", "VERSION",
            "Resume", "UniversalError", "check_compatible", "check_same_shape", "check_same_tokenizer",
-           "has_universal", "layout_changes", "load_universal_optimizer", "load_universal_weights",
+           "has_universal", "layout_changes", "locate_resume", "resume_vocab_size", "schedule_changes", "load_universal_optimizer", "load_universal_weights",
            "read_full_state", "run_layout", "saved_global_batch", "consolidated_state_dict", "find_init_from", "find_resume",
            "list_checkpoints", "list_tags", "load_checkpoint", "load_engine_checkpoint", "load_model", "prune",
            "read_latest", "read_meta", "resolve_checkpoint", "save_checkpoint_files", "save_engine_checkpoint",

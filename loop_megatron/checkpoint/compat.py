@@ -10,13 +10,14 @@ state, which must be complete. An initialisation from model.pt needs only the sa
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from ..config import Config, ConfigError, ModelConfig, data_parallel_size, global_batch_size
 from ..data.dataset_meta import LEGACY_TOKENIZER_TYPE, describe_record, same_tokenizer
 from . import universal
 from .io import resolve_checkpoint
-from .layout import CheckpointError, latest_path, meta_path, model_path, read_latest, read_meta
+from .layout import (LATEST_FILE, CheckpointError, has_engine_files, latest_path, list_tags, meta_path, model_path,
+                     read_latest, read_meta)
 from .tokenizer import tokenizer_for
 
 # Model fields that change parameter shapes or what the weights mean: a checkpoint must agree on all.
@@ -43,11 +44,21 @@ def check_same_shape(meta: Dict[str, Any], cfg: Config, where: str) -> None:
 
 class Resume(NamedTuple):
     """The checkpoint a run resumes from and how: "engine" (same layout: DeepSpeed's own shards and each
-    rank's RNG, bit-exact) or "universal" (another layout: the topology-free universal/ state)."""
+    rank's RNG, bit-exact) or "universal" (another layout: the topology-free universal/ state).
+    `save_dir` is the folder holding the tag (training.load itself, or its parent when training.load
+    names a tag folder or a `latest` file); `how` says how the tag was chosen; `notes` are lines to log
+    (schedule decisions)."""
 
     tag: str
     meta: Dict[str, Any]
     mode: str
+    save_dir: str = ""
+    how: str = ""
+    notes: Tuple[str, ...] = ()
+
+    @property
+    def folder(self) -> str:
+        return os.path.join(self.save_dir, self.tag)
 
 
 def _layout_here(cfg: Config, world: int, precision: Optional[str]) -> Dict[str, Any]:
@@ -125,9 +136,8 @@ def check_compatible(meta: Dict[str, Any], cfg: Config, where: str, world: int, 
         return "engine"
     if not universal.has_universal(where):
         raise ConfigError(f"checkpoint {where} was saved with another layout ({', '.join(changes)}) and holds no "
-                          "universal/ state (it predates it, or was saved with ZeRO-0 fp16), so DeepSpeed's shards "
-                          "cannot be resumed here; resume on the saved layout or start from its weights with "
-                          "--init-from.")
+                          f"universal/ state ({_why_no_universal(meta)}), so DeepSpeed's shards cannot be resumed "
+                          "here; resume on the saved layout or start from its weights with --init-from.")
     try:
         universal.check_complete(where)
     except universal.UniversalError as exc:
@@ -135,25 +145,156 @@ def check_compatible(meta: Dict[str, Any], cfg: Config, where: str, world: int, 
     return "universal"
 
 
+def _why_no_universal(meta: Dict[str, Any]) -> str:
+    """The true reason a checkpoint folder has no universal/ state, from what its meta.json records."""
+    if "universal" not in meta:
+        return "the checkpoint predates universal state"
+    if meta.get("universal"):
+        return "meta.json records that it was written, so the universal/ folder was removed since"
+    reason = meta.get("universal_skipped")
+    return (f"the save wrote none: {reason}" if reason else
+            f"the save wrote none: its optimizer ({meta.get('precision', '?')}, ZeRO-{meta.get('zero_stage', '?')}) "
+            "kept no per-parameter state that could be read")
+
+
+def locate_resume(load: str) -> Optional[Tuple[str, str, str]]:
+    """(save_dir, tag, how) of the checkpoint `load` names, or None for an existing folder that holds no
+    checkpoint yet (a fresh start). `load` is the save folder (its `latest` tag), a tag folder in it (a
+    folder with meta.json) or a `latest` file. ConfigError (one sentence) for a path that does not
+    exist, a save folder with checkpoint tags but no `latest`, or a `latest` naming a missing tag."""
+    if not os.path.exists(load):
+        raise ConfigError(f"training.load: {load} does not exist; give the save folder, a tag folder in it (e.g. "
+                          f"{os.path.join(load, 'iter_0000020')}) or its '{LATEST_FILE}' file (an existing empty "
+                          "folder starts fresh).")
+    if os.path.isfile(load):
+        with open(load, encoding="utf-8") as f:
+            tag = f.read().strip()
+        if not tag:
+            raise ConfigError(f"training.load: {load} is empty; it should name a checkpoint tag.")
+        save_dir = os.path.dirname(os.path.normpath(load))
+        how = f"tag named by {load}"
+    elif os.path.isfile(meta_path(load)):
+        norm = os.path.normpath(load)
+        save_dir, tag = os.path.dirname(norm), os.path.basename(norm)
+        how = "the tag folder given"
+    else:
+        tag = read_latest(load)
+        if tag is None:
+            tags = list_tags(load)
+            if tags:
+                raise ConfigError(f"training.load: {load} holds checkpoints ({', '.join(tags)}) but no "
+                                  f"'{LATEST_FILE}' file; give the tag folder to resume from, e.g. "
+                                  f"{os.path.join(load, tags[-1])}.")
+            if has_engine_files(load):
+                raise ConfigError(f"training.load: {load} holds DeepSpeed engine files but no meta.json, so it is "
+                                  "not a loop_megatron checkpoint (or a tag folder without its meta.json).")
+            return None
+        save_dir, how = load, f"tag named by {latest_path(load)}"
+    folder = os.path.join(save_dir, tag)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"training.load: {how[len('tag named by '):]} names '{tag}' but {folder} does not exist.")
+    if not os.path.isfile(meta_path(folder)):
+        raise ConfigError(f"training.load: {meta_path(folder)} is missing; {how} is '{tag}' but that checkpoint "
+                          "is not a complete loop_megatron checkpoint.")
+    return save_dir, tag, how
+
+
+# The LR-schedule fields of training.*; the decay horizon is lr_decay_iters, or train_iters where it is 0.
+SCHEDULE_FIELDS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters")
+
+
+def _schedule(t: Dict[str, Any]) -> Dict[str, Any]:
+    from ..config import TrainingConfig
+
+    out = {k: t.get(k, getattr(TrainingConfig, k)) for k in SCHEDULE_FIELDS}
+    out["train_iters"] = t.get("train_iters", TrainingConfig.train_iters)
+    out["horizon"] = out["lr_decay_iters"] or out["train_iters"]
+    return out
+
+
+def schedule_changes(meta: Dict[str, Any], cfg: Config) -> List[str]:
+    """How this run's LR schedule differs from the checkpoint's ("training.lr 0.001 there vs 0.002 here",
+    ...); empty when the curve is the same. train_iters counts only where it is the decay horizon
+    (lr_decay_iters 0 on either side): with a fixed lr_decay_iters, training longer keeps the curve."""
+    import dataclasses
+
+    theirs = _schedule((meta.get("config") or {}).get("training") or {})
+    ours = _schedule(dataclasses.asdict(cfg.training))
+    changes = [f"training.{k} {theirs[k]} there vs {ours[k]} here" for k in ("lr", "min_lr", "lr_warmup_iters")
+               if theirs[k] != ours[k]]
+    if theirs["horizon"] != ours["horizon"]:
+        for k in ("lr_decay_iters", "train_iters"):
+            if theirs[k] != ours[k]:
+                changes.append(f"training.{k} {theirs[k]} there vs {ours[k]} here")
+        changes[-1] += f" (decay horizon {theirs['horizon']} there vs {ours['horizon']} here)"
+    return changes
+
+
+def resolve_schedule(meta: Dict[str, Any], cfg: Config, where: str) -> List[str]:
+    """Notes to log about the LR schedule of a resume; ConfigError (one sentence naming the fields and
+    both values) when it differs from the checkpoint's and neither training.override_opt_param_scheduler
+    (this run's values win) nor training.use_checkpoint_opt_param_scheduler (the checkpoint's win, written
+    into cfg.training here) is set."""
+    t = cfg.training
+    changes = schedule_changes(meta, cfg)
+    if not changes:
+        return []
+    it = int(meta.get("iteration", 0))
+    theirs = _schedule((meta.get("config") or {}).get("training") or {})
+    if t.override_opt_param_scheduler:
+        return [f"LR schedule from this run (--override-opt_param-scheduler), not the checkpoint's: "
+                f"{'; '.join(changes)}; from iteration {it} on every step takes this run's curve's LR at that step."]
+    if t.use_checkpoint_opt_param_scheduler:
+        t.lr, t.min_lr, t.lr_warmup_iters = theirs["lr"], theirs["min_lr"], theirs["lr_warmup_iters"]
+        t.lr_decay_iters = theirs["horizon"]
+        return [f"LR schedule from the checkpoint (--use-checkpoint-opt_param-scheduler): lr {t.lr}, min_lr "
+                f"{t.min_lr}, lr_warmup_iters {t.lr_warmup_iters}, lr_decay_iters {t.lr_decay_iters} "
+                f"(this run asked for {'; '.join(changes)}); train_iters {t.train_iters} is where this run stops."]
+    raise ConfigError(f"checkpoint {where} was trained with another LR schedule ({'; '.join(changes)}); pass "
+                      "--override-opt_param-scheduler to use this run's values from the resumed iteration on, or "
+                      "--use-checkpoint-opt_param-scheduler to keep the checkpoint's.")
+
+
+def resume_vocab_size(cfg: Config, tokenizer) -> Optional[Tuple[int, str]]:
+    """(model.vocab_size, tag folder) of the checkpoint training.load resumes, when it was trained with
+    `tokenizer` (so a resumed run keeps its vocabulary); None without one. Errors locating it are left
+    to find_resume."""
+    if not cfg.training.load:
+        return None
+    try:
+        found = locate_resume(cfg.training.load)
+        if found is None:
+            return None
+        folder = os.path.join(found[0], found[1])
+        meta = read_meta(folder)
+    except (ConfigError, CheckpointError):
+        return None
+    saved = meta.get("tokenizer")
+    vocab = ((meta.get("config") or {}).get("model") or {}).get("vocab_size")
+    if not isinstance(saved, dict) or not isinstance(vocab, int) or not same_tokenizer(saved, tokenizer.describe()):
+        return None
+    return vocab, folder
+
+
 def find_resume(cfg: Config, world: int, precision: Optional[str] = None) -> Optional[Resume]:
-    """The checkpoint to resume from and how (Resume), after checking it fits; None = start fresh."""
+    """The checkpoint to resume from and how (Resume), after checking it fits; None = start fresh (no
+    training.load, or an existing folder without checkpoints). May set cfg.training's schedule fields
+    (training.use_checkpoint_opt_param_scheduler)."""
     load = cfg.training.load
     if not load:
         return None
-    tag = read_latest(load)
-    if tag is None:
+    found = locate_resume(load)
+    if found is None:
         return None
-    folder = os.path.join(load, tag)
-    if not os.path.isdir(folder):
-        raise ConfigError(f"training.load: {latest_path(load)} names '{tag}' but {folder} does not exist.")
-    if not os.path.isfile(meta_path(folder)):
-        raise ConfigError(f"training.load: {meta_path(folder)} is missing; {latest_path(load)} names tag "
-                          f"'{tag}' but that checkpoint is not a complete loop_megatron checkpoint.")
+    save_dir, tag, how = found
+    folder = os.path.join(save_dir, tag)
     try:
         meta = read_meta(folder)
     except CheckpointError as exc:
         raise ConfigError(f"training.load: {exc}") from None
-    return Resume(tag, meta, check_compatible(meta, cfg, folder, world, precision))
+    mode = check_compatible(meta, cfg, folder, world, precision)
+    notes = resolve_schedule(meta, cfg, folder)
+    return Resume(tag, meta, mode, save_dir, how, tuple(notes))
 
 
 def find_init_from(cfg: Config) -> Optional[str]:

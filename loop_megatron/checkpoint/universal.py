@@ -15,7 +15,8 @@ iteration is their whole position.
 
 Writing (`save_universal`, collective): for one parameter at a time, in the same order on every rank,
 DeepSpeed's tensor-fragment API gathers the full fp32 master and moments over the data-parallel group
-(ZeRO-1/2/3, bf16; at ZeRO-0 fp32 the torch optimizer's own state is read), the TP shards are merged over
+(ZeRO-1/2/3, bf16; at ZeRO-0 the torch optimizer's own state is read, for 16-bit weights through the
+fp32 copies of DeepSpeed's FP16_(Unfused)Optimizer wrapper, which bf16 ZeRO-0 also uses), the TP shards are merged over
 the TP group, and global rank 0 writes one file. Peak extra memory, on every rank (the gathers are
 all-reduce/all-gather, so every rank receives the result): the three full fp32 tensors of the one
 parameter being written, plus the gather buffers of the tensor being merged (its DP-whole TP shard and
@@ -26,14 +27,14 @@ Reading on another layout (TP size, DP/world size, ZeRO stage, CPU offload or pr
 `load_universal_weights` puts each rank's TP shard of the masters into the model before
 `deepspeed.initialize` (so DeepSpeed's fp32 masters start exact), and `load_universal_optimizer` then
 creates the optimizer state, sets every rank's ZeRO partition of master and moments from the full tensors
-(`safe_set_full_*`, or optimizer.state[p] at ZeRO-0), the step count, the LR-schedule position and the
+(`safe_set_full_*`, or optimizer.state at ZeRO-0), the step count, the LR-schedule position and the
 engine counters, and reseeds the RNGs from (seed, iteration) because per-rank RNG states do not map
 across layouts.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -132,11 +133,58 @@ def _has_fragments(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
 
 
-def supported(engine) -> bool:
-    """Every parameter's master and moments are reachable: through DeepSpeed's fragment API, or as the
-    torch optimizer's own parameters (ZeRO-0 fp32). Not so for ZeRO-0 fp16 (FP16_Optimizer)."""
+def _zero0_masters(engine) -> Dict[int, Tuple[torch.Tensor, int]]:
+    """ZeRO-0 with 16-bit weights: id(module parameter) -> (the fp32 tensor its master lives in and its
+    AdamW state is keyed by, element offset). DeepSpeed wraps the torch optimizer in FP16_UnfusedOptimizer
+    (bf16 always, fp16 with a non-fused optimizer: one fp32 copy per parameter, `fp32_groups`) or
+    FP16_Optimizer (fp16/bf16 with FusedAdam: one flat fp32 master per group, `fp32_groups_flat`, the
+    parameters packed in order); both pair them with `fp16_groups`, the module's 16-bit parameters."""
+    opt = engine.optimizer
+    groups = getattr(opt, "fp16_groups", None)
+    out: Dict[int, Tuple[torch.Tensor, int]] = {}
+    if not groups:
+        return out
+    flats = getattr(opt, "fp32_groups_flat", None)
+    if flats:
+        for params, flat in zip(groups, flats):
+            offset = 0
+            for q in params:
+                out[id(q)] = (flat, offset)
+                offset += q.numel()
+    elif getattr(opt, "fp32_groups", None):
+        for params, masters in zip(groups, opt.fp32_groups):
+            for q, m in zip(params, masters):
+                out[id(q)] = (m, 0)
+    return out
+
+
+def _view(tensor: torch.Tensor, offset: int, p: torch.Tensor) -> torch.Tensor:
+    """The piece of a (possibly flat) fp32 tensor that holds parameter `p`, in p's shape."""
+    if tensor.shape == p.shape and offset == 0:
+        return tensor
+    return tensor.view(-1).narrow(0, offset, p.numel()).view(p.shape)
+
+
+def unsupported_reason(engine) -> Optional[str]:
+    """None when every parameter's fp32 master and moments are reachable: through DeepSpeed's fragment
+    API (ZeRO-1/2/3, BF16_Optimizer), as the torch optimizer's own parameters (ZeRO-0 fp32), or through
+    the ZeRO-0 16-bit wrapper's fp32 copies (`_zero0_masters`); else one clause saying which parameter
+    is not and why."""
     own = {id(q) for g in base_optimizer(engine).param_groups for q in g["params"]}
-    return all(_has_fragments(p) or id(p) in own for p in engine.module.parameters())
+    masters = _zero0_masters(engine)
+    for name, p in engine.module.named_parameters():
+        if _has_fragments(p) or id(p) in own or id(p) in masters:
+            continue
+        if not p.requires_grad:
+            return f"parameter {name!r} is frozen, so the optimizer keeps no state for it"
+        return (f"parameter {name!r} has no fp32 master that {type(engine.optimizer).__name__} exposes per "
+                "parameter")
+    return None
+
+
+def supported(engine) -> bool:
+    """Every parameter's master and moments are reachable (see `unsupported_reason`)."""
+    return unsupported_reason(engine) is None
 
 
 def _hp_tensors(engine) -> List[Tuple[Dict[str, Any], torch.Tensor]]:
@@ -219,10 +267,11 @@ def _local_full(engine, p: torch.Tensor, key: str, ready: bool) -> torch.Tensor:
             shape = p.ds_shape if hasattr(p, "ds_id") else p.shape
             return torch.zeros(shape, dtype=torch.float32, device=engine.device)
         return safe_get_full_optimizer_state(p, key)
+    hp, offset = _zero0_masters(engine).get(id(p), (p, 0))
     if key == MASTER:
-        return p.detach()
-    st = base_optimizer(engine).state.get(p, {})
-    return st[key] if key in st else torch.zeros_like(p, dtype=torch.float32)
+        return _view(hp, offset, p).detach()
+    st = base_optimizer(engine).state.get(hp, {})
+    return _view(st[key], offset, p) if key in st else torch.zeros_like(p, dtype=torch.float32)
 
 
 def gather_parameter(engine, p: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -251,10 +300,14 @@ def _scatter_parameter(engine, p: torch.Tensor, full: Dict[str, torch.Tensor], n
                 safe_set_full_fp32_param(p, shard)
             else:
                 safe_set_full_optimizer_state(p, shard, key)
-        elif key == MASTER:
-            p.data.copy_(shard)
         else:
-            base_optimizer(engine).state[p][key].copy_(shard)
+            hp, offset = _zero0_masters(engine).get(id(p), (p, 0))
+            if key == MASTER:
+                _view(hp, offset, p).copy_(shard)
+                if hp is not p:  # ZeRO-0 16-bit: the module's weights are the master rounded
+                    p.data.copy_(shard)
+            else:
+                _view(base_optimizer(engine).state[hp][key], offset, p).copy_(shard)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -271,7 +324,7 @@ def _group_records(engine) -> List[Dict[str, Any]]:
 def save_universal(engine, folder: str, *, iteration: int, consumed_samples: int, global_batch_size: int,
                    seed: int, layout: Dict[str, Any]) -> bool:
     """Write `folder/universal/` (collective; global rank 0 writes). False, and nothing written, when
-    this engine's optimizer state cannot be reached per parameter (ZeRO-0 fp16)."""
+    this engine's optimizer state cannot be reached per parameter (`unsupported_reason`)."""
     if not supported(engine):
         return False
     _link_fragments(engine)
@@ -327,9 +380,10 @@ def load_universal_optimizer(engine, folder: str) -> Dict[str, Any]:
     from .rng import reseed
 
     state = read_state(folder)
-    if not supported(engine):
-        raise UniversalError(f"{folder}: this run's optimizer (ZeRO-0 fp16) keeps no per-parameter state "
-                             "that the universal state can be loaded into; use bf16, fp32 or ZeRO >= 1.")
+    reason = unsupported_reason(engine)
+    if reason is not None:
+        raise UniversalError(f"{folder}: the universal state cannot be loaded into this run's optimizer "
+                             f"({reason}).")
     ensure_optimizer_state(engine, int(state["optimizer_step"]))
     with torch.no_grad():
         for name, p in engine.module.named_parameters():

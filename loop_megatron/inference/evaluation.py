@@ -12,6 +12,7 @@ with the checkpoint's tokenizer (data/bpb.py). Single process, TP=1.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -132,38 +133,106 @@ def build_eval_sets(data_path: Sequence[str], split: str, seq_length: int, eval_
     return {eval_split: build_eval_dataset(data_path, split, seq_length, eval_split, seed, cache_dir)}
 
 
-def evaluate_checkpoint(load: str, data_path: Sequence[str], split: str = "949,50,1", eval_split: str = "valid",
-                        seq_length: Optional[int] = None, micro_batch_size: int = 8, eval_iters: Optional[int] = None,
-                        loops: Optional[Sequence[int]] = None, tag: Optional[str] = None, seed: int = 1234,
+def run_data_settings(cfg, *, data_path: Optional[Sequence[str]] = None, named: Optional[Sequence[str]] = None,
+                      split: Optional[str] = None, seed: Optional[int] = None, seq_length: Optional[int] = None,
+                      cache_dir: Optional[str] = None, micro_batch_size: Optional[int] = None,
+                      eval_split: str = "valid") -> Tuple[Dict[str, Any], List[str]]:
+    """The data settings to evaluate a checkpoint with: each one given (not None) wins, the others are the
+    run's, read from the checkpoint's recorded config `cfg` (data.data_path or the named
+    data.valid_data_path / test_data_path sets, data.split, training.seed, data.seq_length,
+    data.data_cache_path, training.micro_batch_size), so the held-out set is the trainer's. Returns
+    (settings, lines to print): one line per setting given that differs from the run's, e.g. "split
+    949,50,1 (from --split; the run used 969,30,1)"."""
+    d, t = cfg.data, cfg.training
+    run_named = list(getattr(d, f"{eval_split}_data_path") or [])
+    run = {"split": d.split, "seed": t.seed, "seq_length": min(d.seq_length, cfg.model.max_position_embeddings),
+           "cache_dir": d.data_cache_path or None, "micro_batch_size": t.micro_batch_size}
+    given = {"split": split, "seed": seed, "seq_length": seq_length, "cache_dir": cache_dir or None,
+             "micro_batch_size": micro_batch_size}
+    flags = {"split": "--split", "seed": "--seed", "seq_length": "--seq-length", "cache_dir": "--data-cache-path",
+             "micro_batch_size": "--micro-batch-size"}
+    out, notes = {}, []
+    for key, value in given.items():
+        out[key] = run[key] if value is None else value
+        if value is not None and value != run[key]:
+            notes.append(f"{key.replace('_', ' ')} {value} (from {flags[key]}; the run used {run[key]})")
+    if named:
+        out["data_path"], out["named"] = [], list(named)
+        if list(named) != run_named:
+            notes.append(f"{eval_split} sets {' '.join(named)} (from --{eval_split}-data-path; the run used "
+                         f"{' '.join(run_named) if run_named else f'the {eval_split} split of its data path'})")
+    elif data_path:
+        out["data_path"], out["named"] = list(data_path), None
+        if run_named or list(data_path) != list(d.data_path):
+            used = (f"the {eval_split} sets {' '.join(run_named)}" if run_named else ' '.join(d.data_path) or "none")
+            notes.append(f"data path {' '.join(data_path)} (from --data-path; the run used {used})")
+    elif run_named:
+        out["data_path"], out["named"] = [], run_named
+    elif d.data_path:
+        out["data_path"], out["named"] = list(d.data_path), None
+    else:
+        raise ValueError("the checkpoint records no data path (it was not trained here); pass --data-path or "
+                         f"--{eval_split}-data-path NAME=PREFIX ...")
+    return out, notes
+
+
+def describe_data(settings: Dict[str, Any], eval_split: str = "valid") -> str:
+    """One line naming what is evaluated, e.g. "valid split of data/x (split 969,30,1, seed 1234, seq_length
+    512, micro batch 8)"."""
+    if settings["named"]:
+        where = f"{eval_split} sets {' '.join(settings['named'])}"
+    else:
+        where = f"{eval_split} split of {' '.join(settings['data_path'])} (split {settings['split']})"
+    return (f"{where}, seed {settings['seed']}, seq_length {settings['seq_length']}, micro batch "
+            f"{settings['micro_batch_size']}")
+
+
+def evaluate_checkpoint(load: str, data_path: Optional[Sequence[str]] = None, split: Optional[str] = None,
+                        eval_split: str = "valid", seq_length: Optional[int] = None,
+                        micro_batch_size: Optional[int] = None, eval_iters: Optional[int] = None,
+                        loops: Optional[Sequence[int]] = None, tag: Optional[str] = None, seed: Optional[int] = None,
                         cache_dir: Optional[str] = None, device: str = "cpu", named: Optional[Sequence[str]] = None,
                         exit_criterion: str = "none", exit_thresholds: Sequence[float] = (),
                         max_loops: Optional[int] = None, tokenizer=None) -> Tuple[List[EvalResult], Dict[str, Any]]:
-    """Load a checkpoint and evaluate it on every set once per entry of `loops` (default: its trained
-    loop count), then, with an exit criterion, once per threshold with `max_loops` (default: the largest of
-    `loops`, or the trained count) as the cap; bits per byte from `tokenizer` (default: the checkpoint's).
-    The datasets are checked to be made by that tokenizer. Returns (results, checkpoint meta);
-    meta["config"]["model"]["num_loops"] is the trained count."""
+    """Load a checkpoint and evaluate it on every set once per entry of `loops` (default: its
+    training.eval_loops, else its trained loop count), then, with an exit criterion, once per threshold
+    with `max_loops` (default: the largest of `loops`, or the trained count) as the cap; bits per byte from
+    `tokenizer` (default: the checkpoint's). Data settings left None are the run's own
+    (`run_data_settings`), so on the run's data the held-out samples are the trainer's: its valid line
+    over eval_iters x micro_batch_size x DP samples equals this with eval_iters = its eval_iters x DP.
+    The datasets are checked to be made by that tokenizer. Returns (results, checkpoint meta) with
+    meta["eval_data"] (the settings used), meta["eval_notes"] (settings overridden, with the run's
+    values); meta["config"]["model"]["num_loops"] is the trained count."""
     from ..checkpoint import load_checkpoint, tokenizer_for
     from ..data.gpt_dataset import parse_data_path, parse_named_data_paths
     from ..data.indexed_dataset import check_dataset_tokenizer
     from ..model import LoopGPT, load_full_state_dict
 
     cfg, sd, meta = load_checkpoint(load, tag)
+    from_run = not data_path and not named
+    settings, notes = run_data_settings(cfg, data_path=data_path, named=named, split=split, seed=seed,
+                                        seq_length=seq_length, cache_dir=cache_dir,
+                                        micro_batch_size=micro_batch_size, eval_split=eval_split)
+    data_path, named, split, seed = settings["data_path"], settings["named"], settings["split"], settings["seed"]
+    seq_length, cache_dir, micro_batch_size = settings["seq_length"], settings["cache_dir"], settings["micro_batch_size"]
     tokenizer = tokenizer if tokenizer is not None else tokenizer_for(checkpoint=meta["path"], meta=meta)
     prefixes = ([p for _, p in parse_named_data_paths(named, f"--{eval_split}-data-path")] if named
                 else [p for _, p in parse_data_path(list(data_path))])
     for prefix in prefixes:
+        if from_run and not os.path.isfile(prefix + ".idx"):
+            raise ValueError(f"the run's data {prefix} (recorded in {meta['path']}) is not found here ({prefix}.idx "
+                             f"is missing); pass --data-path or --{eval_split}-data-path.")
         check_dataset_tokenizer(prefix, tokenizer, cfg.model.vocab_size)
     model = LoopGPT(cfg.model)
     load_full_state_dict(model, sd)
     model = model.to(device).eval()
-    seq_length = seq_length or min(cfg.data.seq_length, cfg.model.max_position_embeddings)
     if seq_length > cfg.model.max_position_embeddings:
         raise ValueError(f"--seq-length {seq_length} is longer than the model's max_position_embeddings "
                          f"({cfg.model.max_position_embeddings}).")
+    meta = dict(meta, eval_data=settings, eval_notes=notes)
     sets = build_eval_sets(data_path, split, seq_length, eval_split, seed, cache_dir, named)
     lengths = tokenizer.token_byte_lengths()
-    depths = list(loops) if loops else [cfg.model.num_loops]
+    depths = list(loops) if loops else [cfg.training.eval_loops or cfg.model.num_loops]
     for n in depths:
         if n < 1:
             raise ValueError(f"--loops values must be >= 1, got {n}.")

@@ -49,6 +49,8 @@ CONFIG_FLAGS: List[Tuple[str, str]] = [
     ("--micro-batch-size", "training.micro_batch_size"),
     ("--global-batch-size", "training.global_batch_size"),
     ("--override-global-batch", "training.override_global_batch"),
+    ("--override-opt_param-scheduler", "training.override_opt_param_scheduler"),
+    ("--use-checkpoint-opt_param-scheduler", "training.use_checkpoint_opt_param_scheduler"),
     ("--train-iters", "training.train_iters"),
     ("--lr", "training.lr"),
     ("--min-lr", "training.min_lr"),

@@ -58,6 +58,7 @@ def preflight(cfg: Config, opts: RunOptions) -> Dict[str, Any]:
     Touches no process group."""
     world = dist.get_world_size() if dist.is_initialized() else env_world_size()
     ds_base = adopt_ds_file_settings(cfg, opts.explicit)
+    vocab_note = resolve_vocab_size(cfg, opts)
     cfg.validate(world)
     precision = resolve_precision(cfg)
     check_data_paths(cfg.data.data_path)
@@ -67,10 +68,32 @@ def preflight(cfg: Config, opts: RunOptions) -> Dict[str, Any]:
     # refuses any dataset whose recorded vocabulary or largest id does not fit the model.
     tokenizer = checkpoint.tokenizer_for(cfg, fit_model_vocab=cfg.data.tokenizer_type == HF_TYPE)
     data_notes = check_data_tokenizers(cfg, tokenizer)  # refuses data of another tokenizer / a larger vocab
+    if vocab_note:
+        data_notes = [vocab_note] + list(data_notes)
     resume = checkpoint.find_resume(cfg, world, precision)  # refuses another shape, tokenizer, batch, layout
     init_from = checkpoint.find_init_from(cfg) if resume is None else None
     return {"world": world, "ds_base": ds_base, "precision": precision, "resume": resume, "init_from": init_from,
             "tokenizer": tokenizer, "data_notes": data_notes}
+
+
+def resolve_vocab_size(cfg: Config, opts: RunOptions) -> Optional[str]:
+    """With a HuggingFaceTokenizer and model.vocab_size not set explicitly (opts.explicit: file, flag or
+    --override; a preset's or the default value does not count), set model.vocab_size to the tokenizer's
+    vocabulary, or, resuming a checkpoint of the same tokenizer, to the checkpoint's (so a resumed run
+    keeps its shape). Returns the line to log, or None when nothing changed. GPT-2's tokenizer is left
+    alone: the default 50,257 is its vocabulary, and small test models read toy ids with it."""
+    if cfg.data.tokenizer_type != HF_TYPE or "model.vocab_size" in opts.explicit:
+        return None
+    tokenizer = checkpoint.tokenizer_for(cfg)
+    vocab, source = tokenizer.vocab_size, f"the vocabulary of the tokenizer {tokenizer.name}"
+    saved = checkpoint.resume_vocab_size(cfg, tokenizer)
+    if saved is not None and saved[0] >= vocab:
+        vocab, source = saved[0], f"the checkpoint {saved[1]} (same tokenizer)"
+    if cfg.model.vocab_size == vocab:
+        return None
+    before, cfg.model.vocab_size = cfg.model.vocab_size, vocab
+    return (f"model.vocab_size {vocab} from {source} (not set explicitly; it was {before}); set "
+            "model.vocab_size to choose another.")
 
 
 @dataclass
@@ -244,7 +267,7 @@ class Trainer:
                                 cfg.training.train_exit_gate_only)  # freezes before the optimizer is built
         resume = self.checks["resume"]
         if resume is not None and resume.mode == "universal":  # another layout: masters before ZeRO partitions
-            checkpoint.load_universal_weights(model, os.path.join(cfg.training.load, resume.tag))
+            checkpoint.load_universal_weights(model, resume.folder)
         engine, self.clipper, self.compile_timer = build_engine(cfg, model, self.dp, self.checks["precision"],
                                                                 self.checks["ds_base"], self.log.print)
         return engine
@@ -252,22 +275,34 @@ class Trainer:
     def _resume(self) -> None:
         t, resume = self.cfg.training, self.checks["resume"]
         if resume is not None:
-            folder = os.path.join(t.load, resume.tag)
+            folder = resume.folder
             if resume.mode == "universal":
                 client = checkpoint.load_universal_optimizer(self.engine, folder)
             else:
-                client = checkpoint.load_engine_checkpoint(self.engine, t.load, resume.tag)
+                client = checkpoint.load_engine_checkpoint(self.engine, resume.save_dir, resume.tag)
             self.iteration = int(client.get("iteration", 0))
             self.start_consumed = int(client.get("consumed_samples", self.iteration * self.global_batch))
             how = ("universal state, new layout: " + "; ".join(checkpoint.layout_changes(
                 resume.meta, self.cfg, world_size(), self.checks["precision"])) if resume.mode == "universal" else
                    "DeepSpeed state, same layout")
-            self.log.print(f"resumed from {folder} at iteration {self.iteration}, sample "
-                           f"{self.start_consumed} ({how})")
+            self.log.print(f"resumed from {folder} at iteration {self.iteration}, sample {self.start_consumed} "
+                           f"(save folder {resume.save_dir}, tag {resume.tag}: {resume.how}; {how})")
+            for note in resume.notes:
+                self.log.print(f"note: {note}")
+            if resume.notes and t.override_opt_param_scheduler:
+                saved = Config.from_dict(resume.meta["config"]).training
+                self.log.print(f"note: lr at iteration {self.iteration}: {lr_at(self.iteration, saved):.4g} on the "
+                               f"checkpoint's schedule, {lr_at(self.iteration, t):.4g} on this run's")
+            newer = [tag for it, tag in checkpoint.list_checkpoints(resume.save_dir) if it > self.iteration]
+            if newer and t.save and os.path.abspath(t.save) == os.path.abspath(resume.save_dir):
+                self.log.print(f"note: {resume.save_dir} also holds newer checkpoints ({', '.join(newer)}); this run "
+                               "saves into the same folder, replacing them as it reaches their iterations, and "
+                               "'latest' will name this run's newest")
         elif t.load:
-            self.log.print(f"no checkpoint in {t.load} (no 'latest' file); starting from scratch")
+            self.log.print(f"no checkpoint in {t.load} yet (an existing folder without a 'latest' file or checkpoint "
+                           "tags); starting from scratch")
         self.start_iteration = self.iteration
-        same_folder = resume is not None and os.path.abspath(t.save or "") == os.path.abspath(t.load)
+        same_folder = resume is not None and os.path.abspath(t.save or "") == os.path.abspath(resume.save_dir)
         self.last_saved = self.iteration if same_folder else None  # do not re-save the checkpoint just loaded
 
     # ------------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def test_preflight_refuses_data_of_another_tokenizer(tmp_path, tiny_tokenizer_di
     # A model vocabulary smaller than the tokenizer's.
     cfg = _config(str(tmp_path), [hf_data], tiny_tokenizer_dir, **{"model.vocab_size": 256})
     with pytest.raises(ConfigError, match=r"model.vocab_size \(256\) is smaller than the vocabulary"):
-        preflight(cfg, RunOptions())
+        preflight(cfg, RunOptions(explicit={"model.vocab_size"}))
     cfg = _config(str(tmp_path), [hf_data], tiny_tokenizer_dir)
     assert preflight(cfg, RunOptions())["tokenizer"].vocab_size == VOCAB
 
@@ -142,7 +142,9 @@ def test_evaluate_bpb_matches_hand_computation(trained, capsys):
     assert [r.name for r in results] == ["alpha", "beta"]
     model = load_model(save)
     lengths = _reference_byte_lengths(trained["tok"].model_path)
-    sets = build_eval_sets([], "", 16, named=[f"alpha={a}", f"beta={b}"], cache_dir=os.path.join(trained["tmp"], "c"))
+    # evaluate_checkpoint samples with the run's seed (its training.seed), as the trainer did.
+    sets = build_eval_sets([], "", 16, seed=trained["cfg"].training.seed, named=[f"alpha={a}", f"beta={b}"],
+                           cache_dir=os.path.join(trained["tmp"], "c"))
     zero_byte_targets = 0
     for r, ds in zip(results, sets.values()):
         tokens = torch.stack([torch.as_tensor(ds[i]["tokens"], dtype=torch.long) for i in range(8)])
@@ -193,3 +195,37 @@ def test_hf_export_tokenizer_round_trips_and_generate_uses_it(trained, capsys):
     text = capsys.readouterr().out
     ids = tok.encode(text.rstrip("\n"))
     assert text.startswith("The Congress") and max(ids) < VOCAB
+
+
+def test_vocab_size_follows_the_tokenizer_unless_set(tmp_path, tiny_tokenizer_dir):
+    """model.vocab_size not set explicitly: the HF tokenizer's vocabulary (not GPT-2's 50,257), or on a
+    resume the checkpoint's (same tokenizer); set explicitly it is kept (and a smaller one is refused)."""
+    import yaml
+
+    import torch.distributed as dist
+
+    from loop_megatron.training.trainer import preflight, pretrain
+
+    data = _dataset(str(tmp_path), "v", _documents()[:40], model=tiny_tokenizer_dir)
+    cfg = _config(str(tmp_path), [data], tiny_tokenizer_dir, **{"model.vocab_size": 50257})
+    checks = preflight(cfg, RunOptions())
+    assert cfg.model.vocab_size == VOCAB
+    assert any(n.startswith(f"model.vocab_size {VOCAB} from the vocabulary of the tokenizer") for n in checks["data_notes"])
+    cfg = _config(str(tmp_path), [data], tiny_tokenizer_dir, **{"model.vocab_size": 512})
+    preflight(cfg, RunOptions(explicit={"model.vocab_size"}))
+    assert cfg.model.vocab_size == 512
+    # A checkpoint trained with vocab 512 (set) is resumed with 512 when the resume does not set it.
+    save = str(tmp_path / "ck")
+    cfg = _config(str(tmp_path), [data], tiny_tokenizer_dir, **{"model.vocab_size": 512, "training.train_iters": 1, "training.lr_decay_iters": 2,
+                                                               "training.save": save, "training.eval_iters": 0})
+    try:
+        pretrain(cfg, RunOptions(explicit={"model.vocab_size"}))
+        resumed = _config(str(tmp_path / "r"), [data], tiny_tokenizer_dir, **{
+            "model.vocab_size": 50257, "training.train_iters": 2, "training.lr_decay_iters": 2, "training.load": save, "training.eval_iters": 0})
+        pretrain(resumed, RunOptions())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert resumed.model.vocab_size == 512
+    with open(os.path.join(resumed.training.run_dir, "config.yaml")) as f:
+        assert yaml.safe_load(f)["model"]["vocab_size"] == 512

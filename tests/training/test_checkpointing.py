@@ -96,7 +96,8 @@ def test_layout_keep_last_and_contract(runs, layout):
 def _ck_config(runs, layout, **overrides):
     prefix = runs[1]
     r = runs[0][layout]
-    base = {"training.global_batch_size": 4, "training.load": r["ck"], **LAYOUTS[layout]}
+    base = {"training.global_batch_size": 4, "training.lr_warmup_iters": 2, "training.lr_decay_iters": 8,
+            "training.load": r["ck"], **LAYOUTS[layout]}  # the saved schedule (another one is refused)
     base.update(overrides)
     return tiny_config(prefix, os.path.join(os.path.dirname(r["ck"]), "refused"), **base)
 
