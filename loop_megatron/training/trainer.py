@@ -521,13 +521,14 @@ class Trainer:
         elapsed = format_eta(summary["elapsed_s"])
         done = self.iteration - self.start_iteration
         train = summary["final_train_loss"]
-        valid = summary["final_valid_loss"]
-        bpb = summary["final_valid_bpb"].get(self.primary_valid)
+        evaluated = self.last_eval_iteration is not None
+        valid = self.final_valid if evaluated else None  # nan stays visible here (summary.json has null)
+        bpb = self.final_valid_bpb.get(self.primary_valid) if evaluated else None
         losses = f"train {train:.4f}" if train is not None else "train n/a"
         losses += f" (mean of the last {len(self.last_window_losses)} steps)" if train is not None else ""
         losses += f", {PRIMARY_VALID} {valid:.4f}" if valid is not None else f", {PRIMARY_VALID} n/a"
         losses += f" (bpb {bpb:.4f})" if bpb is not None else ""
-        others = {k: v for k, v in summary["final_valid_bpb"].items() if k != self.primary_valid}
+        others = {k: v for k, v in self.final_valid_bpb.items() if k != self.primary_valid}
         tb_dir = t.tensorboard_dir or os.path.join(self.run_dir, "tensorboard")
         if t.save and self.last_saved is not None:
             ckpt = f"{checkpoint.last_good_checkpoint(t.save)} (latest; --load {t.save} resumes it)"
@@ -539,8 +540,7 @@ class Trainer:
                  + (f", {self.skipped_steps} step(s) skipped (no update)" if self.skipped_steps else ""),
                  f"  final loss   {losses}"]
         if others:
-            lines.append("  valid sets   " + ", ".join(f"{k} bpb {v:.4f}" if v is not None else f"{k} n/a"
-                                                      for k, v in others.items()))
+            lines.append("  valid sets   " + ", ".join(f"{k} bpb {v:.4f}" for k, v in others.items()))
         lines += [f"  metrics      {os.path.join(self.run_dir, 'metrics.jsonl')}, "
                   f"{os.path.join(self.run_dir, 'summary.json')}",
                   f"  tensorboard  {tb_dir}",
