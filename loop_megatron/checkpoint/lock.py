@@ -5,8 +5,9 @@
 
 Global rank 0 of a run takes the lock at setup and removes it at exit (the trainer's close(), which also
 runs after an exception or a SIGTERM/SIGINT stop, and an atexit hook); the other ranks never touch it.
-The check-and-take runs under an flock of `<save>/.lock.flock` (utils/fs.exclusive_lock), so two runs
-starting together cannot both take it. An existing lock is judged so:
+The check-and-take runs under an flock of the save folder itself, so two runs starting together on one
+host cannot both take it (where the filesystem refuses flock on a folder, e.g. some NFS setups, it runs
+without; the temp + rename write still never leaves a half-written lock). An existing lock is judged so:
 
 - held by this process (a second run in the same Python process, e.g. tests): taken again;
 - same host (same hostname and kernel boot id): the holder is alive when `os.kill(pid, 0)` succeeds and
@@ -25,20 +26,21 @@ folder) take no lock.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 from ..utils import fs
 from .layout import CheckpointError
 
 LOCK_FILE = "lock"
-GUARD_FILE = ".lock.flock"
 REFRESH_S = 60.0
 STALE_AFTER_S = 300.0
 
@@ -49,6 +51,24 @@ class SaveFolderBusy(CheckpointError):
 
 def lock_path(save_dir: str) -> str:
     return os.path.join(save_dir, LOCK_FILE)
+
+
+@contextlib.contextmanager
+def _folder_flock(folder: str) -> Iterator[None]:
+    """An exclusive flock of `folder` for the block (the kernel drops it if this process dies)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def _boot_id() -> Optional[str]:
@@ -152,7 +172,7 @@ class SaveLock:
         """Take the lock of `save_dir` (created if missing) or raise SaveFolderBusy naming the holder."""
         os.makedirs(save_dir, exist_ok=True)
         me = _record()
-        with fs.exclusive_lock(os.path.join(save_dir, GUARD_FILE)):
+        with _folder_flock(save_dir):
             old = read_lock(save_dir)
             if old is not None:
                 verdict = judge(old, me, force)
@@ -189,7 +209,7 @@ class SaveLock:
         except Exception:
             pass
         try:
-            with fs.exclusive_lock(os.path.join(self.save_dir, GUARD_FILE)):
+            with _folder_flock(self.save_dir):
                 if self.held():
                     fs.remove_quietly(self.path)
         except OSError:
