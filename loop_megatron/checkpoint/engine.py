@@ -15,8 +15,8 @@ records this rank's first OSError (or torch's own write failures: "basic_ios::cl
 "PytorchStreamWriter failed") instead of raising it, and skips the save's later writes; DeepSpeed's own
 writes are routed through it too (its checkpoint engine's `save`/`makedirs` and the recovery-script copy,
 for the duration of the save). So a rank whose write failed still takes part in every collective of the
-save (DeepSpeed's barriers, the gathers of model.pt and universal/), and at two agreement points (after
-the writes, after the rename) one all-reduce of an error flag tells every rank whether any rank failed.
+save (DeepSpeed's barriers, the gathers of model.pt and universal/), and at three agreement points (after
+the folder is made, after the writes, after the rename) one all-reduce of an error flag tells every rank whether any rank failed.
 Then rank 0 deletes the temporary folder, `latest` stays on the last good checkpoint, and every rank
 raises the same `CheckpointWriteError`: one sentence naming the failed path (and rank), the reason and
 the last good checkpoint. Weights that are not finite are refused before anything is written.
