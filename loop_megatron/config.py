@@ -245,6 +245,11 @@ class TrainingConfig:
     clip_grad: float = 1.0
     """Global gradient-norm clipping threshold; 0 disables."""
 
+    skip_nonfinite_steps: bool = False
+    """Skip an optimizer step whose loss or global gradient norm is NaN/inf (no update of weights, moments
+    or LR schedule; the data moves on; counted as train/skipped_steps) instead of stopping the run. By
+    default such a step stops the run with one sentence and a non-zero exit status, without saving it."""
+
     seed: int = 1234
     """Seed for weights, data order and dropout."""
 
@@ -264,6 +269,11 @@ class TrainingConfig:
 
     save: str = ""
     """Checkpoint folder ('' = no checkpoints)."""
+
+    force_save_lock: bool = False
+    """Take over the save folder's lock even when its holder is on another host and may be alive (by
+    default a live holder is refused, a dead one on this host or a lock not refreshed for 5 minutes is
+    taken over with a note)."""
 
     load: str = ""
     """Checkpoint to resume from: the save folder (its 'latest' tag), one tag folder in it (e.g.

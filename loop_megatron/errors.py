@@ -8,8 +8,9 @@ can still catch one package's errors by name::
     LoopMegatronError(ValueError)
         ConfigError          config.py
         DataError            data/errors.py       (SourceUnavailable in data/sources.py)
-        CheckpointError      checkpoint/layout.py
+        CheckpointError      checkpoint/layout.py   (CheckpointWriteError, SaveFolderBusy)
         UniversalError       checkpoint/universal.py
+        NonFiniteStepError   training/step.py
         LaunchError          launch/errors.py
         ConversionError      hf/convert.py
         ExperimentError      experiments/records.py

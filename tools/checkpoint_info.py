@@ -7,7 +7,8 @@
 
 Reports the model shape and parameter count, the layout it was saved on (TP, DP, ZeRO stage, CPU offload,
 precision), iteration, consumed samples, tokens seen, whether model.pt, DeepSpeed's shards and the
-topology-free universal/ state are present (and complete), the tokenizer, and how to resume.
+topology-free universal/ state are present (and complete), whether the weights are all finite, the
+tokenizer, and how to resume. Exit status 1 when the weights hold NaN/inf (not a good checkpoint).
 CONFIG.yaml in the commands is the run's config (saved in its run folder as config.yaml).
 """
 import argparse
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(record, indent=2) if args.json else format_text(record))
-    return 0
+    return 1 if record["weights"]["finite"] is False else 0
 
 
 if __name__ == "__main__":

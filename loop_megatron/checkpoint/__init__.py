@@ -4,7 +4,7 @@
 which tokenizer a run or checkpoint uses (`tokenizer_for`) and copies it into checkpoints, `io` reads and writes
 the consolidated TP=1 weights without DeepSpeed (tools, Hugging Face conversion, `--init-from`),
 `compat` refuses a checkpoint that does not fit the run and decides how a fitting one is resumed, `rng`
-saves and restores each rank's random state, `engine` does the collective DeepSpeed save/resume and the
+saves and restores each rank's random state, `lock` keeps one live run per save folder, `engine` does the collective DeepSpeed save/resume and the
 consolidation of sharded weights, and `universal` writes and reads the topology-free training state
 (full fp32 masters + AdamW moments per parameter, step, schedule, data position) that resumes a run on
 another TP size, DP size, ZeRO stage, CPU offload or precision.
@@ -14,7 +14,9 @@ tokenizer check) data.
 from .compat import (SHAPE_FIELDS, Resume, check_compatible, check_same_shape, check_same_tokenizer, find_init_from,
                      find_resume, layout_changes, locate_resume, resume_vocab_size, saved_global_batch,
                      schedule_changes)
-from .engine import consolidated_state_dict, load_engine_checkpoint, run_layout, save_engine_checkpoint
+from .engine import (CheckpointWriteError, consolidated_state_dict, last_good_checkpoint, load_engine_checkpoint,
+                     nonfinite_tensors, run_layout, save_engine_checkpoint)
+from .lock import SaveFolderBusy, SaveLock
 from .io import load_checkpoint, load_model, resolve_checkpoint, save_checkpoint_files
 from .tokenizer import load_tokenizer, save_tokenizer, tokenizer_for
 from .layout import (FORMAT, LATEST_FILE, META_FILE, MODEL_FILE, VERSION, CheckpointError, list_checkpoints,
@@ -22,7 +24,8 @@ from .layout import (FORMAT, LATEST_FILE, META_FILE, MODEL_FILE, VERSION, Checkp
 from .universal import (UniversalError, has_universal, load_universal_optimizer, load_universal_weights,
                         read_full_state)
 
-__all__ = ["CheckpointError", "FORMAT", "LATEST_FILE", "META_FILE", "MODEL_FILE", "SHAPE_FIELDS", "VERSION",
+__all__ = ["CheckpointError", "CheckpointWriteError", "SaveFolderBusy", "SaveLock", "last_good_checkpoint",
+           "nonfinite_tensors", "FORMAT", "LATEST_FILE", "META_FILE", "MODEL_FILE", "SHAPE_FIELDS", "VERSION",
            "Resume", "UniversalError", "check_compatible", "check_same_shape", "check_same_tokenizer",
            "has_universal", "layout_changes", "locate_resume", "resume_vocab_size", "schedule_changes", "load_universal_optimizer", "load_universal_weights",
            "read_full_state", "run_layout", "saved_global_batch", "consolidated_state_dict", "find_init_from", "find_resume",

@@ -9,12 +9,25 @@ always complete. The save folder must be shared by all nodes (as DeepSpeed's own
 `load_engine_checkpoint` restores the engine and this rank's RNG. Every save also writes the
 topology-free `universal/` state (`universal.py`) that resumes on another TP/DP/ZeRO layout. Names and
 files: `layout.py`.
+
+Write errors (disk full, I/O error, permission). Every write of a save goes through `_Writes.run`, which
+records this rank's first OSError (or torch's own write failures: "basic_ios::clear", "unexpected pos",
+"PytorchStreamWriter failed") instead of raising it, and skips the save's later writes; DeepSpeed's own
+writes are routed through it too (its checkpoint engine's `save`/`makedirs` and the recovery-script copy,
+for the duration of the save). So a rank whose write failed still takes part in every collective of the
+save (DeepSpeed's barriers, the gathers of model.pt and universal/), and at three agreement points (after
+the folder is made, after the writes, after the rename) one all-reduce of an error flag tells every rank whether any rank failed.
+Then rank 0 deletes the temporary folder, `latest` stays on the last good checkpoint, and every rank
+raises the same `CheckpointWriteError`: one sentence naming the failed path (and rank), the reason and
+the last good checkpoint. Weights that are not finite are refused before anything is written.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
-from typing import Any, Dict
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -22,7 +35,8 @@ from ..config import Config, data_parallel_size, global_batch_size
 from ..model import full_state_dict
 from ..utils import fs
 from ..utils.distributed import barrier, rank, world_size
-from .layout import FORMAT, make_meta, model_path, prune, tag_for, temp_tag, write_latest, write_meta
+from .layout import (FORMAT, CheckpointError, latest_path, make_meta, meta_path, model_path, prune, read_latest,
+                     rng_path, tag_for, temp_tag, tokenizer_path, write_latest, write_meta)
 from .rng import restore_rng, save_rng
 from .tokenizer import save_tokenizer, tokenizer_for
 from .universal import save_universal
@@ -85,38 +99,196 @@ def run_layout(engine, cfg: Config) -> Dict[str, Any]:
             "global_batch_size": global_batch_size(cfg, dp)}
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, I/O error, permission); its partial folder is gone."""
+
+
+# torch.save's own messages when the bytes do not reach the disk (it raises RuntimeError, not OSError).
+_TORCH_WRITE_FAILURES = ("basic_ios::clear", "iostream error", "unexpected pos", "PytorchStreamWriter failed",
+                         "file write failed")
+
+
+def is_write_error(exc: BaseException) -> bool:
+    """An OSError, or torch.save's RuntimeError for a write that did not reach the disk."""
+    return isinstance(exc, OSError) or (isinstance(exc, RuntimeError)
+                                        and any(m in str(exc) for m in _TORCH_WRITE_FAILURES))
+
+
+def _reason(path: str, exc: BaseException) -> str:
+    """Why a write of `path` failed, in a few words."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        text = os.strerror(exc.errno)
+    else:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if len(text) > 120:
+            text = text[:117] + "..."
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        free = shutil.disk_usage(folder or ".").free
+    except OSError:
+        free = None
+    if free is not None and (getattr(exc, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+                             or not isinstance(exc, OSError)):
+        text += f"; {free / 2 ** 20:,.1f} MiB free on that disk"
+    return text
+
+
+class _Writes:
+    """This rank's first write error during one save (see the module docstring). After it the save's later
+    writes are skipped, but the rank keeps taking part in every collective."""
+
+    def __init__(self):
+        self.failed: Optional[Tuple[str, BaseException]] = None
+
+    def run(self, _path: str, _fn: Callable, *args, **kwargs):
+        """_fn(*args, **kwargs), the write of `_path`; a write error is recorded, not raised."""
+        if self.failed is not None:
+            return None
+        try:
+            return _fn(*args, **kwargs)
+        except Exception as exc:
+            if not is_write_error(exc):
+                raise
+            self.failed = (_path, exc)
+            return None
+
+    def describe(self) -> Optional[str]:
+        if self.failed is None:
+            return None
+        path, exc = self.failed
+        return f"{path}: {_reason(path, exc)}"
+
+    @contextlib.contextmanager
+    def around_deepspeed(self, engine):
+        """Route DeepSpeed's writes of this save through `run` (its checkpoint engine's save/makedirs and
+        the recovery-script copy), restoring the originals afterwards."""
+        targets = [(getattr(engine, "checkpoint_engine", None), "save", 1),
+                   (getattr(engine, "checkpoint_engine", None), "makedirs", 0),
+                   (engine, "_copy_recovery_script", 0)]
+        patched = []
+        for obj, name, path_arg in targets:
+            fn = getattr(obj, name, None) if obj is not None else None
+            if fn is None or not callable(fn):
+                continue
+            had_own = name in getattr(obj, "__dict__", {})
+
+            def wrapper(*args, __fn=fn, __i=path_arg, **kwargs):
+                path = str(args[__i]) if len(args) > __i else str(kwargs.get("path", "a DeepSpeed checkpoint file"))
+                return self.run(path, __fn, *args, **kwargs)
+
+            setattr(obj, name, wrapper)
+            patched.append((obj, name, had_own, fn))
+        try:
+            yield
+        finally:
+            for obj, name, had_own, fn in patched:
+                if had_own:
+                    setattr(obj, name, fn)
+                else:
+                    delattr(obj, name)
+
+
+def _comm_device():
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _failures(writes: _Writes) -> List[Tuple[int, str]]:
+    """[(rank, "path: reason")] of every rank whose write failed: the same list on every rank (collective)."""
+    import torch.distributed as dist
+
+    mine = writes.describe()
+    if world_size() == 1:
+        return [(0, mine)] if mine else []
+    flag = torch.tensor([0.0 if mine is None else 1.0], device=_comm_device())
+    dist.all_reduce(flag)
+    if float(flag.item()) == 0:
+        return []
+    messages: List[Optional[str]] = [None] * world_size()
+    dist.all_gather_object(messages, mine)
+    return [(r, m) for r, m in enumerate(messages) if m]
+
+
+def last_good_checkpoint(save: str) -> str:
+    """The folder `latest` names in `save`, or a few words saying there is none."""
+    tag = read_latest(save) if os.path.isdir(save) else None
+    if tag and os.path.isfile(meta_path(os.path.join(save, tag))):
+        return os.path.join(save, tag)
+    return f"none ({save} holds no complete checkpoint)"
+
+
+def nonfinite_tensors(state: Dict[str, torch.Tensor]) -> List[str]:
+    """Names of the floating-point tensors of `state` holding NaN or inf."""
+    return [name for name, t in state.items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def save_engine_checkpoint(engine, cfg: Config, iteration: int, consumed_samples: int) -> str:
-    """Save on every rank (collective). Returns the final checkpoint folder."""
+    """Save on every rank (collective). Returns the final checkpoint folder.
+
+    Raises CheckpointWriteError (every rank, the same sentence) when a write failed on any rank, and
+    CheckpointError when the weights are not finite (nothing written then)."""
     save = cfg.training.save
     tag = tag_for(iteration)
     tmp_tag = temp_tag(tag)
     final_dir, tmp_dir = os.path.join(save, tag), os.path.join(save, tmp_tag)
+    writes = _Writes()
+    failed: List[Tuple[int, str]] = []
     if rank() == 0:
-        os.makedirs(save, exist_ok=True)
+        writes.run(save, os.makedirs, save, exist_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    barrier()
-    client_state = {"iteration": iteration, "consumed_samples": consumed_samples, "format": FORMAT}
-    engine.save_checkpoint(save, tag=tmp_tag, client_state=client_state, save_latest=False)
-    save_rng(tmp_dir, rank())
-    state = consolidated_state_dict(engine, cfg.training.zero_stage)
-    if rank() == 0:
-        fs.torch_save(state, model_path(tmp_dir))
-    del state
-    layout = run_layout(engine, cfg)
-    universal = save_universal(engine, tmp_dir, iteration=iteration, consumed_samples=consumed_samples,
-                               global_batch_size=layout["global_batch_size"], seed=cfg.training.seed, layout=layout)
-    if rank() == 0:
-        meta = make_meta(cfg.to_dict(), iteration, consumed_samples, cfg.parallel.tensor_model_parallel_size,
-                         cfg.training.zero_stage, world_size())
-        meta.update({k: layout[k] for k in ("global_batch_size", "cpu_offload", "precision")}, universal=universal)
-        meta["tokenizer"] = save_tokenizer(tmp_dir, tokenizer_for(cfg), fsync=True)
-        write_meta(tmp_dir, meta, fsync=True, trailing_newline=True)
-    barrier()
-    if rank() == 0:
-        fs.replace_dir(tmp_dir, final_dir)
-        write_latest(save, tag, fsync=True)
-        prune(save, cfg.training.keep_last, keep=tag)
-    barrier()
+    failed = _failures(writes)
+    if not failed:
+        # Weights first (collective), so a non-finite state is refused before anything is written.
+        state = consolidated_state_dict(engine, cfg.training.zero_stage)
+        bad = nonfinite_tensors(state)  # the same full state on every rank: every rank decides alike
+        if bad:
+            raise CheckpointError(
+                f"iteration {iteration}: the weights hold NaN/inf values ({len(bad)} of {len(state)} tensors, "
+                f"e.g. {bad[0]}), so no checkpoint was written to {save}; the last good checkpoint is "
+                f"{last_good_checkpoint(save)}.")
+        client_state = {"iteration": iteration, "consumed_samples": consumed_samples, "format": FORMAT}
+        with writes.around_deepspeed(engine):
+            writes.run(tmp_dir, engine.save_checkpoint, save, tag=tmp_tag, client_state=client_state,
+                       save_latest=False)
+        writes.run(rng_path(tmp_dir, rank()), save_rng, tmp_dir, rank())
+        if rank() == 0:
+            writes.run(model_path(tmp_dir), fs.torch_save, state, model_path(tmp_dir))
+        del state
+        layout = run_layout(engine, cfg)
+        universal = save_universal(engine, tmp_dir, iteration=iteration, consumed_samples=consumed_samples,
+                                   global_batch_size=layout["global_batch_size"], seed=cfg.training.seed,
+                                   layout=layout, run_write=writes.run)
+        if rank() == 0:
+            meta = make_meta(cfg.to_dict(), iteration, consumed_samples, cfg.parallel.tensor_model_parallel_size,
+                             cfg.training.zero_stage, world_size())
+            meta.update({k: layout[k] for k in ("global_batch_size", "cpu_offload", "precision")},
+                        universal=universal)
+            meta["tokenizer"] = writes.run(tokenizer_path(tmp_dir), save_tokenizer, tmp_dir, tokenizer_for(cfg),
+                                           fsync=True)
+            writes.run(meta_path(tmp_dir), write_meta, tmp_dir, meta, fsync=True, trailing_newline=True)
+        failed = _failures(writes)  # in place of a barrier: every rank learns whether any rank failed
+    if not failed:
+        if rank() == 0:
+            writes.run(final_dir, fs.replace_dir, tmp_dir, final_dir)
+            writes.run(latest_path(save), write_latest, save, tag, fsync=True)
+            if writes.failed is None:
+                prune(save, cfg.training.keep_last, keep=tag)
+        failed = _failures(writes)
+    if failed:
+        if rank() == 0:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        barrier()
+        where = "; ".join(m if world_size() == 1 else f"rank {r}: {m}" for r, m in failed[:3])
+        more = f" (and {len(failed) - 3} more ranks)" if len(failed) > 3 else ""
+        raise CheckpointWriteError(
+            f"could not write the checkpoint of iteration {iteration} ({where}{more}); its partial folder "
+            f"{tmp_dir} was removed and the last good checkpoint is {last_good_checkpoint(save)}.")
     return final_dir
 
 

@@ -4,12 +4,28 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional
 
+import torch
+
 from ..config import Config
 from ..model import model_summary
 from .compat import saved_global_batch
 from .io import resolve_checkpoint
 from .layout import has_engine_files, meta_path, model_path, read_meta
 from .universal import UniversalError, check_complete, has_universal, state_path
+
+
+def weights_check(folder: str) -> Dict[str, Any]:
+    """{"finite": bool, "nonfinite": [names of tensors holding NaN/inf]} of model.pt (read memory-mapped,
+    one tensor at a time); {"finite": None, "problem": ...} when it cannot be read."""
+    try:
+        sd = torch.load(model_path(folder), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # a truncated or foreign file: say so rather than fail the whole report
+        return {"finite": None, "problem": f"{model_path(folder)} could not be read ({type(exc).__name__})"}
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+        sd = sd["model"]
+    bad = [name for name, t in sd.items()
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    return {"finite": not bad, "nonfinite": bad}
 
 
 def describe(path: str, tag: Optional[str] = None) -> Dict[str, Any]:
@@ -46,12 +62,15 @@ def describe(path: str, tag: Optional[str] = None) -> Dict[str, Any]:
         "seq_length": cfg.data.seq_length,
         "tokens_seen": consumed * cfg.data.seq_length,
         "model_pt": os.path.isfile(model_path(folder)),
+        "weights": weights_check(folder),
         "engine_state": has_engine_files(folder),
         "universal": universal,
         "tokenizer": meta.get("tokenizer") or {"type": cfg.data.tokenizer_type,
                                                "model": cfg.data.tokenizer_model or None, "recorded": False},
     }
-    record["resume"] = resume_commands(record)
+    # Complete = resumable as is: model.pt with finite weights, and engine or universal state.
+    record["complete"] = bool(record["weights"]["finite"]) and (record["engine_state"] or bool(universal.get("complete")))
+    record["resume"] = resume_commands(record) if record["weights"]["finite"] is not False else {}
     return record
 
 
@@ -81,6 +100,15 @@ def _tokenizer_line(tok: Dict[str, Any]) -> str:
     return f"{name}{model}{sha}" + ("" if tok.get("recorded", True) else " (from the config; not recorded)")
 
 
+def _weights_line(w: Dict[str, Any]) -> str:
+    if w["finite"] is None:
+        return f"not checked: {w['problem']}"
+    if w["finite"]:
+        return "all finite"
+    names = ", ".join(w["nonfinite"][:3]) + (", ..." if len(w["nonfinite"]) > 3 else "")
+    return f"NOT FINITE: {len(w['nonfinite'])} tensor(s) hold NaN/inf ({names})"
+
+
 def format_text(record: Dict[str, Any]) -> str:
     """The human-readable report."""
     m, lay, u = record["model"], record["layout"], record["universal"]
@@ -98,7 +126,12 @@ def format_text(record: Dict[str, Any]) -> str:
         f"{'yes' if record['engine_state'] else 'no'}, universal state "
         + ("no" if not u["present"] else ("yes, complete" if u.get("complete") else f"INCOMPLETE ({u['problem']})")),
         f"tokenizer    {_tokenizer_line(record['tokenizer'])}",
+        f"weights      {_weights_line(record['weights'])}",
     ]
+    if record["weights"]["finite"] is False:
+        lines.append("NOT A GOOD CHECKPOINT: its weights hold NaN/inf values (the run diverged before this save); "
+                     "resume from an earlier tag (--tag) instead")
+        return "\n".join(lines)
     lines.append("(--load resumes the save folder's 'latest' tag; CONFIG.yaml is the run's config.yaml)")
     for kind, cmd in record["resume"].items():
         lines.append(f"resume ({kind.replace('_', ' ')}): {cmd}")

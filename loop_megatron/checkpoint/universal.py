@@ -34,7 +34,7 @@ across layouts.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -322,22 +322,25 @@ def _group_records(engine) -> List[Dict[str, Any]]:
 
 
 def save_universal(engine, folder: str, *, iteration: int, consumed_samples: int, global_batch_size: int,
-                   seed: int, layout: Dict[str, Any]) -> bool:
+                   seed: int, layout: Dict[str, Any], run_write: Optional[Callable] = None) -> bool:
     """Write `folder/universal/` (collective; global rank 0 writes). False, and nothing written, when
-    this engine's optimizer state cannot be reached per parameter (`unsupported_reason`)."""
+    this engine's optimizer state cannot be reached per parameter (`unsupported_reason`). `run_write(path, fn,
+    *args)` performs each write (the checkpoint writer passes one that records a write error instead of
+    raising it, so rank 0 keeps joining the gathers; checkpoint/engine.py)."""
     if not supported(engine):
         return False
+    run_write = run_write or (lambda _path, _fn, *args, **kwargs: _fn(*args, **kwargs))
     _link_fragments(engine)
     is_writer = rank() == 0
     params_dir = os.path.join(universal_dir(folder), PARAMS_DIR)
     if is_writer:
-        os.makedirs(params_dir, exist_ok=True)
+        run_write(params_dir, os.makedirs, params_dir, exist_ok=True)
     entries = []
     for name, p in engine.module.named_parameters():  # one parameter at a time: bounded memory
         full = gather_parameter(engine, p)
         entries.append({"name": name, "shape": list(full[MASTER].shape)})
         if is_writer:
-            fs.torch_save(full, param_path(folder, name))
+            run_write(param_path(folder, name), fs.torch_save, full, param_path(folder, name))
         del full
     if is_writer:
         scheduler = getattr(engine, "lr_scheduler", None)
@@ -354,7 +357,7 @@ def save_universal(engine, folder: str, *, iteration: int, consumed_samples: int
             "param_groups": _group_records(engine),
             "params": entries,
         }
-        fs.write_json(state_path(folder), state, indent=1, trailing_newline=True)
+        run_write(state_path(folder), fs.write_json, state_path(folder), state, indent=1, trailing_newline=True)
     barrier()
     return True
 

@@ -161,6 +161,13 @@ def build_ds_config(cfg: Config, dp_size: int, precision: str, base: Optional[Di
         ds[kind] = section
     if "bfloat16" in ds:  # old alias of "bf16"
         ds.pop("bfloat16")
+    if t.skip_nonfinite_steps and precision == "bf16":
+        # DeepSpeed's bf16 optimizers skip a step with a non-finite global norm only with this on (its
+        # default); training.skip_nonfinite_steps relies on it (training/step.py).
+        if ds["bf16"].get("check_grad_overflow") is False:
+            raise ConfigError(f"{path} sets bf16.check_grad_overflow to false, but training.skip_nonfinite_steps "
+                              "needs DeepSpeed to skip steps whose gradient norm is not finite; remove it.")
+        ds["bf16"]["check_grad_overflow"] = True
     zero = dict(ds.get("zero_optimization") or gpu_zero_tuning(DEFAULT_ZERO_TUNING.get(t.zero_stage, {}), cuda))
     zero["stage"] = t.zero_stage
     if t.cpu_offload:

@@ -1,7 +1,8 @@
 """TensorBoard scalars, the console progress line, per-step metrics, MFU and the run summary.
 
 TensorBoard tags (a plotting tool reads them; x axis = iteration):
-    every step:          train/loss, train/lr, train/grad_norm, train/tokens_seen
+    every step:          train/loss, train/lr, train/grad_norm, train/tokens_seen, train/skipped_steps
+                         (steps that made no update: non-finite with training.skip_nonfinite_steps)
     every log_interval:  train/tokens_per_sec, train/step_time, train/mfu (only when a peak is known),
                          gates/iter_{n}_mean (n = 1..num_loops, gated models only)
     every evaluation:    valid/loss

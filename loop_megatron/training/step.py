@@ -8,14 +8,31 @@ clips and `engine.get_global_grad_norm()` reports it. Under ZeRO-0 in fp32 DeepS
 per-parameter `clip_grad_norm_` and throws the norm away; there `build_ds_config` turns DeepSpeed's
 clipping off and `FusedClipper` clips instead (one multi-tensor norm pass, TP-replicated parameters counted
 once, no host sync), so the norm costs nothing extra and is the one the update used.
+
+Non-finite steps. A NaN/inf loss or gradient norm is reported to the trainer (`StepStats.finite`), which
+stops the run by default (training/trainer.py). With `skip_nonfinite=True` such a step makes no update,
+decided identically on every rank from the global gradient norm:
+- the loss is multiplied by 1 (finite) or NaN (not) before backward, on the device, so a non-finite loss
+  always gives a non-finite gradient (and so a non-finite global norm) on every rank that computed it; the
+  data-parallel reduction and the global norm carry it to every other rank;
+- DeepSpeed's ZeRO-1/2/3 and bf16/fp16 optimizers already skip a step whose global norm is not finite
+  (they zero the gradients, do not step the LR schedule and count `engine.skipped_steps`; bf16 needs
+  `bf16.check_grad_overflow`, DeepSpeed's default, which build_ds_config keeps on in this mode);
+- where the trainer clips (ZeRO-0 fp32), DeepSpeed steps the torch optimizer directly, so `SkipGuard`
+  reads the clipper's norm before `engine.step()` (one extra host sync, this mode only) and turns the
+  torch optimizer's step into a no-op, raising DeepSpeed's own `optimizer.overflow` flag so the engine
+  skips the LR-schedule step and counts the skip exactly as on the other layouts.
+DeepSpeed cannot undo an update after `engine.step()`, which is why the decision is taken before it.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
+from ..errors import LoopMegatronError
 from ..model.depth import LoopDepth
 from ..parallel import get_tensor_model_parallel_group, get_tensor_model_parallel_world_size
 from .data import split_inputs
@@ -56,6 +73,39 @@ class FusedClipper:
         return norm
 
 
+class NonFiniteStepError(LoopMegatronError):
+    """A training step's loss or gradient norm was NaN/inf and the run stops (training.skip_nonfinite_steps off)."""
+
+
+class SkipGuard:
+    """Makes the torch optimizer's step a no-op for one step whose gradient norm is not finite (the layouts
+    where the trainer clips; see the module docstring). Sets `optimizer.overflow`, which DeepSpeed's engine
+    reads after the step: no LR-schedule step, `engine.skipped_steps` += 1."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        optimizer.overflow = False
+        inner = optimizer.step
+
+        def step(*args, **kwargs):
+            if optimizer.overflow:
+                return None
+            return inner(*args, **kwargs)
+
+        optimizer.step = step
+
+    def check(self, norm: torch.Tensor) -> None:
+        """Before engine.step(): skip this update when `norm` is not finite (one host sync)."""
+        self.optimizer.overflow = not bool(torch.isfinite(norm))
+
+
+def poison_nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """`loss` unchanged (x 1.0, bit-exact) when finite, x NaN otherwise, so its backward gives NaN
+    gradients: a non-finite loss then always shows in the global gradient norm. No host sync."""
+    factor = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan")).to(loss.dtype)
+    return loss * factor
+
+
 class StepStats(NamedTuple):
     """Host-side figures of one optimizer step."""
 
@@ -65,15 +115,19 @@ class StepStats(NamedTuple):
     """Global gradient norm before clipping (None where DeepSpeed reports none)."""
     stop: bool
     """Some rank asked to stop (signal)."""
+    finite_norm: bool = True
+    """The gradient norm was finite on every rank (False also where DeepSpeed skipped an overflow step)."""
 
 
 def train_step(engine, batches: Iterator[torch.Tensor], accum: int, device: torch.device,
                clipper: Optional[FusedClipper] = None, stop_requested: Union[bool, Callable[[], bool]] = False,
-               depths: Optional[Sequence[LoopDepth]] = None) -> StepStats:
+               depths: Optional[Sequence[LoopDepth]] = None, skip_nonfinite: bool = False,
+               skip_guard: Optional[SkipGuard] = None) -> StepStats:
     """Forward/backward `accum` micro-batches from `batches` and take one optimizer step.
 
     `depths` (one LoopDepth per micro-batch, e.g. a sampled loop depth from training/loop_depth.py) go to the
-    model's forward; None = the model's own depth.
+    model's forward; None = the model's own depth. `skip_nonfinite` makes a step with a non-finite loss or
+    gradient norm take no update (module docstring); `skip_guard` does that where the trainer clips.
 
     The losses stay on the device; after the step one all-reduce carries the loss sum and the stop flag,
     and one host transfer brings loss, grad norm and flag back together: one host sync per step.
@@ -85,22 +139,33 @@ def train_step(engine, batches: Iterator[torch.Tensor], accum: int, device: torc
     for m in range(accum):
         x, y = split_inputs(next(batches), device)
         _, loss = engine(x, labels=y, depth=None if depths is None else depths[m])
+        if skip_nonfinite:
+            loss = poison_nonfinite(loss)
         engine.backward(loss)
         if clipper is not None and m == accum - 1:
             norm = clipper(device)
+            if skip_guard is not None:
+                skip_guard.check(norm)
         engine.step()
         loss_sum += loss.detach()
     if norm is None:
         norm = engine.get_global_grad_norm()
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if callable(stop_requested):
+    # A non-finite norm on any rank counts everywhere (the third entry, summed), so every rank decides alike.
+    if isinstance(norm, torch.Tensor):
+        bad_norm = (~torch.isfinite(norm.detach().reshape(()))).to(torch.float64)
+    else:
+        bad_norm = torch.tensor(float(norm is not None and not math.isfinite(float(norm))), dtype=torch.float64,
+                                device=device)
+    if callable(stop_requested):  # read just before the all-reduce: a signal during this step stops this step
         stop_requested = stop_requested()
-    shared = torch.stack([loss_sum / accum, torch.tensor(float(stop_requested), dtype=torch.float64, device=device)])
+    shared = torch.stack([loss_sum / accum, torch.tensor(float(stop_requested), dtype=torch.float64, device=device),
+                          bad_norm.to(device)])
     if world > 1:
         dist.all_reduce(shared)  # TP ranks hold equal losses; summing over all ranks then / world is the DP mean
     if isinstance(norm, torch.Tensor):
-        loss, stop, grad_norm = torch.cat([shared, norm.detach().reshape(1).to(shared)]).tolist()
+        loss, stop, bad, grad_norm = torch.cat([shared, norm.detach().reshape(1).to(shared)]).tolist()
     else:  # DeepSpeed returned a float (or None): nothing on the device to fetch besides `shared`
-        loss, stop = shared.tolist()
+        loss, stop, bad = shared.tolist()
         grad_norm = norm
-    return StepStats(loss / world, None if grad_norm is None else float(grad_norm), stop > 0)
+    return StepStats(loss / world, None if grad_norm is None else float(grad_norm), stop > 0, bad == 0)

@@ -46,9 +46,9 @@ from .distributed import env_world_size, init_distributed
 from .ds_config import adopt_ds_file_settings, resolve_precision
 from .engine import build_engine
 from .loop_depth import LoopDepthSampler, depth_is_varied, step_depths, step_flops_per_token
-from .monitor import RunLogger, Throughput, peak_flops_per_device, progress_line, write_summary
+from .monitor import RunLogger, Throughput, format_eta, peak_flops_per_device, progress_line, write_summary
 from .optim import lr_at
-from .step import train_step
+from .step import NonFiniteStepError, SkipGuard, train_step
 
 PRIMARY_VALID = "valid"  # TensorBoard/metrics name of the primary (first) validation set's loss and bpb
 
@@ -110,6 +110,18 @@ class StepResult:
     """Mean loop count r the step's micro-batches ran (the sampled / scheduled depth)."""
     flops_per_token: Optional[float] = None
     """Training FLOPs per token of what ran (forward over r, backward over the last k iterations)."""
+    finite_norm: bool = True
+    """The global gradient norm was finite (on every rank)."""
+    skipped: bool = False
+    """The step made no update (a non-finite loss/norm with training.skip_nonfinite_steps, or an fp16
+    loss-scale overflow)."""
+
+    def nonfinite(self) -> List[str]:
+        """What was not finite: 'the loss is nan' and/or 'the gradient norm is inf'."""
+        out = [] if math.isfinite(self.loss) else [f"the loss is {self.loss}"]
+        if not self.finite_norm:
+            out.append(f"the gradient norm is {self.grad_norm}")
+        return out
 
 
 class Trainer:
@@ -135,6 +147,10 @@ class Trainer:
         self.final_valid_bpb: Dict[str, float] = {}
         self.last_eval_iteration: Optional[int] = None
         self.last_saved: Optional[int] = None
+        self.skipped_steps = 0  # steps that made no update (non-finite, with skip_nonfinite_steps; fp16 overflow)
+        self.skip_guard: Optional[SkipGuard] = None
+        self.save_lock: Optional[checkpoint.SaveLock] = None
+        self.started = time.time()
 
     # ------------------------------------------------------------------------------------------------
     # The loop
@@ -148,7 +164,10 @@ class Trainer:
             t0 = time.perf_counter()
             step = self.train_step(self.next_batch(batches), self.iteration)
             self.iteration += 1
+            self.check_finite(step)
             self.log_step(step, time.perf_counter() - t0)
+            if step.nonfinite() and not step.skipped:
+                self.stop_nonfinite(step)  # raises before anything of this state is saved
             if self._every(t.eval_interval) and self.iteration < t.train_iters:
                 self.evaluate()
             if self._every(t.save_interval):
@@ -165,17 +184,47 @@ class Trainer:
     def train_step(self, micro_batches: Sequence[torch.Tensor], iteration: int) -> StepResult:
         """One optimizer step: forward/backward/step per micro-batch (DeepSpeed applies the update at the
         accumulation boundary), then one all-reduce for the DP-mean loss and the stop flag."""
-        lr = lr_at(iteration, self.cfg.training)
+        # The rate of the update this step makes: the schedule counts applied updates (a skipped step does
+        # not advance it, as in DeepSpeed and Megatron-LM), which equals `iteration` until a step is skipped.
+        scheduler = getattr(self.engine, "lr_scheduler", None)
+        lr = lr_at(getattr(scheduler, "last_step", iteration), self.cfg.training)
         # The loop depth of each micro-batch: a pure function of (seed, iteration, sample index), so every
         # TP/DP/ZeRO rank agrees without communication and a resumed run replays it (training/loop_depth.py).
         depths = step_depths(self.depth_sampler, iteration, len(micro_batches), self.global_batch,
                              self.cfg.training.micro_batch_size, self.dp_rank, self.dp)
         # One host sync per step: loss, grad norm and the stop flag come back together (training/step.py).
         stats = train_step(self.engine, iter(micro_batches), len(micro_batches), self.device, self.clipper,
-                           self._stop_requested, depths=depths)
+                           self._stop_requested, depths=depths, skip_nonfinite=self.cfg.training.skip_nonfinite_steps,
+                           skip_guard=self.skip_guard)
         return StepResult(loss=stats.loss, lr=lr, grad_norm=stats.grad_norm, stop=stats.stop,
                           loops=sum(d.num_loops for d in depths) / len(depths),
-                          flops_per_token=step_flops_per_token(self.cfg.model, self.seq, depths))
+                          flops_per_token=step_flops_per_token(self.cfg.model, self.seq, depths),
+                          finite_norm=stats.finite_norm)
+
+    def check_finite(self, step: StepResult) -> None:
+        """Mark a non-finite step skipped where it made no update: with training.skip_nonfinite_steps (the
+        step's update was withheld: training/step.py), or in fp16 when only the norm overflowed (DeepSpeed's
+        loss scaler skipped it and lowers the scale, as in Megatron-LM). The same on every rank: the loss
+        is all-reduced and the norm flag is summed over ranks."""
+        bad = step.nonfinite()
+        if not bad:
+            return
+        fp16_overflow = self.checks["precision"] == "fp16" and math.isfinite(step.loss)
+        if self.cfg.training.skip_nonfinite_steps or fp16_overflow:
+            step.skipped = True
+            self.skipped_steps += 1
+            if not fp16_overflow:
+                self.log.print(f"iter {self.iteration}: skipped the update ({' and '.join(bad)}); "
+                               f"{self.skipped_steps} step(s) skipped so far")
+
+    def stop_nonfinite(self, step: StepResult) -> None:
+        """Stop the run (every rank) at a step whose loss or gradient norm is not finite, saving nothing."""
+        t = self.cfg.training
+        last = checkpoint.last_good_checkpoint(t.save) if t.save else "none (no --save folder)"
+        raise NonFiniteStepError(
+            f"iteration {self.iteration}: {' and '.join(step.nonfinite())}, so the run stopped without saving "
+            f"this state; the last good checkpoint is {last} (lower --lr, or "
+            f"pass --skip-nonfinite-steps to skip such steps instead).")
 
     def _stop_requested(self) -> bool:
         """Whether this rank got a stop signal; read by train_step right before the step's all-reduce, so a
@@ -218,6 +267,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.training
         self.stop.install()  # from here a signal asks for a stop at the end of the next step's all-reduce
         init_distributed(self.opts.local_rank, skip_shm_comm=t.ds_skip_shm_comm)
+        self._lock_save_folder()
         initialize_model_parallel(cfg.parallel.tensor_model_parallel_size)
         self.dp, self.dp_rank = get_data_parallel_world_size(), get_data_parallel_rank()
         self.global_batch = global_batch_size(cfg, self.dp)
@@ -237,6 +287,8 @@ class Trainer:
             self.log.print(f"note: {note}")
         self.model_info = model_summary(cfg.model, self.seq)
         self.engine = self._build_engine()
+        if self.clipper is not None and t.skip_nonfinite_steps:  # DeepSpeed steps the torch optimizer directly
+            self.skip_guard = SkipGuard(self.engine.optimizer)
         self._resume()
         self.log.print(f"training {self.model_info['params'] / 1e6:.2f}M parameters (effective depth "
                        f"{cfg.model.effective_depth}) on {world_size()} rank(s): TP "
@@ -245,6 +297,26 @@ class Trainer:
                        f"{self.checks['precision']}, {self.iteration}/{t.train_iters} steps done")
         self.peak_flops = peak_flops_per_device(t.peak_tflops)
         self.gated = cfg.model.loop_gates != "none"
+
+    def _lock_save_folder(self) -> None:
+        """Global rank 0 takes the --save folder's lock (checkpoint/lock.py); a refusal stops every rank."""
+        t = self.cfg.training
+        if not t.save:
+            return
+        refused = None
+        if rank() == 0:
+            try:
+                self.save_lock = checkpoint.SaveLock.acquire(t.save, force=t.force_save_lock)
+            except checkpoint.SaveFolderBusy as exc:
+                refused = exc
+        if world_size() > 1:
+            flag = torch.tensor([float(refused is not None)], device=current_device())
+            dist.all_reduce(flag)
+            if refused is None and float(flag.item()) > 0:
+                refused = checkpoint.SaveFolderBusy(f"{t.save}: this save folder is in use by another run "
+                                                    f"(rank 0 names it).")
+        if refused is not None:
+            raise refused
 
     def _open_run_dir(self) -> None:
         t = self.cfg.training
@@ -364,9 +436,11 @@ class Trainer:
         self.last_window_losses.append(step.loss)
         tokens_seen = self.consumed_samples() * self.seq
         scalars = {"train/loss": step.loss, "train/lr": step.lr, "train/grad_norm": step.grad_norm,
-                   "train/tokens_seen": tokens_seen}
+                   "train/tokens_seen": tokens_seen, "train/skipped_steps": self.skipped_steps}
         record = {"iteration": self.iteration, "loss": step.loss, "lr": step.lr, "grad_norm": step.grad_norm,
                   "step_time": step_time, "tokens_seen": tokens_seen}
+        if step.skipped:
+            record["skipped"] = True
         if step.flops_per_token is not None:
             self.window_flops.append(step.flops_per_token)
             # The FLOPs this step actually ran (sampled or scheduled depth differs per step), so a study can
@@ -406,6 +480,8 @@ class Trainer:
                              tokens_per_sec, mean_time, mfu, eta)
         if self.window_loops:
             line += f" | loops {sum(self.window_loops) / len(self.window_loops):.2f}"
+        if self.skipped_steps:
+            line += f" | skipped {self.skipped_steps}"
         self.log.print(line)
         self.log.flush()
         self.window.reset()
@@ -470,14 +546,54 @@ class Trainer:
             "step_time": mean_step if has_steps else None,
             "run_dir": self.run_dir,
             "save": t.save or None,
+            "skipped_steps": self.skipped_steps,
+            "elapsed_s": round(time.time() - self.started, 3),
         }
         if self.is_rank0:
             write_summary(os.path.join(self.run_dir, "summary.json"), summary)
+            self.log.print(self.end_block(summary))
         return dict(summary, records=self.records, valid_losses=self.valid_losses, stopped=self.stopped,
                     start_iteration=self.start_iteration)
 
+    def end_block(self, summary: Dict[str, Any]) -> str:
+        """The few lines printed at the end of a run: how it ended, time, final losses, where things are."""
+        t = self.cfg.training
+        how = (f"stopped by {self.stop.signal_name or 'a signal on another rank'}" if self.stopped else "finished")
+        elapsed = format_eta(summary["elapsed_s"])
+        done = self.iteration - self.start_iteration
+        train = summary["final_train_loss"]
+        evaluated = self.last_eval_iteration is not None
+        valid = self.final_valid if evaluated else None  # nan stays visible here (summary.json has null)
+        bpb = self.final_valid_bpb.get(self.primary_valid) if evaluated else None
+        losses = f"train {train:.4f}" if train is not None else "train n/a"
+        losses += f" (mean of the last {len(self.last_window_losses)} steps)" if train is not None else ""
+        losses += f", {PRIMARY_VALID} {valid:.4f}" if valid is not None else f", {PRIMARY_VALID} n/a"
+        losses += f" (bpb {bpb:.4f})" if bpb is not None else ""
+        others = {k: v for k, v in self.final_valid_bpb.items() if k != self.primary_valid}
+        tb_dir = t.tensorboard_dir or os.path.join(self.run_dir, "tensorboard")
+        if t.save and self.last_saved is not None:
+            ckpt = f"{checkpoint.last_good_checkpoint(t.save)} (latest; --load {t.save} resumes it)"
+        elif t.save:
+            ckpt = f"none written by this run ({t.save})"
+        else:
+            ckpt = "none (no --save folder)"
+        lines = [f"run {how}: iteration {self.iteration}/{t.train_iters} ({done} steps this run) in {elapsed}"
+                 + (f", {self.skipped_steps} step(s) skipped (no update)" if self.skipped_steps else ""),
+                 f"  final loss   {losses}"]
+        if others:
+            lines.append("  valid sets   " + ", ".join(f"{k} bpb {v:.4f}" for k, v in others.items()))
+        lines += [f"  metrics      {os.path.join(self.run_dir, 'metrics.jsonl')}, "
+                  f"{os.path.join(self.run_dir, 'summary.json')}",
+                  f"  tensorboard  {tb_dir}",
+                  f"  checkpoint   {ckpt}"]
+        return "\n".join(lines)
+
     def close(self) -> None:
-        """Signal handlers back, logger closed, engine destroyed, groups forgotten (after any failure too)."""
+        """Signal handlers back, logger closed, engine destroyed, groups forgotten (after any failure too);
+        the save folder's lock released."""
+        if self.save_lock is not None:
+            self.save_lock.release()
+            self.save_lock = None
         self.stop.uninstall()
         if self.log is None:  # setup stopped before the run folder existed: nothing to tear down
             return
