@@ -57,17 +57,30 @@ def runs(tmp_path_factory):
     return results
 
 
-def _assert_same_run(a, b, name):
+# How far two layouts of the same run may drift: fp32 sums in another order (TP's row-parallel all-reduce, ZeRO's
+# reduce-scatter) change the last bits of a gradient, and AdamW's m / sqrt(v) turns a last-bit change of a
+# near-zero gradient into a visible change of its update. Measured over seeds 1-6 with these settings (4 steps,
+# lr 3e-3; the largest difference of any step / any weight):
+#   ZeRO-1/2/3 vs ZeRO-0   loss 2.4e-7   grad norm (relative) 1.6e-7   weights 2.1e-6
+#   TP=2 vs TP=1           loss 4.5e-6   grad norm (relative) 3.6e-5   weights 1.8e-4  (seed 5; 4e-6 on the others)
+#   per-iteration checkpointing vs none, DP=2 vs DP=1 x accumulation 2: bit-equal on every seed (two-term sums
+#   are commutative), kept at the ZeRO bounds.
+# The bounds are about 10x the largest measured difference.
+ZERO_TOLERANCE = dict(loss=1e-5, grad_norm=1e-4, weights=2e-5)
+TP_TOLERANCE = dict(loss=5e-5, grad_norm=4e-4, weights=2e-3)
+
+
+def _assert_same_run(a, b, name, tol=ZERO_TOLERANCE):
     assert len(a["losses"]) == len(b["losses"]) == STEPS
     for i, (x, y) in enumerate(zip(a["losses"], b["losses"])):
-        assert abs(x - y) < 1e-5, f"{name}: step {i + 1} loss {x} vs {y}"
+        assert abs(x - y) < tol["loss"], f"{name}: step {i + 1} loss {x} vs {y}"
     for i, (x, y) in enumerate(zip(a["grad_norms"], b["grad_norms"])):
         assert x is not None and y is not None, f"{name}: missing grad norm"
-        assert abs(x - y) <= 1e-4 * max(1.0, abs(y)), f"{name}: step {i + 1} grad norm {x} vs {y}"
+        assert abs(x - y) <= tol["grad_norm"] * max(1.0, abs(y)), f"{name}: step {i + 1} grad norm {x} vs {y}"
     sa, sb = a["state_dict"], b["state_dict"]
     assert sa.keys() == sb.keys()
     for key in sa:
-        torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {key}: {m}")
+        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=tol["weights"], msg=lambda m: f"{name}: {key}: {m}")
 
 
 def test_runs_train_the_gates(runs):
@@ -86,8 +99,9 @@ def test_activation_checkpointing_matches_no_checkpointing(runs):
 
 
 def test_tp2_matches_tp1(runs):
-    _assert_same_run(runs["tp2"], runs["zero0"], "TP=2 (DP=1, accumulation 2)")
-    _assert_same_run(runs["tp2_zero3_per_block"], runs["zero0"], "TP=2 + ZeRO-3 + per-block checkpointing")
+    _assert_same_run(runs["tp2"], runs["zero0"], "TP=2 (DP=1, accumulation 2)", TP_TOLERANCE)
+    _assert_same_run(runs["tp2_zero3_per_block"], runs["zero0"], "TP=2 + ZeRO-3 + per-block checkpointing",
+                     TP_TOLERANCE)
 
 
 def test_dp2_matches_dp1_with_accumulation(runs):
