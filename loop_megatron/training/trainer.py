@@ -566,7 +566,8 @@ class Trainer:
         valid = self.final_valid if evaluated else None  # nan stays visible here (summary.json has null)
         bpb = self.final_valid_bpb.get(self.primary_valid) if evaluated else None
         losses = f"train {train:.4f}" if train is not None else "train n/a"
-        losses += f" (mean of the last {len(self.last_window_losses)} steps)" if train is not None else ""
+        n = len(self.last_window_losses)
+        losses += f" (mean of the last {n} step{'s' if n != 1 else ''})" if train is not None else ""
         losses += f", {PRIMARY_VALID} {valid:.4f}" if valid is not None else f", {PRIMARY_VALID} n/a"
         losses += f" (bpb {bpb:.4f})" if bpb is not None else ""
         others = {k: v for k, v in self.final_valid_bpb.items() if k != self.primary_valid}
