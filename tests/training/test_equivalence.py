@@ -59,7 +59,7 @@ def runs(tmp_path_factory):
 
 # How far two layouts of the same run may drift: fp32 sums in another order (TP's row-parallel all-reduce, ZeRO's
 # reduce-scatter) change the last bits of a gradient, and AdamW's m / sqrt(v) turns a last-bit change of a
-# near-zero gradient into a visible change of its update. Measured over seeds 1-6 with these settings (4 steps,
+# near-zero gradient into a visible change of its update. Measured by bench/layout_spread.py over seeds 1-6 (4 steps,
 # lr 3e-3; the largest difference of any step / any weight):
 #   ZeRO-1/2/3 vs ZeRO-0   loss 2.4e-7   grad norm (relative) 1.6e-7   weights 2.1e-6
 #   TP=2 vs TP=1           loss 4.5e-6   grad norm (relative) 3.6e-5   weights 1.8e-4  (seed 5; 4e-6 on the others)

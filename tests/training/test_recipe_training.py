@@ -91,14 +91,24 @@ def _losses(run):
     return {rec["iteration"]: rec["loss"] for rec in run["records"] if "loss" in rec}
 
 
-def _assert_same_run(a, b, name, state=True):
+# How far two layouts of this recipe may drift (fp32 sums in another order, amplified by AdamW's m / sqrt(v) on
+# near-zero gradients). Measured by bench/layout_spread.py over seeds 1-6 (largest difference of any step / weight):
+#   TP=2 vs TP=1 (with or without ZeRO-3 + checkpointing)   loss 9.5e-7   weights 3.6e-5
+#   ZeRO-3 vs ZeRO-0, per-sequence ZeRO-3 + ckpt vs ZeRO-0   loss 2.4e-7   weights 2.4e-6
+#   per-iteration checkpointing vs none                     bit-equal on every seed
+# The weight bounds are about 10x the largest measured difference; the loss bound 10x the TP one.
+WEIGHT_ATOL = 2.5e-5
+TP_WEIGHT_ATOL = 4e-4
+
+
+def _assert_same_run(a, b, name, state=True, weight_atol=WEIGHT_ATOL):
     la, lb = _losses(a), _losses(b)
     assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1)), name
     for it in la:
         assert abs(la[it] - lb[it]) < 1e-5, f"{name}: step {it} loss {la[it]} vs {lb[it]}"
     if state:
         for key, value in b["state_dict"].items():
-            torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-5, atol=1e-5,
+            torch.testing.assert_close(a["state_dict"][key], value, rtol=0, atol=weight_atol,
                                        msg=lambda m: f"{name}: {key}: {m}")
 
 
@@ -148,8 +158,9 @@ def test_per_iteration_checkpointing_matches_none(runs):
 
 
 def test_tp2_matches_tp1(runs):
-    _assert_same_run(runs["tp2"], runs["dp1"], "TP=2 vs TP=1 (DP=1, accumulation 2)")
-    _assert_same_run(runs["tp2_zero3_ckpt"], runs["dp1"], "TP=2 + ZeRO-3 + per-iteration checkpointing vs TP=1")
+    _assert_same_run(runs["tp2"], runs["dp1"], "TP=2 vs TP=1 (DP=1, accumulation 2)", weight_atol=TP_WEIGHT_ATOL)
+    _assert_same_run(runs["tp2_zero3_ckpt"], runs["dp1"], "TP=2 + ZeRO-3 + per-iteration checkpointing vs TP=1",
+                     weight_atol=TP_WEIGHT_ATOL)
 
 
 def test_per_sequence_depths_zero3_with_checkpointing_matches_zero0(runs):
