@@ -10,22 +10,10 @@ import shutil
 
 import pytest
 
-from tests.training.helpers import tiny_config, write_corpus
+from tests.training.helpers import pretrain_in_process, tiny_config, write_corpus
 
 BASE = {"training.global_batch_size": 2, "training.lr_warmup_iters": 1, "training.eval_iters": 0,
         "model.num_layers": 1}
-
-
-def _pretrain(cfg):
-    import torch.distributed as dist
-
-    from loop_megatron.training import RunOptions, pretrain
-
-    try:
-        return pretrain(cfg, RunOptions())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +21,7 @@ def run(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("resume_target"))
     prefix = write_corpus(os.path.join(root, "data"))
     ck = os.path.join(root, "ck")
-    _pretrain(tiny_config(prefix, os.path.join(root, "src"), **BASE, **{
+    pretrain_in_process(tiny_config(prefix, os.path.join(root, "src"), **BASE, **{
         "training.train_iters": 4, "training.save": ck, "training.save_interval": 2, "training.keep_last": 0}))
     return root, prefix, ck
 
@@ -79,7 +67,7 @@ def test_missing_path_refused_and_empty_folder_starts_fresh(run, tmp_path):
 def test_resume_from_tag_folder_trains_on_and_says_what_it_loaded(run, tmp_path, capsys):
     ck = run[2]
     save = str(tmp_path / "save")
-    out = _pretrain(_cfg(run, "g", **{"training.load": os.path.join(ck, "iter_0000002"), "training.save": save}))
+    out = pretrain_in_process(_cfg(run, "g", **{"training.load": os.path.join(ck, "iter_0000002"), "training.save": save}))
     assert out["start_iteration"] == 2 and out["iterations"] == 4
     assert [r["iteration"] for r in out["records"]] == [3, 4]
     text = capsys.readouterr().out
@@ -88,7 +76,7 @@ def test_resume_from_tag_folder_trains_on_and_says_what_it_loaded(run, tmp_path,
     assert os.path.isdir(os.path.join(save, "iter_0000004"))
     empty = str(tmp_path / "fresh")
     os.makedirs(empty)
-    _pretrain(_cfg(run, "h", **{"training.load": empty, "training.train_iters": 1}))
+    pretrain_in_process(_cfg(run, "h", **{"training.load": empty, "training.train_iters": 1}))
     assert f"no checkpoint in {empty} yet" in capsys.readouterr().out
 
 
@@ -113,13 +101,13 @@ def test_checkpoint_schedule_keeps_the_curve_and_override_takes_the_new_one(run,
     ck = run[2]
     kept = _cfg(run, "k", **{"training.load": ck, "training.train_iters": 6,
                              "training.use_checkpoint_opt_param_scheduler": True})
-    out = _pretrain(kept)
+    out = pretrain_in_process(kept)
     assert kept.training.lr_decay_iters == 4
     # Past the checkpoint's horizon the LR stays at min_lr; before this change it rose again.
     assert [r["lr"] for r in out["records"]] == [pytest.approx(3e-4)] * 2
     new = _cfg(run, "l", **{"training.load": ck, "training.train_iters": 8,
                             "training.override_opt_param_scheduler": True})
-    out = _pretrain(new)
+    out = pretrain_in_process(new)
     assert new.training.lr_decay_iters == 0
     assert [r["lr"] for r in out["records"]] == [pytest.approx(lr_at(i, new.training)) for i in range(4, 8)]
     assert out["records"][0]["lr"] > 3e-4  # the LR jumps to the new curve's value at iteration 4

@@ -12,23 +12,11 @@ import shutil
 import pytest
 import torch
 
-from tests.training.helpers import tiny_config, write_corpus
+from tests.training.helpers import pretrain_in_process, tiny_config, write_corpus
 
 BASE = {"training.global_batch_size": 2, "training.lr_warmup_iters": 1, "training.lr_decay_iters": 6,
         "training.eval_iters": 0, "model.num_layers": 1, "training.zero_stage": 0}
 BF16, FP32 = {"training.precision": "bf16"}, {"training.precision": "fp32"}
-
-
-def _pretrain(cfg):
-    import torch.distributed as dist
-
-    from loop_megatron.training import RunOptions, pretrain
-
-    try:
-        return pretrain(cfg, RunOptions())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +26,11 @@ def runs(tmp_path_factory):
     out = {}
     for source, target in (("bf16", FP32), ("fp32", BF16)):
         ck = os.path.join(root, source, "ck")
-        _pretrain(tiny_config(prefix, os.path.join(root, source, "run"), **BASE,
+        pretrain_in_process(tiny_config(prefix, os.path.join(root, source, "run"), **BASE,
                               **(BF16 if source == "bf16" else FP32),
                               **{"training.train_iters": 2, "training.save": ck}))
         back = os.path.join(root, source, "back")
-        _pretrain(tiny_config(prefix, os.path.join(root, source, "rerun"), **BASE, **target,
+        pretrain_in_process(tiny_config(prefix, os.path.join(root, source, "rerun"), **BASE, **target,
                               **{"training.train_iters": 2, "training.load": ck, "training.save": back}))
         out[source] = (os.path.join(ck, "iter_0000002"), os.path.join(back, "iter_0000002"))
     return out

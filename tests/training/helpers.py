@@ -60,3 +60,16 @@ def cli_env() -> Dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def pretrain_in_process(cfg: Config, opts=None):
+    """pretrain() in this process (a world of one), leaving no process group behind for the next test."""
+    import torch.distributed as dist
+
+    from loop_megatron.training import RunOptions, pretrain
+
+    try:
+        return pretrain(cfg, opts or RunOptions())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
