@@ -202,6 +202,12 @@ class ParallelConfig:
     """Ranks sharing one model replica via Megatron column/row sharding (adjacent ranks). The data-
     parallel size is world_size / tensor_model_parallel_size."""
 
+    distributed_timeout_minutes: float = 10.0
+    """How long any collective (and the start-up rendezvous) may wait for a rank before the job ends, in
+    minutes (fractions allowed, e.g. 0.5): applied to every process group (the world, TP, DP and
+    DeepSpeed's own) and to the rank watchdog, which ends the job on every node, naming the rank and host
+    that stopped, when a rank has died or hung for that long. Megatron-LM's default, 10."""
+
 
 @dataclass
 class TrainingConfig:
@@ -796,6 +802,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.training
     tp = p.tensor_model_parallel_size
     _require(tp >= 1, f"parallel.tensor_model_parallel_size must be >= 1, got {tp}.")
+    _require(p.distributed_timeout_minutes > 0,
+             f"parallel.distributed_timeout_minutes must be > 0, got {p.distributed_timeout_minutes}.")
     for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_layers", "max_position_embeddings"):
         _require(getattr(m, name) >= 1, f"model.{name} must be >= 1, got {getattr(m, name)}.")
     _require(m.num_loops >= 1, f"model.num_loops must be >= 1, got {m.num_loops}.")

@@ -26,6 +26,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg, opts = config_from_args(argv)
         pretrain(cfg, opts)
     except LoopMegatronError as exc:
+        if getattr(exc, "printed", False):  # another rank stopped: named once for the job already
+            return 1
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -46,6 +46,10 @@ def _launch_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--node-rank", type=int, help="with --no-ssh: this node's index in the hostfile, from 0")
     p.add_argument("--launcher", help="multi-node backend for DeepSpeed: pdsh (default), openmpi, mvapich, slurm, ...")
     p.add_argument("--include", help="DeepSpeed resource filter, e.g. 'worker-0@worker-1:0,2'")
+    p.add_argument("--launcher-args", action="append", default=[], metavar="'OPTIONS'",
+                   help="further options of DeepSpeed's launcher, as shell words (repeatable), e.g. "
+                        "--launcher-args '--ssh_port 2222 --bind_cores_to_rank'; options this script sets itself "
+                        "(--hostfile, --master_addr, ...) are refused with the option to use instead")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, start nothing")
     return p
 
@@ -62,7 +66,8 @@ def main_train(argv: Sequence[str], prog: str = "launch/train.sh") -> int:
         cfg = check_trainer_args(trainer_args, None, parser, unknown)
         plan = plan_launch(unknown + passthrough, hostfile=args.hostfile, preset=args.preset, num_gpus=args.num_gpus,
                            num_nodes=args.num_nodes, master_addr=args.master_addr, master_port=args.master_port,
-                           no_ssh=args.no_ssh, node_rank=args.node_rank, launcher=args.launcher, include=args.include)
+                           no_ssh=args.no_ssh, node_rank=args.node_rank, launcher=args.launcher, include=args.include,
+                           launcher_args=args.launcher_args)
         if not args.include:  # --include picks GPUs the plan does not count
             cfg.validate(plan.world_size)
     except LoopMegatronError as exc:
@@ -70,6 +75,8 @@ def main_train(argv: Sequence[str], prog: str = "launch/train.sh") -> int:
             shutil.rmtree(os.path.dirname(plan.hostfile), ignore_errors=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     if not args.dry_run:
         status = prepare_bundled_data(cfg)
         if status:

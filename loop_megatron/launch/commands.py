@@ -15,7 +15,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from ..utils.distributed import free_port
+from ..utils import fs
+from ..utils.distributed import free_port, hostname_loopback_warning, loopback_address
 from .environment import cpu_cores, cpu_environment, gpu_count
 from .errors import LaunchError
 from .hostfile import format_hostfile, is_local_host, read_hostfile, write_hostfile
@@ -41,10 +42,14 @@ def build_deepspeed_command(hostfile: str, trainer_args: Sequence[str] = (), *, 
                             no_ssh: bool = False, node_rank: Optional[int] = None, no_ssh_check: bool = False,
                             num_nodes: Optional[int] = None, num_gpus: Optional[int] = None,
                             include: Optional[str] = None, launcher: Optional[str] = None,
+                            launcher_args: Sequence[str] = (),
                             deepspeed: Sequence[str] = ("deepspeed",)) -> List[str]:
-    """The deepspeed launcher argv: `deepspeed --hostfile F [options] --module MODULE TRAINER_ARGS`.
+    """The deepspeed launcher argv: `deepspeed --hostfile F [options] [LAUNCHER_ARGS] --module MODULE
+    TRAINER_ARGS`.
 
-    `--module` makes every rank run `python -u -m MODULE --local_rank=R TRAINER_ARGS`.
+    `--module` makes every rank run `python -u -m MODULE --local_rank=R TRAINER_ARGS`. `launcher_args`:
+    further options of DeepSpeed's launcher (`--ssh_port 2222`, `--bind_cores_to_rank`, ...), checked by
+    `check_launcher_args`.
     """
     cmd = list(deepspeed) + ["--hostfile", hostfile]
     if include:
@@ -65,8 +70,93 @@ def build_deepspeed_command(hostfile: str, trainer_args: Sequence[str] = (), *, 
         cmd.append("--no_ssh_check")
     if launcher:
         cmd += ["--launcher", launcher]
+    cmd += list(launcher_args)
     cmd += ["--module", module]
     return cmd + list(trainer_args)
+
+
+# DeepSpeed launcher options that launch/train.sh sets itself -> the train.sh option to use instead.
+MANAGED_LAUNCHER_OPTIONS: Dict[str, str] = {
+    "--hostfile": "--hostfile", "-H": "--hostfile", "--include": "--include", "-i": "--include",
+    "--num_nodes": "--num-nodes", "--num_gpus": "--num-gpus", "--master_addr": "--master-addr",
+    "--master_port": "--master-port", "--no_ssh": "--no-ssh", "--node_rank": "--node-rank",
+    "--no_ssh_check": "(set by itself for one-machine hostfiles)", "--launcher": "--launcher",
+    "--module": "(always --module loop_megatron.train)", "--no_python": "(not supported)",
+}
+
+
+def check_launcher_args(text: Sequence[str]) -> List[str]:
+    """Split `--launcher-args` values (shell words) into DeepSpeed launcher options; refuse an option that
+    launch/train.sh sets itself, naming the one to use, and a first word that is not an option."""
+    words: List[str] = []
+    for item in text:
+        try:
+            words += shlex.split(item)
+        except ValueError as exc:
+            raise LaunchError(f"--launcher-args {item!r} is not valid shell words ({exc}).") from None
+    if words and not words[0].startswith("-"):
+        raise LaunchError(f"--launcher-args must start with a DeepSpeed launcher option (e.g. --ssh_port 2222), "
+                          f"got {words[0]!r}.")
+    for word in words:
+        name = word.split("=", 1)[0]
+        if name in MANAGED_LAUNCHER_OPTIONS:
+            instead = MANAGED_LAUNCHER_OPTIONS[name]
+            hint = f"use launch/train.sh's {instead} instead" if instead.startswith("--") else f"launch/train.sh: {instead.strip('()')}"
+            raise LaunchError(f"--launcher-args: {name} is set by launch/train.sh itself; {hint}.")
+    return words
+
+
+FORWARDED_ENV = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+"""Settings every rank on every node must see. DeepSpeed's ssh/MPI launchers pass on only variables with
+NCCL/PYTHON/UCX/MV2/MLFLOW-like prefixes plus what its .deepspeed_env file lists, so a multi-node launch
+writes these (the launcher's computed value, else this shell's) into a .deepspeed_env of its own."""
+
+
+def read_deepspeed_env(path: str) -> "collections.OrderedDict[str, str]":
+    """KEY=VALUE lines of a .deepspeed_env file (blank lines and # comments skipped, which DeepSpeed's
+    own parser would choke on); a line without '=' is one sentence naming the file and line."""
+    values: "collections.OrderedDict[str, str]" = collections.OrderedDict()
+    with open(path, encoding="utf-8") as f:
+        for number, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if "=" not in line:
+                raise LaunchError(f"{path}, line {number}: expected KEY=VALUE, got {line!r}.")
+            key, value = line.split("=", 1)
+            values[key.strip()] = value.strip()
+    return values
+
+
+def deepspeed_env_values(computed: Dict[str, str], environ: Dict[str, str],
+                         cwd: Optional[str] = None) -> "collections.OrderedDict[str, str]":
+    """What the job's .deepspeed_env lists: FORWARDED_ENV (computed, else this shell's), then the user's own
+    file(s), which win: $DS_ENV_FILE if set, else ~/.deepspeed_env and ./.deepspeed_env (DeepSpeed's
+    places; it reads only one name, so setting DS_ENV_FILE would hide them otherwise)."""
+    values: "collections.OrderedDict[str, str]" = collections.OrderedDict()
+    for key in FORWARDED_ENV:
+        value = computed.get(key, environ.get(key))
+        if value is not None:
+            values[key] = value
+    user = environ.get("DS_ENV_FILE")
+    if user:
+        paths = [user if os.path.isabs(user) else os.path.join(cwd or os.getcwd(), user)]
+    else:
+        paths = [os.path.join(os.path.expanduser("~"), ".deepspeed_env"),
+                 os.path.join(cwd or os.getcwd(), ".deepspeed_env")]
+    for path in paths:
+        if os.path.isfile(path):
+            values.update(read_deepspeed_env(path))
+    for key, value in values.items():
+        if "\n" in value or not key or any(c.isspace() for c in key):
+            raise LaunchError(f"environment setting {key!r} cannot be passed to the other nodes through "
+                              f".deepspeed_env (a name with spaces or a value with a line break).")
+    return values
+
+
+def write_deepspeed_env(path: str, values: Dict[str, str]) -> str:
+    """Write `values` as KEY=VALUE lines, no blank line, atomically (temporary name, then rename)."""
+    return fs.write_text(path, "".join(f"{k}={v}\n" for k, v in values.items()))
 
 
 @dataclass
@@ -81,6 +171,10 @@ class LaunchPlan:
     mode: str = "local"
     """'local' (every rank on this machine), 'ssh' (DeepSpeed reaches the other hosts by pdsh/ssh or MPI)
     or 'no-ssh' (this invocation starts only this machine's ranks; run one per node)."""
+    deepspeed_env: Dict[str, str] = field(default_factory=dict)
+    """ssh mode: what the job's own .deepspeed_env (env['DS_ENV_FILE'], written at launch) lists."""
+    warnings: List[str] = field(default_factory=list)
+    """Preflight findings that may stop a multi-node job (a name resolving to loopback), with the fix."""
 
     @property
     def world_size(self) -> int:
@@ -92,6 +186,9 @@ class LaunchPlan:
         lines = [f"# launch mode: {self.mode}; hosts (slots): {hosts}; world size {self.world_size}"]
         if self.generated_hostfile:
             lines.append(f"# generated hostfile {self.hostfile}: " + format_hostfile(self.hosts).strip().replace("\n", "; "))
+        if self.deepspeed_env:
+            lines.append(f"# {self.env.get('DS_ENV_FILE')} (written at launch, passed to every node's ranks): "
+                         + " ".join(f"{k}={v}" for k, v in self.deepspeed_env.items()))
         lines.append((env + " " if env else "") + shlex.join(self.command))
         return "\n".join(lines)
 
@@ -99,7 +196,7 @@ class LaunchPlan:
 def plan_launch(trainer_args: Sequence[str], *, hostfile: Optional[str] = None, preset: Optional[str] = None,
                 num_gpus: Optional[int] = None, num_nodes: Optional[int] = None, master_addr: Optional[str] = None,
                 master_port: Optional[int] = None, no_ssh: bool = False, node_rank: Optional[int] = None,
-                launcher: Optional[str] = None, include: Optional[str] = None,
+                launcher: Optional[str] = None, include: Optional[str] = None, launcher_args: Sequence[str] = (),
                 generated_hostfile_dir: Optional[str] = None, gpus: Optional[int] = None,
                 deepspeed: Optional[Sequence[str]] = None, environ: Optional[Dict[str, str]] = None) -> LaunchPlan:
     """Work out the launch for the given options (checked; nothing is started).
@@ -115,6 +212,7 @@ def plan_launch(trainer_args: Sequence[str], *, hostfile: Optional[str] = None, 
         raise LaunchError(f"--num-gpus must be >= 1, got {num_gpus}.")
     if num_nodes is not None and num_nodes < 1:
         raise LaunchError(f"--num-nodes must be >= 1, got {num_nodes}.")
+    extra = check_launcher_args(launcher_args)
     trainer = list(trainer_args)
     if preset:
         trainer = ["--preset", preset] + trainer
@@ -136,7 +234,7 @@ def plan_launch(trainer_args: Sequence[str], *, hostfile: Optional[str] = None, 
         path = write_hostfile(os.path.join(folder, "hostfile"), hosts)
         command = build_deepspeed_command(path, trainer, master_addr=master_addr or "127.0.0.1",
                                           master_port=master_port or free_port(), no_ssh_check=True,
-                                          deepspeed=deepspeed)
+                                          launcher_args=extra, deepspeed=deepspeed)
         plan = LaunchPlan(command, hosts=dict(hosts), hostfile=path, generated_hostfile=True, mode="local")
     else:
         hosts = read_hostfile(hostfile)
@@ -171,8 +269,10 @@ def plan_launch(trainer_args: Sequence[str], *, hostfile: Optional[str] = None, 
         command = build_deepspeed_command(hostfile, trainer, master_addr=master_addr, master_port=master_port,
                                           no_ssh=no_ssh, node_rank=node_rank, no_ssh_check=(mode == "local"),
                                           num_nodes=num_nodes, num_gpus=num_gpus, include=include,
-                                          launcher=launcher, deepspeed=deepspeed)
+                                          launcher=launcher, launcher_args=extra, deepspeed=deepspeed)
         plan = LaunchPlan(command, hosts=dict(active), hostfile=hostfile, mode=mode)
+        if len(active) > 1:
+            plan.warnings = loopback_warnings(active, hostfile, master_addr, environ, gpus=gpus)
 
     env: Dict[str, str] = {}
     if not gpus:
@@ -181,8 +281,38 @@ def plan_launch(trainer_args: Sequence[str], *, hostfile: Optional[str] = None, 
     pythonpath = environ.get("PYTHONPATH", "")
     if REPO_ROOT not in pythonpath.split(os.pathsep):
         env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + pythonpath if pythonpath else "")
+    if plan.mode == "ssh":  # the other nodes' ranks see only what DeepSpeed forwards: its .deepspeed_env
+        plan.deepspeed_env = dict(deepspeed_env_values(env, environ))
+        env["DS_ENV_FILE"] = os.path.join(tempfile.gettempdir(), f"loop_megatron_{os.getpid()}.deepspeed_env")
     plan.env = env
     return plan
+
+
+def loopback_warnings(hosts: Dict[str, int], hostfile: str, master_addr: Optional[str], environ: Dict[str, str],
+                      gpus: int = 0, resolve=None, hostname: Optional[str] = None) -> List[str]:
+    """What would make a multi-node job fail or hang at its rendezvous, each with its fix: the master
+    address or a hostfile host that resolves to loopback here, and (gloo, CPU) this node's own hostname
+    resolving to loopback with GLOO_SOCKET_IFNAME unset. `resolve`/`hostname`: for tests."""
+    found = []
+    if master_addr:
+        address = loopback_address(master_addr, resolve)
+        if address:
+            found.append(f"--master-addr {master_addr} resolves to {address} (loopback), which the other nodes "
+                         f"cannot reach; pass node 0's network address instead (e.g. --master-addr 10.0.0.1).")
+    for host in hosts:
+        address = loopback_address(host, resolve)
+        if address and host not in ("localhost",):
+            found.append(f"host {host} of hostfile {hostfile} resolves to {address} (loopback) on this machine, so "
+                         f"ssh and the rendezvous would reach this machine instead of that node; map {host} to its "
+                         f"network address in /etc/hosts (or list the node by its address).")
+        elif address:
+            found.append(f"hostfile {hostfile} names localhost beside other hosts; name this machine by its network "
+                         f"hostname or address so that the other nodes can reach it.")
+    if not gpus:
+        warning = hostname_loopback_warning(hostname, environ, resolve)
+        if warning:
+            found.append(warning)
+    return found
 
 
 def run_plan(plan: LaunchPlan, dry_run: bool = False) -> int:
@@ -193,11 +323,16 @@ def run_plan(plan: LaunchPlan, dry_run: bool = False) -> int:
         return 0
     env = dict(os.environ)
     env.update(plan.env)
+    env_file = plan.env.get("DS_ENV_FILE") if plan.deepspeed_env else None
     try:
+        if env_file:
+            write_deepspeed_env(env_file, plan.deepspeed_env)
         return run_forwarding_signals(plan.command, env, to_ranks=plan.mode != "ssh")
     finally:
         if plan.generated_hostfile:
             shutil.rmtree(os.path.dirname(plan.hostfile), ignore_errors=True)
+        if env_file:
+            fs.remove_quietly(env_file)
 
 
 def rank_processes(root_pid: int, module: str = TRAINER_MODULE) -> list:

@@ -9,6 +9,7 @@ answers as a world of one, so the TP layers degrade to ordinary local layers.
 """
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Optional
 
 import torch.distributed as dist
@@ -18,8 +19,10 @@ _DP_GROUP = None
 _TP_SIZE = 1
 
 
-def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> None:
-    """Create the TP and DP groups. Every rank must call this with the same argument."""
+def initialize_model_parallel(tensor_model_parallel_size: int = 1, timeout: Optional[timedelta] = None) -> None:
+    """Create the TP and DP groups. Every rank must call this with the same arguments. A collective on
+    either group waits at most `timeout` (--distributed-timeout-minutes) for a rank; None: torch's
+    default for new groups (which training.distributed.init_distributed sets to the same bound)."""
     global _TP_GROUP, _DP_GROUP, _TP_SIZE
     if not dist.is_initialized():
         if tensor_model_parallel_size != 1:
@@ -34,12 +37,12 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> None:
     # All ranks create every group in the same order (a torch.distributed requirement).
     for start in range(0, world, tp):
         ranks = list(range(start, start + tp))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             _TP_GROUP = group
     for offset in range(tp):
         ranks = list(range(offset, world, tp))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             _DP_GROUP = group
     _TP_SIZE = tp

@@ -22,6 +22,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -34,7 +35,9 @@ from ..model.exit import configure_exit_training
 from ..parallel import (destroy_model_parallel, get_data_parallel_group, get_data_parallel_rank,
                         get_data_parallel_world_size, initialize_model_parallel, set_seed)
 from ..utils.distributed import rank, world_size
+from ..errors import LoopMegatronError
 from ..utils.signals import STOP_REQUEST
+from ..utils.watchdog import FAILED
 from .arguments import RunOptions
 from ..data.bpb import bits_per_byte, bpb_sums
 from ..data.tokenizer import HF_TYPE
@@ -42,7 +45,7 @@ from .data import (EvalBatchSampler, TrainBatchSampler, build_datasets, build_ev
                    check_data_paths, check_data_tokenizers, check_eval_data_paths, loader, split_inputs)
 from .diagnostics import gate_means
 from .distributed import device as current_device
-from .distributed import env_world_size, init_distributed
+from .distributed import RankStopped, env_world_size, init_distributed, rank_report, start_watchdog
 from .ds_config import adopt_ds_file_settings, resolve_precision
 from .engine import build_engine
 from .loop_depth import LoopDepthSampler, depth_is_varied, step_depths, step_flops_per_token
@@ -150,6 +153,7 @@ class Trainer:
         self.skipped_steps = 0  # steps that made no update (non-finite, with skip_nonfinite_steps; fp16 overflow)
         self.skip_guard: Optional[SkipGuard] = None
         self.save_lock: Optional[checkpoint.SaveLock] = None
+        self.watchdog = None  # utils.watchdog.RankWatchdog of a multi-rank job (setup)
         self.started = time.time()
 
     # ------------------------------------------------------------------------------------------------
@@ -266,9 +270,13 @@ class Trainer:
         """Processes and groups, run folder and logger, data, model, DeepSpeed engine, resume."""
         cfg, t = self.cfg, self.cfg.training
         self.stop.install()  # from here a signal asks for a stop at the end of the next step's all-reduce
-        init_distributed(self.opts.local_rank, skip_shm_comm=t.ds_skip_shm_comm)
+        minutes = cfg.parallel.distributed_timeout_minutes
+        init_distributed(self.opts.local_rank, skip_shm_comm=t.ds_skip_shm_comm, timeout_minutes=minutes)
+        self.watchdog = start_watchdog(minutes)  # a dead or hung rank ends the job, named (utils/watchdog.py)
+        if world_size() > 1:
+            print(rank_report(), flush=True)
         self._lock_save_folder()
-        initialize_model_parallel(cfg.parallel.tensor_model_parallel_size)
+        initialize_model_parallel(cfg.parallel.tensor_model_parallel_size, timeout=timedelta(minutes=minutes))
         self.dp, self.dp_rank = get_data_parallel_world_size(), get_data_parallel_rank()
         self.global_batch = global_batch_size(cfg, self.dp)
         self.accum = accumulation_steps(cfg, self.dp)
@@ -589,9 +597,22 @@ class Trainer:
                   f"  checkpoint   {ckpt}"]
         return "\n".join(lines)
 
+    def explain_failure(self, exc: BaseException) -> Optional[str]:
+        """After `exc` ended this rank's run: the sentence naming another rank that died, hung or failed
+        first (printed once for the job by the watchdog), or None when the failure is this rank's own."""
+        if self.watchdog is None:
+            return None
+        if isinstance(exc, LoopMegatronError):  # a deliberate one-sentence error of this rank
+            self.watchdog.stop(FAILED)
+            return None
+        return self.watchdog.explain()
+
     def close(self) -> None:
         """Signal handlers back, logger closed, engine destroyed, groups forgotten (after any failure too);
-        the save folder's lock released."""
+        the save folder's lock released; the watchdog stopped (marking this rank done)."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
         if self.save_lock is not None:
             self.save_lock.release()
             self.save_lock = None
@@ -619,5 +640,10 @@ def pretrain(cfg: Config, opts: Optional[RunOptions] = None, return_state_dict: 
         if return_state_dict:
             result["state_dict"] = checkpoint.consolidated_state_dict(trainer.engine, cfg.training.zero_stage)
         return result
+    except Exception as exc:
+        sentence = trainer.explain_failure(exc)
+        if sentence:
+            raise RankStopped(sentence) from exc
+        raise
     finally:
         trainer.close()
