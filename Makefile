@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench bench-gpu clean-venv experiments
+.PHONY: venv demo test test-multinode bench bench-gpu clean-venv experiments
 
 $(STAMP): setup.py Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ demo: $(STAMP)
 ## test: the CI test suite.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+## test-multinode: the two-node test (root; two network namespaces with an sshd each, pdsh; a few minutes).
+## .ci/run installs openssh-server and pdsh first; `make test` skips it.
+test-multinode: $(STAMP)
+	PYTHON=$(BIN)/python bash tests/multinode/run.sh
 
 ## bench: speed/memory tables (model, data, training).
 bench: $(STAMP)
