@@ -114,12 +114,18 @@ def one_node(nodes, work, name, *extra):
 @pytest.mark.parametrize("case,extra", [("dp", ()), ("tp", ("--tensor-model-parallel-size", "2")),
                                         ("zero3", ("--zero-stage", "3"))])
 def test_across_two_nodes_equals_one_node(nodes, work, case, extra):
+    """DP also checks the settings: nothing set by hand but GLOO_SOCKET_IFNAME, so OMP/MKL threads and
+    DS_ACCELERATOR are what launch/train.sh computed on node 0 (cores / 1 slot), and each rank reports what
+    it got."""
     reference = one_node(nodes, work, f"{case}-one-node", *extra)
-    log = launch(nodes, work, f"{case}-two-nodes", ["--hostfile", os.path.join(work, "hostfile")], *extra)
+    env = {"GLOO_SOCKET_IFNAME": two_nodes.IFNAME} if case == "dp" else ENV
+    log = launch(nodes, work, f"{case}-two-nodes", ["--hostfile", os.path.join(work, "hostfile")], *extra, env=env)
     text = tail(log, 200000)
     assert "launch mode: ssh" in text and "on 2 rank(s)" in text
     assert sorted(reference) == list(range(1, ITERS + 1))
     assert losses(work, f"{case}-two-nodes") == reference  # bit-identical: the same sums, over another wire
+    if case == "dp":
+        check_rank_reports(text, threads=env.get("OMP_NUM_THREADS"))
 
 
 def rank_reports(text):
@@ -131,16 +137,14 @@ def rank_reports(text):
     return reports
 
 
-def test_settings_reach_every_rank_on_both_nodes(nodes, work):
-    """Nothing set by hand: OMP/MKL threads and DS_ACCELERATOR computed by launch/train.sh on node 0 (cores /
-    1 slot), GLOO_SOCKET_IFNAME from the shell; each rank reports what it got."""
+def check_rank_reports(text, threads=None):
+    """Both ranks, one per node, report accelerator cpu, torch threads = OMP_NUM_THREADS = MKL_NUM_THREADS =
+    the launcher's share of the cores (or `threads`), and GLOO_SOCKET_IFNAME."""
     from loop_megatron.launch.environment import cpu_cores
 
-    threads = str(cpu_cores())
-    log = launch(nodes, work, "env", ["--hostfile", os.path.join(work, "hostfile")],
-                 env={"GLOO_SOCKET_IFNAME": two_nodes.IFNAME})
-    reports = rank_reports(tail(log, 200000))
-    assert sorted(reports) == [0, 1], tail(log)
+    threads = threads or str(cpu_cores())
+    reports = rank_reports(text)
+    assert sorted(reports) == [0, 1], text[-3000:]
     for r, host in ((0, "node0"), (1, "node1")):
         report = reports[r]
         assert f"on host {host} " in report, report
