@@ -54,8 +54,25 @@ def _launch_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
+def _join_launcher_args(argv: Sequence[str]) -> List[str]:
+    """`--launcher-args '--ssh_port 2222'` as `--launcher-args=--ssh_port 2222` (argparse would take a value
+    starting with '--' for an option of its own)."""
+    out: List[str] = []
+    words = list(argv)
+    i = 0
+    while i < len(words):
+        if words[i] == "--launcher-args" and i + 1 < len(words):
+            out.append(f"--launcher-args={words[i + 1]}")
+            i += 2
+        else:
+            out.append(words[i])
+            i += 1
+    return out
+
+
 def main_train(argv: Sequence[str], prog: str = "launch/train.sh") -> int:
     ours, passthrough = _split_passthrough(argv)
+    ours = _join_launcher_args(ours)
     parser = _launch_parser(prog)
     args, unknown = parser.parse_known_args(ours)
     trainer_args = (["--preset", args.preset] if args.preset else []) + unknown + passthrough
