@@ -137,8 +137,9 @@ class RankWatchdog:
         watched = (self.rank + 1) % self.world_size
         last_value, last_change = None, time.monotonic()
         store_failing_since: Optional[float] = None
+        rank0: Optional[str] = None
         while not self._stop.wait(self.interval_s):
-            now = time.monotonic()
+            attempt = time.monotonic()
             try:
                 if len(self.hosts) < self.world_size:  # everyone's host name, once all have registered
                     keys = [self._host_key(r) for r in range(self.world_size)]
@@ -150,9 +151,14 @@ class RankWatchdog:
                         self.store.set(self._beat_key(self.rank), str(self._count))
                 key = self._beat_key(watched)
                 value = self.store.get(key).decode() if self.store.check([key]) else None
+                key0 = self._beat_key(0)  # rank 0 serves the store: its end is the store's end
+                rank0 = value if watched == 0 else (self.store.get(key0).decode() if self.store.check([key0]) else None)
                 store_failing_since = None
             except Exception:
-                store_failing_since = store_failing_since or now
+                now = time.monotonic()
+                if rank0 in ENDED:
+                    return  # rank 0 has finished (or is failing, which the collectives report): not a stop
+                store_failing_since = store_failing_since or attempt
                 if now - store_failing_since >= min(self.timeout_s, 3 * self.interval_s) and self._state is None:
                     self.report(f"rank 0 on host {self.host_of(0)} stopped: the job's store on it has not answered "
                                 f"for {now - store_failing_since:.0f} s; ending rank {self.rank} on host {self.host}.",
@@ -160,6 +166,7 @@ class RankWatchdog:
                     self.exit_fn(1)
                     return
                 continue
+            now = time.monotonic()
             if value in ENDED:
                 last_value, last_change = value, now
                 continue
