@@ -3,7 +3,8 @@
 #
 #   launch/train.sh [--hostfile F] [--preset NAME] [--num-gpus N] [--num-nodes N]
 #                   [--master-addr A] [--master-port P] [--no-ssh --node-rank R]
-#                   [--launcher pdsh|openmpi|slurm] [--dry-run] [-- trainer args]
+#                   [--launcher pdsh|openmpi|slurm] [--launcher-args 'DEEPSPEED OPTIONS'] [--dry-run]
+#                   [-- trainer args]
 #
 # Runs:  deepspeed --hostfile HOSTFILE [--num_nodes N --num_gpus G ...] --module loop_megatron.train \
 #            --preset NAME <trainer args>
@@ -18,7 +19,11 @@
 # Several nodes (see launch/README.md and launch/hostfile.example):
 #   * with passwordless ssh + pdsh from node 0:   launch/train.sh --hostfile hosts --preset loop-81m -- ...
 #     (DeepSpeed starts every node's ranks; MASTER_ADDR defaults to the first host's `hostname -I`,
-#      --master-addr overrides it; NCCL_*/PYTHON* variables are forwarded to the other nodes.)
+#      --master-addr overrides it; NCCL_*/PYTHON* variables are forwarded to the other nodes, and the CPU
+#      settings plus GLOO_/NCCL_SOCKET_IFNAME through a .deepspeed_env written for the job.)
+#   * options of DeepSpeed's launcher: --launcher-args "--ssh_port 2222 --bind_cores_to_rank" (repeatable)
+#   * a rank that dies or hangs ends the job on every node within --distributed-timeout-minutes (a trainer
+#     flag, default 10), named by rank and host.
 #   * without ssh: run on EVERY node, each with its own rank, the same hostfile and node 0's address:
 #       launch/train.sh --hostfile hosts --no-ssh --node-rank R --master-addr NODE0_IP --master-port 29500 -- ...
 # A missing or malformed hostfile stops here with one sentence, before anything starts.

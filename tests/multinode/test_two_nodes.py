@@ -155,20 +155,29 @@ def check_rank_reports(text, threads=None):
     assert not [f for f in os.listdir("/tmp") if f.endswith(".deepspeed_env")], "the job's .deepspeed_env was left"
 
 
+def dp_reference(nodes, work):
+    """Per-step losses of the DP job as a one-node run (from the DP case when it ran, else run now); the
+    two-node DP run equals it (test_across_two_nodes_equals_one_node)."""
+    if os.path.isfile(os.path.join(work, "dp-one-node", "run", "metrics.jsonl")):
+        return losses(work, "dp-one-node")
+    return one_node(nodes, work, "dp-one-node")
+
+
 def test_no_ssh_one_launcher_per_node(nodes, work):
-    reference = losses(work, "dp-one-node") if os.path.exists(os.path.join(work, "dp-one-node")) else \
-        one_node(nodes, work, "dp-one-node")
+    reference = dp_reference(nodes, work)
     hostfile = os.path.join(work, "hostfile")
     common = ["--hostfile", hostfile, "--no-ssh", "--master-addr", two_nodes.ADDRESSES[0], "--master-port", "29533"]
     procs, logs = [], []
-    for r in (1, 0):
+    for r in (1, 0):  # the same command on both nodes but for --node-rank (one filesystem here: see README)
         logs.append(os.path.join(work, f"no-ssh-{r}.log"))
-        # node 1 writes its run folder elsewhere (as a node with its own disk would); rank 0's is compared
-        name = "no-ssh" if r == 0 else "no-ssh-node1"
         procs.append(nodes.popen(r, ["bash", TRAIN_SH, *common, "--node-rank", str(r), "--",
-                                     *trainer_args(work, name)], logs[-1], env=ENV, cwd=work))
+                                     *trainer_args(work, "no-ssh")], logs[-1], env=ENV, cwd=work))
     for proc, log in zip(procs, logs):
-        assert proc.wait(timeout=300) == 0, tail(log)
+        try:
+            assert proc.wait(timeout=300) == 0, tail(log)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert losses(work, "no-ssh") == reference
 
 
@@ -231,11 +240,8 @@ def test_hung_rank_ends_the_job_within_the_timeout_and_resume_equals_uninterrupt
     named = _named(text)
     assert named, text[-3000:]
     assert any("stopped responding" in line or "made no progress" in line for line in named), named
-    # The resume (from the last checkpoint, iteration 2 or later) equals the uninterrupted two-node run.
-    reference = losses(work, "dp-two-nodes") if os.path.exists(os.path.join(work, "dp-two-nodes")) else None
-    if reference is None:
-        launch(nodes, work, "dp-two-nodes", ["--hostfile", os.path.join(work, "hostfile")])
-        reference = losses(work, "dp-two-nodes")
+    # The resume (from the last checkpoint, iteration 2 or later) equals the uninterrupted run.
+    reference = dp_reference(nodes, work)
     before = losses(work, "hang")
     launch(nodes, work, "hang", ["--hostfile", os.path.join(work, "hostfile")], "--load",
            os.path.join(work, "hang", "ckpt"))
