@@ -227,14 +227,15 @@ def _named(text):
 
 def test_killed_rank_ends_the_job_on_both_nodes(nodes, work):
     ended, text = _stop_rank_and_time_the_end(nodes, work, "kill", signal.SIGKILL)
-    print(f"SIGKILL of rank 1: the job ended {ended:.1f} s later")
+    print(f"SIGKILL of rank 1: the job ended {ended:.1f} s later; said: {_named(text)}")
     assert ended < TIMEOUT_MINUTES * 60 + SLACK_S, text[-3000:]
     assert _named(text), text[-3000:]
 
 
 def test_hung_rank_ends_the_job_within_the_timeout_and_resume_equals_uninterrupted(nodes, work):
     ended, text = _stop_rank_and_time_the_end(nodes, work, "hang", signal.SIGSTOP)
-    print(f"SIGSTOP of rank 1: the job ended {ended:.1f} s later (timeout {TIMEOUT_MINUTES * 60:.0f} s)")
+    print(f"SIGSTOP of rank 1: the job ended {ended:.1f} s later (timeout {TIMEOUT_MINUTES * 60:.0f} s); said: "
+          f"{_named(text)}")
     assert ended < TIMEOUT_MINUTES * 60 + SLACK_S, text[-3000:]
     assert ended > TIMEOUT_MINUTES * 60 * 0.5, text[-3000:]  # it was the bound, not a crash, that ended it
     named = _named(text)
