@@ -6,6 +6,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
+# absolute (the nodes' commands run from other folders), the venv's own path kept (no symlink resolved)
+case "$PY" in */*) ;; *) PY="$(command -v "$PY")" ;; esac
+PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"
+export PYTHON="$PY"
 LOOP_MEGATRON_MULTINODE=1 "$PY" -m pytest -q -s -p no:cacheprovider tests/multinode "$@" &
 pid=$!
 sweep() { "$PY" tests/multinode/cluster.py --cleanup "lm$pid"; }
