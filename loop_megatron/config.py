@@ -278,8 +278,8 @@ class TrainingConfig:
     load: str = ""
     """Checkpoint to resume from: the save folder (its 'latest' tag), one tag folder in it (e.g.
     run/iter_0000020: resumes exactly that tag; saves still go to training.save) or its 'latest' file. A
-    path that does not exist is refused; an existing folder without any checkpoint yet (the first run of
-    --save X --load X) starts fresh; '' starts fresh."""
+    path that does not exist is refused, unless it is training.save itself (Megatron's --save X --load X
+    on a first run); an existing folder without any checkpoint yet also starts fresh; '' starts fresh."""
 
     override_global_batch: bool = False
     """Resume a checkpoint trained with another global batch size: the iteration count, LR schedule and

@@ -51,11 +51,12 @@ def _copy_tag(src_save: str, tag: str, dst_save: str) -> None:
         f.write(tag + "\n")
 
 
-def _worker(rank, world_size, root, prefix):
+def _worker(rank, world_size, root, prefix, seed=7):
     from loop_megatron.training import RunOptions, pretrain
 
     def run(name, layout, **extra):
-        cfg = tiny_config(prefix, os.path.join(root, "runs", name), **BASE, **layout, **extra)
+        cfg = tiny_config(prefix, os.path.join(root, "runs", name), **BASE, **layout, **extra,
+                          **{"training.seed": seed})
         res = pretrain(cfg, RunOptions())
         return {k: res[k] for k in ("records", "start_iteration", "iterations")}
 

@@ -19,13 +19,14 @@ LAYOUTS = {
 }
 
 
-def _worker(rank, world_size, root, prefix):
+def _worker(rank, world_size, root, prefix, seed=7):
     from loop_megatron.training import RunOptions, pretrain
 
     out = {}
     for name, layout in LAYOUTS.items():
         # lr_decay_iters fixed: the 4-step run stands for the first half of the 8-step one (its schedule).
-        base = {"training.global_batch_size": 4, "training.lr_warmup_iters": 2, "training.lr_decay_iters": 8, **layout}
+        base = {"training.global_batch_size": 4, "training.lr_warmup_iters": 2, "training.lr_decay_iters": 8,
+                "training.seed": seed, **layout}
         ck = os.path.join(root, name, "ck")
         full = pretrain(tiny_config(prefix, os.path.join(root, name, "full"), **base, **{"training.train_iters": 8}),
                         RunOptions(), return_state_dict=True)
