@@ -58,10 +58,12 @@ def test_resume_matches_uninterrupted_run(runs, layout):
     full_losses = {rec["iteration"]: rec["loss"] for rec in full["records"]}
     resumed_losses = {rec["iteration"]: rec["loss"] for rec in resumed["records"]}
     assert sorted(resumed_losses) == [5, 6, 7, 8]
+    # Bit-exact: on its own layout a resumed run repeats the same operations in the same order on the
+    # restored state (bench/layout_spread.py --suite resume: difference 0 for seeds 1-4, both layouts).
     for it, loss in resumed_losses.items():
-        assert abs(loss - full_losses[it]) < 1e-5, f"iteration {it}: {loss} vs {full_losses[it]}"
+        assert loss == full_losses[it], f"iteration {it}: {loss} vs {full_losses[it]}"
     for key, value in full["state_dict"].items():
-        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6)
+        assert torch.equal(resumed["state_dict"][key], value), key
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
