@@ -250,6 +250,11 @@ class TrainingConfig:
     or LR schedule; the data moves on; counted as train/skipped_steps) instead of stopping the run. By
     default such a step stops the run with one sentence and a non-zero exit status, without saving it."""
 
+    max_skipped_steps: int = 10
+    """With skip_nonfinite_steps: stop the run (as without it: one sentence, non-zero exit, nothing of that
+    state saved) once this many consecutive steps were skipped, since a run whose every step is skipped
+    is not training any more (0 = never stop). fp16 loss-scale overflow skips do not count."""
+
     seed: int = 1234
     """Seed for weights, data order and dropout."""
 

@@ -59,6 +59,7 @@ CONFIG_FLAGS: List[Tuple[str, str]] = [
     ("--weight-decay", "training.weight_decay"),
     ("--clip-grad", "training.clip_grad"),
     ("--skip-nonfinite-steps", "training.skip_nonfinite_steps"),
+    ("--max-skipped-steps", "training.max_skipped_steps"),
     ("--seed", "training.seed"),
     ("--loop-sampling", "training.loop_sampling"),
     ("--loop-sampling-per-sequence", "training.loop_sampling_per_sequence"),

@@ -148,6 +148,7 @@ class Trainer:
         self.last_eval_iteration: Optional[int] = None
         self.last_saved: Optional[int] = None
         self.skipped_steps = 0  # steps that made no update (non-finite, with skip_nonfinite_steps; fp16 overflow)
+        self.consecutive_skips = 0  # non-finite steps skipped in a row (training.max_skipped_steps)
         self.skip_guard: Optional[SkipGuard] = None
         self.save_lock: Optional[checkpoint.SaveLock] = None
         self.started = time.time()
@@ -168,6 +169,8 @@ class Trainer:
             self.log_step(step, time.perf_counter() - t0)
             if step.nonfinite() and not step.skipped:
                 self.stop_nonfinite(step)  # raises before anything of this state is saved
+            if 0 < t.max_skipped_steps <= self.consecutive_skips:
+                self.stop_nonfinite(step, f"the last {self.consecutive_skips} steps were all skipped")
             if self._every(t.eval_interval) and self.iteration < t.train_iters:
                 self.evaluate()
             if self._every(t.save_interval):
@@ -208,19 +211,27 @@ class Trainer:
         is all-reduced and the norm flag is summed over ranks."""
         bad = step.nonfinite()
         if not bad:
+            self.consecutive_skips = 0
             return
         fp16_overflow = self.checks["precision"] == "fp16" and math.isfinite(step.loss)
         if self.cfg.training.skip_nonfinite_steps or fp16_overflow:
             step.skipped = True
             self.skipped_steps += 1
+            self.consecutive_skips += 0 if fp16_overflow else 1
             if not fp16_overflow:
                 self.log.print(f"iter {self.iteration}: skipped the update ({' and '.join(bad)}); "
                                f"{self.skipped_steps} step(s) skipped so far")
 
-    def stop_nonfinite(self, step: StepResult) -> None:
-        """Stop the run (every rank) at a step whose loss or gradient norm is not finite, saving nothing."""
+    def stop_nonfinite(self, step: StepResult, skipped: str = "") -> None:
+        """Stop the run (every rank) at a step whose loss or gradient norm is not finite, saving nothing;
+        `skipped` says why a skipping run (training.skip_nonfinite_steps) stops after all."""
         t = self.cfg.training
         last = checkpoint.last_good_checkpoint(t.save) if t.save else "none (no --save folder)"
+        if skipped:
+            raise NonFiniteStepError(
+                f"iteration {self.iteration}: {' and '.join(step.nonfinite())}, and {skipped} "
+                f"(--max-skipped-steps {t.max_skipped_steps}), so the run stopped without saving this state; "
+                f"the last good checkpoint is {last} (lower --lr).")
         raise NonFiniteStepError(
             f"iteration {self.iteration}: {' and '.join(step.nonfinite())}, so the run stopped without saving "
             f"this state; the last good checkpoint is {last} (lower --lr, or "
