@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .. import checkpoint
-from ..config import Config, accumulation_steps, global_batch_size, run_folder, save_yaml
+from ..config import Config, accumulation_steps, eval_micro_batches, global_batch_size, run_folder, save_yaml
 from ..model import LoopGPT, load_full_state_dict, model_summary
 from ..model.exit import configure_exit_training
 from ..parallel import (destroy_model_parallel, get_data_parallel_group, get_data_parallel_rank,
@@ -408,13 +408,15 @@ class Trainer:
 
     @torch.no_grad()
     def _eval_loss(self, dataset):
-        """(mean loss, bits per byte) over eval_iters micro-batches of this rank and the DP group. The sums
+        """(mean loss, bits per byte) over eval_iters global batches (config.eval_micro_batches micro-batches
+        of this rank) and the DP group. The sums
         stay on the device (bpb_sums) and come back in the one all-reduce and host copy at the end."""
         t = self.cfg.training
         self.engine.eval()
         total = torch.zeros(4, dtype=torch.float64, device=self.device)  # nats, targets, text nats, bytes
         gen = torch.Generator().manual_seed(0)  # the DataLoader's seed draw must not touch the global RNG
-        for tokens in loader(dataset, EvalBatchSampler(t.eval_iters, t.micro_batch_size, self.dp, self.dp_rank),
+        for tokens in loader(dataset, EvalBatchSampler(eval_micro_batches(self.cfg, self.dp), t.micro_batch_size,
+                                                       self.dp, self.dp_rank),
                              self.cfg.data.num_workers, generator=gen):
             x, y = split_inputs(tokens, self.device)
             _, token_loss = self.engine(x, labels=y, loss_reduction="none",
