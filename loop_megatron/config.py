@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -920,6 +921,12 @@ def describe_fields(flags: Optional[Dict[str, str]] = None) -> str:
 
 def field_docs(cls) -> Dict[str, str]:
     """Map field name -> the docstring literal written under it in the class body."""
+    return dict(_field_docs(cls))
+
+
+@functools.lru_cache(maxsize=None)
+def _field_docs(cls) -> Dict[str, str]:
+    # Parsed once per class and process: the trainer's parser asks once per flag (about 0.1 s each).
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body
     docs = {}

@@ -88,9 +88,9 @@ RECOMPUTE_FLAGS: Dict[str, str] = {
     "--recompute-activations": "Megatron-LM: the same as --recompute-granularity selective.",
     "--recompute-granularity": "Megatron-LM: full (recompute whole blocks; with --recompute-method: "
                                "model.activation_checkpointing per-block or per-iteration) or selective "
-                               "(recompute only core attention: here nothing needs it, since attention runs in "
-                               "SDPA/flash-attn kernels that do not keep the s x s attention matrix selective "
-                               "recomputation frees, so it sets model.activation_checkpointing=none).",
+                               "(Megatron recomputes only core attention, to drop its s x s attention "
+                               "probabilities; attention here runs in flash-attn or PyTorch SDPA, whose fused GPU "
+                               "kernels never store them, so it sets model.activation_checkpointing=none).",
     "--recompute-method": "Megatron-LM, with --recompute-granularity full: uniform (checkpoint groups of "
                           "--recompute-num-layers blocks: 1 = per-block, model.num_layers = per-iteration, one "
                           "checkpoint around the shared stack per loop iteration) or block (checkpoint the first "
