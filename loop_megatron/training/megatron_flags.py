@@ -29,9 +29,9 @@ from ..config import ConfigError
 class Spelling:
     """One Megatron flag and what it sets here.
 
-    kind: 'const' (takes no value: sets `key` to `const`; `key` '' sets nothing), 'alias' (takes the
-    value of our field `key`, typed like it), 'choice' (takes one of `values`: Megatron's value -> ours;
-    a value in `refused` gets that sentence) or 'one' (an integer that must be 1: `refused` says why).
+    kind: 'const' (takes no value: sets `key` to `const`), 'alias' (takes the value of our field `key`,
+    typed like it), 'choice' (takes one of `values`: Megatron's value -> ours; a value in `refused` gets
+    that sentence) or 'one' (an integer that must be 1: `refused` says why). `key` '' sets nothing.
     """
 
     flag: str
@@ -71,6 +71,9 @@ SPELLINGS: List[Spelling] = [
                           "tensor-parallel shard); use --tensor-model-parallel-size and ZeRO (--zero-stage) to "
                           "spread a model"},
              help="Megatron-LM: pipeline stages. Only 1 (no pipeline parallelism) is accepted."),
+    Spelling("--distributed-backend", "choice", "", values={"nccl": "", "gloo": ""},
+             help="Megatron-LM: the torch.distributed backend, nccl or gloo. Accepted and changes nothing: DeepSpeed "
+                  "picks NCCL on GPUs and gloo on CPU."),
     Spelling("--use-mcore-models", "const", "",
              help="Megatron-LM: use Megatron-Core models. Accepted and changes nothing (the model is "
                   "loop_megatron's own)."),
@@ -138,7 +141,6 @@ UNSUPPORTED: Dict[str, str] = {
     "--tokenizer-model-type": "GPT2BPETokenizer (--vocab-file/--merge-file) and HuggingFaceTokenizer "
                               "(--tokenizer-model) are the tokenizers here",
     "--checkpoint-activations": "Megatron-LM renamed it: use --recompute-activations or --recompute-granularity",
-    "--distributed-backend": "the backend follows the device: NCCL on GPUs, gloo on CPU (DeepSpeed picks it)",
 }
 """Megatron flag -> why it does not work here (the end of a one-sentence error)."""
 
@@ -227,7 +229,8 @@ def resolve(args, model_layers) -> List[Tuple[str, Any, str]]:
                 raise ConfigError(f"{s.flag} {value}: {s.refused[value]}.")
             if value not in s.values:
                 raise ConfigError(f"{s.flag} must be one of {', '.join(s.values)}, got '{value}'.")
-            out.append((s.key, s.values[value], s.flag))
+            if s.key:
+                out.append((s.key, s.values[value], s.flag))
         elif value != 1:
             raise ConfigError(f"{s.flag} {value}: {s.refused['']}.")
     granularity = getattr(args, dest("--recompute-granularity"))

@@ -60,6 +60,7 @@ def test_megatron_flag_sets_the_field(argv, key, value):
 def test_accepted_flags_that_change_nothing():
     base, _ = parsed()
     for argv in (["--deepspeed"], ["--pipeline-model-parallel-size", "1"], ["--use-mcore-models"],
+                 ["--distributed-backend", "nccl"], ["--distributed-backend", "gloo"],
                  ["--no-masked-softmax-fusion", "--no-bias-gelu-fusion", "--no-bias-dropout-fusion",
                   "--no-gradient-accumulation-fusion"]):
         assert parsed(*argv)[0] == base, argv
@@ -71,6 +72,7 @@ def test_accepted_flags_that_change_nothing():
     (["--attention-backend", "unfused"], "--attention-backend unfused: this trainer has no unfused"),
     (["--attention-backend", "local"], "--attention-backend local: this trainer has no unfused"),
     (["--attention-backend", "triton"], "--attention-backend must be one of auto, flash, fused, sdpa"),
+    (["--distributed-backend", "mpi"], "--distributed-backend must be one of nccl, gloo"),
     (["--recompute-granularity", "everything"], "--recompute-granularity must be full or selective"),
     (["--recompute-method", "uniform"], "--recompute-method needs --recompute-granularity full"),
     (["--recompute-num-layers", "2"], "--recompute-num-layers needs --recompute-granularity full"),
