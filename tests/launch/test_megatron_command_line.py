@@ -97,3 +97,16 @@ def test_megatron_flag_block_under_torchrun_and_launch_sh_resumes(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--sequence-parallel"], "error: --sequence-parallel (Megatron-LM) is not supported here: sequence parallelism "
+                              "is not implemented yet (issue 26)"),
+    (["--pipeline-model-parallel-size", "16"], "error: --pipeline-model-parallel-size 16: this trainer has no "
+                                               "pipeline parallelism"),
+])
+def test_launch_sh_refuses_unsupported_megatron_flags_before_any_rank(tmp_path, flags, message):
+    proc = subprocess.run([os.path.join(REPO, "launch", "train.sh"), "--nproc-per-node", "2", "--preset", "tiny-1l"]
+                          + flags, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith(message) and len(proc.stderr.splitlines()) == 1, proc.stderr

@@ -153,3 +153,16 @@ def test_eval_set_holds_eval_iters_global_batches(tmp_path):
         "training.micro_batch_size": 2, "training.global_batch_size": 8, "training.eval_iters": 3})
     sets = build_eval_datasets(cfg, dp_size=2)
     assert list(sets) == ["valid"] and len(sets["valid"]) == 3 * 8
+
+
+def test_readme_training_section_lists_every_megatron_spelling():
+    import os
+
+    from tests.conftest import ROOT
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    training = text[text.index("\n## Training\n"):]
+    training = training[:training.index("\n## ", 1)]
+    for flag in [s.flag for s in SPELLINGS] + list(RECOMPUTE_FLAGS):
+        assert f"`{flag}" in training, flag
