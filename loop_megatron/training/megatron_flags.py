@@ -234,7 +234,9 @@ def resolve(args, model_layers) -> List[Tuple[str, Any, str]]:
         elif value != 1:
             raise ConfigError(f"{s.flag} {value}: {s.refused['']}.")
     granularity = getattr(args, dest("--recompute-granularity"))
+    named = "--recompute-granularity" if granularity is not None else "--recompute-method"
     if getattr(args, dest("--recompute-activations")):
+        named = "--recompute-activations" if granularity is None else named
         if granularity not in (None, "selective"):
             raise ConfigError(f"--recompute-activations means --recompute-granularity selective, but "
                               f"--recompute-granularity {granularity} was also given; keep one.")
@@ -242,7 +244,7 @@ def resolve(args, model_layers) -> List[Tuple[str, Any, str]]:
     method, layers = getattr(args, dest("--recompute-method")), getattr(args, dest("--recompute-num-layers"))
     if granularity is not None or method is not None or layers is not None:
         kind = recompute_checkpointing(granularity, method, layers, model_layers())
-        out.append(("model.activation_checkpointing", kind, "--recompute-granularity"))
+        out.append(("model.activation_checkpointing", kind, named))
     return out
 
 

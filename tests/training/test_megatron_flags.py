@@ -86,7 +86,11 @@ def test_accepted_flags_that_change_nothing():
     (["--bf16", "--precision", "fp32"], "--bf16 sets training.precision=bf16 but --precision sets it to fp32"),
     (["--bf16", "--fp16"], "--fp16 sets training.precision=fp16 but --bf16 sets it to bf16"),
     (["--recompute-granularity", "full", "--activation-checkpointing", "none"],
-     "sets model.activation_checkpointing=per-block but --activation-checkpointing sets it to none"),
+     "--recompute-granularity sets model.activation_checkpointing=per-block but --activation-checkpointing sets "
+     "it to none"),
+    (["--recompute-activations", "--activation-checkpointing", "per-block"],
+     "--recompute-activations sets model.activation_checkpointing=none but --activation-checkpointing sets it to "
+     "per-block"),
     (["--sequence-parallel"], "--sequence-parallel (Megatron-LM) is not supported here: sequence parallelism is "
                               "not implemented yet (issue 26)"),
     (["--rampup-batch-size", "16", "16", "1000"], "--rampup-batch-size (Megatron-LM) is not supported here: "
