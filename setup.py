@@ -31,8 +31,10 @@ setup(
         "ninja",
     ],
     extras_require={
-        "dev": ["pytest", "megatron-core==0.16.1"],
+        # wandb in dev too: `make venv` (CI) installs .[dev], so the W&B offline test runs there.
+        "dev": ["pytest", "megatron-core==0.16.1", "wandb"],
         "gpu": ["flash-attn"],
+        "wandb": ["wandb"],  # --wandb-project (Weights & Biases logging; WANDB_MODE=offline without network)
     },
     entry_points={
         "console_scripts": [

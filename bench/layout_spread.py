@@ -4,8 +4,13 @@ Runs the layouts of tests/training/test_equivalence.py (ZeRO 0-3, TP=2, checkpoi
 and tests/training/test_recipe_training.py (the recurrent-depth recipe) for several seeds and prints, per
 compared pair, the largest difference of any step's loss and of any final weight. The tests' bounds are
 about 10x the largest value this prints (their comments quote it); rerun it after changing their settings.
+Two more suites measure the resume tests: `resume` (tests/training/test_checkpointing.py: a run resumed on
+its own layout against the uninterrupted one) and `universal` (tests/checkpoint/test_universal.py: one step
+after a resume on another layout, the relative difference of the moments and weights, and the absolute one
+of the noise-level elements).
 
-    python bench/layout_spread.py --seeds 1 2 3 4 5 6          # both suites (about 10 minutes on 2 cores)
+    python bench/layout_spread.py --seeds 1 2 3 4 5 6          # every suite (about 20 minutes on 2 cores)
+    python bench/layout_spread.py --suite resume universal --seeds 1 2 3
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.dist_utils import run_distributed  # noqa: E402
+from tests.checkpoint import test_universal as universal  # noqa: E402
+from tests.training import test_checkpointing as checkpointing  # noqa: E402
 from tests.training import test_equivalence as equivalence  # noqa: E402
 from tests.training import test_recipe_training as recipe  # noqa: E402
 from tests.training.helpers import tiny_config, write_corpus  # noqa: E402
@@ -63,12 +70,79 @@ def spread(suite: str, seed: int):
     return rows
 
 
+def resume_spread(seed: int):
+    """test_checkpointing's pairs: [(layout resumed vs uninterrupted, max loss difference, max weight difference)]."""
+    root = tempfile.mkdtemp(prefix=f"spread-resume-{seed}-")
+    prefix = write_corpus(os.path.join(root, "data"))
+    out = run_distributed(checkpointing._worker, 2, root, prefix, seed)[0]
+    rows = []
+    for layout, r in out.items():
+        full = {rec["iteration"]: rec["loss"] for rec in r["full"]["records"]}
+        dl = max(abs(rec["loss"] - full[rec["iteration"]]) for rec in r["resumed"]["records"])
+        sa, sb = r["resumed"]["state_dict"], r["full"]["state_dict"]
+        dw = max((sa[k] - sb[k]).abs().max().item() for k in sb)
+        rows.append((f"{layout} resumed vs uninterrupted", dl, dw))
+    return rows
+
+
+def universal_spread(seed: int):
+    """test_universal's cross-layout resumes, one step after the resume: [(pair, loss difference,
+    moments' largest relative difference, weights' (above noise) largest relative difference, noise-level
+    weights' largest absolute difference)]."""
+    root = tempfile.mkdtemp(prefix=f"spread-universal-{seed}-")
+    prefix = write_corpus(os.path.join(root, "data"))
+    out = run_distributed(universal._worker, 2, root, prefix, seed)[0]
+    rows = []
+    for source, target, _ in universal.RESUMES:
+        key = f"{source}->{target}"
+        _, ref = universal._universal(os.path.join(root, source, "ck", "iter_0000003"))
+        _, got = universal._universal(os.path.join(root, "resumed", key, "iter_0000003"))
+        ref_loss = {r["iteration"]: r["loss"] for r in out["sources"][source]["records"]}[3]
+        (rec,) = out["resumed"][key]["records"]
+        moments = weights = noise_abs = 0.0
+        for name in ref:
+            a, b = got[name], ref[name]
+            moments = max(moments, universal._rel(a["exp_avg"], b["exp_avg"]),
+                          universal._rel(a["exp_avg_sq"], b["exp_avg_sq"]))
+            noise = b["exp_avg_sq"].sqrt() < 1e-9
+            weights = max(weights, universal._rel(a["fp32"][~noise], b["fp32"][~noise]))
+            if noise.any():
+                noise_abs = max(noise_abs, float((a["fp32"][noise] - b["fp32"][noise]).abs().max()))
+        rows.append((key, abs(rec["loss"] - ref_loss), moments, weights, noise_abs))
+    return rows
+
+
+def _print_worst(title: str, header: str, worst) -> None:
+    print(f"\n{title}: largest difference\n")
+    print(header)
+    for pair, values in worst.items():
+        print(f"| {pair} | " + " | ".join(f"{v:.1e}" for v in values) + " |")
+    print()
+
+
+RESUME_SUITES = {
+    "resume": (resume_spread, "| pair | loss | weights |\n|---|---:|---:|"),
+    "universal": (universal_spread, "| resume | loss | moments (rel) | weights (rel) | noise-level weights (abs) |\n"
+                                    "|---|---:|---:|---:|---:|"),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
-    parser.add_argument("--suite", choices=sorted(SUITES), nargs="+", default=sorted(SUITES))
+    parser.add_argument("--suite", choices=sorted(SUITES) + sorted(RESUME_SUITES), nargs="+",
+                        default=sorted(SUITES) + sorted(RESUME_SUITES))
     args = parser.parse_args()
     for suite in args.suite:
+        if suite in RESUME_SUITES:
+            measure, header = RESUME_SUITES[suite]
+            worst = {}
+            for seed in args.seeds:
+                for pair, *values in measure(seed):
+                    print(f"[{suite}] seed {seed}: {pair}: " + ", ".join(f"{v:.2e}" for v in values), flush=True)
+                    worst[pair] = [max(a, b) for a, b in zip(worst.get(pair, [0.0] * len(values)), values)]
+            _print_worst(f"{suite} (seeds {' '.join(map(str, args.seeds))})", header, worst)
+            continue
         worst = {}
         for seed in args.seeds:
             for pair, dl, dw in spread(suite, seed):

@@ -54,6 +54,7 @@ def run_job(job: dict, device: torch.device) -> dict:
     from loop_megatron.parallel import ModelParallelUnit, get_data_parallel_rank, get_data_parallel_world_size
     from loop_megatron.utils.profiling import PeakMemory
     from loop_megatron.training.ds_config import build_ds_config
+    from loop_megatron.training.zero3 import loop_reuse_distance
     from loop_megatron.training.optim import parameter_groups
 
     cfg = Config()
@@ -72,7 +73,8 @@ def run_job(job: dict, device: torch.device) -> dict:
     torch.manual_seed(1234)
     model = LoopGPT(m)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, t.weight_decay),
-                                           config=build_ds_config(cfg, dp, job["precision"], job.get("ds_base")),
+                                           config=build_ds_config(cfg, dp, job["precision"], job.get("ds_base"),
+                                                                  reuse_distance=loop_reuse_distance(model)),
                                            mpu=ModelParallelUnit())
     del model
     gen = torch.Generator().manual_seed(100 + get_data_parallel_rank())

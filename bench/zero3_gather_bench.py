@@ -1,22 +1,27 @@
 #!/usr/bin/env python
-"""ZeRO-3 and shared loop weights: all-gather calls and bytes per training step at 1, 2, 4 loops.
+"""ZeRO-3 and shared loop weights: all-gathers, bytes and resident parameters per training step.
 
-    python bench/zero3_gather_bench.py [--loops 1 2 4] [--hidden 128] [--steps 3]
+    python bench/zero3_gather_bench.py [--loops 1 2 4] [--hidden 128] [--prelude 1] [--coda 1] [--steps 3]
 
-Two gloo ranks (CPU), one shared block x N loops with vector gates, vocab 4096, micro batch 2 x seq 64,
-fp32, the trainer's engine (`build_engine`) and step (`train_step`). stage3_param_persistence_threshold
-is 0 so that every parameter is partitioned, as the large ones of a real model are. Gathers are counted
-on rank 0 with `loop_megatron.parallel.comm_count.AllGatherCounter` (every torch.distributed all-gather
-entry point plus the one DeepSpeed's backend caches).
+Two gloo ranks (CPU), prelude P blocks + one shared block x N loops + coda C blocks (additive injection
+when P > 0) with vector gates, vocab 4096, micro batch 2 x seq 64, fp32, the trainer's engine
+(`build_engine`) and step (`train_step`). stage3_param_persistence_threshold is 0 so that every
+parameter is partitioned, as the large ones of a real model are. Gathers are counted on rank 0 with
+`loop_megatron.parallel.comm_count.AllGatherCounter` (every torch.distributed all-gather entry point plus
+the one DeepSpeed's backend caches); resident parameters with `training.zero3.GatheredParameterPeak`
+(elements of gathered parameters after every ATen op, in one extra steady step).
 
 Settings compared:
-  reuse 0     stage3_max_reuse_distance 0: DeepSpeed releases a parameter after each use, so the shared
-              block is gathered again in every iteration's forward and backward
-  default     the trainer's ZeRO-3 defaults (ds_config.DEFAULT_ZERO_TUNING: stage3_max_reuse_distance and
-              stage3_max_live_parameters 1e9): after the first step has recorded the module trace,
-              parameters used again within the reuse distance stay gathered for the step
-Columns: gathers and MiB in step 1 (trace recording) and per step after it; peak MiB is the heap peak of
-one steady step above the level before it (loop_megatron/profiling.py: sampled after every ATen op).
+  reuse 0       stage3_max_reuse_distance 0: DeepSpeed releases a parameter after each use, so the shared
+                block is gathered again in every iteration's forward and backward
+  reuse 1e9     DeepSpeed's default and the trainer's before: every parameter used again in the step
+                stays gathered until the step ends (the whole model resident at the peak)
+  reuse loop    the trainer's distance (training/zero3.py: 1.25 x the loop's parameters): the loop
+                stays gathered across its iterations, the rest is released after use
+  default       the trainer's ZeRO-3 defaults (ds_config.DEFAULT_ZERO_TUNING: prefetch bucket 5e7, reuse loop)
+Columns: gathers and MiB in step 1 (trace recording) and per step after it; resident: the steady step's
+peak of gathered parameter elements as a share of the model; peak MiB is the heap peak of one steady step
+above the level before it (loop_megatron/utils/profiling.py: sampled after every ATen op).
 """
 import argparse
 import os
@@ -32,21 +37,23 @@ MIB = 2 ** 20
 SETTINGS = {
     "no prefetch, reuse 0": {"stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0},
     "no prefetch, reuse 1e9": {"stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 1_000_000_000},
-    "prefetch 5e7, reuse 0": {"stage3_max_reuse_distance": 0},
-    "default": {},
+    "no prefetch, reuse loop": {"stage3_prefetch_bucket_size": 0},
+    "prefetch 5e7, reuse 1e9 (old default)": {"stage3_max_reuse_distance": 1_000_000_000},
+    "default (prefetch 5e7, reuse loop)": {},
 }
 
 
-def worker(rank, world, loops_list, hidden, steps):
+def worker(rank, world, loops_list, hidden, steps, prelude, coda):
     from loop_megatron.config import Config
     from loop_megatron.model import LoopGPT
     from loop_megatron.parallel import destroy_model_parallel, initialize_model_parallel
     from loop_megatron.parallel.comm_count import AllGatherCounter
-    from loop_megatron.profiling import PeakMemory
+    from loop_megatron.utils.profiling import PeakMemory
     from loop_megatron.training.distributed import skip_shm_comm_build
     from loop_megatron.training.ds_config import DEFAULT_ZERO_TUNING
     from loop_megatron.training.engine import build_engine
     from loop_megatron.training.step import train_step
+    from loop_megatron.training.zero3 import GatheredParameterPeak
 
     skip_shm_comm_build()
     rows = []
@@ -57,6 +64,9 @@ def worker(rank, world, loops_list, hidden, steps):
             m = cfg.model
             m.vocab_size, m.make_vocab_size_divisible_by, m.hidden_size, m.num_attention_heads = 4096, 1, hidden, 4
             m.num_layers, m.num_loops, m.max_position_embeddings = 1, loops, 64
+            m.prelude_layers, m.coda_layers = prelude, coda
+            if prelude:
+                m.loop_injection = "add"
             cfg.data.seq_length = 64
             t = cfg.training
             t.micro_batch_size, t.zero_stage, t.precision = 2, 3, "fp32"
@@ -79,10 +89,15 @@ def worker(rank, world, loops_list, hidden, steps):
                 if s > 0:
                     times.append(took)
                     peaks.append(meter.peak_bytes or 0)
+            # Resident parameters in one more steady step: the sampler walks every parameter after each op,
+            # which would distort the heap peak and the time measured above.
+            with GatheredParameterPeak(engine.module) as resident:
+                train_step(engine, batch(), 1, torch.device("cpu"), clipper)
             steady = counts[1:]
             assert all(c == steady[0] for c in steady), f"{setting} {loops}: steady steps differ: {steady}"
             params = sum(p.ds_numel for p in engine.module.parameters())
-            rows.append((setting, loops, params, counts[0], steady[0], max(peaks), statistics.median(times)))
+            rows.append((setting, loops, params, counts[0], steady[0], resident.peak / params, max(peaks),
+                         statistics.median(times)))
             engine.destroy()
             destroy_model_parallel()
     return rows
@@ -93,18 +108,20 @@ def main():
     ap.add_argument("--loops", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3, help="steady steps after the first")
+    ap.add_argument("--prelude", type=int, default=1, help="unlooped blocks before the loop")
+    ap.add_argument("--coda", type=int, default=1, help="unlooped blocks after the loop")
     args = ap.parse_args()
     from tests.dist_utils import run_distributed
 
-    rows = run_distributed(worker, 2, args.loops, args.hidden, args.steps)[0]
-    print(f"2 gloo ranks, 1 shared block x N loops, d={args.hidden}, vocab 4096, micro 2 x seq 64, fp32, "
-          "ZeRO-3 (persistence threshold 0); rank 0\n")
-    print("| setting | loops | params | step-1 gathers | step-1 MiB | gathers/step | MiB/step | step peak MiB | "
-          "step ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for setting, loops, params, first, steady, peak, took in rows:
+    rows = run_distributed(worker, 2, args.loops, args.hidden, args.steps, args.prelude, args.coda)[0]
+    print(f"2 gloo ranks, prelude {args.prelude} + 1 shared block x N loops + coda {args.coda}, d={args.hidden}, "
+          "vocab 4096, micro 2 x seq 64, fp32, ZeRO-3 (persistence threshold 0); rank 0\n")
+    print("| setting | loops | params | step-1 gathers | step-1 MiB | gathers/step | MiB/step | resident params | "
+          "step peak MiB | step ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for setting, loops, params, first, steady, resident, peak, took in rows:
         print(f"| {setting} | {loops} | {params:,} | {first[0]} | {first[1] / MIB:.2f} | {steady[0]} | "
-              f"{steady[1] / MIB:.2f} | {peak / MIB:.1f} | {took * 1e3:.0f} |")
+              f"{steady[1] / MIB:.2f} | {resident:.0%} | {peak / MIB:.1f} | {took * 1e3:.0f} |")
 
 
 if __name__ == "__main__":

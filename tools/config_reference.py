@@ -15,6 +15,7 @@ import inspect
 
 from loop_megatron.config import PRESET_DESCRIPTIONS, PRESET_RECIPES, cpu_recipe, describe_fields, paper_recipe
 from loop_megatron.training.arguments import flag_table
+from loop_megatron.training.megatron_flags import RECOMPUTE_FLAGS, SPELLINGS, UNSUPPORTED
 from loop_megatron.utils import fs
 
 TARGET = os.path.join(_bootstrap.ROOT, "docs", "configuration.md")
@@ -41,6 +42,15 @@ def render() -> str:
         "The flag column names the option of `python -m loop_megatron.train` that sets a field (its `--help` "
         "text is the meaning below); every field can also be set with `--override section.field=value`.\n\n"
         + describe_fields(flags)
+        + "\n## Megatron-LM spellings\n\n"
+        "Options of the same parser (loop_megatron/training/megatron_flags.py) for Megatron-LM / Megatron-DeepSpeed "
+        "flags that set a field above under another name or form; a spelling and a flag that set one field to "
+        "different values are refused.\n\n| flag | what it does |\n|---|---|\n"
+        + "\n".join(f"| `{s.flag}` | {s.help} |" for s in SPELLINGS) + "\n"
+        + "\n".join(f"| `{flag}` | {text} |" for flag, text in RECOMPUTE_FLAGS.items())
+        + "\n\n## Megatron-LM flags refused\n\nEach stops the run (and launch/train.sh) with one sentence: "
+        "`FLAG (Megatron-LM) is not supported here: REASON.`\n\n| flag | reason |\n|---|---|\n"
+        + "\n".join(f"| `{flag}` | {reason} |" for flag, reason in UNSUPPORTED.items()) + "\n"
     )
 
 

@@ -48,7 +48,8 @@ def parse_args(argv=None):
                    help="samples per forward pass (default: the run's).")
     p.add_argument("--eval-iters", type=int, default=None,
                    help="micro-batches to evaluate (default: the whole split; the trainer's valid line is its "
-                        "eval_iters x DP micro-batches of the run's micro batch size).")
+                        "eval_iters global batches: eval_iters x global batch / micro batch micro-batches of the run's micro "
+                        "batch size).")
     p.add_argument("--loops", type=int, nargs="+", default=None,
                    help="loop counts to evaluate at (default: the trained count); several print a table.")
     p.add_argument("--exit-criterion", choices=("none", "kl", "entropy", "gate"), default="none",

@@ -157,12 +157,17 @@ def _why_no_universal(meta: Dict[str, Any]) -> str:
             "kept no per-parameter state that could be read")
 
 
-def locate_resume(load: str) -> Optional[Tuple[str, str, str]]:
-    """(save_dir, tag, how) of the checkpoint `load` names, or None for an existing folder that holds no
-    checkpoint yet (a fresh start). `load` is the save folder (its `latest` tag), a tag folder in it (a
-    folder with meta.json) or a `latest` file. ConfigError (one sentence) for a path that does not
-    exist, a save folder with checkpoint tags but no `latest`, or a `latest` naming a missing tag."""
+def locate_resume(load: str, save: str = "") -> Optional[Tuple[str, str, str]]:
+    """(save_dir, tag, how) of the checkpoint `load` names, or None for a fresh start: an existing folder
+    that holds no checkpoint yet, or a missing `load` that is the run's own `save` folder (Megatron's
+    `--save X --load X` "resume if there is anything" idiom, which every Megatron example script uses).
+    `load` is the save folder (its `latest` tag), a tag folder in it (a folder with meta.json) or a
+    `latest` file. ConfigError (one sentence) for any other path that does not exist (a typo must not
+    train from scratch), a save folder with checkpoint tags but no `latest`, or a `latest` naming a
+    missing tag."""
     if not os.path.exists(load):
+        if save and os.path.normpath(os.path.abspath(load)) == os.path.normpath(os.path.abspath(save)):
+            return None
         raise ConfigError(f"training.load: {load} does not exist; give the save folder, a tag folder in it (e.g. "
                           f"{os.path.join(load, 'iter_0000020')}) or its '{LATEST_FILE}' file (an existing empty "
                           "folder starts fresh).")
@@ -262,7 +267,7 @@ def resume_vocab_size(cfg: Config, tokenizer) -> Optional[Tuple[int, str]]:
     if not cfg.training.load:
         return None
     try:
-        found = locate_resume(cfg.training.load)
+        found = locate_resume(cfg.training.load, cfg.training.save)
         if found is None:
             return None
         folder = os.path.join(found[0], found[1])
@@ -283,7 +288,7 @@ def find_resume(cfg: Config, world: int, precision: Optional[str] = None) -> Opt
     load = cfg.training.load
     if not load:
         return None
-    found = locate_resume(load)
+    found = locate_resume(load, cfg.training.save)
     if found is None:
         return None
     save_dir, tag, how = found

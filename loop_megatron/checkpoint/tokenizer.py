@@ -37,8 +37,8 @@ def tokenizer_for(cfg: Optional[Config] = None, checkpoint: Optional[str] = None
     2. ``checkpoint``: a checkpoint folder (a tag folder holding meta.json; ``meta``, its meta.json when
        already read): the tokenizer it records, GPT-2 for checkpoints without a record (they predate
        records). CheckpointError when the record names a file the folder lacks or that was altered.
-    3. ``cfg``: the run's data.tokenizer_type / data.tokenizer_model. ConfigError naming
-       data.tokenizer_model when it cannot be loaded.
+    3. ``cfg``: the run's data.tokenizer_type / data.tokenizer_model (GPT2BPETokenizer: data.vocab_file /
+       data.merge_file when set). ConfigError naming the field when it cannot be loaded.
 
     With ``fit_model_vocab``, ConfigError when the tokenizer has more tokens than cfg.model.vocab_size.
     build_tokenizer caches per process, so repeated calls (preflight's checks) share one instance.
@@ -48,10 +48,14 @@ def tokenizer_for(cfg: Optional[Config] = None, checkpoint: Optional[str] = None
     elif checkpoint is not None:
         tok = load_tokenizer(checkpoint, meta)
     elif cfg is not None:
+        d = cfg.data
         try:
-            tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model or None)
+            tok = build_tokenizer(d.tokenizer_type, d.tokenizer_model or None, d.vocab_file or None,
+                                  d.merge_file or None)
         except DataError as exc:  # the sentence gets the field it came from
-            raise ConfigError(f"data.tokenizer_model: {exc}") from None
+            fields = "data.tokenizer_model" if d.tokenizer_model else "data.vocab_file / data.merge_file" \
+                if d.vocab_file or d.merge_file else "data.tokenizer_type"
+            raise ConfigError(f"{fields}: {exc}") from None
     else:
         raise TypeError("tokenizer_for needs a config, a checkpoint folder or a tokenizer type/model")
     if fit_model_vocab and tok.vocab_size > cfg.model.vocab_size:

@@ -5,6 +5,11 @@ The flags are generated from the config: `CONFIG_FLAGS` names the flag of each c
 itself (its default's type and the docstring under it in loop_megatron/config.py), so help text exists
 once. Every other field is reachable with `--override section.field=value`.
 
+Megatron-LM spellings that are not a plain (flag, field) pair (`--bf16`, `--recompute-granularity`,
+`--deepspeed`, `--pipeline-model-parallel-size 1`, ...) and the table of Megatron flags refused with a
+reason live in training/megatron_flags.py; they are options of the same parser (one --help). A spelling
+and a named flag that set one field to different values are refused.
+
 The resolved config is built in this order: preset (`--preset`, or the file's own `preset:`), then a
 YAML/JSON file (`--config`, read once), then the named flags, then `--override` items (last word wins).
 Only flags actually given change the config; the rest keep the file's or preset's value.
@@ -17,6 +22,7 @@ import difflib
 import typing
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+from . import megatron_flags
 from ..config import (PRESETS, SECTIONS, Config, ConfigError, compose_config, field_docs, file_keys,
                       file_preset_name, parse_override, read_config_file, run_folder, set_field)
 
@@ -29,12 +35,22 @@ CONFIG_FLAGS: List[Tuple[str, str]] = [
     ("--data-cache-path", "data.data_cache_path"),
     ("--tokenizer-type", "data.tokenizer_type"),
     ("--tokenizer-model", "data.tokenizer_model"),
+    ("--vocab-file", "data.vocab_file"),
+    ("--merge-file", "data.merge_file"),
+    ("--num-workers", "data.num_workers"),
     ("--valid-data-path", "data.valid_data_path"),
     ("--test-data-path", "data.test_data_path"),
     # model
     ("--num-layers", "model.num_layers"),
     ("--hidden-size", "model.hidden_size"),
     ("--num-attention-heads", "model.num_attention_heads"),
+    ("--ffn-hidden-size", "model.ffn_hidden_size"),
+    ("--max-position-embeddings", "model.max_position_embeddings"),
+    ("--vocab-size", "model.vocab_size"),
+    ("--make-vocab-size-divisible-by", "model.make_vocab_size_divisible_by"),
+    ("--init-method-std", "model.init_method_std"),
+    ("--hidden-dropout", "model.hidden_dropout"),
+    ("--attention-dropout", "model.attention_dropout"),
     ("--loops", "model.num_loops"),
     ("--inner-loops", "model.inner_loops"),
     ("--loop-gates", "model.loop_gates"),
@@ -58,8 +74,12 @@ CONFIG_FLAGS: List[Tuple[str, str]] = [
     ("--lr-warmup-iters", "training.lr_warmup_iters"),
     ("--lr-decay-iters", "training.lr_decay_iters"),
     ("--weight-decay", "training.weight_decay"),
+    ("--adam-beta1", "training.adam_beta1"),
+    ("--adam-beta2", "training.adam_beta2"),
+    ("--adam-eps", "training.adam_eps"),
     ("--clip-grad", "training.clip_grad"),
     ("--skip-nonfinite-steps", "training.skip_nonfinite_steps"),
+    ("--max-skipped-steps", "training.max_skipped_steps"),
     ("--seed", "training.seed"),
     ("--loop-sampling", "training.loop_sampling"),
     ("--loop-sampling-per-sequence", "training.loop_sampling_per_sequence"),
@@ -82,6 +102,9 @@ CONFIG_FLAGS: List[Tuple[str, str]] = [
     ("--eval-iters", "training.eval_iters"),
     ("--log-interval", "training.log_interval"),
     ("--tensorboard-dir", "training.tensorboard_dir"),
+    ("--wandb-project", "training.wandb_project"),
+    ("--wandb-exp-name", "training.wandb_exp_name"),
+    ("--wandb-save-dir", "training.wandb_save_dir"),
     ("--run-dir", "training.run_dir"),
     ("--peak-tflops", "training.peak_tflops"),
     ("--compile", "training.compile"),
@@ -167,6 +190,9 @@ def unknown_arguments_message(unknown: List[str], parser: argparse.ArgumentParse
         return (f"unexpected argument {unknown[0]!r}: settings are --flag VALUE pairs ({PROG} --help lists "
                 f"the flags).")
     name = flag.split("=", 1)[0]
+    refusal = megatron_flags.unsupported_message(name)
+    if refusal:
+        return refusal
     hint = suggest_flag(name, parser)
     return f"unknown flag {name}{hint}" + ("" if hint.endswith("?") else ".")
 
@@ -197,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             metavar = {int: "N", float: "X"}.get(kind, key.split(".")[1].upper())
             parser.add_argument(flag, dest=dest, type=kind, default=None, metavar=metavar, help=help_text)
+    megatron_flags.add_arguments(parser, field_kind, field_help)
     parser.add_argument("--debug-sleep-per-iter", type=float, default=0.0, metavar="SECONDS",
                         help="Make every step this much longer (a sleep before the step's all-reduce; testing aid: "
                              "a signal sent after step N is logged lands inside step N+1).")
@@ -216,11 +243,21 @@ def config_from_args(argv: Optional[List[str]] = None) -> Tuple[Config, RunOptio
     preset_name = args.preset or file_preset_name(raw)
     cfg = compose_config(preset_name, raw, args.config or "config")
     explicit = set(file_keys(raw))
-    for _, key in CONFIG_FLAGS:
+    given: Dict[str, Tuple[Any, str]] = {}  # key -> (value, flag) of the named flags and Megatron spellings
+    for flag, key in CONFIG_FLAGS:
         value = getattr(args, key.replace(".", "__"))
         if value is not None:
             set_field(cfg, key, value, "command line")
+            given[key] = (getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]), flag)
             explicit.add(key)
+    for key, value, flag in megatron_flags.resolve(args, lambda: cfg.model.num_layers):
+        set_field(cfg, key, value, flag)
+        value = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
+        if key in given and given[key][0] != value:
+            raise ConfigError(f"{flag} sets {key}={value} but {given[key][1]} sets it to {given[key][0]}; "
+                              f"give only one of them.")
+        given[key] = (value, flag)
+        explicit.add(key)
     for item in args.override:
         key, value = parse_override(item)
         set_field(cfg, key, value, "--override")

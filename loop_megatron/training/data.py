@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import Config, ConfigError, global_batch_size
+from ..config import Config, ConfigError, eval_samples, global_batch_size
 from ..data.errors import DataError
 from ..data.gpt_dataset import (build_named_eval_datasets, build_train_valid_test_datasets, parse_data_path,
                                 parse_named_data_paths, parse_split)
@@ -65,11 +65,11 @@ def build_eval_datasets(cfg: Config, dp_size: int, which: str = "valid") -> "col
     """Ordered ``name -> dataset`` to evaluate on: the named sets of data.valid_data_path (or
     data.test_data_path), each used whole; without any, the valid (test) split of data.data_path under
     the name 'valid' ('test'), as before named sets existed. Each set serves
-    eval_iters x micro_batch_size x DP samples (a small set is repeated to fill them). Empty when
-    training.eval_iters is 0 or data.split gives that split no share.
+    eval_iters x global_batch_size samples (config.eval_samples; a small set is repeated to fill them).
+    Empty when training.eval_iters is 0 or data.split gives that split no share.
     """
     t, d = cfg.training, cfg.data
-    samples = t.eval_iters * t.micro_batch_size * dp_size
+    samples = eval_samples(cfg, dp_size)
     named = _named_eval_paths(cfg, which)
     out = collections.OrderedDict()
     if samples <= 0:
@@ -121,11 +121,9 @@ def build_datasets(cfg: Config, dp_size: int):
     t, d = cfg.training, cfg.data
     gbs = global_batch_size(cfg, dp_size)
     train_samples = t.train_iters * gbs
-    eval_samples = t.eval_iters * t.micro_batch_size * dp_size
-    if parse_split(d.split)[1] <= 0:
-        eval_samples = 0
+    valid_samples = eval_samples(cfg, dp_size) if parse_split(d.split)[1] > 0 else 0
     train, valid, _ = build_train_valid_test_datasets(
-        d.data_path, d.split, d.seq_length, t.seed, (train_samples or 0, eval_samples, 0),
+        d.data_path, d.split, d.seq_length, t.seed, (train_samples or 0, valid_samples, 0),
         d.data_cache_path or None)
     return train, valid
 
@@ -161,16 +159,17 @@ class TrainBatchSampler:
 
 
 class EvalBatchSampler:
-    """The first eval_iters micro-batches of this rank (the same valid samples at every evaluation)."""
+    """This rank's first `micro_batches` micro-batches of an evaluation set (config.eval_micro_batches:
+    eval_iters global batches; the same samples at every evaluation, each sample read by one DP rank)."""
 
-    def __init__(self, eval_iters: int, micro: int, dp_size: int, dp_rank: int):
-        self.eval_iters, self.micro, self.dp_size, self.dp_rank = eval_iters, micro, dp_size, dp_rank
+    def __init__(self, micro_batches: int, micro: int, dp_size: int, dp_rank: int):
+        self.micro_batches, self.micro, self.dp_size, self.dp_rank = micro_batches, micro, dp_size, dp_rank
 
     def __len__(self) -> int:
-        return self.eval_iters
+        return self.micro_batches
 
     def __iter__(self) -> Iterator[List[int]]:
-        for m in range(self.eval_iters):
+        for m in range(self.micro_batches):
             yield micro_batch_indices(0, self.micro, self.dp_size, self.dp_rank, m)
 
 

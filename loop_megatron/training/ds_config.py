@@ -25,9 +25,10 @@ DEFAULT_ZERO_TUNING = {
         "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000},
     3: {"overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": 50_000_000,
         "stage3_prefetch_bucket_size": 50_000_000, "stage3_param_persistence_threshold": 100_000,
-        # A parameter used again within this many gathered elements stays gathered: the loop's shared
-        # blocks are then fetched once per step, not once per iteration (bench/zero3_gather_bench.py).
-        "stage3_max_reuse_distance": 1_000_000_000, "stage3_max_live_parameters": 1_000_000_000,
+        # stage3_max_reuse_distance is not fixed here: build_ds_config sets it from the model (the loop's
+        # size, training/zero3.py), so the shared blocks are gathered once per step, not once per
+        # iteration, and everything else is released after use (bench/zero3_gather_bench.py).
+        "stage3_max_live_parameters": 1_000_000_000,
         "stage3_gather_16bit_weights_on_model_save": False},
 }
 
@@ -128,8 +129,10 @@ def gradient_accumulation_steps(cfg: Config, dp_size: int) -> int:
 
 
 def build_ds_config(cfg: Config, dp_size: int, precision: str, base: Optional[Dict[str, Any]] = None,
-                    cuda: Optional[bool] = None) -> Dict[str, Any]:
-    """The dict handed to deepspeed.initialize(config=...)."""
+                    cuda: Optional[bool] = None, reuse_distance: Optional[int] = None) -> Dict[str, Any]:
+    """The dict handed to deepspeed.initialize(config=...). `reuse_distance`: ZeRO-3's
+    stage3_max_reuse_distance where the DeepSpeed config does not set it (training/zero3.py
+    loop_reuse_distance(model); None leaves DeepSpeed's default)."""
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -170,6 +173,8 @@ def build_ds_config(cfg: Config, dp_size: int, precision: str, base: Optional[Di
         ds["bf16"]["check_grad_overflow"] = True
     zero = dict(ds.get("zero_optimization") or gpu_zero_tuning(DEFAULT_ZERO_TUNING.get(t.zero_stage, {}), cuda))
     zero["stage"] = t.zero_stage
+    if t.zero_stage == 3 and reuse_distance is not None and "stage3_max_reuse_distance" not in zero:
+        zero["stage3_max_reuse_distance"] = reuse_distance
     if t.cpu_offload:
         offload = dict(zero.get("offload_optimizer") or {})
         offload["device"] = "cpu"

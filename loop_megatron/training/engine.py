@@ -17,6 +17,7 @@ from .compile import CompileTimer, compile_blocks
 from .ds_config import build_ds_config
 from .optim import WarmupCosineLR, parameter_groups
 from .step import FusedClipper, trainer_clips
+from .zero3 import loop_reuse_distance
 
 
 def attention_backend_line(cfg: Config, precision: str, cuda: Optional[bool] = None) -> str:
@@ -47,7 +48,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, dp_size: int, precision: s
         n = compile_blocks(model)
         timer = CompileTimer(log)
         log(f"torch.compile: {n} block(s) compiled lazily at the first step (one graph serves every loop)")
-    ds_config = build_ds_config(cfg, dp_size, precision, ds_base)
+    ds_config = build_ds_config(cfg, dp_size, precision, ds_base, reuse_distance=loop_reuse_distance(model))
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=parameter_groups(model, t.weight_decay), config=ds_config,
         mpu=ModelParallelUnit(), lr_scheduler=lambda opt: WarmupCosineLR(opt, t))

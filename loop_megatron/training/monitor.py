@@ -6,6 +6,9 @@ TensorBoard tags (a plotting tool reads them; x axis = iteration):
     every log_interval:  train/tokens_per_sec, train/step_time, train/mfu (only when a peak is known),
                          gates/iter_{n}_mean (n = 1..num_loops, gated models only)
     every evaluation:    valid/loss
+Weights & Biases (training.wandb_project set): rank 0 logs the same scalars under the same tags to a W&B run
+(step = iteration) whose config is the resolved Config; `wandb_init_kwargs` says where and under what name.
+WANDB_MODE=offline (no network) writes <dir>/wandb/offline-run-*/, which `wandb sync` uploads later.
 MFU = flops_per_token(model, seq_len) x tokens/s / (peak FLOP/s per device x devices). The peak comes from
 training.peak_tflops, else a table of bf16 dense peaks for known GPUs; on CPU (or an unknown device) MFU
 is not computed: the console shows "mfu n/a" and no train/mfu scalar is written.
@@ -16,10 +19,11 @@ import json
 import math
 import os
 import time
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
+from ..config import Config, ConfigError
 from ..utils import fs
 
 # bf16 dense peak TFLOP/s per device (vendor datasheets, SXM parts).
@@ -46,13 +50,36 @@ def format_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
-class RunLogger:
-    """Rank-0 sink for scalars (TensorBoard + metrics.jsonl) and console lines; no-ops elsewhere."""
+def wandb_available() -> bool:
+    """Whether the wandb package can be imported (without importing it)."""
+    import importlib.util
 
-    def __init__(self, run_dir: str, tensorboard_dir: str, enabled: bool):
+    return importlib.util.find_spec("wandb") is not None
+
+
+def wandb_init_kwargs(cfg: Config) -> Optional[Dict[str, Any]]:
+    """Keyword arguments of `wandb.init` for this run, or None without training.wandb_project: project,
+    name (training.wandb_exp_name, else the run folder's name), dir (training.wandb_save_dir, else
+    <run_dir>/wandb; W&B makes its own wandb/ inside it) and the resolved config."""
+    t = cfg.training
+    if not t.wandb_project:
+        return None
+    return {"project": t.wandb_project,
+            "name": t.wandb_exp_name or os.path.basename(os.path.normpath(t.run_dir)) or "run",
+            "dir": t.wandb_save_dir or os.path.join(t.run_dir, "wandb"),
+            "config": cfg.to_dict()}
+
+
+class RunLogger:
+    """Rank-0 sink for scalars (TensorBoard, metrics.jsonl and, with `wandb_kwargs`, a W&B run) and console
+    lines; no-ops elsewhere."""
+
+    def __init__(self, run_dir: str, tensorboard_dir: str, enabled: bool,
+                 wandb_kwargs: Optional[Dict[str, Any]] = None):
         self.enabled = enabled
         self.writer = None
         self.metrics = None
+        self.wandb_run = None
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -60,13 +87,18 @@ class RunLogger:
 
         self.writer = SummaryWriter(log_dir=tensorboard_dir)
         self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        if wandb_kwargs:
+            self.wandb_run = start_wandb(wandb_kwargs)
 
     def scalars(self, iteration: int, values: Dict[str, float]) -> None:
         if not self.enabled:
             return
-        for tag, value in values.items():
-            if value is not None and math.isfinite(float(value)):
-                self.writer.add_scalar(tag, float(value), iteration)
+        finite = {tag: float(value) for tag, value in values.items()
+                  if value is not None and math.isfinite(float(value))}
+        for tag, value in finite.items():
+            self.writer.add_scalar(tag, value, iteration)
+        if self.wandb_run is not None and finite:
+            self.wandb_run.log(finite, step=iteration)
 
     def record(self, record: Dict) -> None:
         """One JSON line in <run_dir>/metrics.jsonl (every step and evaluation)."""
@@ -88,7 +120,24 @@ class RunLogger:
         if self.enabled:
             self.writer.close()
             self.metrics.close()
+            if self.wandb_run is not None:
+                self.wandb_run.finish()
+                self.wandb_run = None
             self.enabled = False
+
+
+def start_wandb(kwargs: Dict[str, Any]):
+    """`wandb.init(**kwargs)` with W&B's console capture off (the trainer prints its own lines); a W&B
+    that cannot start (no login and no network without WANDB_MODE=offline, ...) is one ConfigError."""
+    import wandb
+
+    os.makedirs(kwargs["dir"], exist_ok=True)
+    try:
+        return wandb.init(**kwargs, settings=wandb.Settings(console="off"))
+    except Exception as exc:  # wandb raises its own error classes (UsageError, CommError, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"training.wandb_project: W&B could not start ({first}); set WANDB_MODE=offline to "
+                          f"write the run to {kwargs['dir']} for `wandb sync` to upload later.") from None
 
 
 class Throughput:

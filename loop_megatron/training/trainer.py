@@ -29,7 +29,9 @@ import torch
 import torch.distributed as dist
 
 from .. import checkpoint
-from ..config import Config, accumulation_steps, global_batch_size, run_folder, save_yaml
+from ..config import (Config, ConfigError, accumulation_steps, eval_micro_batches, global_batch_size, run_folder,
+                      save_yaml)
+from ..errors import LoopMegatronError
 from ..model import LoopGPT, load_full_state_dict, model_summary
 from ..model.exit import configure_exit_training
 from ..parallel import (destroy_model_parallel, get_data_parallel_group, get_data_parallel_rank,
@@ -49,7 +51,8 @@ from .distributed import RankStopped, env_world_size, init_distributed, rank_rep
 from .ds_config import adopt_ds_file_settings, resolve_precision
 from .engine import build_engine
 from .loop_depth import LoopDepthSampler, depth_is_varied, step_depths, step_flops_per_token
-from .monitor import RunLogger, Throughput, format_eta, peak_flops_per_device, progress_line, write_summary
+from .monitor import (RunLogger, Throughput, format_eta, peak_flops_per_device, progress_line, wandb_available,
+                      wandb_init_kwargs, write_summary)
 from .optim import lr_at
 from .step import NonFiniteStepError, SkipGuard, train_step
 
@@ -65,6 +68,9 @@ def preflight(cfg: Config, opts: RunOptions) -> Dict[str, Any]:
     cfg.validate(world)
     precision = resolve_precision(cfg)
     check_data_paths(cfg.data.data_path)
+    if cfg.training.wandb_project and not wandb_available():
+        raise ConfigError("training.wandb_project is set but the wandb package is not installed; pip install wandb "
+                          "(or pip install -e '.[wandb]'), or drop --wandb-project.")
     check_eval_data_paths(cfg)
     # A HuggingFaceTokenizer (chosen on purpose) must fit model.vocab_size; the default GPT-2 tokenizer is
     # only loaded, since small test models read toy corpora of small ids with it and check_data_tokenizers
@@ -151,6 +157,7 @@ class Trainer:
         self.last_eval_iteration: Optional[int] = None
         self.last_saved: Optional[int] = None
         self.skipped_steps = 0  # steps that made no update (non-finite, with skip_nonfinite_steps; fp16 overflow)
+        self.consecutive_skips = 0  # non-finite steps skipped in a row (training.max_skipped_steps)
         self.skip_guard: Optional[SkipGuard] = None
         self.save_lock: Optional[checkpoint.SaveLock] = None
         self.watchdog = None  # utils.watchdog.RankWatchdog of a multi-rank job (setup)
@@ -172,6 +179,8 @@ class Trainer:
             self.log_step(step, time.perf_counter() - t0)
             if step.nonfinite() and not step.skipped:
                 self.stop_nonfinite(step)  # raises before anything of this state is saved
+            if 0 < t.max_skipped_steps <= self.consecutive_skips:
+                self.stop_nonfinite(step, f"the last {self.consecutive_skips} steps were all skipped")
             if self._every(t.eval_interval) and self.iteration < t.train_iters:
                 self.evaluate()
             if self._every(t.save_interval):
@@ -212,19 +221,27 @@ class Trainer:
         is all-reduced and the norm flag is summed over ranks."""
         bad = step.nonfinite()
         if not bad:
+            self.consecutive_skips = 0
             return
         fp16_overflow = self.checks["precision"] == "fp16" and math.isfinite(step.loss)
         if self.cfg.training.skip_nonfinite_steps or fp16_overflow:
             step.skipped = True
             self.skipped_steps += 1
+            self.consecutive_skips += 0 if fp16_overflow else 1
             if not fp16_overflow:
                 self.log.print(f"iter {self.iteration}: skipped the update ({' and '.join(bad)}); "
                                f"{self.skipped_steps} step(s) skipped so far")
 
-    def stop_nonfinite(self, step: StepResult) -> None:
-        """Stop the run (every rank) at a step whose loss or gradient norm is not finite, saving nothing."""
+    def stop_nonfinite(self, step: StepResult, skipped: str = "") -> None:
+        """Stop the run (every rank) at a step whose loss or gradient norm is not finite, saving nothing;
+        `skipped` says why a skipping run (training.skip_nonfinite_steps) stops after all."""
         t = self.cfg.training
         last = checkpoint.last_good_checkpoint(t.save) if t.save else "none (no --save folder)"
+        if skipped:
+            raise NonFiniteStepError(
+                f"iteration {self.iteration}: {' and '.join(step.nonfinite())}, and {skipped} "
+                f"(--max-skipped-steps {t.max_skipped_steps}), so the run stopped without saving this state; "
+                f"the last good checkpoint is {last} (lower --lr).")
         raise NonFiniteStepError(
             f"iteration {self.iteration}: {' and '.join(step.nonfinite())}, so the run stopped without saving "
             f"this state; the last good checkpoint is {last} (lower --lr, or "
@@ -334,7 +351,19 @@ class Trainer:
         if self.is_rank0:
             os.makedirs(self.run_dir, exist_ok=True)
             save_yaml(self.cfg, os.path.join(self.run_dir, "config.yaml"))
-        self.log = RunLogger(self.run_dir, tb_dir, enabled=self.is_rank0)
+        failure = None
+        try:
+            self.log = RunLogger(self.run_dir, tb_dir, enabled=self.is_rank0,
+                                 wandb_kwargs=wandb_init_kwargs(self.cfg))
+        except LoopMegatronError as exc:  # W&B could not start (rank 0): every rank stops
+            failure, self.log = exc, RunLogger(self.run_dir, tb_dir, enabled=False)
+        if world_size() > 1 and self.cfg.training.wandb_project:
+            flag = torch.tensor([float(failure is not None)], device=current_device())
+            dist.all_reduce(flag)
+            if failure is None and float(flag.item()) > 0:
+                failure = ConfigError("training.wandb_project: W&B could not start on rank 0 (it names the reason).")
+        if failure is not None:
+            raise failure
 
     def _build_engine(self):
         cfg = self.cfg
@@ -405,13 +434,15 @@ class Trainer:
 
     @torch.no_grad()
     def _eval_loss(self, dataset):
-        """(mean loss, bits per byte) over eval_iters micro-batches of this rank and the DP group. The sums
+        """(mean loss, bits per byte) over eval_iters global batches (config.eval_micro_batches micro-batches
+        of this rank) and the DP group. The sums
         stay on the device (bpb_sums) and come back in the one all-reduce and host copy at the end."""
         t = self.cfg.training
         self.engine.eval()
         total = torch.zeros(4, dtype=torch.float64, device=self.device)  # nats, targets, text nats, bytes
         gen = torch.Generator().manual_seed(0)  # the DataLoader's seed draw must not touch the global RNG
-        for tokens in loader(dataset, EvalBatchSampler(t.eval_iters, t.micro_batch_size, self.dp, self.dp_rank),
+        for tokens in loader(dataset, EvalBatchSampler(eval_micro_batches(self.cfg, self.dp), t.micro_batch_size,
+                                                       self.dp, self.dp_rank),
                              self.cfg.data.num_workers, generator=gen):
             x, y = split_inputs(tokens, self.device)
             _, token_loss = self.engine(x, labels=y, loss_reduction="none",

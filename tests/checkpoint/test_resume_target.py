@@ -56,6 +56,11 @@ def test_missing_path_refused_and_empty_folder_starts_fresh(run, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _preflight(_cfg(run, "e", **{"training.load": str(empty)}))["resume"] is None
+    # Megatron's `--save X --load X` on the first run: the missing folder is the run's own save folder.
+    first = str(tmp_path / "first")
+    assert _preflight(_cfg(run, "e2", **{"training.load": first + "/", "training.save": first}))["resume"] is None
+    with pytest.raises(ConfigError, match=r"training.load: .*nope does not exist"):
+        _preflight(_cfg(run, "e3", **{"training.load": missing, "training.save": first}))
     # Checkpoints but no `latest`: which one to resume is not guessed.
     no_latest = str(tmp_path / "no_latest")
     shutil.copytree(run[2], no_latest)

@@ -5,11 +5,13 @@ universal/ state). The step-2 checkpoint is resumed on another layout twice:
 - with no step, saving at once: the state gathered back from the new layout's partitions must equal the
   saved one bit for bit (masters, moments, step, schedule, samples): the resharding itself is lossless;
 - for one more step: its step-3 universal state is compared with the uninterrupted run's: equal
-  iteration, optimizer step, LR-schedule position and consumed samples; moments within 1e-6 relative and
-  weights within 1e-6 relative (fp32 reduction-order noise). Elements whose gradient is at fp32 rounding
-  level (RMS < 1e-9: the attention key bias, whose exact gradient is zero because softmax is
-  shift-invariant) are compared absolutely (1e-5): AdamW divides their noise by ~eps, so no layout
-  change can reproduce them to 1e-6 relative.
+  iteration, optimizer step, LR-schedule position and consumed samples; moments within MOMENT_RTOL and
+  weights within WEIGHT_RTOL relative (fp32 reduction-order noise). Elements whose gradient is at fp32
+  rounding level (RMS < 1e-9: the attention key bias, whose exact gradient is zero because softmax is
+  shift-invariant) are compared absolutely (NOISE_ATOL): AdamW divides their noise by ~eps, so no layout
+  change can reproduce them to a relative bound.
+  The bounds are about 10x the largest difference bench/layout_spread.py --suite universal measured over
+  seeds 1-4: moments 3.5e-7, weights 1.1e-7, noise-level weights 1.6e-6 (absolute), loss 4.8e-7.
 One resumption stays on the saved layout (DeepSpeed's own shards) and must be bit-exact after its step.
 
 Layout pairs (2 gloo ranks: TP x DP = 2): every ZeRO stage is a source and a target, TP 1->2 and 2->1,
@@ -39,6 +41,10 @@ RESUMES = [  # (source, target name, target layout)
     ("dp2_z3", "tp2_z1", {"training.zero_stage": 1, **TP2}),     # TP 1->2, DP 2->1, ZeRO 3->1
     ("dp2_z2", "dp2_z2", {"training.zero_stage": 2}),            # same layout: DeepSpeed's own shards
 ]
+MOMENT_RTOL = 4e-6
+WEIGHT_RTOL = 1e-6
+NOISE_ATOL = 2e-5
+LOSS_ATOL = 5e-6
 BASE = {"training.global_batch_size": 4, "training.lr_warmup_iters": 1, "training.lr_decay_iters": 6,
         "training.eval_iters": 0, "model.num_layers": 1}
 
@@ -51,11 +57,12 @@ def _copy_tag(src_save: str, tag: str, dst_save: str) -> None:
         f.write(tag + "\n")
 
 
-def _worker(rank, world_size, root, prefix):
+def _worker(rank, world_size, root, prefix, seed=7):
     from loop_megatron.training import RunOptions, pretrain
 
     def run(name, layout, **extra):
-        cfg = tiny_config(prefix, os.path.join(root, "runs", name), **BASE, **layout, **extra)
+        cfg = tiny_config(prefix, os.path.join(root, "runs", name), **BASE, **layout, **extra,
+                          **{"training.seed": seed})
         res = pretrain(cfg, RunOptions())
         return {k: res[k] for k in ("records", "start_iteration", "iterations")}
 
@@ -126,7 +133,7 @@ def test_resume_on_other_layout_matches_uninterrupted(runs, source, target, layo
     ref_rec = {r["iteration"]: r for r in out["sources"][source]["records"]}
     (rec,) = resumed["records"]
     assert rec["lr"] == ref_rec[3]["lr"]
-    assert abs(rec["loss"] - ref_rec[3]["loss"]) < 1e-5
+    assert abs(rec["loss"] - ref_rec[3]["loss"]) <= LOSS_ATOL
     assert sorted(got) == sorted(ref)
     same_layout = source == target
     for name in ref:
@@ -135,11 +142,11 @@ def test_resume_on_other_layout_matches_uninterrupted(runs, source, target, layo
             if same_layout:
                 assert torch.equal(a, b), f"{name} {k} not bit-exact"
             elif k != "fp32":
-                assert _rel(a, b) <= 1e-6, f"{name} {k}: {_rel(a, b)}"
+                assert _rel(a, b) <= MOMENT_RTOL, f"{name} {k}: {_rel(a, b)}"
             else:
                 noise = ref[name]["exp_avg_sq"].sqrt() < 1e-9
-                assert _rel(a[~noise], b[~noise]) <= 1e-6, f"{name}: {_rel(a[~noise], b[~noise])}"
-                assert float(torch.cat([(a[noise] - b[noise]).abs(), torch.zeros(1)]).max()) <= 1e-5, name
+                assert _rel(a[~noise], b[~noise]) <= WEIGHT_RTOL, f"{name}: {_rel(a[~noise], b[~noise])}"
+                assert float(torch.cat([(a[noise] - b[noise]).abs(), torch.zeros(1)]).max()) <= NOISE_ATOL, name
     meta = json.load(open(os.path.join(root, "resumed", key, "iter_0000003", "meta.json")))
     assert meta["universal"] is True and meta["global_batch_size"] == 4
 

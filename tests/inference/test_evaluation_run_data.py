@@ -1,9 +1,9 @@
 """tools/evaluate.py on a trained checkpoint defaults to the run's own data settings (data path, split,
 seed, sequence length, micro batch size, index cache), so its loss is the trainer's final valid loss.
 
-The trainer's valid line is the token-weighted mean loss over the first eval_iters x micro_batch_size x
-DP samples of the valid split (one process here: DP 1); evaluate.py with --eval-iters equal to the
-trainer's eval_iters x DP reads the same samples with the same weights, in fp32 on the CPU like the run,
+The trainer's valid line is the token-weighted mean loss over the first eval_iters x global batch
+samples of the valid split (one process, no accumulation here: eval_iters micro-batches); evaluate.py with
+--eval-iters equal to the trainer's eval_iters x global batch / micro batch reads the same samples with the same weights, in fp32 on the CPU like the run,
 so the two numbers are the same computation and come out bit-equal (float64 sums of the same float32
 token losses, batched alike, in one process). The run's split (80,20,0) differs from evaluate.py's former default
 (949,50,1), under which its held-out set overlapped the run's training documents.

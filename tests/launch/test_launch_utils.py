@@ -177,6 +177,49 @@ def test_zero_estimates_follow_the_stated_formulas():
     assert mem["zero0"] > mem["zero1"] > mem["zero2"] > mem["zero3"]
 
 
+def test_activation_formulas_and_layout_memory():
+    from loop_megatron.config import preset
+    from loop_megatron.launch.memory import activation_bytes, block_activation_bytes, per_gpu_memory
+
+    m = preset("recurrent-97m").model  # d=768, 12 heads, ffn 4d, 2 + 4 x 8 + 2 blocks
+    assert m.activation_checkpointing == "none"
+    whole = activation_bytes(m, 1024, 4, backprop_loops=4)["loop"]
+    assert whole == 4 * m.num_layers * 34 * 1024 * 4 * 768                  # every application stored
+    m.activation_checkpointing = "per-iteration"
+    s, b, sbh = 1024, 4, 1024 * 4 * 768
+    assert block_activation_bytes(m, s, b) == 34 * sbh                       # flash: no score term
+    assert block_activation_bytes(m, s, b, flash=False) == int(sbh * (34 + 5 * 12 * s / 768))
+    assert block_activation_bytes(m, s, b, tp=2) == int(sbh * (10 + 24 / 2))
+    assert block_activation_bytes(m, s, b, tp=2, sequence_parallel=True) == 34 * sbh // 2
+    acts = activation_bytes(m, s, b, backprop_loops=4)
+    assert acts["loop"] == 4 * 2 * sbh + m.num_layers * 34 * sbh            # 4 states + one iteration's blocks
+    assert acts["unlooped"] == (m.prelude_layers + m.coda_layers) * 34 * sbh
+    sp = activation_bytes(m, s, b, tp=2, sequence_parallel=True, backprop_loops=4)
+    assert sp["loop"] == acts["loop"] // 2 and sp["logits"] == acts["logits"] // 2
+    from loop_megatron.launch.memory import largest_layer_params, loop_parameters
+    from loop_megatron.model.stats import parameter_count
+
+    by_zero = [per_gpu_memory(m, s, b, 16, 2, True, z, 4)["states"] for z in (1, 2, 3)]
+    deepspeed = zero_model_state_bytes(parameter_count(m) // 2, largest_layer_params(m) // 2, 1, 8)
+    assert by_zero[:2] == [deepspeed["zero1"], deepspeed["zero2"]] and by_zero[0] > by_zero[1]
+    # ZeRO-3: DeepSpeed's estimate plus the shared loop kept gathered in 16 bits (training/zero3.py).
+    assert by_zero[2] == deepspeed["zero3"] + 2 * loop_parameters(m) // 2
+    with pytest.raises(ValueError, match="do not divide"):
+        per_gpu_memory(m, s, b, 6, 4, False, 1)
+
+
+def test_memory_plan_prints_a_table_and_a_pick():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "memory_plan.py"), "--model", "loop-7b",
+                          "--gpus", "8", "16"], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert "| TP 1, ZeRO-1 | (" in out  # 6.6B at micro-batch 8 does not fit 80 GiB on one GPU per replica
+    assert "Pick: 8 GPUs: TP 2 + SP, ZeRO-1; 16 GPUs: TP 1, ZeRO-2." in out
+
+
 def test_paper_batch_sizes_stay_in_nanogpt_range():
     for dp in (1, 2, 4, 8, 16, 32, 64):
         micro, global_batch = paper_batch_sizes(12, dp)

@@ -184,9 +184,9 @@ def test_no_prefix_abbreviations_and_unknown_flags_name_the_nearest(run_main, pr
     # a config field written as a flag: its flag where it has one, else the --override item
     assert run_main("--data-path", prefix, *TINY, "--num-loops", "3") == \
         "unknown flag --num-loops; did you mean --loops (sets model.num_loops)?"
-    assert run_main("--data-path", prefix, *TINY, "--ffn-hidden-size", "64") == \
-        ("unknown flag --ffn-hidden-size; model.ffn_hidden_size has no flag of its own: use "
-         "--override model.ffn_hidden_size=VALUE.")
+    assert run_main("--data-path", prefix, *TINY, "--gate-init", "0.5") == \
+        ("unknown flag --gate-init; model.gate_init has no flag of its own: use "
+         "--override model.gate_init=VALUE.")
     # argparse's own errors are one sentence too (no usage text)
     assert run_main("--data-path", prefix, *TINY, "--lr", "fast") == \
         "argument --lr: invalid float value: 'fast' (python -m loop_megatron.train --help lists the flags)."

@@ -59,6 +59,18 @@ def test_skip_nonfinite_steps_makes_no_update(prefix, tmp_path, zero_stage):
         torch.testing.assert_close(skip["state_dict"][key], value, rtol=0, atol=0)
 
 
+def test_skipping_stops_after_max_skipped_steps_in_a_row(prefix, tmp_path):
+    """A run whose every step is skipped is not training: it stops with one sentence after the cap."""
+    from loop_megatron.training.step import NonFiniteStepError
+
+    with pytest.raises(NonFiniteStepError) as err:
+        _run(prefix, str(tmp_path / "cap"), 8, **{"training.skip_nonfinite_steps": True,
+                                                  "training.max_skipped_steps": 3})
+    msg = str(err.value)
+    assert msg.startswith("iteration 4: the loss is nan") and "the last 3 steps were all skipped" in msg, msg
+    assert "--max-skipped-steps 3" in msg
+
+
 def test_poisoned_loss_gives_nonfinite_gradients_and_keeps_finite_ones_exact():
     from loop_megatron.training.step import poison_nonfinite
 
