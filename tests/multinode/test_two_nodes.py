@@ -152,7 +152,8 @@ def check_rank_reports(text, threads=None):
         for setting in ("DS_ACCELERATOR=cpu", f"OMP_NUM_THREADS={threads}", f"MKL_NUM_THREADS={threads}",
                         f"GLOO_SOCKET_IFNAME={two_nodes.IFNAME}"):
             assert setting in report, report
-    assert not [f for f in os.listdir("/tmp") if f.endswith(".deepspeed_env")], "the job's .deepspeed_env was left"
+    assert not [f for f in os.listdir("/tmp") if f.startswith("loop_megatron_") and f.endswith(".deepspeed_env")], \
+        "the job's .deepspeed_env was left behind"
 
 
 def dp_reference(nodes, work):
