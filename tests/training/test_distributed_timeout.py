@@ -31,3 +31,20 @@ def test_every_group_gets_the_timeout():
     timeouts = dict(line.split() for line in proc.stdout.splitlines() if line.split()[:1] and
                     line.split()[0] in ("world", "tp", "dp", "deepspeed"))
     assert timeouts == {"world": "15.0", "tp": "15.0", "dp": "15.0", "deepspeed": "15.0"}, proc.stdout
+
+
+def test_a_job_spans_nodes_by_deepspeeds_or_torchruns_counts(monkeypatch):
+    """Where each rank repeats the loopback-hostname check (local rank 0 of a job on more than one node)."""
+    from loop_megatron.training.distributed import spans_nodes
+
+    for var in ("CROSS_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert not spans_nodes()
+    monkeypatch.setenv("CROSS_SIZE", "2")  # DeepSpeed's per-node launcher: the node count
+    assert spans_nodes()
+    monkeypatch.setenv("CROSS_SIZE", "1")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun: 2 nodes of 8
+    assert spans_nodes()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert not spans_nodes()
