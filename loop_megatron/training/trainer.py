@@ -511,7 +511,8 @@ class Trainer:
         self.log.scalars(self.iteration, scalars)
         self.records.append(record)
         self.log.record(record)
-        if t.log_interval > 0 and (self._every(t.log_interval) or self.iteration == t.train_iters or step.stop):
+        if t.log_interval > 0 and (self._every(t.log_interval) or self.iteration == t.train_iters or step.stop
+                                   or step.time_up or self._every(t.exit_interval)):  # the last line before an exit
             self.log_progress(step.lr)
 
     def log_progress(self, lr: float) -> None:
