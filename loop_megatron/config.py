@@ -868,26 +868,26 @@ def resolve_lr_horizons(cfg: Config, explicit: Any = ()) -> List[str]:
     t = cfg.training
     notes: List[str] = []
 
-    def clear(name: str, refusal: str, why: str) -> None:
+    def clear(name: str, refusal: Callable[[Any], str], why: str) -> None:
         value = getattr(t, name)
         if not value:
             return
         if f"training.{name}" in explicit:
-            raise ConfigError(refusal.format(name=name, value=value))
+            raise ConfigError(refusal(value))
         setattr(t, name, 0)
         notes.append(f"training.{name} {value} (a preset's or the default value) set to 0: {why}")
 
     if t.train_samples > 0:
         for name in ITERATION_HORIZONS:
-            clear(name, "training.train_samples ({samples}) makes a sample-based run, which cannot also take "
-                        "training.{{name}} ({{value}}, iteration-based); give it in samples (training.{other}) or "
-                        "train by iterations (Megatron-LM refuses the mix too).".format(
-                            samples=t.train_samples, other=name.replace("_iters", "_samples")),
-                  f"the run is sample-based (training.train_samples {t.train_samples})")
+            clear(name, lambda value: (
+                f"training.train_samples ({t.train_samples}) makes a sample-based run, which cannot also take "
+                f"training.{name} ({value}, iteration-based); give it in samples "
+                f"(training.{name.replace('_iters', '_samples')}) or train by iterations (Megatron-LM refuses the "
+                "mix too)."), f"the run is sample-based (training.train_samples {t.train_samples})")
     if t.lr_warmup_fraction > 0 or "training.lr_warmup_fraction" in explicit:
         for name in ("lr_warmup_iters", "lr_warmup_samples"):
-            clear(name, "training.lr_warmup_fraction and training.{name} ({value}) both set the warm-up; give one "
-                        "(Megatron-LM refuses both too).",
+            clear(name, lambda value: (f"training.lr_warmup_fraction and training.{name} ({value}) both set the "
+                                       "warm-up; give one (Megatron-LM refuses both too)."),
                   f"training.lr_warmup_fraction {t.lr_warmup_fraction} sets the warm-up")
     return notes
 
@@ -1033,26 +1033,27 @@ def _validate_schedule(t: "TrainingConfig") -> None:
     _require(0.0 <= t.lr_warmup_init <= t.lr,
              f"training.lr_warmup_init ({t.lr_warmup_init}) must be between 0 and training.lr ({t.lr}).")
     if t.train_samples > 0:
-        mixed = [n for n in ITERATION_HORIZONS if getattr(t, n)]
-        _require(not mixed, f"training.train_samples ({t.train_samples}) makes a sample-based run, which cannot also "
-                            f"take training.{mixed[0] if mixed else ''} ({getattr(t, mixed[0]) if mixed else ''}, "
-                            "iteration-based); give it in samples or train by iterations (Megatron-LM refuses the "
-                            "mix too).")
+        for name in ITERATION_HORIZONS:
+            _require(not getattr(t, name),
+                     f"training.train_samples ({t.train_samples}) makes a sample-based run, which cannot also take "
+                     f"training.{name} ({getattr(t, name)}, iteration-based); give it in samples "
+                     f"(training.{name.replace('_iters', '_samples')}) or train by iterations (Megatron-LM refuses "
+                     "the mix too).")
     else:
-        mixed = [n for n in SAMPLE_HORIZONS if getattr(t, n)]
-        _require(not mixed, f"training.{mixed[0] if mixed else ''} ({getattr(t, mixed[0]) if mixed else ''}) counts "
-                            "samples and needs a sample-based run (training.train_samples); an iteration-based run "
-                            f"takes training.{mixed[0].replace('_samples', '_iters') if mixed else ''}.")
+        for name in SAMPLE_HORIZONS:
+            _require(not getattr(t, name),
+                     f"training.{name} ({getattr(t, name)}) counts samples and needs a sample-based run "
+                     f"(training.train_samples); an iteration-based run takes training.{name.replace('_samples', '_iters')}.")
     if t.lr_warmup_fraction > 0:
-        both = [n for n in ("lr_warmup_iters", "lr_warmup_samples") if getattr(t, n)]
-        _require(not both, f"training.lr_warmup_fraction and training.{both[0] if both else ''} both set the "
-                           "warm-up; give one (Megatron-LM refuses both too).")
+        for name in ("lr_warmup_iters", "lr_warmup_samples"):
+            _require(not getattr(t, name), f"training.lr_warmup_fraction and training.{name} ({getattr(t, name)}) both "
+                                           "set the warm-up; give one (Megatron-LM refuses both too).")
     if t.lr_decay_style == "WSD":
         s = lr_schedule(t)
-        field = "lr_wsd_decay_samples" if s.unit == "samples" else "lr_wsd_decay_iters"
-        _require(s.wsd_decay > 0, f"training.lr_decay_style WSD needs training.{field} (the length of its decay "
+        phase = "lr_wsd_decay_samples" if s.unit == "samples" else "lr_wsd_decay_iters"
+        _require(s.wsd_decay > 0, f"training.lr_decay_style WSD needs training.{phase} (the length of its decay "
                                   "phase).")
-        _require(s.wsd_decay <= s.decay, f"training.{field} ({s.wsd_decay}) is longer than the decay horizon "
+        _require(s.wsd_decay <= s.decay, f"training.{phase} ({s.wsd_decay}) is longer than the decay horizon "
                                          f"({s.decay} {s.unit}).")
 
 
