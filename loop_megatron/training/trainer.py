@@ -216,6 +216,7 @@ class Trainer:
         return limit > 0 and self.elapsed_minutes() > limit
 
     def elapsed_minutes(self) -> float:
+        """Wall-clock minutes since this trainer was created (training.exit_duration_in_mins counts them)."""
         return (time.time() - self.started) / 60.0
 
     def exit_reason(self, step: StepResult) -> Optional[str]:
