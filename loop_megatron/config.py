@@ -378,8 +378,8 @@ class TrainingConfig:
     exit_signal_handler: bool = True
     """Catch SIGTERM/SIGINT: the step in flight finishes, the run saves (with training.save) and exits 0.
     Megatron-LM does this only with --exit-signal-handler (and SIGTERM only); here it is the default, so the
-    flag changes nothing, and false leaves both signals their default action (the process dies at once,
-    nothing saved)."""
+    flag changes nothing; false gives both signals back to Python's defaults (SIGTERM ends the process at
+    once, SIGINT raises KeyboardInterrupt; nothing is saved)."""
 
     keep_last: int = 3
     """Complete checkpoints to keep; older ones are deleted after a newer one is complete (0 = keep all)."""
