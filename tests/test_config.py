@@ -223,7 +223,7 @@ def test_trainer_flags_are_generated_from_the_field_docstrings():
         section, name = key.split(".")
         doc = " ".join(field_docs(SECTIONS[section])[name].split())
         assert actions[flag].help.replace("%%", "%") == f"{doc} [{key}]", flag
-    assert len(flag_table()) == len(CONFIG_FLAGS) == 59  # 54 + the two schedule-on-resume flags + skip-nonfinite-steps, max-skipped-steps and force-save-lock
+    assert len(flag_table()) == len(CONFIG_FLAGS) == 60  # 54 + the two schedule-on-resume flags + skip-nonfinite-steps, max-skipped-steps, force-save-lock and sequence-parallel
     cfg, opts = config_from_args(["--loops", "3", "--data-path", "a", "b", "--compile", "--lr", "2e-4",
                                   "--loop-schedule", "0:1,0.35:2"])
     assert (cfg.model.num_loops, cfg.data.data_path, cfg.training.compile, cfg.training.lr) == (3, ["a", "b"], True, 2e-4)

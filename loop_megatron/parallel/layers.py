@@ -9,16 +9,26 @@ Sharded parameters carry Megatron's attributes (`tensor_model_parallel`, `partit
 how to merge shards. `partition_stride` > 1 means the full tensor is a concatenation of `stride`
 logical blocks along `partition_dim` (q, k, v in the fused attention projection), each sharded
 separately: shard r = cat(block_0[r], block_1[r], ...).
+
+Sequence parallelism (`enable_sequence_parallel`, Megatron's `--sequence-parallel`): in training mode the
+residual stream between the TP layers is this rank's 1/TP slice of the sequence. The column-parallel layers
+then all-gather their input along the sequence (backward: reduce-scatter) instead of copying it, the
+row-parallel layers reduce-scatter their output along the sequence (backward: all-gather) instead of
+all-reducing it, and the replicated parameters applied to sequence shards in between (LayerNorms, the
+row-parallel biases, loop gates, injection weights) are marked `sequence_parallel` and get their gradient
+summed over the TP group, because each rank only saw its own positions.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+import weakref
+from typing import Callable, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .mappings import copy_to_tp_region, gather_from_tp_region, reduce_from_tp_region
+from .mappings import (_all_reduce, copy_to_tp_region, gather_from_sequence_parallel_region, gather_from_tp_region,
+                       reduce_from_tp_region, reduce_scatter_to_sequence_parallel_region)
 from .state import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
 InitFn = Callable[[torch.Tensor], None]
@@ -63,8 +73,11 @@ class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A split by output rows: each TP rank computes a slice of the outputs.
 
     Input is replicated across TP ranks; output stays sharded (the next RowParallelLinear consumes it)
-    unless `gather_output`. At TP=1 this is nn.Linear.
+    unless `gather_output`. At TP=1 this is nn.Linear. With `sequence_parallel` (set by
+    enable_sequence_parallel) the input is this rank's sequence shard in training mode, all-gathered here.
     """
+
+    sequence_parallel = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
                  init_fn: Optional[InitFn] = None, stride: int = 1):
@@ -81,7 +94,8 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tp_region(x), self.weight, self.bias)
+        x = gather_from_sequence_parallel_region(x) if self.sequence_parallel and self.training else copy_to_tp_region(x)
+        y = F.linear(x, self.weight, self.bias)
         return gather_from_tp_region(y) if self.gather_output else y
 
 
@@ -89,8 +103,11 @@ class RowParallelLinear(nn.Module):
     """y = x A^T + b with A split by input columns: each rank holds a slice of the inputs.
 
     The partial products are summed over the TP group; the bias is replicated and added once after the
-    reduction. At TP=1 this is nn.Linear.
+    reduction. At TP=1 this is nn.Linear. With `sequence_parallel` (set by enable_sequence_parallel) the sum
+    is a reduce-scatter along the sequence in training mode: each rank keeps its sequence shard of the output.
     """
+
+    sequence_parallel = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, init_fn: Optional[InitFn] = None):
         super().__init__()
@@ -104,7 +121,11 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if get_tensor_model_parallel_world_size() == 1:
             return F.linear(x, self.weight, self.bias)  # one fused addmm, as nn.Linear
-        y = reduce_from_tp_region(F.linear(x, self.weight))
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel and self.training:
+            y = reduce_scatter_to_sequence_parallel_region(y)
+        else:
+            y = reduce_from_tp_region(y)
         return y + self.bias if self.bias is not None else y
 
 
@@ -112,8 +133,11 @@ class VocabParallelEmbedding(nn.Module):
     """Token embedding whose rows (the vocabulary) are split over TP ranks.
 
     Each rank looks up the ids that fall in its range, zeroes the rest, and the TP all-reduce assembles
-    the full embedding. The same weight serves as the tied output layer (`logits_parallel`).
+    the full embedding. The same weight serves as the tied output layer (`logits_parallel`), which with
+    `sequence_parallel` (training mode) all-gathers its sequence-sharded input as a column-parallel layer does.
     """
+
+    sequence_parallel = False
 
     def __init__(self, num_embeddings: int, embedding_dim: int, init_fn: Optional[InitFn] = None):
         super().__init__()
@@ -136,4 +160,46 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits_parallel(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied output layer: this rank's slice of the vocabulary logits."""
+        if self.sequence_parallel and self.training:
+            return F.linear(gather_from_sequence_parallel_region(hidden), self.weight)
         return F.linear(copy_to_tp_region(hidden), self.weight)
+
+
+def _tp_sum_hook(model: nn.Module):
+    owner = weakref.ref(model)
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        module = owner()
+        if module is None or not module.training:  # eval-mode forwards never shard the sequence
+            return grad
+        return _all_reduce(grad.clone())
+
+    return hook
+
+
+def enable_sequence_parallel(model: nn.Module, replicated: Iterable[nn.Parameter]) -> List[nn.Parameter]:
+    """Switch `model` to sequence parallelism for its training-mode forwards (TP > 1; at TP=1 nothing
+    changes and [] is returned): every submodule with a `sequence_parallel` attribute gets True, and each
+    parameter in `replicated` (replicated parameters applied to sequence shards) is marked
+    `sequence_parallel` and gets a gradient hook summing its gradient over the TP group.
+
+    The hook runs before the gradient reaches the parameter's accumulator, so DeepSpeed (ZeRO 0-3 alike:
+    its own hooks fire on accumulation) only ever sees the whole gradient, identical on every TP rank; autograd
+    calls it once per backward pass with the sum over all of the parameter's uses (every loop iteration), so
+    it costs one small all-reduce per such parameter per micro-batch. It sums only while `model` is in
+    training mode, the only mode that shards the sequence."""
+    if get_tensor_model_parallel_world_size() == 1:
+        return []
+    for module in model.modules():
+        if hasattr(module, "sequence_parallel"):
+            module.sequence_parallel = True
+    marked = []
+    for param in replicated:
+        if getattr(param, "tensor_model_parallel", False):
+            raise ValueError("enable_sequence_parallel: a TP-sharded parameter was passed as replicated.")
+        if getattr(param, "sequence_parallel", False):
+            continue
+        param.sequence_parallel = True
+        param.register_hook(_tp_sum_hook(model))
+        marked.append(param)
+    return marked
