@@ -81,6 +81,20 @@ def test_batch_arithmetic_checked_against_world_size():
     assert "training.global_batch_size" in msg and "training.micro_batch_size" in msg
 
 
+def test_sequence_parallel_refusals_name_the_field():
+    cfg = load_config("tiny-1l", overrides=["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+                                            "data.seq_length=63", "model.max_position_embeddings=64"])
+    msg = rejected(cfg)
+    assert "parallel.sequence_parallel" in msg and "data.seq_length (63)" in msg
+    cfg.data.seq_length = 64
+    cfg.validate()
+    cfg.model.exit_gate = True
+    assert "model.exit_gate" in rejected(cfg) and "parallel.sequence_parallel" in rejected(cfg)
+    cfg.parallel.tensor_model_parallel_size = 1  # a no-op at TP=1 (the trainer notes it): nothing to refuse
+    cfg.data.seq_length = 63
+    cfg.validate()
+
+
 def test_yaml_file_with_preset_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("preset: tiny-2l-2loop\nmodel:\n  num_loops: 5\ntraining:\n  lr: 0.001\n")

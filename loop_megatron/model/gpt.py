@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..parallel import (VocabParallelEmbedding, dropout, enable_sequence_parallel, gather_from_tp_region,
-                        get_tensor_model_parallel_rank, scatter_to_sequence_parallel_region,
+                        get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
+                        scatter_to_sequence_parallel_region,
                         vocab_parallel_cross_entropy)
 from .block import Block
 from .depth import DepthLike, LoopDepth
@@ -254,7 +255,7 @@ class LoopGPT(nn.Module):
         checkpoints stored sharded); the column-parallel layers and the LM head all-gather it, the row-parallel
         layers reduce-scatter into it. Returns the names of the replicated parameters applied to shards, whose
         gradients are then summed over the TP group (parallel/layers.py `enable_sequence_parallel`)."""
-        if self.exit_gate is not None:
+        if self.exit_gate is not None and get_tensor_model_parallel_world_size() > 1:
             raise ValueError("parallel.sequence_parallel cannot train model.exit_gate (its loss reads every "
                              "iteration's state at all positions); turn one of them off.")
         before_scatter = (self.wte.weight, self.wpe.weight)  # the embeddings run on the whole sequence

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from loop_megatron.config import ModelConfig
-from loop_megatron.model import LoopDepth, LoopGPT, full_state_dict
+from loop_megatron.model import KVCache, LoopDepth, LoopGPT, full_state_dict
 from loop_megatron.parallel import (destroy_model_parallel, dropout, gather_from_sequence_parallel_region,
                                     get_tensor_model_parallel_group, initialize_model_parallel, merge_shards,
                                     randn_like, reduce_scatter_to_sequence_parallel_region,
@@ -156,6 +156,19 @@ def _collectives(rank):
     out["after"] = torch.rand(3)
     torch.manual_seed(9)
     out["noise"] = randn_like(torch.empty(2, 3, 4), sequence_sharded=True)
+    # refusals: a cached forward in training mode; an exit gate (its loss reads every state at all positions)
+    model = LoopGPT(_model_cfg())
+    model.enable_sequence_parallel()
+    try:
+        model(torch.zeros(1, 4, dtype=torch.long), kv_cache=KVCache())
+    except ValueError as exc:
+        out["kv_refusal"] = str(exc)
+    try:
+        LoopGPT(_model_cfg(exit_gate=True)).enable_sequence_parallel()
+    except ValueError as exc:
+        out["gate_refusal"] = str(exc)
+    model.eval()  # eval mode runs plain TP: a cache and any length work
+    out["eval_logits"] = model(torch.arange(5).view(1, 5), kv_cache=KVCache())[0]
     destroy_model_parallel()
     return out
 
@@ -182,3 +195,18 @@ def test_sequence_collectives_dropout_and_noise(results):
     torch.manual_seed(9)
     whole = torch.randn(2, 6, 4)
     torch.testing.assert_close(torch.cat([r0["noise"], r1["noise"]], dim=1), whole, rtol=0, atol=0)
+    assert "parallel.sequence_parallel" in r0["kv_refusal"] and "model.eval()" in r0["kv_refusal"]
+    assert "model.exit_gate" in r0["gate_refusal"]
+    assert r0["eval_logits"].shape == (1, 5, VOCAB) and torch.equal(r0["eval_logits"], r1["eval_logits"])
+
+
+def test_enable_sequence_parallel_is_a_no_op_at_tp1():
+    destroy_model_parallel()
+    torch.manual_seed(0)
+    model = LoopGPT(_model_cfg(exit_gate=True)).train()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    before = model(ids)[0]
+    assert model.enable_sequence_parallel() == []
+    assert not any(getattr(m, "sequence_parallel", False) for m in model.modules())
+    assert not any(getattr(p, "sequence_parallel", False) for p in model.parameters())
+    assert torch.equal(model(ids)[0], before)
