@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..parallel import (VocabParallelEmbedding, dropout, enable_sequence_parallel, gather_from_tp_region,
                         get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
-                        scatter_to_sequence_parallel_region,
-                        vocab_parallel_cross_entropy)
+                        scatter_to_sequence_parallel_region, vocab_parallel_cross_entropy)
 from .block import Block
 from .depth import DepthLike, LoopDepth
 from .exit import ExitGate, ExitRule, ExitStats, expected_exit_loss

@@ -48,7 +48,8 @@ from .kv_cache import KVCache
 class LinearInjection(nn.Module):
     """u = W [s ; e] with W: 2d -> d, no bias, initialised to [I I] (so u = s + e at the start, Huginn's
     adapter). Replicated on every TP rank: it acts on the replicated residual stream, whose gradient is
-    already identical on all TP ranks (as for LayerNorm weights), so W's gradient needs no reduction."""
+    already identical on all TP ranks (as for LayerNorm weights), so W's gradient needs no reduction (with
+    sequence parallelism each rank sees its own positions only, and the TP group sums it, as for LayerNorms)."""
 
     def __init__(self, hidden_size: int):
         super().__init__()

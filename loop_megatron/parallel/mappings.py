@@ -11,8 +11,6 @@ Sequence parallelism (Korthikanti et al. 2022) adds three more along the sequenc
 [batch, seq, hidden] tensor), for the regions where the residual stream lives as one sequence shard per TP rank:
   scatter_to_sequence_parallel_region      forward split(seq),          backward all-gather(seq)
   gather_from_sequence_parallel_region     forward all-gather(seq),     backward reduce-scatter(seq)
-                                           (or split(seq) with reduce_grad=False: a consumer replicated on
-                                           every TP rank, whose gradient is already whole)
   reduce_scatter_to_sequence_parallel_region forward reduce-scatter(seq), backward all-gather(seq)
 The gather replaces copy_to_tp_region in front of a column-parallel layer, the reduce-scatter replaces the
 all-reduce after a row-parallel layer: the same bytes move, and what lies between them is 1/TP the size.
@@ -114,14 +112,19 @@ def scatter_to_tp_region(x: torch.Tensor) -> torch.Tensor:
 SEQUENCE_DIM = 1
 
 
-def _split_sequence(x: torch.Tensor) -> torch.Tensor:
-    world = get_tensor_model_parallel_world_size()
-    if world == 1:
-        return x
+def _sequence_length(x: torch.Tensor, world: int) -> int:
     length = x.shape[SEQUENCE_DIM]
     if length % world != 0:
         raise ValueError(f"sequence parallelism needs the sequence length ({length}) divisible by "
                          f"parallel.tensor_model_parallel_size ({world}).")
+    return length
+
+
+def _split_sequence(x: torch.Tensor) -> torch.Tensor:
+    world = get_tensor_model_parallel_world_size()
+    if world == 1:
+        return x
+    _sequence_length(x, world)
     return x.chunk(world, dim=SEQUENCE_DIM)[get_tensor_model_parallel_rank()].contiguous()
 
 
@@ -139,10 +142,7 @@ def _reduce_scatter_sequence(x: torch.Tensor) -> torch.Tensor:
     world = get_tensor_model_parallel_world_size()
     if world == 1:
         return x
-    length = x.shape[SEQUENCE_DIM]
-    if length % world != 0:
-        raise ValueError(f"sequence parallelism needs the sequence length ({length}) divisible by "
-                         f"parallel.tensor_model_parallel_size ({world}).")
+    length = _sequence_length(x, world)
     stacked = torch.cat(x.chunk(world, dim=SEQUENCE_DIM), dim=0)  # rank-major along dim 0, contiguous
     out = torch.empty((x.shape[0], length // world) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device)
     dist.reduce_scatter_tensor(out, stacked, group=get_tensor_model_parallel_group())
@@ -161,13 +161,12 @@ class _ScatterToSequence(torch.autograd.Function):
 
 class _GatherFromSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, reduce_grad: bool):
-        ctx.reduce_grad = reduce_grad
+    def forward(ctx, x):
         return _gather_sequence(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return (_reduce_scatter_sequence(grad) if ctx.reduce_grad else _split_sequence(grad)), None
+        return _reduce_scatter_sequence(grad)
 
 
 class _ReduceScatterToSequence(torch.autograd.Function):
@@ -185,11 +184,10 @@ def scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
     return x if get_tensor_model_parallel_world_size() == 1 else _ScatterToSequence.apply(x)
 
 
-def gather_from_sequence_parallel_region(x: torch.Tensor, reduce_grad: bool = True) -> torch.Tensor:
-    """The full sequence from every rank's shard. Backward: reduce-scatter when the consumer is TP-sharded
-    (a column-parallel layer, whose input gradient is one partial sum per rank), split when `reduce_grad` is
-    False (a consumer replicated on every TP rank)."""
-    return x if get_tensor_model_parallel_world_size() == 1 else _GatherFromSequence.apply(x, reduce_grad)
+def gather_from_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """The full sequence from every rank's shard, for a TP-sharded consumer (a column-parallel layer, the
+    vocab-parallel LM head), whose input gradient is one partial sum per rank: the backward reduce-scatters."""
+    return x if get_tensor_model_parallel_world_size() == 1 else _GatherFromSequence.apply(x)
 
 
 def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
