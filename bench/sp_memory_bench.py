@@ -9,9 +9,10 @@ backward; the transient activations of the iteration being recomputed are not co
 iteration's worth, alike with and without SP, at the peak of the backward). No allocator is involved: on the
 CPU there is no peak-allocated counter, so this counts bytes, not the process's memory.
 
-Layouts: TP=1 (one full replica per rank), TP=2, TP=2 with SP; the model: d=256, 8 heads, 2 shared layers x 4
-loops with vector gates, one prelude and one coda layer, vocab 4096, micro batch 4 x seq 256, fp32. One hidden
-state (B x T x d fp32) is 1 MiB at TP=1.
+Layouts: TP=1 (one full replica per rank), TP=2, TP=2 with SP; the model: d=256, 8 heads, 2 shared layers with
+vector gates, one prelude and one coda layer, vocab 4096, micro batch 4 x seq 256, fp32, run at 2 and at 6 loops:
+the table gives the total at 6 loops and what each extra loop adds (the slope), the part that grows with depth.
+One hidden state (B x T x d fp32) is 1 MiB at TP=1.
 
     python bench/sp_memory_bench.py
 """
@@ -56,18 +57,19 @@ def _worker(rank, world_size, args):
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
     rows = []
     for ckpt in CHECKPOINTING:
-        cfg = ModelConfig(vocab_size=args.vocab, make_vocab_size_divisible_by=1, max_position_embeddings=args.seq,
-                          hidden_size=args.hidden, num_attention_heads=8, num_layers=2, num_loops=args.loops,
-                          prelude_layers=1, coda_layers=1, loop_gates="vector", activation_checkpointing=ckpt)
         row = {"checkpointing": ckpt}
-        for name, tp, sp in (("tp1", 1, False), ("tp2", 2, False), ("tp2_sp", 2, True)):
-            destroy_model_parallel()
-            initialize_model_parallel(tp)
-            torch.manual_seed(1)
-            model = LoopGPT(cfg).train()
-            if sp:
-                model.enable_sequence_parallel()
-            row[name] = saved_bytes(model, ids)
+        for loops in (args.loops[0], args.loops[1]):
+            cfg = ModelConfig(vocab_size=args.vocab, make_vocab_size_divisible_by=1, max_position_embeddings=args.seq,
+                              hidden_size=args.hidden, num_attention_heads=8, num_layers=2, num_loops=loops,
+                              prelude_layers=1, coda_layers=1, loop_gates="vector", activation_checkpointing=ckpt)
+            for name, tp, sp in (("tp1", 1, False), ("tp2", 2, False), ("tp2_sp", 2, True)):
+                destroy_model_parallel()
+                initialize_model_parallel(tp)
+                torch.manual_seed(1)
+                model = LoopGPT(cfg).train()
+                if sp:
+                    model.enable_sequence_parallel()
+                row[name, loops] = saved_bytes(model, ids)
         rows.append(row)
     destroy_model_parallel()
     return rows
@@ -78,20 +80,23 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--loops", type=int, default=4)
+    parser.add_argument("--loops", type=int, nargs=2, default=[2, 6], metavar=("FEW", "MANY"))
     parser.add_argument("--vocab", type=int, default=4096)
     args = parser.parse_args()
     per_rank = run_distributed(_worker, 2, args)
-    hidden = args.batch * args.seq * args.hidden * 4
-    print(f"saved-for-backward bytes per rank (MiB; one hidden state B x T x d fp32 = {hidden / 2**20:.2f} MiB), "
-          f"d={args.hidden}, 1 prelude + 2 layers x {args.loops} loops + 1 coda, batch {args.batch} x seq "
-          f"{args.seq}, vocab {args.vocab}:\n")
-    print("| checkpointing | TP=1 | TP=2 | TP=2 + SP | SP / TP=2 |")
-    print("|---|---:|---:|---:|---:|")
+    few, many = args.loops
+    print(f"saved-for-backward MiB per rank (the larger rank; one hidden state B x T x d fp32 = "
+          f"{args.batch * args.seq * args.hidden * 4 / 2**20:.2f} MiB), d={args.hidden}, 1 prelude + 2 layers x "
+          f"{many} loops + 1 coda, batch {args.batch} x seq {args.seq}, vocab {args.vocab}; 'per loop' = (total at "
+          f"{many} loops - total at {few}) / {many - few}:\n")
+    print("| checkpointing | TP=1 | TP=2 | TP=2 + SP | SP / TP=2 | per loop: TP=1 | TP=2 | TP=2 + SP |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r0, r1 in zip(*per_rank):
-        tp1 = r0["tp1"] / 2**20
-        tp2, sp = max(r0["tp2"], r1["tp2"]) / 2**20, max(r0["tp2_sp"], r1["tp2_sp"]) / 2**20
-        print(f"| {r0['checkpointing']} | {tp1:.1f} | {tp2:.1f} | {sp:.1f} | {sp / tp2:.2f} |")
+        mib = {key: max(r0[key], r1[key]) / 2**20 for key in r0 if key != "checkpointing"}
+        total = [mib[name, many] for name in ("tp1", "tp2", "tp2_sp")]
+        slope = [(mib[name, many] - mib[name, few]) / (many - few) for name in ("tp1", "tp2", "tp2_sp")]
+        print(f"| {r0['checkpointing']} | " + " | ".join(f"{v:.1f}" for v in total) + f" | {total[2] / total[1]:.2f} | "
+              + " | ".join(f"{v:.2f}" for v in slope) + " |")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ separately: shard r = cat(block_0[r], block_1[r], ...).
 
 Sequence parallelism (`enable_sequence_parallel`, Megatron's `--sequence-parallel`): in training mode the
 residual stream between the TP layers is this rank's 1/TP slice of the sequence. The column-parallel layers
-then all-gather their input along the sequence (backward: reduce-scatter) instead of copying it, the
+then all-gather their input along the sequence (backward: reduce-scatter) instead of copying it, and keep
+only the shard for the backward, which gathers it again (`_SequenceGatherLinear`); the
 row-parallel layers reduce-scatter their output along the sequence (backward: all-gather) instead of
 all-reducing it, and the replicated parameters applied to sequence shards in between (LayerNorms, the
 row-parallel biases, loop gates, injection weights) are marked `sequence_parallel` and get their gradient
@@ -27,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .mappings import (_all_reduce, copy_to_tp_region, gather_from_sequence_parallel_region, gather_from_tp_region,
-                       reduce_from_tp_region, reduce_scatter_to_sequence_parallel_region)
+from .mappings import (_all_reduce, _gather_sequence, _reduce_scatter_sequence, copy_to_tp_region,
+                       gather_from_tp_region, reduce_from_tp_region, reduce_scatter_to_sequence_parallel_region)
 from .state import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
 InitFn = Callable[[torch.Tensor], None]
@@ -48,6 +49,27 @@ def merge_shards(shards: List[torch.Tensor], dim: int, stride: int) -> torch.Ten
         return shards[0]
     per_rank_blocks = [s.chunk(stride, dim=dim) for s in shards]
     return torch.cat([torch.cat([blocks[i] for blocks in per_rank_blocks], dim=dim) for i in range(stride)], dim=dim)
+
+
+class _SequenceGatherLinear(torch.autograd.Function):
+    """y = all-gather_seq(x) A^T + b that keeps only the sequence shard x for the backward and gathers it again
+    there (Megatron's column-parallel linear under sequence parallelism): the gathered input, TP times the
+    shard, is never stored. Backward: dx = reduce-scatter_seq(dy A), dA = dy^T x_full, db = sum dy."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(_gather_sequence(x), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        full = _gather_sequence(x)
+        grad_input = _reduce_scatter_sequence(grad.matmul(weight))
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        grad_weight = grad2d.t().matmul(full.reshape(-1, full.shape[-1]))
+        return grad_input, grad_weight, (grad2d.sum(0) if ctx.has_bias else None)
 
 
 def _mark_parallel(param: nn.Parameter, dim: int, stride: int) -> None:
@@ -94,8 +116,10 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_from_sequence_parallel_region(x) if self.sequence_parallel and self.training else copy_to_tp_region(x)
-        y = F.linear(x, self.weight, self.bias)
+        if self.sequence_parallel and self.training:
+            y = _SequenceGatherLinear.apply(x, self.weight, self.bias)
+        else:
+            y = F.linear(copy_to_tp_region(x), self.weight, self.bias)
         return gather_from_tp_region(y) if self.gather_output else y
 
 
@@ -161,7 +185,7 @@ class VocabParallelEmbedding(nn.Module):
     def logits_parallel(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied output layer: this rank's slice of the vocabulary logits."""
         if self.sequence_parallel and self.training:
-            return F.linear(gather_from_sequence_parallel_region(hidden), self.weight)
+            return _SequenceGatherLinear.apply(hidden, self.weight, None)
         return F.linear(copy_to_tp_region(hidden), self.weight)
 
 

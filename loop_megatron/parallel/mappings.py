@@ -12,7 +12,8 @@ Sequence parallelism (Korthikanti et al. 2022) adds three more along the sequenc
   scatter_to_sequence_parallel_region      forward split(seq),          backward all-gather(seq)
   gather_from_sequence_parallel_region     forward all-gather(seq),     backward reduce-scatter(seq)
   reduce_scatter_to_sequence_parallel_region forward reduce-scatter(seq), backward all-gather(seq)
-The gather replaces copy_to_tp_region in front of a column-parallel layer, the reduce-scatter replaces the
+The gather replaces copy_to_tp_region in front of a column-parallel layer (which fuses it with its matmul so
+that only the shard is stored for the backward, parallel/layers.py), the reduce-scatter replaces the
 all-reduce after a row-parallel layer: the same bytes move, and what lies between them is 1/TP the size.
 """
 from __future__ import annotations
@@ -110,6 +111,7 @@ def scatter_to_tp_region(x: torch.Tensor) -> torch.Tensor:
 # Sequence parallelism: the same collectives along the sequence (dim 1 of [batch, seq, hidden]).
 # ------------------------------------------------------------------------------------------------------
 SEQUENCE_DIM = 1
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # torch >= 2.13's name
 
 
 def _sequence_length(x: torch.Tensor, world: int) -> int:
@@ -145,7 +147,7 @@ def _reduce_scatter_sequence(x: torch.Tensor) -> torch.Tensor:
     length = _sequence_length(x, world)
     stacked = torch.cat(x.chunk(world, dim=SEQUENCE_DIM), dim=0)  # rank-major along dim 0, contiguous
     out = torch.empty((x.shape[0], length // world) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, stacked, group=get_tensor_model_parallel_group())
+    _REDUCE_SCATTER(out, stacked, group=get_tensor_model_parallel_group())
     return out
 
 
