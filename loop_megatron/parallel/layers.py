@@ -65,11 +65,14 @@ class _SequenceGatherLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        full = _gather_sequence(x)
-        grad_input = _reduce_scatter_sequence(grad.matmul(weight))
+        need_input, need_weight, need_bias = ctx.needs_input_grad  # the same on every TP rank
         grad2d = grad.reshape(-1, grad.shape[-1])
-        grad_weight = grad2d.t().matmul(full.reshape(-1, full.shape[-1]))
-        return grad_input, grad_weight, (grad2d.sum(0) if ctx.has_bias else None)
+        grad_input = _reduce_scatter_sequence(grad.matmul(weight)) if need_input else None
+        grad_weight = None
+        if need_weight:
+            full = _gather_sequence(x)
+            grad_weight = grad2d.t().matmul(full.reshape(-1, full.shape[-1]))
+        return grad_input, grad_weight, (grad2d.sum(0) if ctx.has_bias and need_bias else None)
 
 
 def _mark_parallel(param: nn.Parameter, dim: int, stride: int) -> None:
