@@ -213,6 +213,14 @@ class ParallelConfig:
     """Ranks sharing one model replica via Megatron column/row sharding (adjacent ranks). The data-
     parallel size is world_size / tensor_model_parallel_size."""
 
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism (Korthikanti et al. 2022) for TP > 1: between the tensor-parallel layers
+    each TP rank holds 1/TP of the sequence of the residual stream, so LayerNorms, dropout, loop gates,
+    injection, residual adds and the per-iteration checkpoints' states take 1/TP of the memory; an all-gather
+    before each column-parallel layer and a reduce-scatter after each row-parallel one replace TP's
+    all-reduces (the same bytes). Training forwards only (evaluation and generation run plain TP). Needs
+    data.seq_length divisible by the TP size; not with model.exit_gate; no effect at TP=1 (a note says so)."""
+
 
 @dataclass
 class TrainingConfig:
@@ -1128,6 +1136,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         v = getattr(m, name)
         _require(0.0 <= v < 1.0, f"model.{name} must be in [0, 1), got {v}.")
     _validate_recipe(m, t, cfg)
+    if p.sequence_parallel and tp > 1:
+        _require(d.seq_length % tp == 0,
+                 f"parallel.sequence_parallel needs data.seq_length ({d.seq_length}) divisible by "
+                 f"parallel.tensor_model_parallel_size ({tp}).")
+        _require(not m.exit_gate, "parallel.sequence_parallel cannot train model.exit_gate (its loss reads every "
+                                  "iteration's state at all positions); turn one of them off.")
     _require(d.seq_length >= 1, f"data.seq_length must be >= 1, got {d.seq_length}.")
     _require(d.seq_length <= m.max_position_embeddings,
              f"data.seq_length ({d.seq_length}) is longer than the position table "

@@ -61,6 +61,7 @@ CONFIG_FLAGS: List[Tuple[str, str]] = [
     ("--loop-gate-count", "model.loop_gate_count"),
     # parallel
     ("--tensor-model-parallel-size", "parallel.tensor_model_parallel_size"),
+    ("--sequence-parallel", "parallel.sequence_parallel"),
     # training
     ("--micro-batch-size", "training.micro_batch_size"),
     ("--global-batch-size", "training.global_batch_size"),

@@ -43,6 +43,12 @@ def build_engine(cfg: Config, model: torch.nn.Module, dp_size: int, precision: s
 
     t = cfg.training
     log(attention_backend_line(cfg, precision))
+    if cfg.parallel.sequence_parallel:  # before compiling and before ZeRO partitions: it marks parameters
+        on_shards = model.enable_sequence_parallel()
+        log(f"sequence parallelism: the residual stream is 1/{cfg.parallel.tensor_model_parallel_size} of the "
+            f"sequence per TP rank; {len(on_shards)} replicated parameter(s) on shards get TP-summed gradients"
+            if on_shards else "note: parallel.sequence_parallel has no effect at TP=1 (no TP ranks to shard the "
+                              "sequence over)")
     timer = None
     if t.compile:
         n = compile_blocks(model)

@@ -100,8 +100,8 @@ def test_megatron_flag_block_under_torchrun_and_launch_sh_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--sequence-parallel"], "error: --sequence-parallel (Megatron-LM) is not supported here: sequence parallelism "
-                              "is not implemented yet (issue 26)"),
+    (["--context-parallel-size", "2"], "error: --context-parallel-size (Megatron-LM) is not supported here: "
+                                       "context parallelism is not implemented"),
     (["--pipeline-model-parallel-size", "16"], "error: --pipeline-model-parallel-size 16: this trainer has no "
                                                "pipeline parallelism"),
 ])
