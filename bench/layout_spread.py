@@ -1,7 +1,8 @@
 """How far layouts of one training run drift apart: the numbers behind the equality tests' tolerances.
 
 Runs the layouts of tests/training/test_equivalence.py (ZeRO 0-3, TP=2, checkpointing, DP=2 vs accumulation)
-and tests/training/test_recipe_training.py (the recurrent-depth recipe) for several seeds and prints, per
+and tests/training/test_recipe_training.py (the recurrent-depth recipe), and those of
+tests/training/test_sequence_parallel_training.py (--sequence-parallel; suite sequence_parallel), for several seeds and prints, per
 compared pair, the largest difference of any step's loss and of any final weight. The tests' bounds are
 about 10x the largest value this prints (their comments quote it); rerun it after changing their settings.
 Two more suites measure the resume tests: `resume` (tests/training/test_checkpointing.py: a run resumed on
@@ -26,6 +27,7 @@ from tests.checkpoint import test_universal as universal  # noqa: E402
 from tests.training import test_checkpointing as checkpointing  # noqa: E402
 from tests.training import test_equivalence as equivalence  # noqa: E402
 from tests.training import test_recipe_training as recipe  # noqa: E402
+from tests.training import test_sequence_parallel_training as sequence_parallel  # noqa: E402
 from tests.training.helpers import tiny_config, write_corpus  # noqa: E402
 
 # suite -> (world-2 runs, world-1 runs, base settings, [(run, reference)])
@@ -39,6 +41,9 @@ SUITES = {
         recipe.WORLD2_RUNS, recipe.WORLD1_RUNS, recipe.RECIPE,
         [("zero3", "zero0"), ("zero0_ckpt", "zero0"), ("tp2", "dp1"), ("tp2_zero3_ckpt", "dp1"),
          ("perseq_zero3_ckpt", "perseq_zero0")]),
+    "sequence_parallel": (
+        sequence_parallel.WORLD2_RUNS, sequence_parallel.WORLD1_RUNS, sequence_parallel.BASE,
+        [(a, b) for a, b, _ in sequence_parallel.PAIRS]),
 }
 
 

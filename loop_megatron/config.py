@@ -33,6 +33,8 @@ INJECTION_KINDS = ("none", "add", "linear", "diagonal")
 STATE_INIT_KINDS = ("input", "zeros", "random")
 LOOP_SAMPLING_KINDS = ("fixed", "uniform", "poisson-lognormal")
 EXIT_CRITERIA = ("none", "kl", "entropy", "gate")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 
 
 @dataclass
@@ -211,6 +213,14 @@ class ParallelConfig:
     """Ranks sharing one model replica via Megatron column/row sharding (adjacent ranks). The data-
     parallel size is world_size / tensor_model_parallel_size."""
 
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism (Korthikanti et al. 2022) for TP > 1: between the tensor-parallel layers
+    each TP rank holds 1/TP of the sequence of the residual stream, so LayerNorms, dropout, loop gates,
+    injection, residual adds and the per-iteration checkpoints' states take 1/TP of the memory; an all-gather
+    before each column-parallel layer and a reduce-scatter after each row-parallel one replace TP's
+    all-reduces (the same bytes). Training forwards only (evaluation and generation run plain TP). Needs
+    data.seq_length divisible by the TP size; not with model.exit_gate; no effect at TP=1 (a note says so)."""
+
     distributed_timeout_minutes: float = 10.0
     """How long any collective (and the start-up rendezvous) may wait for a rank before the job ends, in
     minutes (fractions allowed, e.g. 0.5): applied to every process group (the world, TP, DP and
@@ -230,19 +240,60 @@ class TrainingConfig:
     (no accumulation). Must equal micro_batch_size x gradient accumulation x DP size."""
 
     train_iters: int = 1000
-    """Optimizer steps to train for (in total, counting resumed ones)."""
+    """Optimizer steps to train for (in total, counting resumed ones). With train_samples it is derived
+    (train_samples // global batch size)."""
+
+    train_samples: int = 0
+    """Samples (sequences) to train for in total: a sample-based run, as in Megatron-LM. train_iters
+    becomes train_samples // global batch size and the LR schedule counts samples (lr_decay_samples,
+    lr_warmup_samples, lr_wsd_decay_samples). Mixing it with iteration horizons (train_iters,
+    lr_decay_iters, lr_warmup_iters, lr_wsd_decay_iters set on purpose) is refused. 0 = iteration-based."""
 
     lr: float = 6e-4
     """Peak learning rate."""
 
     min_lr: float = 6e-5
-    """Floor of the cosine decay."""
+    """Floor of the decay: the LR at the decay horizon and after it (every style but 'constant')."""
+
+    lr_decay_style: str = "cosine"
+    """Shape of the LR after warm-up, Megatron-LM's formulas (README, "LR schedules"): 'constant' (lr),
+    'linear' or 'cosine' (lr to min_lr at the decay horizon), 'inverse-square-root' (lr * sqrt(warmup / n),
+    at least min_lr) or 'WSD' (warm-up, stable at lr, then lr_wsd_decay_iters of decay shaped by
+    lr_wsd_decay_style ending at min_lr at the horizon)."""
+
+    lr_wsd_decay_style: str = "exponential"
+    """Shape of WSD's final decay over its progress r in [0, 1], as a factor of (lr - min_lr) above min_lr:
+    'exponential' (2 * 0.5^r - 1), 'linear' (1 - r), 'cosine' ((1 + cos(pi r)) / 2) or 'minus_sqrt'
+    (1 - sqrt(r))."""
+
+    lr_wsd_decay_iters: int = 0
+    """Iterations of WSD's decay phase, which ends at the decay horizon; required by lr_decay_style WSD in
+    an iteration-based run."""
+
+    lr_wsd_decay_samples: int = 0
+    """Samples of WSD's decay phase (with train_samples); required by lr_decay_style WSD in a sample-based
+    run."""
+
+    lr_warmup_fraction: float = 0.0
+    """Warm-up as a fraction of the decay horizon (Megatron's --lr-warmup-fraction), in [0, 1); 0 = not
+    set. When set it replaces lr_warmup_iters / lr_warmup_samples; setting both on purpose is refused."""
+
+    lr_warmup_init: float = 0.0
+    """LR at the start of warm-up (Megatron's --lr-warmup-init): the warm-up ramps linearly from it to lr."""
 
     lr_warmup_iters: int = 100
-    """Linear warmup steps from 0 to lr."""
+    """Warm-up iterations: the update at position n <= lr_warmup_iters uses lr_warmup_init + (lr -
+    lr_warmup_init) * n / lr_warmup_iters (Megatron-LM's ramp; n = updates already applied, so the first
+    update uses lr_warmup_init)."""
+
+    lr_warmup_samples: int = 0
+    """Warm-up in samples (with train_samples), the same ramp counted in samples consumed."""
 
     lr_decay_iters: int = 0
-    """Step at which cosine decay reaches min_lr; 0 means train_iters."""
+    """Decay horizon: the iteration at which the decay reaches min_lr; 0 means train_iters."""
+
+    lr_decay_samples: int = 0
+    """Decay horizon in samples (with train_samples); 0 means train_samples."""
 
     weight_decay: float = 0.1
     """AdamW decoupled weight decay, not applied to the model's no_decay_parameter_names() (biases,
@@ -307,15 +358,32 @@ class TrainingConfig:
     sample index), now in steps of the new size. Without it such a resume is refused."""
 
     override_opt_param_scheduler: bool = False
-    """Resume with this run's LR schedule (lr, min_lr, lr_warmup_iters, lr_decay_iters, and train_iters
-    where it is the decay horizon) when it differs from the checkpoint's: the LR of every later step is
-    the new curve's value at that step, so the LR jumps at the resumed iteration to the new curve.
-    Without it (or use_checkpoint_opt_param_scheduler) such a resume is refused."""
+    """Resume with this run's LR schedule (every field of config.SCHEDULE_FIELDS: style, lr, min_lr,
+    warm-up, horizons, WSD's phase, and train_iters where it is the decay horizon) when it differs from
+    the checkpoint's: the LR of every later step is the new curve's value at that step's position, so the
+    LR jumps at the resumed iteration to the new curve. Without it (or use_checkpoint_opt_param_scheduler)
+    such a resume is refused."""
 
     use_checkpoint_opt_param_scheduler: bool = False
-    """Resume with the checkpoint's LR schedule when this run's differs: lr, min_lr, lr_warmup_iters and
-    the decay horizon are taken from the checkpoint (a longer train_iters then trains on at min_lr past
-    the old horizon). Without it (or override_opt_param_scheduler) such a resume is refused."""
+    """Resume with the checkpoint's LR schedule when this run's differs: style, lr, min_lr, warm-up, WSD's
+    phase and the decay horizon are taken from the checkpoint (a longer train_iters then trains on at
+    min_lr past the old horizon); a checkpoint counting the schedule in the other unit (samples vs
+    iterations) is refused. Without it (or override_opt_param_scheduler) such a resume is refused."""
+
+    no_load_optim: bool = False
+    """Resume the weights (the checkpoint's fp32 masters) and the run's position (iteration, samples, LR
+    schedule) with a fresh AdamW state (Megatron's --no-load-optim; here the LR continues where it was,
+    Megatron-LM restarts its schedule). Never reads DeepSpeed's optimizer shards, so it resumes on any
+    layout. RNG as with a full resume (see no_load_rng)."""
+
+    no_load_rng: bool = False
+    """Do not restore the per-rank RNG states of the checkpoint: the RNGs are reseeded from (seed,
+    iteration), identically on every rank, as a resume on another layout does (Megatron's --no-load-rng)."""
+
+    finetune: bool = False
+    """Load only the weights of the checkpoint training.load names (Megatron's --finetune): iteration 0,
+    data from the first sample, a fresh optimizer, LR schedule and RNG; global batch, schedule and layout
+    may differ from the checkpoint's (model shape and tokenizer may not)."""
 
     init_from: str = ""
     """Start from the weights (model.pt) of this checkpoint folder, e.g. one made from a Hugging Face GPT-2
@@ -324,6 +392,21 @@ class TrainingConfig:
 
     save_interval: int = 0
     """Save every N steps (0 = only at the end and on SIGTERM/SIGINT)."""
+
+    exit_interval: int = 0
+    """Planned exit: after the step that makes the iteration a multiple of N, save (with training.save)
+    and exit 0 (Megatron's --exit-interval); 0 = never."""
+
+    exit_duration_in_mins: float = 0.0
+    """Planned exit: after the first step that ends more than this many minutes after the trainer started
+    (on any rank: the decision rides on the step's all-reduce, so every rank stops at the same iteration),
+    save and exit 0 (Megatron's --exit-duration-in-mins); 0 = never."""
+
+    exit_signal_handler: bool = True
+    """Catch SIGTERM/SIGINT: the step in flight finishes, the run saves (with training.save) and exits 0.
+    Megatron-LM does this only with --exit-signal-handler (and SIGTERM only); here it is the default, so the
+    flag changes nothing; false gives both signals back to Python's defaults (SIGTERM ends the process at
+    once, SIGINT raises KeyboardInterrupt; nothing is saved)."""
 
     keep_last: int = 3
     """Complete checkpoints to keep; older ones are deleted after a newer one is complete (0 = keep all)."""
@@ -736,6 +819,159 @@ def save_yaml(cfg: Config, path: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# The LR schedule: Megatron-LM's curves, a pure function of the position on them.
+# ----------------------------------------------------------------------------------------------------
+SCHEDULE_FIELDS = ("lr_decay_style", "lr_wsd_decay_style", "lr", "min_lr", "lr_warmup_init", "lr_warmup_fraction",
+                   "lr_warmup_iters", "lr_warmup_samples", "lr_decay_iters", "lr_decay_samples", "lr_wsd_decay_iters",
+                   "lr_wsd_decay_samples", "train_samples")
+"""The training.* fields that shape the LR curve (with train_iters where it is the decay horizon)."""
+
+ITERATION_HORIZONS = ("lr_decay_iters", "lr_warmup_iters", "lr_wsd_decay_iters")
+SAMPLE_HORIZONS = ("lr_decay_samples", "lr_warmup_samples", "lr_wsd_decay_samples")
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """The learning-rate curve of a run: `at(n)` is Megatron-LM's OptimizerParamScheduler.get_lr at
+    num_steps = n, the LR of the update made at position n, where n counts the updates already applied
+    (unit 'iterations') or the samples they consumed (unit 'samples': a run with training.train_samples).
+    Warm-up and horizons are in that unit. Settings that do not shape the curve are normalised away (WSD's
+    for other styles; the horizon and min_lr of 'constant' with an absolute warm-up), so two schedules are
+    equal exactly when their curves are."""
+
+    style: str
+    unit: str
+    lr: float
+    min_lr: float
+    init: float
+    warmup: float
+    decay: int
+    wsd_decay: int = 0
+    wsd_style: str = ""
+
+    def at(self, n: float) -> float:
+        """The LR at position n (the README's table of formulas)."""
+        if self.warmup > 0 and n <= self.warmup:
+            return self.init + (self.lr - self.init) * float(n) / float(self.warmup)
+        if self.style == "constant":
+            return self.lr
+        if n > self.decay or self.decay <= self.warmup:
+            return self.min_lr
+        if self.style == "inverse-square-root":
+            return max(self.min_lr, self.lr * max(self.warmup, 1) ** 0.5 / max(n, 1) ** 0.5)
+        ratio = float(n - self.warmup) / float(self.decay - self.warmup)
+        if self.style == "linear":
+            coeff = 1.0 - ratio
+        elif self.style == "cosine":
+            coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0)
+        else:  # WSD: stable at lr until the decay phase, the last wsd_decay positions before the horizon
+            start = self.decay - self.wsd_decay
+            if n <= start:
+                coeff = 1.0
+            else:
+                r = float(n - start) / float(self.wsd_decay)
+                if self.wsd_style == "linear":
+                    coeff = 1.0 - r
+                elif self.wsd_style == "cosine":
+                    coeff = 0.5 * (math.cos(math.pi * r) + 1.0)
+                elif self.wsd_style == "exponential":
+                    coeff = 2.0 * math.pow(0.5, r) - 1.0
+                else:  # minus_sqrt
+                    coeff = 1.0 - math.sqrt(r)
+        return self.min_lr + coeff * (self.lr - self.min_lr)
+
+
+def lr_schedule(t: Any) -> LRSchedule:
+    """The LRSchedule of training settings `t`: a TrainingConfig, or the `training` mapping of a saved config
+    (fields it lacks predate them and take their defaults). Horizons as Megatron-LM resolves them: decay at
+    lr_decay_iters (or train_iters), warm-up lr_warmup_fraction x decay when set, else lr_warmup_iters;
+    the *_samples fields and train_samples in a sample-based run."""
+    if isinstance(t, dict):
+        def get(name: str) -> Any:
+            return t.get(name, getattr(TrainingConfig, name))
+    else:
+        def get(name: str) -> Any:
+            return getattr(t, name)
+    samples = get("train_samples") > 0
+    if samples:
+        decay, warm, wsd = get("lr_decay_samples") or get("train_samples"), get("lr_warmup_samples"), \
+            get("lr_wsd_decay_samples")
+    else:
+        decay, warm, wsd = get("lr_decay_iters") or get("train_iters"), get("lr_warmup_iters"), \
+            get("lr_wsd_decay_iters")
+    fraction = float(get("lr_warmup_fraction"))
+    warmup = fraction * decay if fraction > 0 else warm
+    style, min_lr = get("lr_decay_style"), float(get("min_lr"))
+    if style == "constant" and fraction <= 0:
+        decay, min_lr = 0, 0.0
+    is_wsd = style == "WSD"
+    return LRSchedule(style=style, unit="samples" if samples else "iterations", lr=float(get("lr")), min_lr=min_lr,
+                      init=float(get("lr_warmup_init")), warmup=warmup, decay=int(decay),
+                      wsd_decay=int(wsd) if is_wsd else 0, wsd_style=get("lr_wsd_decay_style") if is_wsd else "")
+
+
+def resolve_lr_horizons(cfg: Config, explicit: Any = ()) -> List[str]:
+    """Megatron-LM's rule that a run counts its horizons in one unit and takes its warm-up from one field,
+    applied against values nobody chose (a preset's or a default, e.g. lr_warmup_iters 100): such a value
+    in the way of what was set on purpose (`explicit`: keys a file, flag or --override set) is reset to 0,
+    and the line saying so returned. A run of train_samples ignores lr_*_iters; an lr_warmup_fraction
+    given (even 0) replaces lr_warmup_iters / lr_warmup_samples. Both set on purpose: ConfigError, one
+    sentence naming both fields."""
+    t = cfg.training
+    notes: List[str] = []
+
+    def clear(name: str, refusal: Callable[[Any], str], why: str) -> None:
+        value = getattr(t, name)
+        if not value:
+            return
+        if f"training.{name}" in explicit:
+            raise ConfigError(refusal(value))
+        setattr(t, name, 0)
+        notes.append(f"training.{name} {value} (a preset's or the default value) set to 0: {why}")
+
+    if t.train_samples > 0:
+        for name in ITERATION_HORIZONS:
+            clear(name, lambda value: (
+                f"training.train_samples ({t.train_samples}) makes a sample-based run, which cannot also take "
+                f"training.{name} ({value}, iteration-based); give it in samples "
+                f"(training.{name.replace('_iters', '_samples')}) or train by iterations (Megatron-LM refuses the "
+                "mix too)."), f"the run is sample-based (training.train_samples {t.train_samples})")
+    if t.lr_warmup_fraction > 0 or "training.lr_warmup_fraction" in explicit:
+        for name in ("lr_warmup_iters", "lr_warmup_samples"):
+            clear(name, lambda value: (f"training.lr_warmup_fraction and training.{name} ({value}) both set the "
+                                       "warm-up; give one (Megatron-LM refuses both too)."),
+                  f"training.lr_warmup_fraction {t.lr_warmup_fraction} sets the warm-up")
+    return notes
+
+
+def sample_based_train_iters(cfg: Config, world_size: int, explicit: Any = (),
+                             resumed: Optional[Dict[str, Any]] = None) -> Optional[str]:
+    """In a sample-based run (training.train_samples) set training.train_iters to the steps that consume
+    train_samples: train_samples // global batch size (Megatron-LM's rule), counted on from a resumed
+    checkpoint's iteration and consumed samples (`resumed`: its meta.json) so a global batch changed with
+    override_global_batch still ends near train_samples. Returns the line to log (None: iteration-based).
+    ConfigError when train_samples is below one global batch, or train_iters was set on purpose to
+    another value."""
+    t = cfg.training
+    if t.train_samples <= 0:
+        return None
+    gbs = global_batch_size(cfg, data_parallel_size(cfg, world_size))
+    done, consumed = 0, 0
+    if resumed is not None:
+        done, consumed = int(resumed.get("iteration") or 0), int(resumed.get("consumed_samples") or 0)
+    iters = done + max(0, t.train_samples - consumed) // gbs
+    _require(iters >= 1, f"training.train_samples ({t.train_samples}) is less than one global batch ({gbs} samples).")
+    if "training.train_iters" in explicit and t.train_iters != iters:
+        raise ConfigError(f"training.train_iters ({t.train_iters}) and training.train_samples ({t.train_samples}, "
+                          f"{iters} steps of {gbs} samples) both size the run; give one (Megatron-LM refuses both "
+                          "too).")
+    t.train_iters = iters
+    left = t.train_samples - consumed - (iters - done) * gbs
+    return (f"sample-based run: training.train_samples {t.train_samples} = {iters} steps of {gbs} samples"
+            + (f" ({left} left over, less than a global batch)" if left else ""))
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -837,6 +1073,43 @@ def _validate_exit(m: ModelConfig, t: "TrainingConfig") -> None:
              "training.train_exit_gate_only needs model.exit_gate true (there is no gate to train).")
 
 
+def _validate_schedule(t: "TrainingConfig") -> None:
+    """The LR schedule's fields (Megatron-LM's rules: one unit of horizons, one source of warm-up)."""
+    _require(t.lr_decay_style in LR_DECAY_STYLES,
+             f"training.lr_decay_style must be one of {LR_DECAY_STYLES}, got '{t.lr_decay_style}'.")
+    _require(t.lr_wsd_decay_style in WSD_DECAY_STYLES,
+             f"training.lr_wsd_decay_style must be one of {WSD_DECAY_STYLES}, got '{t.lr_wsd_decay_style}'.")
+    for name in ("train_samples",) + ITERATION_HORIZONS + SAMPLE_HORIZONS:
+        _require(getattr(t, name) >= 0, f"training.{name} must be >= 0, got {getattr(t, name)}.")
+    _require(0.0 <= t.lr_warmup_fraction < 1.0,
+             f"training.lr_warmup_fraction must be in [0, 1), got {t.lr_warmup_fraction}.")
+    _require(0.0 <= t.lr_warmup_init <= t.lr,
+             f"training.lr_warmup_init ({t.lr_warmup_init}) must be between 0 and training.lr ({t.lr}).")
+    if t.train_samples > 0:
+        for name in ITERATION_HORIZONS:
+            _require(not getattr(t, name),
+                     f"training.train_samples ({t.train_samples}) makes a sample-based run, which cannot also take "
+                     f"training.{name} ({getattr(t, name)}, iteration-based); give it in samples "
+                     f"(training.{name.replace('_iters', '_samples')}) or train by iterations (Megatron-LM refuses "
+                     "the mix too).")
+    else:
+        for name in SAMPLE_HORIZONS:
+            _require(not getattr(t, name),
+                     f"training.{name} ({getattr(t, name)}) counts samples and needs a sample-based run "
+                     f"(training.train_samples); an iteration-based run takes training.{name.replace('_samples', '_iters')}.")
+    if t.lr_warmup_fraction > 0:
+        for name in ("lr_warmup_iters", "lr_warmup_samples"):
+            _require(not getattr(t, name), f"training.lr_warmup_fraction and training.{name} ({getattr(t, name)}) both "
+                                           "set the warm-up; give one (Megatron-LM refuses both too).")
+    if t.lr_decay_style == "WSD":
+        s = lr_schedule(t)
+        phase = "lr_wsd_decay_samples" if s.unit == "samples" else "lr_wsd_decay_iters"
+        _require(s.wsd_decay > 0, f"training.lr_decay_style WSD needs training.{phase} (the length of its decay "
+                                  "phase).")
+        _require(s.wsd_decay <= s.decay, f"training.{phase} ({s.wsd_decay}) is longer than the decay horizon "
+                                         f"({s.decay} {s.unit}).")
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Reject impossible settings with one sentence naming the field."""
     m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.training
@@ -871,6 +1144,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         v = getattr(m, name)
         _require(0.0 <= v < 1.0, f"model.{name} must be in [0, 1), got {v}.")
     _validate_recipe(m, t, cfg)
+    if p.sequence_parallel and tp > 1:
+        _require(d.seq_length % tp == 0,
+                 f"parallel.sequence_parallel needs data.seq_length ({d.seq_length}) divisible by "
+                 f"parallel.tensor_model_parallel_size ({tp}).")
+        _require(not m.exit_gate, "parallel.sequence_parallel cannot train model.exit_gate (its loss reads every "
+                                  "iteration's state at all positions); turn one of them off.")
     _require(d.seq_length >= 1, f"data.seq_length must be >= 1, got {d.seq_length}.")
     _require(d.seq_length <= m.max_position_embeddings,
              f"data.seq_length ({d.seq_length}) is longer than the position table "
@@ -891,6 +1170,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require(t.train_iters >= 0, f"training.train_iters must be >= 0, got {t.train_iters}.")
     _require(t.lr > 0, f"training.lr must be > 0, got {t.lr}.")
     _require(0 <= t.min_lr <= t.lr, f"training.min_lr ({t.min_lr}) must be between 0 and training.lr ({t.lr}).")
+    _validate_schedule(t)
+    _require(t.exit_interval >= 0, f"training.exit_interval must be >= 0, got {t.exit_interval}.")
+    _require(t.exit_duration_in_mins >= 0 and math.isfinite(t.exit_duration_in_mins),
+             f"training.exit_duration_in_mins must be >= 0, got {t.exit_duration_in_mins}.")
+    _require(not t.finetune or bool(t.load),
+             "training.finetune needs training.load (the checkpoint whose weights it starts from).")
     _require(not (t.override_opt_param_scheduler and t.use_checkpoint_opt_param_scheduler),
              "training.override_opt_param_scheduler and training.use_checkpoint_opt_param_scheduler are both set; "
              "choose one (the command line's schedule or the checkpoint's).")
@@ -934,7 +1219,8 @@ def field_docs(cls) -> Dict[str, str]:
 
 @functools.lru_cache(maxsize=None)
 def _field_docs(cls) -> Dict[str, str]:
-    # Parsed once per class and process: the trainer's parser asks once per flag (about 0.1 s each).
+    # Parsed once per class: inspect.getsource re-reads and re-tokenises the whole module on every call,
+    # and the trainer's parser asks once per flag (seconds per command line on a busy 2-core machine).
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body
     docs = {}

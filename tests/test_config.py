@@ -81,6 +81,20 @@ def test_batch_arithmetic_checked_against_world_size():
     assert "training.global_batch_size" in msg and "training.micro_batch_size" in msg
 
 
+def test_sequence_parallel_refusals_name_the_field():
+    cfg = load_config("tiny-1l", overrides=["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+                                            "data.seq_length=63", "model.max_position_embeddings=64"])
+    msg = rejected(cfg)
+    assert "parallel.sequence_parallel" in msg and "data.seq_length (63)" in msg
+    cfg.data.seq_length = 64
+    cfg.validate()
+    cfg.model.exit_gate = True
+    assert "model.exit_gate" in rejected(cfg) and "parallel.sequence_parallel" in rejected(cfg)
+    cfg.parallel.tensor_model_parallel_size = 1  # a no-op at TP=1 (the trainer notes it): nothing to refuse
+    cfg.data.seq_length = 63
+    cfg.validate()
+
+
 def test_yaml_file_with_preset_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("preset: tiny-2l-2loop\nmodel:\n  num_loops: 5\ntraining:\n  lr: 0.001\n")
@@ -224,9 +238,10 @@ def test_trainer_flags_are_generated_from_the_field_docstrings():
         doc = " ".join(field_docs(SECTIONS[section])[name].split())
         assert actions[flag].help.replace("%%", "%") == f"{doc} [{key}]", flag
     # 54 + the two schedule-on-resume flags + skip-nonfinite-steps, max-skipped-steps and force-save-lock + 13 Megatron names of
-    # existing fields (issue 24: model shape, init, dropouts, Adam, vocab, workers, GPT-2 files) + 3 W&B flags
-    # + distributed-timeout-minutes (issue 25)
-    assert len(flag_table()) == len(CONFIG_FLAGS) == 76
+    # existing fields (issue 24: model shape, init, dropouts, Adam, vocab, workers, GPT-2 files) + 3 W&B flags + 15 of
+    # issue 24's schedules, planned exits and partial loading + --sequence-parallel + --distributed-timeout-minutes
+    # (issue 25)
+    assert len(flag_table()) == len(CONFIG_FLAGS) == 92
     cfg, opts = config_from_args(["--loops", "3", "--data-path", "a", "b", "--compile", "--lr", "2e-4",
                                   "--loop-schedule", "0:1,0.35:2"])
     assert (cfg.model.num_loops, cfg.data.data_path, cfg.training.compile, cfg.training.lr) == (3, ["a", "b"], True, 2e-4)

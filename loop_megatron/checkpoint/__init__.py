@@ -7,7 +7,8 @@ the consolidated TP=1 weights without DeepSpeed (tools, Hugging Face conversion,
 saves and restores each rank's random state, `lock` keeps one live run per save folder, `engine` does the collective DeepSpeed save/resume and the
 consolidation of sharded weights, and `universal` writes and reads the topology-free training state
 (full fp32 masters + AdamW moments per parameter, step, schedule, data position) that resumes a run on
-another TP size, DP size, ZeRO stage, CPU offload or precision.
+another TP size, DP size, ZeRO stage, CPU offload or precision; `partial` loads part of a checkpoint
+(--no-load-optim, --no-load-rng, --finetune).
 The trainer, tools/ and hf/ use this package; it depends only on config, model, utils and (for the
 tokenizer check) data.
 """
@@ -23,6 +24,7 @@ from .layout import (FORMAT, LATEST_FILE, META_FILE, MODEL_FILE, VERSION, Checkp
                      list_tags, prune, read_latest, read_meta, tag_for)
 from .universal import (UniversalError, has_universal, load_universal_optimizer, load_universal_weights,
                         read_full_state)
+from .partial import MasterWeights, load_position, load_weights, restore_rng_or_reseed, set_master_weights
 
 __all__ = ["CheckpointError", "CheckpointWriteError", "SaveFolderBusy", "SaveLock", "last_good_checkpoint",
            "nonfinite_tensors", "FORMAT", "LATEST_FILE", "META_FILE", "MODEL_FILE", "SHAPE_FIELDS", "VERSION",
@@ -31,4 +33,5 @@ __all__ = ["CheckpointError", "CheckpointWriteError", "SaveFolderBusy", "SaveLoc
            "read_full_state", "run_layout", "saved_global_batch", "consolidated_state_dict", "find_init_from", "find_resume",
            "list_checkpoints", "list_tags", "load_checkpoint", "load_engine_checkpoint", "load_model", "prune",
            "read_latest", "read_meta", "resolve_checkpoint", "save_checkpoint_files", "save_engine_checkpoint",
-           "tag_for", "load_tokenizer", "save_tokenizer", "tokenizer_for"]
+           "tag_for", "load_tokenizer", "save_tokenizer", "tokenizer_for", "MasterWeights", "load_position",
+           "load_weights", "restore_rng_or_reseed", "set_master_weights"]

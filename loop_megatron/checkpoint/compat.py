@@ -44,7 +44,9 @@ def check_same_shape(meta: Dict[str, Any], cfg: Config, where: str) -> None:
 
 class Resume(NamedTuple):
     """The checkpoint a run resumes from and how: "engine" (same layout: DeepSpeed's own shards and each
-    rank's RNG, bit-exact) or "universal" (another layout: the topology-free universal/ state).
+    rank's RNG, bit-exact), "universal" (another layout: the topology-free universal/ state), "weights"
+    (training.no_load_optim: the fp32 masters and the run's position, a fresh optimizer; any layout) or
+    "finetune" (training.finetune: the weights only, iteration 0; see checkpoint/partial.py).
     `save_dir` is the folder holding the tag (training.load itself, or its parent when training.load
     names a tag folder or a `latest` file); `how` says how the tag was chosen; `notes` are lines to log
     (schedule decisions)."""
@@ -55,6 +57,8 @@ class Resume(NamedTuple):
     save_dir: str = ""
     how: str = ""
     notes: Tuple[str, ...] = ()
+    same_layout: bool = True
+    """The checkpoint was saved on this run's layout (its per-rank RNG states apply here)."""
 
     @property
     def folder(self) -> str:
@@ -204,57 +208,71 @@ def locate_resume(load: str, save: str = "") -> Optional[Tuple[str, str, str]]:
     return save_dir, tag, how
 
 
-# The LR-schedule fields of training.*; the decay horizon is lr_decay_iters, or train_iters where it is 0.
-SCHEDULE_FIELDS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters")
-
-
-def _schedule(t: Dict[str, Any]) -> Dict[str, Any]:
-    from ..config import TrainingConfig
-
-    out = {k: t.get(k, getattr(TrainingConfig, k)) for k in SCHEDULE_FIELDS}
-    out["train_iters"] = t.get("train_iters", TrainingConfig.train_iters)
-    out["horizon"] = out["lr_decay_iters"] or out["train_iters"]
-    return out
+def _training_dict(meta: Dict[str, Any]) -> Dict[str, Any]:
+    return (meta.get("config") or {}).get("training") or {}
 
 
 def schedule_changes(meta: Dict[str, Any], cfg: Config) -> List[str]:
     """How this run's LR schedule differs from the checkpoint's ("training.lr 0.001 there vs 0.002 here",
-    ...); empty when the curve is the same. train_iters counts only where it is the decay horizon
-    (lr_decay_iters 0 on either side): with a fixed lr_decay_iters, training longer keeps the curve."""
+    ...); empty when the curve is the same (config.lr_schedule: the effective style, rates, warm-up,
+    horizon and WSD phase). train_iters counts only where it is the decay horizon (lr_decay_iters 0 on
+    either side, iteration-based): with a fixed lr_decay_iters, training longer keeps the curve."""
     import dataclasses
 
-    theirs = _schedule((meta.get("config") or {}).get("training") or {})
-    ours = _schedule(dataclasses.asdict(cfg.training))
-    changes = [f"training.{k} {theirs[k]} there vs {ours[k]} here" for k in ("lr", "min_lr", "lr_warmup_iters")
-               if theirs[k] != ours[k]]
-    if theirs["horizon"] != ours["horizon"]:
-        for k in ("lr_decay_iters", "train_iters"):
-            if theirs[k] != ours[k]:
-                changes.append(f"training.{k} {theirs[k]} there vs {ours[k]} here")
-        changes[-1] += f" (decay horizon {theirs['horizon']} there vs {ours['horizon']} here)"
-    return changes
+    from ..config import SCHEDULE_FIELDS, TrainingConfig, lr_schedule
+
+    saved, here = _training_dict(meta), dataclasses.asdict(cfg.training)
+    theirs, ours = lr_schedule(saved), lr_schedule(here)
+    if theirs == ours:
+        return []
+
+    def value(t: Dict[str, Any], k: str) -> Any:
+        return t.get(k, getattr(TrainingConfig, k))
+
+    changes = [f"training.{k} {value(saved, k)} there vs {value(here, k)} here" for k in SCHEDULE_FIELDS
+               if value(saved, k) != value(here, k)]
+    if theirs.unit == ours.unit == "iterations" and theirs.decay != ours.decay and \
+            value(saved, "train_iters") != value(here, "train_iters") and \
+            not (value(saved, "lr_decay_iters") and value(here, "lr_decay_iters")):
+        changes.append(f"training.train_iters {value(saved, 'train_iters')} there vs {value(here, 'train_iters')} here")
+    horizon = [i for i, c in enumerate(changes) if c.split(" ")[0] in (
+        "training.train_iters", "training.lr_decay_iters", "training.train_samples", "training.lr_decay_samples")]
+    if theirs.decay != ours.decay and horizon:
+        changes[horizon[-1]] += f" (decay horizon {theirs.decay} there vs {ours.decay} here)"
+    return changes or [f"the effective schedule {theirs} there vs {ours} here"]
 
 
 def resolve_schedule(meta: Dict[str, Any], cfg: Config, where: str) -> List[str]:
     """Notes to log about the LR schedule of a resume; ConfigError (one sentence naming the fields and
     both values) when it differs from the checkpoint's and neither training.override_opt_param_scheduler
     (this run's values win) nor training.use_checkpoint_opt_param_scheduler (the checkpoint's win, written
-    into cfg.training here) is set."""
+    into cfg.training here: every field of config.SCHEDULE_FIELDS but train_samples, with the decay horizon
+    as lr_decay_iters / lr_decay_samples) is set."""
+    from ..config import SCHEDULE_FIELDS, TrainingConfig, lr_schedule
+
     t = cfg.training
     changes = schedule_changes(meta, cfg)
     if not changes:
         return []
     it = int(meta.get("iteration", 0))
-    theirs = _schedule((meta.get("config") or {}).get("training") or {})
+    saved = _training_dict(meta)
+    theirs, ours = lr_schedule(saved), lr_schedule(t)
     if t.override_opt_param_scheduler:
         return [f"LR schedule from this run (--override-opt_param-scheduler), not the checkpoint's: "
-                f"{'; '.join(changes)}; from iteration {it} on every step takes this run's curve's LR at that step."]
+                f"{'; '.join(changes)}; from iteration {it} on every step takes this run's curve's LR at its position."]
     if t.use_checkpoint_opt_param_scheduler:
-        t.lr, t.min_lr, t.lr_warmup_iters = theirs["lr"], theirs["min_lr"], theirs["lr_warmup_iters"]
-        t.lr_decay_iters = theirs["horizon"]
-        return [f"LR schedule from the checkpoint (--use-checkpoint-opt_param-scheduler): lr {t.lr}, min_lr "
-                f"{t.min_lr}, lr_warmup_iters {t.lr_warmup_iters}, lr_decay_iters {t.lr_decay_iters} "
-                f"(this run asked for {'; '.join(changes)}); train_iters {t.train_iters} is where this run stops."]
+        if theirs.unit != ours.unit:
+            raise ConfigError(f"checkpoint {where} counts its LR schedule in {theirs.unit} and this run in {ours.unit} "
+                              "(training.train_samples decides), so --use-checkpoint-opt_param-scheduler cannot keep "
+                              "it; size this run the same way, or pass --override-opt_param-scheduler instead.")
+        for k in SCHEDULE_FIELDS:
+            if k != "train_samples":
+                setattr(t, k, saved.get(k, getattr(TrainingConfig, k)))
+        horizon = "lr_decay_samples" if theirs.unit == "samples" else "lr_decay_iters"
+        setattr(t, horizon, theirs.decay if theirs.decay else getattr(t, horizon))
+        kept = ", ".join(f"{k} {getattr(t, k)}" for k in SCHEDULE_FIELDS if k != "train_samples")
+        return [f"LR schedule from the checkpoint (--use-checkpoint-opt_param-scheduler): {kept} (this run asked for "
+                f"{'; '.join(changes)}); train_iters {t.train_iters} is where this run stops."]
     raise ConfigError(f"checkpoint {where} was trained with another LR schedule ({'; '.join(changes)}); pass "
                       "--override-opt_param-scheduler to use this run's values from the resumed iteration on, or "
                       "--use-checkpoint-opt_param-scheduler to keep the checkpoint's.")
@@ -297,9 +315,21 @@ def find_resume(cfg: Config, world: int, precision: Optional[str] = None) -> Opt
         meta = read_meta(folder)
     except CheckpointError as exc:
         raise ConfigError(f"training.load: {exc}") from None
+    t = cfg.training
+    if t.finetune:  # weights only (Megatron's --finetune): batch size, schedule and layout are this run's
+        check_same_shape(meta, cfg, folder)
+        check_same_tokenizer(meta, tokenizer_for(cfg), folder, untracked_means_gpt2=False)
+        return Resume(tag, meta, "finetune", save_dir, how, same_layout=not layout_changes(meta, cfg, world, precision))
+    if t.no_load_optim:  # weights + position: the data and schedule continue, DeepSpeed's shards are not read
+        check_same_shape(meta, cfg, folder)
+        check_same_tokenizer(meta, tokenizer_for(cfg), folder)
+        check_global_batch(meta, cfg, folder, world)
+        notes = resolve_schedule(meta, cfg, folder)
+        return Resume(tag, meta, "weights", save_dir, how, tuple(notes),
+                      same_layout=not layout_changes(meta, cfg, world, precision))
     mode = check_compatible(meta, cfg, folder, world, precision)
     notes = resolve_schedule(meta, cfg, folder)
-    return Resume(tag, meta, mode, save_dir, how, tuple(notes))
+    return Resume(tag, meta, mode, save_dir, how, tuple(notes), same_layout=mode == "engine")
 
 
 def find_init_from(cfg: Config) -> Optional[str]:

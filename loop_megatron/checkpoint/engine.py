@@ -269,6 +269,9 @@ def save_engine_checkpoint(engine, cfg: Config, iteration: int, consumed_samples
                              cfg.training.zero_stage, world_size())
             meta.update({k: layout[k] for k in ("global_batch_size", "cpu_offload", "precision")},
                         universal=universal)
+            scheduler = getattr(engine, "lr_scheduler", None)
+            if scheduler is not None:  # the schedule's position, for a resume that skips DeepSpeed's shards
+                meta["lr_scheduler"] = scheduler.state_dict()
             meta["tokenizer"] = writes.run(tokenizer_path(tmp_dir), save_tokenizer, tmp_dir, tokenizer_for(cfg),
                                            fsync=True)
             writes.run(meta_path(tmp_dir), write_meta, tmp_dir, meta, fsync=True, trailing_newline=True)
@@ -292,12 +295,14 @@ def save_engine_checkpoint(engine, cfg: Config, iteration: int, consumed_samples
     return final_dir
 
 
-def load_engine_checkpoint(engine, load: str, tag: str) -> Dict[str, Any]:
-    """Restore engine (weights, optimizer, LR schedule) and this rank's RNG; return the client state."""
+def load_engine_checkpoint(engine, load: str, tag: str, rng: bool = True) -> Dict[str, Any]:
+    """Restore engine (weights, optimizer, LR schedule) and, with `rng`, this rank's RNG; return the client
+    state."""
     path, client_state = engine.load_checkpoint(load, tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {os.path.join(load, tag)}.")
-    restore_rng(os.path.join(load, tag), rank())
+    if rng:
+        restore_rng(os.path.join(load, tag), rank())
     barrier()
     return client_state or {}

@@ -198,7 +198,7 @@ def main_paper(argv: Sequence[str], prog: str = "launch/run_paper_experiments.sh
     print(format_paper_table(rows, nodes, gpus_per_node))
     print(f"\nSettings: seq {d.seq_length}, micro-batch {micro} x {world} ranks, global batch {global_batch} "
           f"sequences ({global_batch * d.seq_length / 1e6:.3f}M tokens/step), {t.train_iters} iters, "
-          f"lr {t.lr} -> {t.min_lr} cosine, warmup {t.lr_warmup_iters}, {t.precision}, "
+          f"lr {t.lr} -> {t.min_lr} {t.lr_decay_style}, warmup {t.lr_warmup_iters}, {t.precision}, "
           f"ZeRO-{t.zero_stage}, data {' '.join(d.data_path)}")
     print("\nCommands:" if args.dry_run else "\nRunning, one after another:")
     for name, cmd in commands:

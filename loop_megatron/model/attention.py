@@ -55,8 +55,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None,
                 attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.local_width, dim=-1)
+        B, T, _ = q.shape  # the whole sequence, also when x is a sequence shard (sequence parallelism)
         q, k, v = (t.view(B, T, self.local_heads, self.head_dim) for t in (q, k, v))
         dropout_p = self.dropout_p if self.training else 0.0
         # Attention probabilities are sharded by head: give each TP rank its own dropout stream.

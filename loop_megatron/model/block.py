@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..parallel import ColumnParallelLinear, RowParallelLinear
+from ..parallel import ColumnParallelLinear, RowParallelLinear, dropout
 from .attention import CausalSelfAttention
 from .kv_cache import KVCache
 
@@ -28,7 +28,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """x + attn(ln1(x)), then + mlp(ln2(x)); residual-branch dropout on replicated activations."""
+    """x + attn(ln1(x)), then + mlp(ln2(x)); residual-branch dropout on replicated activations (on sequence
+    shards with `sequence_parallel`: each TP rank its own dropout stream)."""
+
+    sequence_parallel = False
 
     def __init__(self, cfg: ModelConfig, output_std: float):
         super().__init__()
@@ -40,6 +43,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None,
                 attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + F.dropout(self.attn(self.ln_1(x), kv_cache, attn_mask), self.dropout, self.training)
-        x = x + F.dropout(self.mlp(self.ln_2(x)), self.dropout, self.training)
+        sharded = self.sequence_parallel and self.training
+        x = x + dropout(self.attn(self.ln_1(x), kv_cache, attn_mask), self.dropout, self.training, sharded)
+        x = x + dropout(self.mlp(self.ln_2(x)), self.dropout, self.training, sharded)
         return x

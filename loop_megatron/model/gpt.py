@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..parallel import (VocabParallelEmbedding, gather_from_tp_region, get_tensor_model_parallel_rank,
-                        vocab_parallel_cross_entropy)
+from ..parallel import (VocabParallelEmbedding, dropout, enable_sequence_parallel, gather_from_tp_region,
+                        get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
+                        scatter_to_sequence_parallel_region, vocab_parallel_cross_entropy)
 from .block import Block
 from .depth import DepthLike, LoopDepth
 from .exit import ExitGate, ExitRule, ExitStats, expected_exit_loss
@@ -73,7 +74,10 @@ class LoopGPT(nn.Module):
     its row's run alone; pads' own logits are meaningless and pad labels should be IGNORE_INDEX.
     With `model.exit_gate` and labels in training the loss is the gate's expected loss over the exit
     distribution (`exit_gate_loss`); inference with an exit criterion runs `adaptive_logits`.
+    `enable_sequence_parallel()` (parallel.sequence_parallel) shards the sequence over TP ranks in training mode.
     """
+
+    sequence_parallel = False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -123,7 +127,13 @@ class LoopGPT(nn.Module):
                                  f"({self.cfg.max_position_embeddings}).")
             positions = torch.arange(offset, offset + T, device=input_ids.device)
         x = self.wte(input_ids) + self.wpe(positions)
-        x = F.dropout(x, self.cfg.hidden_dropout, self.training)
+        sharded = self.sequence_parallel and self.training
+        if sharded:  # from here to the LM head the residual stream is this TP rank's sequence shard
+            if kv_cache is not None:
+                raise ValueError("parallel.sequence_parallel shards the full-sequence training forward only; "
+                                 "call model.eval() before a forward with a KV cache.")
+            x = scatter_to_sequence_parallel_region(x)
+        x = dropout(x, self.cfg.hidden_dropout, self.training, sharded)
         for block in self.prelude:
             x = block(x, kv_cache, attn_mask)
         return x, attn_mask, real
@@ -236,6 +246,21 @@ class LoopGPT(nn.Module):
         loss = expected_exit_loss(torch.stack(losses), torch.stack(lambdas), keep, self.exit_entropy_beta,
                                   depth.loop_depths)
         return logits_parallel, loss
+
+    def enable_sequence_parallel(self) -> List[str]:
+        """Megatron's sequence parallelism for training-mode forwards (TP > 1; a no-op returning [] at TP=1):
+        after the embeddings the residual stream is this rank's 1/TP of the sequence through the prelude, loop
+        and coda (LayerNorm, dropout, gates, injection and residual adds on shards, the per-iteration
+        checkpoints stored sharded); the column-parallel layers and the LM head all-gather it, the row-parallel
+        layers reduce-scatter into it. Returns the names of the replicated parameters applied to shards, whose
+        gradients are then summed over the TP group (parallel/layers.py `enable_sequence_parallel`)."""
+        if self.exit_gate is not None and get_tensor_model_parallel_world_size() > 1:
+            raise ValueError("parallel.sequence_parallel cannot train model.exit_gate (its loss reads every "
+                             "iteration's state at all positions); turn one of them off.")
+        before_scatter = (self.wte.weight, self.wpe.weight)  # the embeddings run on the whole sequence
+        on_shards = {n: p for n, p in self.named_parameters()
+                     if not getattr(p, "tensor_model_parallel", False) and all(p is not q for q in before_scatter)}
+        return list(on_shards) if enable_sequence_parallel(self, on_shards.values()) else []
 
     # ------------------------------------------------------------------------------------------------
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+from ..parallel import randn_like
 from .block import Block
 from .depth import LoopDepth, truncation_plan
 from .exit import ExitRule, ExitStats, adaptive_loop
@@ -47,7 +48,8 @@ from .kv_cache import KVCache
 class LinearInjection(nn.Module):
     """u = W [s ; e] with W: 2d -> d, no bias, initialised to [I I] (so u = s + e at the start, Huginn's
     adapter). Replicated on every TP rank: it acts on the replicated residual stream, whose gradient is
-    already identical on all TP ranks (as for LayerNorm weights), so W's gradient needs no reduction."""
+    already identical on all TP ranks (as for LayerNorm weights), so W's gradient needs no reduction (with
+    sequence parallelism each rank sees its own positions only, and the TP group sums it, as for LayerNorms)."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -77,7 +79,11 @@ class DiagonalInjection(nn.Module):
 
 
 class LoopStack(nn.Module):
-    """K shared blocks, r outer iterations, M inner repeats per block, gates, injection, initial state."""
+    """K shared blocks, r outer iterations, M inner repeats per block, gates, injection, initial state.
+    With `sequence_parallel` (training mode) the states are sequence shards: the per-iteration checkpoints
+    store 1/TP of the state, and the gates and injection act on this rank's positions."""
+
+    sequence_parallel = False
 
     def __init__(self, cfg: ModelConfig, output_std: float):
         super().__init__()
@@ -150,9 +156,8 @@ class LoopStack(nn.Module):
         if self.state_init == "input":
             return e
         if self.state_init == "random" and (state_generator is not None or self.training):
-            if state_generator is None:  # the default RNG: the same draw on every TP rank
-                return torch.randn_like(e) * self.state_std
-            noise = torch.randn(e.shape, generator=state_generator, device=state_generator.device, dtype=e.dtype)
+            # The default RNG (None) draws the same on every TP rank; on sequence shards the whole sequence is drawn.
+            noise = randn_like(e, self.sequence_parallel and self.training, state_generator)
             return noise.to(e.device) * self.state_std
         return torch.zeros_like(e)
 

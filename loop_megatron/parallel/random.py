@@ -10,14 +10,21 @@ seed from the ordinary RNG (same draw on every TP rank), adds the TP rank, and r
 forked generator. Because the seed comes from the ordinary RNG, torch.utils.checkpoint's RNG replay
 makes the recomputed region draw exactly the same masks (a stateful Megatron-style tracker would need
 its own checkpoint function for that).
+
+Under sequence parallelism the residual stream itself is sharded (each TP rank holds other positions), so
+its dropout runs under `tp_rng_fork` too (`dropout(..., sequence_sharded=True)`), while random tensors that
+must equal the TP=1 run's (the loop's random initial state) are drawn whole from the shared RNG and then cut
+to this rank's positions (`randn_like`).
 """
 from __future__ import annotations
 
 import contextlib
 import random
+from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .state import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
@@ -42,3 +49,26 @@ def tp_rng_fork():
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def dropout(x: torch.Tensor, p: float, training: bool, sequence_sharded: bool = False) -> torch.Tensor:
+    """F.dropout(x, p, training); on sequence shards (sequence parallelism) under this TP rank's own stream,
+    so the ranks' shards do not repeat one mask."""
+    if not training or p == 0.0:
+        return x
+    if not sequence_sharded:
+        return F.dropout(x, p, True)
+    with tp_rng_fork():
+        return F.dropout(x, p, True)
+
+
+def randn_like(x: torch.Tensor, sequence_sharded: bool = False,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Standard normal noise shaped like `x`, from `generator` (on its device) or the shared RNG (on x's device).
+    When `x` is a sequence shard ([batch, seq / TP, ...], sequence parallelism) the whole sequence is drawn, the
+    same on every TP rank, and this rank's slice returned: the noise the TP=1 model draws for these positions."""
+    world = get_tensor_model_parallel_world_size() if sequence_sharded else 1
+    shape = (x.shape[0], x.shape[1] * world) + tuple(x.shape[2:])
+    device = generator.device if generator is not None else x.device
+    noise = torch.randn(shape, generator=generator, dtype=x.dtype, device=device)
+    return noise if world == 1 else noise.chunk(world, dim=1)[get_tensor_model_parallel_rank()].contiguous()

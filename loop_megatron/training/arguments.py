@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import megatron_flags
 from ..config import (PRESETS, SECTIONS, Config, ConfigError, compose_config, field_docs, file_keys,
-                      file_preset_name, parse_override, read_config_file, run_folder, set_field)
+                      file_preset_name, parse_override, read_config_file, resolve_lr_horizons, run_folder, set_field)
 
 # (flag, config key): the trainer's named flags, in --help order. Type, metavar and help come from the field.
 CONFIG_FLAGS: List[Tuple[str, str]] = [
@@ -61,6 +61,7 @@ CONFIG_FLAGS: List[Tuple[str, str]] = [
     ("--loop-gate-count", "model.loop_gate_count"),
     # parallel
     ("--tensor-model-parallel-size", "parallel.tensor_model_parallel_size"),
+    ("--sequence-parallel", "parallel.sequence_parallel"),
     ("--distributed-timeout-minutes", "parallel.distributed_timeout_minutes"),
     # training
     ("--micro-batch-size", "training.micro_batch_size"),
@@ -108,6 +109,22 @@ CONFIG_FLAGS: List[Tuple[str, str]] = [
     ("--run-dir", "training.run_dir"),
     ("--peak-tflops", "training.peak_tflops"),
     ("--compile", "training.compile"),
+    # Megatron-LM's LR schedules, sample-based horizons, planned exits and partial loading (issue 24)
+    ("--lr-decay-style", "training.lr_decay_style"),
+    ("--lr-wsd-decay-style", "training.lr_wsd_decay_style"),
+    ("--lr-wsd-decay-iters", "training.lr_wsd_decay_iters"),
+    ("--lr-wsd-decay-samples", "training.lr_wsd_decay_samples"),
+    ("--lr-warmup-fraction", "training.lr_warmup_fraction"),
+    ("--lr-warmup-init", "training.lr_warmup_init"),
+    ("--lr-warmup-samples", "training.lr_warmup_samples"),
+    ("--lr-decay-samples", "training.lr_decay_samples"),
+    ("--train-samples", "training.train_samples"),
+    ("--exit-interval", "training.exit_interval"),
+    ("--exit-duration-in-mins", "training.exit_duration_in_mins"),
+    ("--exit-signal-handler", "training.exit_signal_handler"),
+    ("--no-load-optim", "training.no_load_optim"),
+    ("--no-load-rng", "training.no_load_rng"),
+    ("--finetune", "training.finetune"),
 ]
 
 
@@ -141,6 +158,8 @@ class RunOptions:
     """Config keys set on purpose (by the file, a flag or an override) rather than by preset/default."""
     debug_sleep_per_iter: float = 0.0
     local_rank: Optional[int] = None
+    notes: List[str] = dataclasses.field(default_factory=list)
+    """Lines the trainer logs at start: values the command line's settings displaced (resolve_lr_horizons)."""
 
 
 PROG = "python -m loop_megatron.train"
@@ -265,8 +284,9 @@ def config_from_args(argv: Optional[List[str]] = None) -> Tuple[Config, RunOptio
     cfg.training.run_dir = run_folder(cfg, preset_name if isinstance(preset_name, str) else None)
     if args.debug_sleep_per_iter < 0:
         raise ConfigError(f"--debug-sleep-per-iter must be >= 0, got {args.debug_sleep_per_iter}.")
+    notes = resolve_lr_horizons(cfg, explicit)  # e.g. a preset's lr_warmup_iters under --train-samples
     opts = RunOptions(preset=preset_name, explicit=explicit, debug_sleep_per_iter=args.debug_sleep_per_iter,
-                      local_rank=args.local_rank)
+                      local_rank=args.local_rank, notes=notes)
     return cfg, opts
 
 

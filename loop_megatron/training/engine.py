@@ -10,12 +10,12 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from ..config import Config
+from ..config import Config, global_batch_size
 from ..model.attention import flash_attention_available
 from ..parallel import ModelParallelUnit
 from .compile import CompileTimer, compile_blocks
 from .ds_config import build_ds_config
-from .optim import WarmupCosineLR, parameter_groups
+from .optim import LRScheduler, parameter_groups
 from .step import FusedClipper, trainer_clips
 from .zero3 import loop_reuse_distance
 
@@ -43,6 +43,12 @@ def build_engine(cfg: Config, model: torch.nn.Module, dp_size: int, precision: s
 
     t = cfg.training
     log(attention_backend_line(cfg, precision))
+    if cfg.parallel.sequence_parallel:  # before compiling and before ZeRO partitions: it marks parameters
+        on_shards = model.enable_sequence_parallel()
+        log(f"sequence parallelism: the residual stream is 1/{cfg.parallel.tensor_model_parallel_size} of the "
+            f"sequence per TP rank; {len(on_shards)} replicated parameter(s) on shards get TP-summed gradients"
+            if on_shards else "note: parallel.sequence_parallel has no effect at TP=1 (no TP ranks to shard the "
+                              "sequence over)")
     timer = None
     if t.compile:
         n = compile_blocks(model)
@@ -51,7 +57,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, dp_size: int, precision: s
     ds_config = build_ds_config(cfg, dp_size, precision, ds_base, reuse_distance=loop_reuse_distance(model))
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=parameter_groups(model, t.weight_decay), config=ds_config,
-        mpu=ModelParallelUnit(), lr_scheduler=lambda opt: WarmupCosineLR(opt, t))
+        mpu=ModelParallelUnit(), lr_scheduler=lambda opt: LRScheduler(opt, t, global_batch_size(cfg, dp_size)))
     if t.zero_stage == 0 and engine.dp_world_size == 1:
         # One data-parallel rank: DeepSpeed would still flatten every gradient into a buffer, "all-reduce"
         # it over a group of one and copy it back: a full pass over the gradients per step for nothing.

@@ -108,9 +108,6 @@ _GPT2_SHAPE = ("the model is GPT-2's block (LayerNorm, GELU MLP, learned absolut
                "biases, multi-head attention), which is what exports as a Hugging Face GPT2LMHeadModel")
 
 UNSUPPORTED: Dict[str, str] = {
-    "--sequence-parallel": "sequence parallelism is not implemented yet (issue 26): with "
-                           "--tensor-model-parallel-size the LayerNorm and dropout activations are replicated on "
-                           "every tensor-parallel rank",
     "--context-parallel-size": "context parallelism is not implemented; sequences are split only by "
                                "--tensor-model-parallel-size's head sharding",
     "--virtual-pipeline-model-parallel-size": _NO_PIPELINE,

@@ -117,12 +117,14 @@ class StepStats(NamedTuple):
     """Some rank asked to stop (signal)."""
     finite_norm: bool = True
     """The gradient norm was finite on every rank (False also where DeepSpeed skipped an overflow step)."""
+    time_up: bool = False
+    """Some rank's `time_up` said the run's time is up (training.exit_duration_in_mins)."""
 
 
 def train_step(engine, batches: Iterator[torch.Tensor], accum: int, device: torch.device,
                clipper: Optional[FusedClipper] = None, stop_requested: Union[bool, Callable[[], bool]] = False,
                depths: Optional[Sequence[LoopDepth]] = None, skip_nonfinite: bool = False,
-               skip_guard: Optional[SkipGuard] = None) -> StepStats:
+               skip_guard: Optional[SkipGuard] = None, time_up: Optional[Callable[[], bool]] = None) -> StepStats:
     """Forward/backward `accum` micro-batches from `batches` and take one optimizer step.
 
     `depths` (one LoopDepth per micro-batch, e.g. a sampled loop depth from training/loop_depth.py) go to the
@@ -132,7 +134,9 @@ def train_step(engine, batches: Iterator[torch.Tensor], accum: int, device: torc
     The losses stay on the device; after the step one all-reduce carries the loss sum and the stop flag,
     and one host transfer brings loss, grad norm and flag back together: one host sync per step.
     `stop_requested` may be a callable: it is called right before that all-reduce, so a stop signal that
-    arrives while the micro-batches run is carried by this step, not the next one.
+    arrives while the micro-batches run is carried by this step, not the next one. `time_up` (a callable,
+    read at the same point) rides on the same all-reduce: true on any rank is true on every rank, so all
+    ranks stop at the same iteration although each reads its own clock.
     """
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     norm = None
@@ -159,13 +163,14 @@ def train_step(engine, batches: Iterator[torch.Tensor], accum: int, device: torc
                                 device=device)
     if callable(stop_requested):  # read just before the all-reduce: a signal during this step stops this step
         stop_requested = stop_requested()
+    late = float(time_up()) if time_up is not None else 0.0
     shared = torch.stack([loss_sum / accum, torch.tensor(float(stop_requested), dtype=torch.float64, device=device),
-                          bad_norm.to(device)])
+                          bad_norm.to(device), torch.tensor(late, dtype=torch.float64, device=device)])
     if world > 1:
         dist.all_reduce(shared)  # TP ranks hold equal losses; summing over all ranks then / world is the DP mean
     if isinstance(norm, torch.Tensor):
-        loss, stop, bad, grad_norm = torch.cat([shared, norm.detach().reshape(1).to(shared)]).tolist()
+        loss, stop, bad, late, grad_norm = torch.cat([shared, norm.detach().reshape(1).to(shared)]).tolist()
     else:  # DeepSpeed returned a float (or None): nothing on the device to fetch besides `shared`
-        loss, stop, bad = shared.tolist()
+        loss, stop, bad, late = shared.tolist()
         grad_norm = norm
-    return StepStats(loss / world, None if grad_norm is None else float(grad_norm), stop > 0, bad == 0)
+    return StepStats(loss / world, None if grad_norm is None else float(grad_norm), stop > 0, bad == 0, late > 0)

@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 
 from .. import checkpoint
-from ..config import (Config, ConfigError, accumulation_steps, eval_micro_batches, global_batch_size, run_folder,
-                      save_yaml)
+from ..config import (Config, ConfigError, accumulation_steps, eval_micro_batches, global_batch_size, lr_schedule,
+                      resolve_lr_horizons, run_folder, sample_based_train_iters, save_yaml)
 from ..errors import LoopMegatronError
 from ..model import LoopGPT, load_full_state_dict, model_summary
 from ..model.exit import configure_exit_training
@@ -53,7 +53,6 @@ from .engine import build_engine
 from .loop_depth import LoopDepthSampler, depth_is_varied, step_depths, step_flops_per_token
 from .monitor import (RunLogger, Throughput, format_eta, peak_flops_per_device, progress_line, wandb_available,
                       wandb_init_kwargs, write_summary)
-from .optim import lr_at
 from .step import NonFiniteStepError, SkipGuard, train_step
 
 PRIMARY_VALID = "valid"  # TensorBoard/metrics name of the primary (first) validation set's loss and bpb
@@ -65,6 +64,7 @@ def preflight(cfg: Config, opts: RunOptions) -> Dict[str, Any]:
     world = dist.get_world_size() if dist.is_initialized() else env_world_size()
     ds_base = adopt_ds_file_settings(cfg, opts.explicit)
     vocab_note = resolve_vocab_size(cfg, opts)
+    schedule_notes = list(opts.notes) + resolve_lr_horizons(cfg, opts.explicit)
     cfg.validate(world)
     precision = resolve_precision(cfg)
     check_data_paths(cfg.data.data_path)
@@ -81,6 +81,9 @@ def preflight(cfg: Config, opts: RunOptions) -> Dict[str, Any]:
         data_notes = [vocab_note] + list(data_notes)
     resume = checkpoint.find_resume(cfg, world, precision)  # refuses another shape, tokenizer, batch, layout
     init_from = checkpoint.find_init_from(cfg) if resume is None else None
+    continued = resume.meta if resume is not None and resume.mode != "finetune" else None
+    samples_note = sample_based_train_iters(cfg, world, opts.explicit, continued)  # train_iters from train_samples
+    data_notes = list(data_notes) + schedule_notes + ([samples_note] if samples_note else [])
     return {"world": world, "ds_base": ds_base, "precision": precision, "resume": resume, "init_from": init_from,
             "tokenizer": tokenizer, "data_notes": data_notes}
 
@@ -124,6 +127,8 @@ class StepResult:
     skipped: bool = False
     """The step made no update (a non-finite loss/norm with training.skip_nonfinite_steps, or an fp16
     loss-scale overflow)."""
+    time_up: bool = False
+    """training.exit_duration_in_mins has passed on some rank (the same on every rank)."""
 
     def nonfinite(self) -> List[str]:
         """What was not finite: 'the loss is nan' and/or 'the gradient norm is inf'."""
@@ -145,6 +150,7 @@ class Trainer:
         self.iteration = self.start_iteration = 0
         self.start_consumed = 0  # samples consumed before start_iteration (resumed)
         self.stopped = False
+        self.stop_reason: Optional[str] = None  # exit_reason() of the step the run stopped after
         self.window = Throughput()
         self.window_flops: List[float] = []  # per-step FLOPs/token and loop counts since the last progress line
         self.window_loops: List[float] = []
@@ -167,8 +173,8 @@ class Trainer:
     # The loop
     # ------------------------------------------------------------------------------------------------
     def train(self) -> Dict[str, Any]:
-        """Step until train_iters (or a stop signal), evaluating and saving on schedule; then a last
-        evaluation and save. Returns `summary()`."""
+        """Step until train_iters, evaluating and saving on schedule, then a last evaluation and save; or
+        until a planned exit or a stop signal (`exit_reason`), then a save. Returns `summary()`."""
         t = self.cfg.training
         batches = self.train_batches()
         while self.iteration < t.train_iters:
@@ -185,7 +191,8 @@ class Trainer:
                 self.evaluate()
             if self._every(t.save_interval):
                 self.save()
-            if step.stop:
+            self.stop_reason = self.exit_reason(step)
+            if self.stop_reason:
                 self.log_stop()
                 self.stopped = True
                 break
@@ -200,7 +207,7 @@ class Trainer:
         # The rate of the update this step makes: the schedule counts applied updates (a skipped step does
         # not advance it, as in DeepSpeed and Megatron-LM), which equals `iteration` until a step is skipped.
         scheduler = getattr(self.engine, "lr_scheduler", None)
-        lr = lr_at(getattr(scheduler, "last_step", iteration), self.cfg.training)
+        lr = scheduler.lr if scheduler is not None else self.cfg.training.lr
         # The loop depth of each micro-batch: a pure function of (seed, iteration, sample index), so every
         # TP/DP/ZeRO rank agrees without communication and a resumed run replays it (training/loop_depth.py).
         depths = step_depths(self.depth_sampler, iteration, len(micro_batches), self.global_batch,
@@ -208,11 +215,36 @@ class Trainer:
         # One host sync per step: loss, grad norm and the stop flag come back together (training/step.py).
         stats = train_step(self.engine, iter(micro_batches), len(micro_batches), self.device, self.clipper,
                            self._stop_requested, depths=depths, skip_nonfinite=self.cfg.training.skip_nonfinite_steps,
-                           skip_guard=self.skip_guard)
+                           skip_guard=self.skip_guard, time_up=self._time_up)
         return StepResult(loss=stats.loss, lr=lr, grad_norm=stats.grad_norm, stop=stats.stop,
                           loops=sum(d.num_loops for d in depths) / len(depths),
                           flops_per_token=step_flops_per_token(self.cfg.model, self.seq, depths),
-                          finite_norm=stats.finite_norm)
+                          finite_norm=stats.finite_norm, time_up=stats.time_up)
+
+    def _time_up(self) -> bool:
+        """This rank's clock has passed training.exit_duration_in_mins since the trainer started (read at
+        the step's all-reduce, which makes the decision every rank's)."""
+        limit = self.cfg.training.exit_duration_in_mins
+        return limit > 0 and self.elapsed_minutes() > limit
+
+    def elapsed_minutes(self) -> float:
+        """Wall-clock minutes since this trainer was created (training.exit_duration_in_mins counts them)."""
+        return (time.time() - self.started) / 60.0
+
+    def exit_reason(self, step: StepResult) -> Optional[str]:
+        """Why the run stops after this step short of train_iters, or None: 'signal' (a stop signal on some
+        rank), 'exit_duration' (training.exit_duration_in_mins passed on some rank), 'exit_interval' (the
+        iteration is a multiple of training.exit_interval). Every input is the same on every rank."""
+        t = self.cfg.training
+        if step.stop:
+            return "signal"
+        if self.iteration >= t.train_iters:
+            return None  # the run is complete: it finishes (with its last evaluation), whatever else is due
+        if step.time_up:
+            return "exit_duration"
+        if self._every(t.exit_interval):
+            return "exit_interval"
+        return None
 
     def check_finite(self, step: StepResult) -> None:
         """Mark a non-finite step skipped where it made no update: with training.skip_nonfinite_steps (the
@@ -253,7 +285,7 @@ class Trainer:
         testing aid) sleeps here first: a slow step that a test can signal in the middle of."""
         if self.opts.debug_sleep_per_iter > 0:
             time.sleep(self.opts.debug_sleep_per_iter)
-        return self.stop.requested
+        return self.stop.requested and self.cfg.training.exit_signal_handler
 
     @property
     def depth_sampler(self) -> LoopDepthSampler:
@@ -286,7 +318,10 @@ class Trainer:
     def setup(self) -> None:
         """Processes and groups, run folder and logger, data, model, DeepSpeed engine, resume."""
         cfg, t = self.cfg, self.cfg.training
-        self.stop.install()  # from here a signal asks for a stop at the end of the next step's all-reduce
+        if t.exit_signal_handler:
+            self.stop.install()  # from here a signal asks for a stop at the end of the next step's all-reduce
+        else:  # training.exit_signal_handler false: SIGTERM/SIGINT keep (or get back) their default action
+            self.stop.uninstall()
         minutes = cfg.parallel.distributed_timeout_minutes
         init_distributed(self.opts.local_rank, skip_shm_comm=t.ds_skip_shm_comm, timeout_minutes=minutes)
         self.watchdog = start_watchdog(minutes)  # a dead or hung rank ends the job, named (utils/watchdog.py)
@@ -377,6 +412,8 @@ class Trainer:
         resume = self.checks["resume"]
         if resume is not None and resume.mode == "universal":  # another layout: masters before ZeRO partitions
             checkpoint.load_universal_weights(model, resume.folder)
+        elif resume is not None and resume.mode in ("weights", "finetune"):  # --no-load-optim, --finetune
+            self.weights_source = checkpoint.load_weights(model, resume.folder)
         engine, self.clipper, self.compile_timer = build_engine(cfg, model, self.dp, self.checks["precision"],
                                                                 self.checks["ds_base"], self.log.print)
         return engine
@@ -385,23 +422,45 @@ class Trainer:
         t, resume = self.cfg.training, self.checks["resume"]
         if resume is not None:
             folder = resume.folder
+            rng = not t.no_load_rng
             if resume.mode == "universal":
                 client = checkpoint.load_universal_optimizer(self.engine, folder)
-            else:
-                client = checkpoint.load_engine_checkpoint(self.engine, resume.save_dir, resume.tag)
+                how = "universal state, new layout: " + "; ".join(checkpoint.layout_changes(
+                    resume.meta, self.cfg, world_size(), self.checks["precision"]))
+            elif resume.mode == "engine":
+                client = checkpoint.load_engine_checkpoint(self.engine, resume.save_dir, resume.tag, rng=rng)
+                how = "DeepSpeed state, same layout"
+                if not rng:
+                    checkpoint.restore_rng_or_reseed(folder, False, t.seed, int(client.get("iteration", 0)))
+                    how += "; RNG reseeded from (seed, iteration) (--no-load-rng)"
+            else:  # "weights" (--no-load-optim) or "finetune": DeepSpeed's shards are not read
+                checkpoint.set_master_weights(self.engine, folder)
+                if resume.mode == "weights":
+                    client = checkpoint.load_position(self.engine, folder, resume.meta, seed=t.seed,
+                                                      restore=rng and resume.same_layout)
+                    how = (f"--no-load-optim: weights from {self.weights_source} and the run's position, a fresh "
+                           f"optimizer state; {client['rng']}"
+                           + ("" if resume.same_layout else " (another layout)") + (" (--no-load-rng)" if not rng else ""))
+                else:
+                    client = {"iteration": 0, "consumed_samples": 0}
+                    how = ""
             self.iteration = int(client.get("iteration", 0))
             self.start_consumed = int(client.get("consumed_samples", self.iteration * self.global_batch))
-            how = ("universal state, new layout: " + "; ".join(checkpoint.layout_changes(
-                resume.meta, self.cfg, world_size(), self.checks["precision"])) if resume.mode == "universal" else
-                   "DeepSpeed state, same layout")
-            self.log.print(f"resumed from {folder} at iteration {self.iteration}, sample {self.start_consumed} "
-                           f"(save folder {resume.save_dir}, tag {resume.tag}: {resume.how}; {how})")
+            if resume.mode == "finetune":
+                self.log.print(f"finetuning from the weights of {folder} (iteration {resume.meta.get('iteration')} "
+                               f"there; {self.weights_source}): --finetune starts at iteration 0 and sample 0 with a "
+                               "fresh optimizer, LR schedule and RNG")
+            else:
+                self.log.print(f"resumed from {folder} at iteration {self.iteration}, sample {self.start_consumed} "
+                               f"(save folder {resume.save_dir}, tag {resume.tag}: {resume.how}; {how})")
             for note in resume.notes:
                 self.log.print(f"note: {note}")
             if resume.notes and t.override_opt_param_scheduler:
-                saved = Config.from_dict(resume.meta["config"]).training
-                self.log.print(f"note: lr at iteration {self.iteration}: {lr_at(self.iteration, saved):.4g} on the "
-                               f"checkpoint's schedule, {lr_at(self.iteration, t):.4g} on this run's")
+                saved = lr_schedule(Config.from_dict(resume.meta["config"]).training)
+                ours, scheduler = lr_schedule(t), self.engine.lr_scheduler
+                theirs_at = scheduler.samples if saved.unit == "samples" else scheduler.last_step
+                self.log.print(f"note: lr at iteration {self.iteration}: {saved.at(theirs_at):.4g} on the "
+                               f"checkpoint's schedule, {ours.at(scheduler.position):.4g} on this run's")
             newer = [tag for it, tag in checkpoint.list_checkpoints(resume.save_dir) if it > self.iteration]
             if newer and t.save and os.path.abspath(t.save) == os.path.abspath(resume.save_dir):
                 self.log.print(f"note: {resume.save_dir} also holds newer checkpoints ({', '.join(newer)}); this run "
@@ -491,7 +550,8 @@ class Trainer:
         self.log.scalars(self.iteration, scalars)
         self.records.append(record)
         self.log.record(record)
-        if t.log_interval > 0 and (self._every(t.log_interval) or self.iteration == t.train_iters or step.stop):
+        if t.log_interval > 0 and (self._every(t.log_interval) or self.iteration == t.train_iters or step.stop
+                                   or step.time_up or self._every(t.exit_interval)):  # the last line before an exit
             self.log_progress(step.lr)
 
     def log_progress(self, lr: float) -> None:
@@ -550,9 +610,30 @@ class Trainer:
                        f"{label} ppl {math.exp(min(loss, 50)):.2f} | {label} bpb {bpb:.4f}")
 
     def log_stop(self) -> None:
-        self.log.print(f"stop requested ({self.stop.signal_name or 'signal on another rank'}) at iteration "
-                       f"{self.iteration}; "
-                       f"{'saving and exiting' if self.cfg.training.save else 'exiting (no --save folder)'}")
+        """One line saying why the run stops here (self.stop_reason) and what happens next."""
+        t = self.cfg.training
+        then = "saving and exiting" if t.save else "exiting (no --save folder)"
+        if self.stop_reason == "exit_interval":
+            self.log.print(f"exit interval reached at iteration {self.iteration} (--exit-interval {t.exit_interval}); "
+                           f"{then}")
+        elif self.stop_reason == "exit_duration":
+            self.log.print(f"exit duration reached at iteration {self.iteration}: over --exit-duration-in-mins "
+                           f"{t.exit_duration_in_mins:g} since the start ({self.elapsed_minutes():.2f} min here; the "
+                           f"first rank past it decides for all); {then}")
+        else:
+            self.log.print(f"stop requested ({self.stop.signal_name or 'signal on another rank'}) at iteration "
+                           f"{self.iteration}; {then}")
+
+    def how_it_ended(self) -> str:
+        """'finished', or what stopped it: 'stopped by SIGTERM', 'stopped at --exit-interval 4', ..."""
+        t = self.cfg.training
+        if not self.stopped:
+            return "finished"
+        if self.stop_reason == "exit_interval":
+            return f"stopped at --exit-interval {t.exit_interval}"
+        if self.stop_reason == "exit_duration":
+            return f"stopped after --exit-duration-in-mins {t.exit_duration_in_mins:g}"
+        return f"stopped by {self.stop.signal_name or 'a signal on another rank'}"
 
     def _recent_step_times(self) -> List[float]:
         return self.step_times[1:] if len(self.step_times) > 1 else self.step_times  # the first step warms up
@@ -587,6 +668,7 @@ class Trainer:
             "save": t.save or None,
             "skipped_steps": self.skipped_steps,
             "elapsed_s": round(time.time() - self.started, 3),
+            "stop_reason": (self.stop.signal_name or "signal") if self.stop_reason == "signal" else self.stop_reason,
         }
         if self.is_rank0:
             write_summary(os.path.join(self.run_dir, "summary.json"), summary)
@@ -597,7 +679,7 @@ class Trainer:
     def end_block(self, summary: Dict[str, Any]) -> str:
         """The few lines printed at the end of a run: how it ended, time, final losses, where things are."""
         t = self.cfg.training
-        how = (f"stopped by {self.stop.signal_name or 'a signal on another rank'}" if self.stopped else "finished")
+        how = self.how_it_ended()
         elapsed = format_eta(summary["elapsed_s"])
         done = self.iteration - self.start_iteration
         train = summary["final_train_loss"]

@@ -127,3 +127,34 @@ def test_schedule_flags_parse_and_exclude_each_other():
     cfg, _ = config_from_args(["--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"])
     with pytest.raises(ConfigError, match="are both set; choose one"):
         cfg.validate(1)
+
+
+def test_the_new_schedule_fields_need_a_decision_too(run):
+    """lr_decay_style, WSD's phase, the warm-up's start and sample-based horizons are part of the schedule: a
+    change is refused unless a flag says which wins, and use-checkpoint brings back every one of them."""
+    from loop_megatron.config import ConfigError, lr_schedule
+
+    ck = run[2]
+    wsd = {"training.load": ck, "training.lr_decay_style": "WSD", "training.lr_wsd_decay_iters": 2,
+           "training.lr_warmup_init": 1e-4}
+    with pytest.raises(ConfigError) as info:
+        _preflight(_cfg(run, "m", **wsd))
+    msg = str(info.value)
+    assert "lr_wsd_decay_style" not in msg  # only the fields that differ are named
+    assert "training.lr_decay_style cosine there vs WSD here" in msg and "training.lr_warmup_init 0.0 there vs 0.0001" in msg
+    assert "training.lr_wsd_decay_iters 0 there vs 2 here" in msg
+    kept = _cfg(run, "n", **wsd, **{"training.use_checkpoint_opt_param_scheduler": True})
+    _preflight(kept)
+    saved = _cfg(run, "saved")
+    assert lr_schedule(kept.training) == lr_schedule(saved.training)  # the checkpoint's curve, every field
+    assert (kept.training.lr_decay_style, kept.training.lr_warmup_init) == ("cosine", 0.0)
+    new = _cfg(run, "o", **wsd, **{"training.override_opt_param_scheduler": True})
+    notes = _preflight(new)["resume"].notes
+    assert notes and notes[0].startswith("LR schedule from this run (--override-opt_param-scheduler)")
+    assert lr_schedule(new.training).style == "WSD"
+    # The checkpoint counts iterations; keeping its curve in a sample-based run cannot work.
+    samples = _cfg(run, "p", **{"training.load": ck, "training.train_samples": 8,
+                                "training.use_checkpoint_opt_param_scheduler": True})
+    with pytest.raises(ConfigError, match=r"counts its LR schedule in iterations and this run in samples "
+                                          r"\(training.train_samples decides\)"):
+        _preflight(samples)

@@ -10,9 +10,9 @@ resumes at 3 (same layout: TP 2 x DP 1) and trains steps 4-6 again.
 
 Scaled against the 175B script: sizes (2 layers, d=64, 4 heads, seq 64, micro 2, global 4, 6 steps, TP 2),
 intervals, paths. Left out: --fp16 (DeepSpeed refuses fp16 on CPU; --bf16 is the CPU-able spelling, fp32 here
-keeps the comparison tight), --step-batch-size-schedule (batch ramp-up is refused with its reason),
---lr-decay-style cosine / --lr-warmup-fraction (the LR-schedule flags: cosine is this trainer's schedule, so
-the warm-up is given as --lr-warmup-iters) and --pipeline-model-parallel-size 16 (only 1 is accepted).
+keeps the comparison tight), --step-batch-size-schedule (batch ramp-up is refused with its reason) and
+--pipeline-model-parallel-size 16 (only 1 is accepted). The warm-up fraction is 0.2 of the 6 steps, where
+the script's 0.001 of 430,000 would round to none.
 """
 import json
 import os
@@ -38,7 +38,7 @@ def megatron_flag_block(data_prefix: str):
     training_args = ["--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(ITERS),
                      "--weight-decay", "0.1", "--adam-beta1", "0.9", "--adam-beta2", "0.95",
                      "--init-method-std", "0.006", "--clip-grad", "1.0", "--lr", "6.0e-4", "--min-lr", "6.0e-5",
-                     "--lr-warmup-iters", "1", "--lr-decay-iters", str(ITERS)]
+                     "--lr-decay-style", "cosine", "--lr-warmup-fraction", "0.2", "--lr-decay-iters", str(ITERS)]
     model_parallel_args = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "1"]
     data_args = ["--data-path", data_prefix, "--vocab-file", vocab_file, "--merge-file", merge_file,
                  "--split", "949,50,1"]
@@ -100,8 +100,8 @@ def test_megatron_flag_block_under_torchrun_and_launch_sh_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--sequence-parallel"], "error: --sequence-parallel (Megatron-LM) is not supported here: sequence parallelism "
-                              "is not implemented yet (issue 26)"),
+    (["--context-parallel-size", "2"], "error: --context-parallel-size (Megatron-LM) is not supported here: "
+                                       "context parallelism is not implemented"),
     (["--pipeline-model-parallel-size", "16"], "error: --pipeline-model-parallel-size 16: this trainer has no "
                                                "pipeline parallelism"),
 ])

@@ -111,7 +111,8 @@ def test_sigterm_to_one_rank_then_resume_matches_uninterrupted(tmp_path):
     assert set(summary) == {"preset", "params", "non_embedding_params", "num_layers", "num_loops", "inner_loops",
                             "effective_depth", "iterations", "tokens_seen", "final_train_loss", "final_valid_loss",
                             "final_valid_bpb", "tokens_per_sec", "step_time", "run_dir", "save", "skipped_steps",
-                            "elapsed_s"}
+                            "elapsed_s", "stop_reason"}
+    assert summary["stop_reason"] is None  # it finished (a planned exit or a signal names itself here)
     assert summary["iterations"] == ITERS and summary["tokens_seen"] == ITERS * 4 * 16
     assert summary["num_loops"] == 2 and summary["effective_depth"] == 4 and summary["save"] == ck
     assert abs(summary["final_train_loss"] - losses[ITERS]) < 1e-6  # log window of 1 step

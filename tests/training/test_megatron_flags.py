@@ -91,8 +91,8 @@ def test_accepted_flags_that_change_nothing():
     (["--recompute-activations", "--activation-checkpointing", "per-block"],
      "--recompute-activations sets model.activation_checkpointing=none but --activation-checkpointing sets it to "
      "per-block"),
-    (["--sequence-parallel"], "--sequence-parallel (Megatron-LM) is not supported here: sequence parallelism is "
-                              "not implemented yet (issue 26)"),
+    (["--context-parallel-size", "2"], "--context-parallel-size (Megatron-LM) is not supported here: context "
+                                       "parallelism is not implemented"),
     (["--rampup-batch-size", "16", "16", "1000"], "--rampup-batch-size (Megatron-LM) is not supported here: "
                                                  "batch-size ramp-up"),
     (["--use-distributed-optimizer"], "use --zero-stage 1"),
