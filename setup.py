@@ -31,7 +31,9 @@ setup(
         "ninja",
     ],
     extras_require={
-        "dev": ["pytest", "megatron-core==0.16.1"],
+        # lm-eval + accelerate: tests/hf/test_hf_depth.py scores the HF export with EleutherAI's harness.
+        "dev": ["pytest", "megatron-core==0.16.1", "lm-eval>=0.4", "accelerate"],
+        "eval": ["lm-eval>=0.4", "accelerate"],
         "gpu": ["flash-attn"],
     },
     entry_points={

@@ -11,7 +11,7 @@ import torch
 
 from loop_megatron.hf.convert import export_to_hf
 from loop_megatron.model import full_state_dict
-from loop_megatron.model.exit import ExitRule
+from loop_megatron.model.exit import ExitRule, ExitStats
 
 from .helpers import VOCAB, make_checkpoint, tiny_config
 
@@ -40,10 +40,17 @@ def test_from_pretrained_at_any_loop_count_and_exit_setting(tmp_path):
         with torch.no_grad():
             # the package's depth= override: iterations beyond the trained gates reuse the last gate
             assert (hf(x).logits - model(x, depth=loops)[0]).abs().max().item() < ATOL, loops
+    for t in (0.02, 0.05, 0.1, 0.2, 0.4, 0.8):  # a threshold at which tokens exit at different iterations
+        stats = ExitStats()
+        with torch.no_grad():
+            ours = model(x, depth=12, exit_rule=ExitRule("delta", t), exit_stats=stats)[0]
+        if len(set(stats.iterations.flatten().tolist())) >= 2:
+            break
+    else:
+        pytest.fail("no delta threshold gives mixed exits")
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, num_loops=12, exit_criterion="delta",
-                                              exit_threshold=0.2).eval()
+                                              exit_threshold=t).eval()
     with torch.no_grad():
-        ours = model(x, depth=12, exit_rule=ExitRule("delta", 0.2))[0]
         assert (hf(x).logits - ours).abs().max().item() < ATOL
         assert (ours - model(x, depth=12)[0]).abs().max().item() > 1e-3  # the exit changed something
 
