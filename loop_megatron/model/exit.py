@@ -207,10 +207,11 @@ class IterationKV:
     def key(self, n: int, j: int):
         return ("loop", n % self.budget if self.share == "last" else n, j)
 
-    def start_iteration(self, n: int, active: torch.Tensor, rows: Optional[torch.Tensor]) -> None:
-        """Iteration n over the rows `rows` (None: all), `active` [len(rows), T] their positions still iterating."""
+    def start_iteration(self, n: int, active: Optional[torch.Tensor], rows: Optional[torch.Tensor]) -> None:
+        """Iteration n over the rows `rows` (None: all), `active` [len(rows), T] their positions still iterating
+        (None: every one of them, so nothing is merged)."""
         self.n, self.j = n, 0
-        self.active, self.rows = active[:, None, :, None], rows
+        self.active, self.rows = (None if active is None else active[:, None, :, None]), rows
 
     def _rows(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.rows is None:
@@ -224,7 +225,11 @@ class IterationKV:
             return self._rows(*(self.cache.read(self.key(0, j)) if self.cache is not None else self.latest[j]))
         if j < len(self.latest):
             old_k, old_v = self.latest[j]
-            if self.rows is None:
+            if self.active is None and self.rows is None:
+                pass  # every position computed fresh entries
+            elif self.active is None:
+                k, v = old_k.index_copy(0, self.rows, k), old_v.index_copy(0, self.rows, v)
+            elif self.rows is None:
                 k, v = torch.where(self.active, k, old_k), torch.where(self.active, v, old_v)
             else:
                 k = old_k.index_copy(0, self.rows, torch.where(self.active, k, old_k.index_select(0, self.rows)))
@@ -293,6 +298,7 @@ def adaptive_loop(stack, x: torch.Tensor, num_loops: int, kv_cache, rule: ExitRu
     out = prev_log_p = None
     survive = torch.ones(B, T, dtype=torch.float32, device=device) if rule.criterion == "gate" else None
     rows = None  # the rows the core computes (None: all)
+    everyone = real is None  # every computed position is still iterating (nothing to merge)
 
     def pick(t):  # a [B, ...] tensor's computed rows
         return t if t is None or rows is None else t.index_select(0, rows)
@@ -301,9 +307,11 @@ def adaptive_loop(stack, x: torch.Tensor, num_loops: int, kv_cache, rule: ExitRu
         last = n == num_loops - 1
         act = pick(active)
         s_rows = pick(s)
-        view.start_iteration(n, act, rows)
+        view.start_iteration(n, None if everyone else act, rows)
         mask_rows = pick(attn_mask)
-        s_new = torch.where(act[..., None], stack.iteration(s_rows, n, view, pick(e), mask_rows), s_rows)
+        s_new = stack.iteration(s_rows, n, view, pick(e), mask_rows)
+        if not everyone:
+            s_new = torch.where(act[..., None], s_new, s_rows)
         iterations += active
         # the positions whose decision (or output logits) is needed after this iteration
         want = act if (last and rule.decodes) else act & pick(decides)
@@ -334,12 +342,14 @@ def adaptive_loop(stack, x: torch.Tensor, num_loops: int, kv_cache, rule: ExitRu
         stopped = torch.zeros_like(active)
         stopped[want_full] = stop
         active = active & ~_agree(stopped)
-        running = active.any(dim=1).nonzero().squeeze(1)
+        running_rows = active.any(dim=1)
+        running = running_rows.nonzero().squeeze(1)
         count = running.numel()  # one host sync per iteration
         if count == 0:  # everyone stopped: the remaining iterations only fill cache slots
             view.fill(n + 1, num_loops)
             break
         rows = None if count == B else running
+        everyone = T == 1  # one position per row: the computed (running) rows are all still iterating
     if stats is not None:
         stats.iterations = iterations
     return out if rule.decodes else s
