@@ -290,9 +290,10 @@ def adaptive_loop(stack, x: torch.Tensor, num_loops: int, kv_cache, rule: ExitRu
     device = s.device
     active = torch.ones(B, T, dtype=torch.bool, device=device) if real is None else \
         real.to(device=device, dtype=torch.bool).clone()
-    decides = active
+    decides, decide_all = active, real is None
     if rule.fixed_prefix > offset:  # positions of the prefix run to the cap without testing the criterion
         decides = active & (torch.arange(offset, offset + T, device=device) >= rule.fixed_prefix)[None]
+        decide_all = False
     iterations = torch.zeros(B, T, dtype=torch.long, device=device)
     view = IterationKV(kv_cache, rule)
     out = prev_log_p = None
@@ -313,37 +314,43 @@ def adaptive_loop(stack, x: torch.Tensor, num_loops: int, kv_cache, rule: ExitRu
         if not everyone:
             s_new = torch.where(act[..., None], s_new, s_rows)
         iterations += active
-        # the positions whose decision (or output logits) is needed after this iteration
-        want = act if (last and rule.decodes) else act & pick(decides)
-        want_full = want if rows is None else torch.zeros_like(active).index_copy(0, rows, want)
+        # The positions whose decision (or output logits) is needed after this iteration: `take` gathers theirs
+        # from a computed-rows tensor, `get`/`put` read/write theirs in a full [B, T, ...] one. Dense case (every
+        # computed position decides: decoding, or a prefill before anyone stopped): reshapes, no host sync.
+        if everyone and (decide_all or (last and rule.decodes)):
+            take = lambda t: t.flatten(0, 1)  # noqa: E731
+            get = lambda full: take(pick(full))  # noqa: E731
+
+            def put(full, vals):
+                vals = vals.view(act.shape + vals.shape[1:])
+                return vals if rows is None else full.index_copy(0, rows, vals)
+        else:
+            want = act if (last and rule.decodes) else act & pick(decides)
+            want_full = want if rows is None else torch.zeros_like(active).index_copy(0, rows, want)
+            take = lambda t: t[want]  # noqa: E731
+            get = lambda full: full[want_full]  # noqa: E731
+            put = lambda full, vals: full.index_put((want_full,), vals)  # noqa: E731
         stop = None
         if rule.decodes:
             h = coda(s_new, view, mask_rows)  # every position's coda entries of this iteration are attended to
-            logits = head(h[want])
+            logits = head(take(h))
             log_p = log_softmax_parallel(logits)
-            if out is None:
-                out = logits.new_zeros(B, T, logits.shape[-1])
-            out[want_full] = logits
+            out = put(logits.new_zeros(B, T, logits.shape[-1]) if out is None else out, logits)
             if not last:
-                stop = _criterion(rule, n, None, None, log_p, None if n == 0 else prev_log_p[want_full], None)
-                if prev_log_p is None:
-                    prev_log_p = log_p.new_zeros(B, T, log_p.shape[-1])
-                prev_log_p[want_full] = log_p
+                stop = _criterion(rule, n, None, None, log_p, None if n == 0 else get(prev_log_p), None)
+                prev_log_p = put(log_p.new_zeros(B, T, log_p.shape[-1]) if prev_log_p is None else prev_log_p, log_p)
         elif rule.criterion != "none" and not last:
             if survive is not None:
-                survive[want_full] = survive[want_full] * (1 - gate(s_new[want]))
-            stop = _criterion(rule, n, s_rows[want], s_new[want], None, None,
-                              None if survive is None else survive[want_full])
+                survive = put(survive, get(survive) * (1 - gate(take(s_new))))
+            stop = _criterion(rule, n, take(s_rows), take(s_new), None, None,
+                              None if survive is None else get(survive))
         s = s_new if rows is None else s.index_copy(0, rows, s_new)
         if last:
             break
         if stop is None:  # nobody decided: the same rows run again
             continue
-        stopped = torch.zeros_like(active)
-        stopped[want_full] = stop
-        active = active & ~_agree(stopped)
-        running_rows = active.any(dim=1)
-        running = running_rows.nonzero().squeeze(1)
+        active = active & ~_agree(put(torch.zeros_like(active), stop))
+        running = active.any(dim=1).nonzero().squeeze(1)
         count = running.numel()  # one host sync per iteration
         if count == 0:  # everyone stopped: the remaining iterations only fill cache slots
             view.fill(n + 1, num_loops)
