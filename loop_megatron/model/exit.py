@@ -10,6 +10,8 @@ The last allowed iteration (`num_loops`, the cap) always stops.
     kl        KL(p_n || p_{n-1}) < T (nats), from iteration 2 on (Huginn's criterion).
     gate      the learned exit gate's cumulative exit probability 1 - prod_{j<=n} (1 - lambda_j) >= T
               (Ouro's rule), lambda_j = sigmoid(w . LayerNorm(s_j) + b).
+    delta     ||s_n - s_{n-1}|| / ||s_n|| < T: the relative change of the latent state (Huginn reports it); it
+              reads no vocabulary, so it costs a norm per position.
 
 How p_n is decoded (kl, entropy): like Huginn, the state is read out through the coda, ln_f and the LM head
 after every iteration, p_n = softmax(head(ln_f(coda(s_n)))). The coda's applications at iteration n are part
@@ -28,6 +30,18 @@ slot per block application (model/kv_cache.py); a token that stopped after m ite
 iterations m+1..num_loops filled with its iteration-m entries (copies), so a later token's iteration n reads
 exactly what the full-sequence forward would. Exited positions' queries are never used (their outputs are
 discarded), so a generation step whose tokens all stopped skips the remaining iterations entirely.
+
+Cost (what makes an exit as fast as the depth it uses): rows whose positions all stopped are compacted out of
+the batch (the core runs on the gathered running rows; states and fresh keys/values are scattered back, the
+stopped rows' slots get their latest entries), and the head reads out only the positions deciding now.
+
+KV sharing across iterations (ExitRule.kv_share, the cache's slots named by IterationKV.key):
+    all       one slot per (iteration, application): the rule above.
+    first     every iteration attends to the iteration-1 entries (Mixture-of-Recursions' recursion-wise
+              sharing); the full-sequence forward and the cache both implement it, so they agree exactly.
+    last (k)  iteration n uses slot n mod k (Huginn's KV budget): past tokens contribute their last write among
+              iterations = n (mod k) (latest-entry copies included), the current forward's tokens their
+              iteration-n entries. Defined by the cache; without one it is 'all'.
 
 Padding (a batch with an attention mask, model/gpt.py): pad positions are treated as already exited. They
 start inactive, run no iteration (their state stays s_0, their iteration count is 0, so ExitStats means taken
