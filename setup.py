@@ -31,8 +31,10 @@ setup(
         "ninja",
     ],
     extras_require={
-        # wandb in dev too: `make venv` (CI) installs .[dev], so the W&B offline test runs there.
-        "dev": ["pytest", "megatron-core==0.16.1", "wandb"],
+        # wandb in dev too: `make venv` (CI) installs .[dev], so the W&B offline test runs there; lm-eval +
+        # accelerate: tests/hf/test_hf_depth.py scores the HF export with EleutherAI's harness.
+        "dev": ["pytest", "megatron-core==0.16.1", "wandb", "lm-eval>=0.4,<0.5", "accelerate"],
+        "eval": ["lm-eval>=0.4,<0.5", "accelerate"],
         "gpu": ["flash-attn"],
         "wandb": ["wandb"],  # --wandb-project (Weights & Biases logging; WANDB_MODE=offline without network)
     },

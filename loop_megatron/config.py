@@ -32,7 +32,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 INJECTION_KINDS = ("none", "add", "linear", "diagonal")
 STATE_INIT_KINDS = ("input", "zeros", "random")
 LOOP_SAMPLING_KINDS = ("fixed", "uniform", "poisson-lognormal")
-EXIT_CRITERIA = ("none", "kl", "entropy", "gate")
+EXIT_CRITERIA = ("none", "kl", "entropy", "gate", "delta")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 

@@ -52,7 +52,7 @@ def parse_args(argv=None):
                         "batch size).")
     p.add_argument("--loops", type=int, nargs="+", default=None,
                    help="loop counts to evaluate at (default: the trained count); several print a table.")
-    p.add_argument("--exit-criterion", choices=("none", "kl", "entropy", "gate"), default="none",
+    p.add_argument("--exit-criterion", choices=("none", "kl", "entropy", "gate", "delta"), default="none",
                    help="adaptive per-token exit: kl (successive next-token distributions), entropy, or gate "
                         "(the learned exit gate); one row per --exit-threshold (default none).")
     p.add_argument("--exit-threshold", type=float, nargs="+", default=[],

@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this probability mass.")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling.")
     p.add_argument("--loops", type=int, default=None, help="loop iterations (default: the trained count).")
-    p.add_argument("--exit-criterion", choices=("none", "kl", "entropy", "gate"), default=None,
+    p.add_argument("--exit-criterion", choices=("none", "kl", "entropy", "gate", "delta"), default=None,
                    help="adaptive per-token exit (default: the checkpoint's model.exit_criterion, normally none).")
     p.add_argument("--exit-threshold", type=float, default=None,
                    help="exit threshold: nats for kl/entropy, a cumulative exit probability for gate.")

@@ -16,8 +16,9 @@ class LoopGPTConfig(PretrainedConfig):
     after it. `loop_injection` ('none', 'add', 'linear', 'diagonal') re-injects the prelude output e into
     every iteration and `loop_state_init` ('input', 'zeros', 'random') picks the first state (a 'random'
     model starts from zeros unless a `state_generator` is passed at inference); `gate_init` is the gates' initial
-    value. `loop_gate_count` gates exist (0 = num_loops); later iterations reuse the last one.
-    `exit_criterion` ('none', 'kl', 'entropy', 'gate') and `exit_threshold` stop each token's loop separately
+    value. `loop_gate_count` gates exist (the export writes the checkpoint's count, so `from_pretrained(...,
+    num_loops=L)` loads at any L); iterations beyond them reuse the last one, as the package's `depth=` does.
+    `exit_criterion` ('none', 'kl', 'entropy', 'gate', 'delta') and `exit_threshold` stop each token's loop separately
     at inference (`num_loops` is then the cap; `exit_gate` adds the learned gate 'gate' reads); they can also
     be passed to forward() / generate(). `num_hidden_layers` is the number of block *applications* per
     forward pass (one KV-cache layer each); it is derived from the other fields.
@@ -70,8 +71,9 @@ class LoopGPTConfig(PretrainedConfig):
             raise ValueError(f"loop_injection must be 'none', 'add', 'linear' or 'diagonal', got {self.loop_injection!r}.")
         if self.loop_state_init not in ("input", "zeros", "random"):
             raise ValueError(f"loop_state_init must be 'input', 'zeros' or 'random', got {self.loop_state_init!r}.")
-        if self.exit_criterion not in ("none", "kl", "entropy", "gate"):
-            raise ValueError(f"exit_criterion must be 'none', 'kl', 'entropy' or 'gate', got {self.exit_criterion!r}.")
+        if self.exit_criterion not in ("none", "kl", "entropy", "gate", "delta"):
+            raise ValueError(f"exit_criterion must be 'none', 'kl', 'entropy', 'gate' or 'delta', got "
+                             f"{self.exit_criterion!r}.")
         if self.exit_criterion == "gate" and not self.exit_gate:
             raise ValueError("exit_criterion 'gate' needs exit_gate true.")
         self.num_hidden_layers = self.applications(self.num_loops, self.exit_criterion)

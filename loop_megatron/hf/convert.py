@@ -226,7 +226,10 @@ def loop_gpt_config(m: ModelConfig, **extra):
         vocab_size=m.vocab_size, n_positions=m.max_position_embeddings, n_embd=m.hidden_size,
         n_head=m.num_attention_heads, n_inner=None if m.ffn_size == 4 * m.hidden_size else m.ffn_size,
         n_layer=m.num_layers, num_loops=m.num_loops, inner_loops=m.inner_loops, prelude_layers=m.prelude_layers,
-        coda_layers=m.coda_layers, loop_gates=m.loop_gates, gate_init=m.gate_init, loop_gate_count=m.loop_gate_count,
+        coda_layers=m.coda_layers, loop_gates=m.loop_gates, gate_init=m.gate_init,
+        # The gates the checkpoint owns, written out (0 would mean "num_loops", which from_pretrained(num_loops=L)
+        # overrides: L gates, a size mismatch). Iterations beyond them reuse the last gate, as model/loop.py does.
+        loop_gate_count=m.loop_gate_count or m.num_loops,
         loop_injection=m.loop_injection, loop_state_init=m.loop_state_init, loop_state_std=m.loop_state_std,
         exit_gate=m.exit_gate, exit_criterion=m.exit_criterion, exit_threshold=m.exit_threshold,
         resid_pdrop=m.hidden_dropout,

@@ -13,7 +13,7 @@ import into the model folder, with the import lines flattened, so the folder loa
 transformers alone. See the package README ("Hugging Face") for the equations and the exit rules.
 
 forward()/generate() keyword arguments beyond transformers' own: `num_loops` (iterations; the cap with an
-exit criterion), `exit_criterion` ('none', 'kl', 'entropy', 'gate') and `exit_threshold` (default: the
+exit criterion), `exit_criterion` ('none', 'kl', 'entropy', 'gate', 'delta') and `exit_threshold` (default: the
 config's), `state_generator` (a torch.Generator for a 'random' model's first state; without one that state is
 0 at inference). Positions are always those the model derives from `attention_mask` (each token's count of
 real tokens before it; generate() passes the same `position_ids`, and others are refused).
@@ -39,8 +39,9 @@ _CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclas
 
 
 class _ApplicationCache:
-    """The package's KVCache interface (model/kv_cache.py) over a transformers Cache: the forward's block
-    applications take the cache's layers 0, 1, ... in order, every forward."""
+    """The package's KVCache interface (model/kv_cache.py) over a transformers Cache: the slots a forward
+    writes take the cache's layers 0, 1, ... in the order it first writes them, which is the same order every
+    forward (each slot is written once per forward with the default `kv_share` 'all', all the adapter offers)."""
 
     def __init__(self, cache: Cache, applications: int):
         layers = getattr(cache, "layers", None)
@@ -50,14 +51,21 @@ class _ApplicationCache:
         self.cache = cache
         self.seq_len = cache.get_seq_length()
         self.cursor = 0
+        self.layers = {}  # slot key -> layer index
 
     def begin(self) -> None:
         self.cursor = 0
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
-        layer = self.cursor
+        key = self.cursor
         self.cursor += 1
-        return self.cache.update(k, v, layer)
+        return self.write(key, k, v)
+
+    def write(self, key, k: torch.Tensor, v: torch.Tensor):
+        if key in self.layers:
+            raise ValueError("the Hugging Face cache holds one entry per slot and forward (kv_share 'all').")
+        self.layers[key] = len(self.layers)
+        return self.cache.update(k, v, self.layers[key])
 
     def end(self, new_tokens: int) -> None:
         self.seq_len += new_tokens

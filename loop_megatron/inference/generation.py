@@ -15,12 +15,33 @@ mask to pass as `generate(..., attention_mask=mask)`; see generate() for the lay
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 
 from ..model import KVCache
 from ..model.exit import ExitRule, ExitStats
+
+
+@dataclass
+class GenerationStats:
+    """Out-parameter of `generate(..., stats=)`: where the time went and what the cache held."""
+
+    prefill_seconds: float = 0.0
+    """The first forward (the prompt)."""
+    decode_seconds: float = 0.0
+    """Every later forward plus sampling (one token per step)."""
+    decode_steps: int = 0
+    """Forwards after the prefill."""
+    kv_cache_bytes: int = 0
+    """Bytes of the KV cache's entries at the end (its peak: it only grows)."""
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
@@ -87,7 +108,9 @@ def generate(model, prompt: Union[torch.Tensor, Sequence[int]], max_new_tokens: 
              top_k: Optional[int] = None, top_p: Optional[float] = None, num_loops: Optional[int] = None,
              eos_token_id: Optional[int] = None, seed: Optional[int] = None, use_cache: bool = True,
              exit_criterion: Optional[str] = None, exit_threshold: Optional[float] = None,
-             return_iterations: bool = False, attention_mask: Optional[torch.Tensor] = None):
+             return_iterations: bool = False, attention_mask: Optional[torch.Tensor] = None,
+             prefill: str = "exit", kv_share: str = "all", kv_budget: int = 1,
+             stats: Optional[GenerationStats] = None):
     """Prompt plus continuation, LongTensor [B, T + new] (a 1-D prompt is treated as batch 1).
     With `return_iterations`, (ids, iterations): iterations [B, T + new - 1] holds the loop iterations each
     position that was run through the model used (the last token is sampled, never run).
@@ -106,6 +129,12 @@ def generate(model, prompt: Union[torch.Tensor, Sequence[int]], max_new_tokens: 
     is 0 at pads (in a right-padded row, also at the last sampled token, which is never run), so means over
     `iterations > 0` ignore them. An all-ones mask is the same as no mask. The position limit applies to
     each row's real tokens.
+
+    Test-time compute (model/exit.py): `prefill` 'exit' (the prompt's tokens exit like every other token) or
+    'full' (the prompt runs to the cap; only generated tokens test the criterion: ExitRule.fixed_prefix = the
+    prompt's width, which the recompute path applies too, so cached = recomputed still holds). `kv_share`
+    'all' | 'first' | 'last' (with `kv_budget` k) bounds the cache across iterations (ExitRule.kv_share).
+    `stats`, a GenerationStats, receives prefill and decode times and the cache's size.
     """
     device = next(model.parameters()).device
     ids = torch.as_tensor(prompt, dtype=torch.long, device=device)
@@ -137,23 +166,28 @@ def generate(model, prompt: Union[torch.Tensor, Sequence[int]], max_new_tokens: 
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
     # None/None = the model config's exit setting; a threshold alone applies to the config's criterion.
+    if prefill not in ("exit", "full"):
+        raise ValueError(f"prefill must be 'exit' or 'full', got {prefill!r}.")
     rule = None
-    if exit_criterion is not None or exit_threshold is not None:
-        rule = ExitRule(exit_criterion or model.cfg.exit_criterion, exit_threshold)
+    if exit_criterion is not None or exit_threshold is not None or kv_share != "all" or prefill == "full":
+        rule = ExitRule(exit_criterion or model.cfg.exit_criterion, exit_threshold,
+                        fixed_prefix=ids.shape[1] if prefill == "full" else 0, kv_share=kv_share, kv_budget=kv_budget)
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache() if use_cache else None
+        cache = KVCache(capacity=ids.shape[1] + max_new_tokens) if use_cache else None
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
         step_input = ids
         counts = []
-        for _ in range(max_new_tokens):
-            stats = ExitStats()
+        _sync(device)
+        started = time.perf_counter()
+        for step in range(max_new_tokens):
+            exit_stats = ExitStats()
             fed = step_input if use_cache else ids
             logits, _ = model(fed, depth=num_loops, exit_rule=rule, kv_cache=cache, attention_mask=mask,
-                              return_logits=True, exit_stats=stats)
+                              return_logits=True, exit_stats=exit_stats)
             real = None if mask is None else mask[:, -fed.shape[1]:]
-            counts = _step_iterations(model, stats, counts, fed, num_loops, use_cache, real)
+            counts = _step_iterations(model, exit_stats, counts, fed, num_loops, use_cache, real)
             nxt = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
@@ -162,8 +196,19 @@ def generate(model, prompt: Union[torch.Tensor, Sequence[int]], max_new_tokens: 
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             step_input = nxt[:, None]
+            if step == 0 and stats is not None:
+                _sync(device)
+                stats.prefill_seconds = time.perf_counter() - started
+                started = time.perf_counter()
+            elif stats is not None:
+                stats.decode_steps += 1
             if eos_token_id is not None and bool(finished.all()):
                 break
+        if stats is not None:
+            _sync(device)
+            if stats.decode_steps:
+                stats.decode_seconds = time.perf_counter() - started
+            stats.kv_cache_bytes = cache.nbytes() if cache is not None else 0
     finally:
         model.train(was_training)
     iterations = torch.cat(counts, dim=1) if counts else ids.new_zeros(ids.shape[0], 0)

@@ -1,6 +1,7 @@
 """The Loop-Residual GPT: embeddings, optional prelude, the loop stack, optional coda, tied LM head."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import List, Optional, Tuple
 
@@ -170,14 +171,18 @@ class LoopGPT(nn.Module):
         exit_criterion/exit_threshold are the inference defaults; training never exits."""
         training = self.training and torch.is_grad_enabled()
         criterion = exit_rule.criterion if exit_rule is not None else ("none" if training else self.cfg.exit_criterion)
-        if criterion == "none":
+        plain_kv = exit_rule is None or exit_rule.kv_share == "all"
+        if criterion == "none" and plain_kv:
             return None
         if training:
-            raise ValueError("exit criteria apply at inference only (eval mode or torch.no_grad()).")
+            raise ValueError("exit criteria and KV sharing apply at inference only (eval mode or torch.no_grad()).")
         if criterion == "gate" and self.exit_gate is None:
             raise ValueError("exit criterion 'gate' needs a model with an exit gate (model.exit_gate true).")
         threshold = exit_rule.threshold if exit_rule is not None else None
-        return ExitRule(criterion, self.cfg.exit_threshold if threshold is None else float(threshold))
+        threshold = self.cfg.exit_threshold if threshold is None else float(threshold)
+        if exit_rule is None:
+            return ExitRule(criterion, threshold)
+        return dataclasses.replace(exit_rule, criterion=criterion, threshold=threshold)
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *, depth: DepthLike = None,
                 exit_rule: Optional[ExitRule] = None, kv_cache: Optional[KVCache] = None,
@@ -186,6 +191,8 @@ class LoopGPT(nn.Module):
                 loss_reduction: str = "mean") -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         depth = LoopDepth.of(depth)
         rule = self.resolve_exit(exit_rule)
+        if rule is None and kv_cache is not None and not (self.training and torch.is_grad_enabled()):
+            rule = ExitRule("none")  # cached inference: the loop's slots are named by the iteration view
         loss = None
         if rule is not None:
             logits_parallel = self.adaptive_logits(input_ids, rule, depth, kv_cache, exit_stats, attention_mask)
@@ -215,15 +222,16 @@ class LoopGPT(nn.Module):
                         kv_cache: Optional[KVCache] = None, exit_stats: Optional[ExitStats] = None,
                         attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """This rank's logits with per-position exits (model/exit.py), `depth` the cap; pads count as exited."""
+        offset = kv_cache.seq_len if kv_cache is not None else 0
         x, attn_mask, real = self._embed(input_ids, kv_cache, attention_mask)
+        head = lambda h: self.logits_parallel(self.ln_f(h))  # noqa: E731
         if rule.decodes:  # the coda + head read the state out every iteration; outputs = exit iteration's
-            readout = lambda s, kv: self.logits_parallel(self.ln_f(self._coda(s, kv, attn_mask)))  # noqa: E731
-            logits = self.loop.adaptive(x, depth, kv_cache, rule, readout=readout, stats=exit_stats,
-                                        attn_mask=attn_mask, real=real)
+            logits = self.loop.adaptive(x, depth, kv_cache, rule, coda=self._coda, head=head, stats=exit_stats,
+                                        attn_mask=attn_mask, real=real, offset=offset)
         else:
             s = self.loop.adaptive(x, depth, kv_cache, rule, gate=self.exit_gate, stats=exit_stats,
-                                   attn_mask=attn_mask, real=real)
-            logits = self.logits_parallel(self.ln_f(self._coda(s, kv_cache, attn_mask)))
+                                   attn_mask=attn_mask, real=real, offset=offset)
+            logits = head(self._coda(s, kv_cache, attn_mask))
         if kv_cache is not None:
             kv_cache.end(input_ids.shape[1])
         return logits

@@ -195,12 +195,13 @@ class LoopStack(nn.Module):
                 states.append(s)
         return s
 
-    def adaptive(self, x: torch.Tensor, depth: LoopDepth, kv_cache: Optional[KVCache], rule: ExitRule,
-                 readout=None, gate=None, stats: Optional[ExitStats] = None,
-                 attn_mask: Optional[torch.Tensor] = None, real: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Inference with per-position exits, `depth.num_loops` being the cap (model/exit.py: the criteria and
-        the KV rule); `real` [B, T] marks the positions that are not padding (None: all are)."""
+    def adaptive(self, x: torch.Tensor, depth: LoopDepth, kv_cache, rule: ExitRule, coda=None, head=None,
+                 gate=None, stats: Optional[ExitStats] = None, attn_mask: Optional[torch.Tensor] = None,
+                 real: Optional[torch.Tensor] = None, offset: int = 0) -> torch.Tensor:
+        """Inference with per-position exits, `depth.num_loops` being the cap (model/exit.py: the criteria, the
+        KV rule and the compaction of stopped rows); `real` [B, T] marks the positions that are not padding
+        (None: all are), `offset` the positions already cached."""
         if not depth.is_fixed:
             raise ValueError("exit criteria cannot be combined with loop_depths or backprop_loops.")
-        return adaptive_loop(self, x, depth.num_loops or self.num_loops, kv_cache, rule, readout, gate, stats,
-                             depth.state_generator, attn_mask, real)
+        return adaptive_loop(self, x, depth.num_loops or self.num_loops, kv_cache, rule, coda, head, gate, stats,
+                             depth.state_generator, attn_mask, real, offset)

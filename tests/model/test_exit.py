@@ -1,5 +1,6 @@
 """Adaptive per-token exit: fixed depth when off, the latest-entry KV rule against a token-by-token reference,
 cached = recomputed generation, and the learned exit gate's objective and gate-only training."""
+import dataclasses
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from loop_megatron.model.exit import ExitRule, ExitStats, configure_exit_trainin
 from loop_megatron.training.optim import parameter_groups
 
 # Thresholds that give a mix of exit depths on the model below (checked by test_thresholds_give_mixed_depths).
-MIXED = [("entropy", 3.0), ("kl", 0.03), ("gate", 0.7)]
+MIXED = [("entropy", 3.0), ("kl", 0.03), ("gate", 0.7), ("delta", 0.5)]
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -84,7 +85,7 @@ def reference(model, ids, criterion, threshold, R):
         prev, survive, chosen = None, 1.0, None
         for n in range(R):
             kv.use([(n,) + key for key in per_iteration])
-            s = loop.iteration(s, n, kv, e)
+            s_prev, s = s, loop.iteration(s, n, kv, e)
             if decodes:
                 h = s
                 for block in model.coda:
@@ -96,9 +97,11 @@ def reference(model, ids, criterion, threshold, R):
                 else:
                     stop = prev is not None and (log_p.exp() * (log_p - prev)).sum() < threshold
                 prev, chosen = log_p, logits
-            else:
+            elif criterion == "gate":
                 survive *= 1 - float(model.exit_gate(s))
                 stop = 1 - survive >= threshold
+            else:  # delta: the relative change of the state
+                stop = float((s - s_prev).norm()) < threshold * float(s.norm())
             if stop or n == R - 1:
                 for later in range(n + 1, R):  # the exited token's later slots: its latest entries
                     for key in per_iteration:
@@ -124,7 +127,7 @@ def test_exit_off_or_never_met_is_the_fixed_depth_model_bitwise():
     with torch.no_grad():
         fixed, _ = model(ids)
         fixed3, _ = model(ids, depth=3)
-    for criterion, threshold in [("none", 0.0), ("entropy", 0.0), ("kl", 0.0), ("gate", 1.0)]:
+    for criterion, threshold in [("none", 0.0), ("entropy", 0.0), ("kl", 0.0), ("gate", 1.0), ("delta", 0.0)]:
         logits, its = run(model, ids, criterion, threshold)
         assert torch.equal(logits, fixed), criterion
         logits, its = run(model, ids, criterion, threshold, depth=3)
@@ -307,3 +310,113 @@ def test_exit_gate_objective_with_per_row_depths_has_finite_gradients():
     # the shallow row alone gives the same loss contribution as in the batch (the held iterations weigh 0)
     p = exit_distribution(torch.full((4, 2, 8), 0.5), torch.tensor([4, 2]))
     assert torch.equal(p[2:, 1], torch.zeros(2, 8)) and torch.allclose(p.sum(0), torch.ones(2, 8))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exits that save time: compaction, readouts only where a decision is needed, prefill policy, KV sharing
+# ----------------------------------------------------------------------------------------------------
+class _Recorder:
+    """Rows the shared core computes per call (its first block's batch) and positions the LM head reads out."""
+
+    def __init__(self, model):
+        self.core, self.head = [], []
+        model.loop.blocks[0].register_forward_pre_hook(lambda m, args: self.core.append(args[0].shape[0]))
+        plain = model.logits_parallel
+        model.logits_parallel = lambda h: (self.head.append(h.shape[:-1].numel()), plain(h))[1]
+
+    def clear(self):
+        self.core.clear()
+        self.head.clear()
+
+
+@pytest.mark.parametrize("criterion,threshold", MIXED)
+def test_decode_computes_running_rows_only_and_reads_out_deciding_positions_only(criterion, threshold):
+    model = build()
+    rec = _Recorder(model)
+    prompt = torch.randint(0, 97, (8, 5), generator=torch.Generator().manual_seed(3))
+    rule = ExitRule(criterion, threshold)
+    cache, stats = KVCache(), ExitStats()
+    with torch.no_grad():
+        model(prompt, kv_cache=cache, exit_rule=rule, exit_stats=stats)
+        its = stats.iterations
+        # prefill: the head reads out the positions still iterating, never every position at every iteration
+        if rule.decodes:
+            assert rec.head == [int((its > n).sum()) for n in range(int(its.max()))]
+        rec.clear()
+        shrank = False
+        for t in range(6):  # decode: the core runs on the rows still iterating (gathered), nothing else
+            model(torch.randint(0, 97, (8, 1), generator=torch.Generator().manual_seed(t)), kv_cache=cache,
+                  exit_rule=rule, exit_stats=stats)
+            its = stats.iterations[:, 0]
+            running = [int((its > n).sum()) for n in range(int(its.max()))]
+            assert rec.core == running, (rec.core, its)
+            readouts = running if rule.decodes else [8]  # else: the coda + head once, after the loop
+            assert rec.head == readouts, (rec.head, its)
+            shrank |= min(running) < 8
+            rec.clear()
+    assert shrank  # some step ran part of the batch
+
+
+@pytest.mark.parametrize("criterion,threshold", MIXED)
+def test_cached_equals_recomputed_at_batch_8_with_compaction_and_full_depth_prefill(criterion, threshold):
+    model = build()
+    prompt = torch.randint(0, 97, (8, 4), generator=torch.Generator().manual_seed(5))
+    for prefill in ("exit", "full"):
+        kw = dict(max_new_tokens=6, temperature=0, exit_criterion=criterion, exit_threshold=threshold,
+                  return_iterations=True, prefill=prefill)
+        cached, cached_its = generate(model, prompt, **kw)
+        full, full_its = generate(model, prompt, use_cache=False, **kw)
+        assert torch.equal(cached, full) and torch.equal(cached_its, full_its), prefill
+        if prefill == "full":  # the prompt runs to the cap; generated tokens exit on their own
+            assert torch.equal(cached_its[:, :4], torch.full((8, 4), 6))
+            assert len(set(cached_its[:, 4:].flatten().tolist())) >= 2
+
+
+def _step_logits(model, seq, rule, prompt_len):
+    cache = KVCache()
+    with torch.no_grad():
+        steps = [model(seq[:, :prompt_len], kv_cache=cache, exit_rule=rule)[0]]
+        for t in range(prompt_len, seq.shape[1]):
+            steps.append(model(seq[:, t:t + 1], kv_cache=cache, exit_rule=rule)[0])
+    return torch.cat(steps, dim=1), cache
+
+
+@pytest.mark.parametrize("criterion,threshold", [("none", None), ("kl", 0.03), ("delta", 0.5)])
+def test_kv_share_first_is_exact_and_holds_one_iteration_of_entries(criterion, threshold):
+    """'first' (recursion-wise sharing): every iteration attends to the first iteration's keys/values; the
+    full-sequence forward and the cache implement it alike, and the cache holds one iteration's slots."""
+    model = build(tiny(num_layers=2))
+    seq = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(6))
+    first, shared = ExitRule(criterion, threshold, kv_share="first"), ExitRule(criterion, threshold)
+    steps, cache = _step_logits(model, seq, first, 4)
+    _, cache_all = _step_logits(model, seq, shared, 4)
+    with torch.no_grad():
+        whole = model(seq, exit_rule=first)[0]
+        assert (whole - model(seq, exit_rule=shared)[0]).abs().max() > 1e-3  # another model than 'all'
+    assert (steps - whole).abs().max().item() < 1e-5
+    per_iteration = 2 + (1 if first.decodes else 0)  # core blocks (+ the readout's coda) per iteration
+    slot = cache.slots[0][0].numel() * 4 * 2
+    assert cache.nbytes() == slot * (1 + per_iteration + (0 if first.decodes else 1))
+    assert cache_all.nbytes() == slot * (1 + 6 * per_iteration + (0 if first.decodes else 1))
+    prompt = seq[:, :4]
+    kw = dict(max_new_tokens=6, temperature=0, exit_criterion=criterion, exit_threshold=threshold, kv_share="first",
+              return_iterations=True)
+    a, b = generate(model, prompt, **kw), generate(model, prompt, use_cache=False, **kw)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_kv_share_last_k_keeps_k_iterations_and_equals_all_when_k_covers_the_cap():
+    """'last' (Huginn's budget k: iteration n uses slot n mod k) is defined by the cache, so it claims no
+    cached = recomputed equality; with k >= the cap it is 'all', bit for bit, and its memory is k iterations."""
+    model = build(tiny(num_layers=2))
+    seq = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(7))
+    rule = ExitRule("kl", 0.03)
+    ref, cache_all = _step_logits(model, seq, rule, 3)
+    wide, _ = _step_logits(model, seq, dataclasses.replace(rule, kv_share="last", kv_budget=6), 3)
+    assert torch.equal(wide, ref)
+    two, cache_two = _step_logits(model, seq, dataclasses.replace(rule, kv_share="last", kv_budget=2), 3)
+    slot = cache_two.slots[0][0].numel() * 4 * 2
+    assert cache_two.nbytes() == slot * (1 + 2 * 3) and cache_all.nbytes() == slot * (1 + 6 * 3)
+    assert (two - ref).abs().max() > 1e-4  # past tokens' entries now come from other iterations
+    # positions of one forward see each other's entries of the same iteration: the chunk itself is 'all'
+    assert (two[:, :3] - ref[:, :3]).abs().max().item() == 0
