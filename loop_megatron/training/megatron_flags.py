@@ -54,10 +54,8 @@ SPELLINGS: List[Spelling] = [
                   "and the flash-attn package, else PyTorch SDPA runs and the start-up line says so)."),
     Spelling("--attention-backend", "choice", "model.attention_backend",
              values={"auto": "auto", "flash": "flash", "fused": "sdpa", "sdpa": "sdpa"},
-             refused={"unfused": "this trainer has no unfused (explicit softmax(QK^T)V) attention; use auto, flash "
-                                 "or fused (PyTorch SDPA's fused kernels)",
-                      "local": "this trainer has no unfused (explicit softmax(QK^T)V) attention; use auto, flash "
-                               "or fused (PyTorch SDPA's fused kernels)"},
+             refused=dict.fromkeys(("unfused", "local"), "this trainer has no unfused (explicit softmax(QK^T)V) "
+                                   "attention; use auto, flash or fused (PyTorch SDPA's fused kernels)"),
              help="Megatron-LM's attention backend: auto, flash (flash-attn) or fused (PyTorch SDPA, which picks "
                   "fused kernels; also spelled sdpa); sets model.attention_backend. unfused and local are refused "
                   "(no explicit-softmax attention here)."),
