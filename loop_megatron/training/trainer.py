@@ -34,6 +34,7 @@ from ..config import (Config, ConfigError, accumulation_steps, eval_micro_batche
 from ..errors import LoopMegatronError
 from ..model import LoopGPT, load_full_state_dict, model_summary
 from ..model.exit import configure_exit_training
+from ..model.gpt import IGNORE_INDEX
 from ..parallel import (destroy_model_parallel, get_data_parallel_group, get_data_parallel_rank,
                         get_data_parallel_world_size, initialize_model_parallel, set_seed)
 from ..utils.distributed import rank, world_size
@@ -508,7 +509,8 @@ class Trainer:
                                         depth=self.depth_sampler.eval_loops())  # --eval-loops
             token_loss = token_loss.detach().double()
             nats, nbytes = bpb_sums(token_loss, y, self.byte_lengths)
-            total += torch.stack([token_loss.sum(), total.new_tensor(y.numel()), nats, nbytes.double()])
+            counted = (y != IGNORE_INDEX).sum().double()  # answer-masked data counts answer targets only
+            total += torch.stack([token_loss.sum(), counted, nats, nbytes.double()])
         self.engine.train()
         if dist.is_initialized():
             dist.all_reduce(total, group=get_data_parallel_group())
