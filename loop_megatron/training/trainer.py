@@ -346,6 +346,11 @@ class Trainer:
         self.byte_lengths = byte_length_table(self.tokenizer, cfg.model.vocab_size, self.device)
         for note in self.checks["data_notes"]:
             self.log.print(f"note: {note}")
+        masked = [name for name, ds in [("train", self.train_ds), *self.valid_sets.items()]
+                  if getattr(ds, "has_loss_mask", False)]
+        if masked:
+            self.log.print(f"loss mask: the {', '.join(masked)} data is answer-masked (data/loss_mask.py); loss and "
+                           "bits per byte average over the targets its mask counts")
         self.model_info = model_summary(cfg.model, self.seq)
         self.engine = self._build_engine()
         if self.clipper is not None and t.skip_nonfinite_steps:  # DeepSpeed steps the torch optimizer directly
