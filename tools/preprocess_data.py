@@ -12,8 +12,8 @@ Examples:
         --prompt-key prompt --answer-key answer
 
 Answer-masked data (fine-tuning, synthetic tasks): with --answer-key every JSONL record
-{"prompt": "...", "answer": "..."} becomes one document, prompt tokens then answer tokens then EOD
-(each string tokenized on its own, nothing inserted between them), in
+{"prompt": "...", "answer": "..."} becomes one document, prompt tokens then answer tokens (then EOD
+with --append-eod; each string tokenized on its own, nothing inserted between them), in
 {output_prefix}_{prompt_key}_{answer_key}_document.bin/.idx (a plain Megatron dataset), and
 {that prefix}.loss_mask.bin/.idx (uint8, same shape) marks the answer tokens and EOD with 1: training
 and evaluation then average the loss, and bits per byte, over the targets that are answer tokens.

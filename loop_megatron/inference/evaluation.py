@@ -7,7 +7,8 @@ valid/test split of `data_path`). With an exit criterion (model/exit.py: kl, ent
 thresholds it also measures, per threshold, the mean loop iterations per token that the adaptive exit used
 and the loss at that average compute: the test-time compute curve, which `tools/evaluate.py --plot` draws
 beside the fixed-depth sweep (experiments/plots.py). Bits per byte count the UTF-8 bytes of the targets
-with the checkpoint's tokenizer (data/bpb.py). Single process, TP=1.
+with the checkpoint's tokenizer (data/bpb.py). Answer-masked sets (data/loss_mask.py) count only the targets
+their mask marks, in the loss, the token count and the bytes. Single process, TP=1.
 """
 from __future__ import annotations
 
