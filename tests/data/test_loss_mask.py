@@ -204,3 +204,20 @@ def test_merge_carries_masks_and_refuses_a_mix(tmp_path):
     with pytest.raises(DataError, match="has a loss mask .* but .*plain_text_document has none"):
         merge_datasets([a, str(tmp_path / "plain_text_document")], str(tmp_path / "mix"))
     assert not os.path.exists(tmp_path / "mix.idx") and not has_loss_mask(str(tmp_path / "mix"))
+
+
+def test_merge_tool_takes_a_folder_of_masked_datasets(tmp_path, monkeypatch):
+    from tests.data.test_preprocess import REPO
+    from tests.hf.helpers import tool_main
+
+    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))  # the tool imports its _bootstrap
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    masked_prefix(folder, records=RECORDS[:10], name="a")
+    masked_prefix(folder, records=RECORDS[10:], name="b")
+    out = str(tmp_path / "ab_prompt_answer_document")
+    # The .loss_mask.idx companions in the folder are not datasets of their own.
+    assert tool_main("merge_datasets")(["--input", str(folder), "--output-prefix", out]) == 0
+    assert IndexedDataset(out).num_documents == len(RECORDS)
+    mask = IndexedDataset(loss_mask_prefix(out))
+    assert [mask[i].tolist() for i in range(len(mask))] == [m for _, m in expected_documents(RECORDS, True)]
