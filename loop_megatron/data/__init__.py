@@ -8,6 +8,8 @@ Typical use in the trainer::
         num_samples=(train_iters * global_batch, eval_samples, 0), cache_dir=cfg.data.data_cache_path or None)
     batch = next(iter(DataLoader(train, batch_size=8)))["tokens"]   # LongTensor [8, seq_length + 1]
     inputs, labels = batch[:, :-1], batch[:, 1:]
+    # answer-masked data (data/loss_mask.py) adds item["loss_mask"]; training/data.py split_inputs turns
+    # it into IGNORE_INDEX labels
 
 Tokenizers and the datasets they made (the trainer, inference and tools ask `checkpoint.tokenizer_for`,
 which builds the tokenizer of a config or a checkpoint with `build_tokenizer`)::
@@ -32,6 +34,7 @@ from .gpt_dataset import (
     split_document_ranges,
 )
 from .indexed_dataset import IndexedDataset, IndexedDatasetBuilder, check_dataset_tokenizer, dataset_exists, optimal_dtype
+from .loss_mask import has_loss_mask, loss_mask_prefix
 from .preprocess import PreprocessStats, preprocess
 from .tokenizer import (
     EOD_ID,
@@ -69,6 +72,8 @@ __all__ = [
     "build_train_valid_test_datasets",
     "dataset_exists",
     "get_gpt2_encoding",
+    "has_loss_mask",
+    "loss_mask_prefix",
     "optimal_dtype",
     "parse_data_path",
     "parse_split",

@@ -2,6 +2,9 @@
 
     bpb = (sum of the targets' negative log-likelihoods in nats) / (ln 2 x UTF-8 bytes of those targets)
 
+Targets that are IGNORE_INDEX (any negative id: prompt tokens of answer-masked data, padding) count
+neither nats nor bytes, so bpb over answer-masked data is over the answer tokens' bytes only.
+
 Bytes are counted from the target ids alone with the tokenizer's ``token_byte_lengths()`` table (for
 byte-level BPE each token is an exact byte string, so this equals the UTF-8 length of the decoded
 targets). Special tokens (``<|endoftext|>``) are 0 bytes long. By default their loss is left out of the
@@ -37,15 +40,14 @@ def bpb_sums(token_nll, targets, byte_lengths, include_zero_byte_targets: bool =
 
     Args:
         token_nll: per-target negative log-likelihood in nats (unreduced cross-entropy), any shape.
-        targets: target ids, same shape as ``token_nll``.
+        targets: target ids, same shape as ``token_nll``; negative ids (IGNORE_INDEX) are left out.
         byte_lengths: the tokenizer's ``token_byte_lengths()`` (numpy array or torch tensor).
         include_zero_byte_targets: also count the loss of 0-byte targets (special tokens).
-
-    Targets outside the batch (padding, masked positions) must be removed by the caller first.
     """
-    lengths = byte_lengths[targets]
+    counted = targets >= 0
+    lengths = byte_lengths[targets.clip(min=0)] * counted
     if include_zero_byte_targets:
-        nats = token_nll.sum()
+        nats = (token_nll * counted).sum()
     else:
         nats = (token_nll * (lengths > 0)).sum()
     return nats, lengths.sum()

@@ -11,6 +11,9 @@ Megatron's scheme, built with numpy and cached (see :mod:`index_cache`):
 
 Each item is ``{"tokens": np.ndarray int64 [seq_length + 1]}``; the trainer feeds ``tokens[:-1]`` and
 predicts ``tokens[1:]``. torch's default collate stacks a batch into a LongTensor [B, seq_length + 1].
+A dataset with a loss-mask companion (answer-masked data, :mod:`loss_mask`) adds ``"loss_mask":
+np.ndarray float32 [seq_length]``, 1 where the target ``tokens[t + 1]`` is an answer token, cut from the
+same windows (so across packed documents too); its indices are those the dataset has without the mask.
 """
 
 import collections
@@ -24,6 +27,7 @@ import numpy as np
 from .errors import DataError
 from .index_cache import description_hash, file_fingerprint, load_arrays, load_or_build
 from .indexed_dataset import IndexedDataset, bin_path, idx_path
+from .loss_mask import open_loss_mask
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -137,6 +141,8 @@ class GPTDataset:
         shuffle: False keeps documents and samples in order (for tests and inspection).
 
     ``cache_built`` is True when this instance computed the indices, False when it loaded a cache.
+    ``loss_mask`` is the opened loss-mask companion (:mod:`loss_mask`), or None: items then carry
+    ``loss_mask`` too (``has_loss_mask``).
     """
 
     def __init__(
@@ -153,6 +159,7 @@ class GPTDataset:
         if seq_length < 1:
             raise DataError(f"seq_length must be positive, got {seq_length}.")
         self.indexed = indexed
+        self.loss_mask = open_loss_mask(indexed)
         self.split_name = split_name
         self.document_range = (int(document_range[0]), int(document_range[1]))
         self.seq_length = seq_length
@@ -192,7 +199,12 @@ class GPTDataset:
         if self.num_samples > len(self.shuffle_index):
             raise DataError(f"{self.cache_base}: cached index holds fewer samples than requested; delete it.")
 
-    _ARRAYS = ("doc_index", "sample_index", "shuffle_index", "_starts", "_lengths", "_tokens")
+    _ARRAYS = ("doc_index", "sample_index", "shuffle_index", "_starts", "_lengths", "_tokens", "_mask_tokens")
+
+    @property
+    def has_loss_mask(self) -> bool:
+        """Items carry ``loss_mask`` (the dataset has a loss-mask companion)."""
+        return self.loss_mask is not None
 
     def _attach(self, arrays: Dict[str, np.ndarray]) -> None:
         self.doc_index = arrays["doc_index"]
@@ -202,6 +214,8 @@ class GPTDataset:
         self._starts = self.indexed.sequence_starts
         self._lengths = self.indexed.sequence_lengths
         self._tokens = self.indexed.tokens
+        # The mask has the tokens' sequence lengths (checked on opening), so the same starts index it.
+        self._mask_tokens = None if self.loss_mask is None else self.loss_mask.tokens
 
     # DataLoader workers started with spawn/forkserver receive a pickled copy: send file names, not
     # the mmapped arrays, and reopen them on the other side.
@@ -217,12 +231,22 @@ class GPTDataset:
 
     def window(self, sample: int) -> np.ndarray:
         """Tokens of un-shuffled sample ``sample`` (position in the stream), int64 [seq_length + 1]."""
+        return self._cut(self._tokens, sample).astype(np.int64)
+
+    def loss_mask_window(self, sample: int) -> np.ndarray:
+        """Loss mask of un-shuffled sample ``sample``, float32 [seq_length]: target t (token t + 1 of the
+        window) counts iff that token is an answer token. Needs a loss-mask companion."""
+        return (self._cut(self._mask_tokens, sample)[1:] != 0).astype(np.float32)
+
+    def _cut(self, tokens: np.ndarray, sample: int) -> np.ndarray:
+        """Window ``sample`` of the stream, read from ``tokens`` (the token or the mask array: both have the
+        sequences at the same element offsets)."""
         d0, o0 = self.sample_index[sample]
         d1, o1 = self.sample_index[sample + 1]
-        tokens, starts, doc_index = self._tokens, self._starts, self.doc_index
+        starts, doc_index = self._starts, self.doc_index
         if d0 == d1:
             s = starts[doc_index[d0]]
-            return tokens[s + o0 : s + o1 + 1].astype(np.int64)
+            return tokens[s + o0 : s + o1 + 1]
         pieces = []
         s = starts[doc_index[d0]]
         pieces.append(tokens[s + o0 : s + self._lengths[doc_index[d0]]])
@@ -231,14 +255,17 @@ class GPTDataset:
             pieces.append(tokens[s : s + self._lengths[doc_index[d]]])
         s = starts[doc_index[d1]]
         pieces.append(tokens[s : s + o1 + 1])
-        return np.concatenate(pieces).astype(np.int64)
+        return np.concatenate(pieces)
 
     def __getitem__(self, idx: int) -> Dict[str, np.ndarray]:
         if idx < 0:
             idx += self.num_samples
         if not 0 <= idx < self.num_samples:
             raise IndexError(f"sample {idx} out of range for {self.num_samples} samples")
-        return {"tokens": self.window(self.shuffle_index[idx])}
+        sample = self.shuffle_index[idx]
+        if self._mask_tokens is None:
+            return {"tokens": self.window(sample)}
+        return {"tokens": self.window(sample), "loss_mask": self.loss_mask_window(sample)}
 
 
 def _blend_indices(weights: Sequence[float], num_samples: int) -> Dict[str, np.ndarray]:
@@ -276,7 +303,9 @@ class BlendedDataset:
     """Weighted mixture of datasets (Megatron ``--data-path 0.7 a 0.3 b``), deterministic and cached.
 
     Item ``i`` is item ``dataset_sample_index[i]`` of dataset ``dataset_index[i]``, so the items keep
-    the component datasets' format.
+    the component datasets' format; when some components have loss masks (answer-masked data) and others
+    not, the others' items get an all-ones ``loss_mask`` (every target counts), so every item of the blend
+    has the same keys (``has_loss_mask``).
     """
 
     def __init__(
@@ -302,6 +331,7 @@ class BlendedDataset:
             cache_dir, name, self.description, lambda: _blend_indices(self.weights, num_samples)
         )
         self._attach(arrays)
+        self.has_loss_mask = any(getattr(ds, "has_loss_mask", False) for ds in self.datasets)
         for k, ds in enumerate(self.datasets):
             used = self.dataset_sample_index[self.dataset_index == k]
             if used.size and int(used.max()) >= len(ds):
@@ -329,7 +359,10 @@ class BlendedDataset:
             idx += self.num_samples
         if not 0 <= idx < self.num_samples:
             raise IndexError(f"sample {idx} out of range for {self.num_samples} samples")
-        return self.datasets[self.dataset_index[idx]][int(self.dataset_sample_index[idx])]
+        item = self.datasets[self.dataset_index[idx]][int(self.dataset_sample_index[idx])]
+        if self.has_loss_mask and "loss_mask" not in item:
+            item["loss_mask"] = np.ones(len(item["tokens"]) - 1, np.float32)
+        return item
 
 
 def build_train_valid_test_datasets(

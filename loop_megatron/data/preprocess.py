@@ -6,6 +6,13 @@ and ``.json`` files inside are read as above), or a Hugging Face dataset saved w
 
 Each ``--json-keys`` field becomes its own dataset ``{output_prefix}_{key}_document.bin/.idx`` with one
 sequence per document, plus a ``.meta.json`` sidecar naming the tokenizer (see :mod:`dataset_meta`).
+
+Answer-masked data (fine-tuning records, synthetic tasks): with ``answer_key`` (``--answer-key answer``)
+each record's ``prompt_key`` and ``answer_key`` strings are tokenized separately and concatenated, prompt
+tokens then answer tokens (then EOD with ``append_eod``), into one document of the dataset
+``{output_prefix}_{prompt_key}_{answer_key}_document``; its companion ``.loss_mask.bin/.idx`` marks the
+answer tokens and the EOD (see :mod:`loss_mask`), so that training and evaluation count only those
+targets. Nothing is inserted between the two strings: a separator (a space, a newline) belongs in them.
 Tokens are stored as uint16 when the vocabulary has fewer than 65,500 entries, else int32 (Megatron's
 ``DType.optimal_dtype``). Reading happens in this process; parsing and tokenizing run in ``workers``
 processes on chunks of documents (the tokenizer is built once per worker); results come back in input
@@ -29,6 +36,7 @@ import numpy as np
 
 from .errors import DataError
 from .indexed_dataset import IndexedDatasetBuilder, bin_path, idx_path, optimal_dtype
+from .loss_mask import LOSS_MASK_DTYPE, loss_mask_prefix, remove_loss_mask
 from .tokenizer import GPT2_TYPE, build_tokenizer
 
 # A record is (location, kind, payload): kind "line" -> raw bytes of one JSON line, "text" -> raw
@@ -49,6 +57,8 @@ class PreprocessStats:
     """Documents written (per key)."""
     tokens: int = 0
     """Tokens written over all keys (EOD included)."""
+    answer_tokens: Optional[int] = None
+    """Answer-masked runs: tokens marked as answer tokens (those that count in the loss, EOD included)."""
     input_bytes: int = 0
     """Bytes of input read."""
     output_bytes: int = 0
@@ -60,7 +70,7 @@ class PreprocessStats:
     skipped_examples: List[str] = dataclasses.field(default_factory=list)
     """``file:line: reason`` of the first few skipped records."""
     output_prefixes: Dict[str, str] = dataclasses.field(default_factory=dict)
-    """json key -> dataset prefix written."""
+    """json key (``"prompt+answer"`` in answer-masked runs) -> dataset prefix written."""
     tokenizer: Dict[str, object] = dataclasses.field(default_factory=dict)
     """The tokenizer record written to each dataset's .meta.json."""
 
@@ -74,6 +84,10 @@ class PreprocessStats:
             f"{mb:.1f} MB of input in {self.seconds:.1f} s ({rate:.1f} MB/s, "
             f"{self.documents / max(self.seconds, 1e-9):,.0f} documents/s)."
         )
+        if self.answer_tokens is not None:
+            masks = ", ".join(loss_mask_prefix(p) + ".{bin,idx}" for p in self.output_prefixes.values())
+            text += (f"\nLoss mask: {self.answer_tokens:,} of {self.tokens:,} tokens are answer tokens "
+                     f"({self.answer_tokens / max(self.tokens, 1):.1%}), marked in {masks}.")
         if self.tokenizer:
             t = self.tokenizer
             text += (f"\nTokenizer: {t['type']} {t['name']} (vocab {t['vocab_size']:,}, "
@@ -86,6 +100,10 @@ class PreprocessStats:
 def output_prefix_for(output_prefix: str, key: str) -> str:
     """Megatron's naming: ``{output_prefix}_{key}_document``."""
     return f"{output_prefix}_{key}_document"
+
+
+# Keys of a chunk's output in answer-masked runs: the documents and their loss masks.
+_DOCUMENT, _LOSS_MASK = "document", "loss_mask"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -204,12 +222,14 @@ def _chunks(records: Iterator[Tuple[Optional[Record], int]], docs: int, max_byte
 _WORKER: dict = {}
 
 
-def _init_worker(keys: Sequence[str], append_eod: bool, tokenizer_spec: Tuple):
-    """Build the tokenizer once per worker process (``tokenizer_spec``: build_tokenizer's arguments)."""
+def _init_worker(keys: Sequence[str], append_eod: bool, tokenizer_spec: Tuple, answer_masked: bool = False):
+    """Build the tokenizer once per worker process (``tokenizer_spec``: build_tokenizer's arguments).
+    ``answer_masked``: ``keys`` are (prompt key, answer key), joined into one document with a loss mask."""
     tokenizer = build_tokenizer(*tokenizer_spec)
     _WORKER["tokenizer"] = tokenizer
     _WORKER["keys"] = list(keys)
     _WORKER["append_eod"] = append_eod
+    _WORKER["answer_masked"] = answer_masked
     _WORKER["dtype"] = optimal_dtype(tokenizer.vocab_size)
 
 
@@ -260,6 +280,8 @@ def _encode_chunk(chunk) -> Tuple[int, Dict[str, Tuple[np.ndarray, np.ndarray]],
             good.append(_texts_of(record, keys))
         except ValueError as err:
             errors.append(f"{record[0]}: {err}")
+    if _WORKER["answer_masked"]:
+        return nbytes, _prompt_answer_documents(good, tok, eod, dtype), errors
     for k, key in enumerate(keys):
         # One batch call per chunk and key: Hugging Face tokenizers pay their Python overhead per call.
         for ids in tok.encode_arrays([texts[k] for texts in good]):
@@ -276,6 +298,21 @@ def _encode_chunk(chunk) -> Tuple[int, Dict[str, Tuple[np.ndarray, np.ndarray]],
         assert len(lengths) * per_doc == len(arrays)
         out[key] = (flat, lengths)
     return nbytes, out, errors
+
+
+def _prompt_answer_documents(good: List[List[str]], tok, eod: bool, dtype) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """Prompt tokens + answer tokens (+ EOD) per record, and their loss masks (0 prompt, 1 answer/EOD)."""
+    prompts = tok.encode_arrays([texts[0] for texts in good])
+    answers = tok.encode_arrays([texts[1] for texts in good])
+    eod_array = np.array([tok.eod] if eod else [], dtype=dtype)
+    docs, masks, lengths = [], [], np.zeros(len(good), np.int64)
+    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+        docs += [prompt.astype(dtype, copy=False), answer.astype(dtype, copy=False), eod_array]
+        masks += [np.zeros(len(prompt), LOSS_MASK_DTYPE), np.ones(len(answer) + len(eod_array), LOSS_MASK_DTYPE)]
+        lengths[i] = len(prompt) + len(answer) + len(eod_array)
+    flat = np.concatenate(docs) if docs else np.zeros(0, dtype)
+    mask = np.concatenate(masks) if masks else np.zeros(0, LOSS_MASK_DTYPE)
+    return {_DOCUMENT: (flat, lengths), _LOSS_MASK: (mask, lengths)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -297,6 +334,8 @@ def preprocess(
     hf_split: str = "train",
     tokenizer_type: str = GPT2_TYPE,
     tokenizer_model: Optional[str] = None,
+    prompt_key: Optional[str] = None,
+    answer_key: Optional[str] = None,
 ) -> PreprocessStats:
     """Tokenize ``input_path`` into ``{output_prefix}_{key}_document.{bin,idx}`` for each key.
 
@@ -313,6 +352,10 @@ def preprocess(
         hf_split: split to read when the input is a Hugging Face DatasetDict.
         tokenizer_type: ``"GPT2BPETokenizer"`` or ``"HuggingFaceTokenizer"`` (Megatron's names).
         tokenizer_model: the ``tokenizer.json`` (or its folder) of a ``HuggingFaceTokenizer``.
+        prompt_key, answer_key: answer-masked data (module docstring): with ``answer_key`` each record's
+            ``prompt_key`` (default ``"prompt"``) and ``answer_key`` strings form one document of
+            ``{output_prefix}_{prompt_key}_{answer_key}_document`` with a loss mask marking the answer
+            tokens; ``json_keys`` must then be left at its default.
 
     Raises:
         DataError: bad input (one sentence naming file and line); no output files are left behind.
@@ -320,8 +363,24 @@ def preprocess(
     keys = list(json_keys)
     if not keys:
         raise DataError("json_keys is empty; name at least one field such as 'text'.")
+    answer_masked = answer_key is not None
+    if prompt_key is not None and not answer_masked:
+        raise DataError("--prompt-key needs --answer-key (the field whose tokens count in the loss).")
+    if answer_masked:
+        if keys != ["text"]:
+            raise DataError("--json-keys and --answer-key cannot be combined: with --answer-key each record's "
+                            "--prompt-key and --answer-key fields form one document.")
+        keys = [prompt_key or "prompt", answer_key]
+        if keys[0] == keys[1]:
+            raise DataError(f"--prompt-key and --answer-key both name the field {keys[0]!r}; they must differ.")
     start = time.perf_counter()
-    stats = PreprocessStats(output_prefixes={k: output_prefix_for(output_prefix, k) for k in keys})
+    if answer_masked:
+        prefix = output_prefix_for(output_prefix, "_".join(keys))
+        stats = PreprocessStats(output_prefixes={"+".join(keys): prefix}, answer_tokens=0)
+        targets = {_DOCUMENT: (prefix, None), _LOSS_MASK: (loss_mask_prefix(prefix), LOSS_MASK_DTYPE)}
+    else:
+        stats = PreprocessStats(output_prefixes={k: output_prefix_for(output_prefix, k) for k in keys})
+        targets = {k: (prefix, None) for k, prefix in zip(keys, stats.output_prefixes.values())}
     tokenizer_spec = (tokenizer_type, tokenizer_model, vocab_file, merge_file)
     tokenizer = build_tokenizer(*tokenizer_spec)  # fail on a bad tokenizer before reading any input
     stats.tokenizer = tokenizer.describe()
@@ -329,7 +388,7 @@ def preprocess(
     records = iter_records(input_path, keys, hf_split)
     chunks = _chunks(records, chunk_docs, chunk_bytes)
     dtype = optimal_dtype(tokenizer.vocab_size)
-    init_args = (keys, append_eod, tokenizer_spec)
+    init_args = (keys, append_eod, tokenizer_spec, answer_masked)
 
     bar = None
     if progress:
@@ -338,10 +397,11 @@ def preprocess(
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", smoothing=0.1)
 
     builders: Dict[str, IndexedDatasetBuilder] = {}
+    orphan_mask = None  # a dataset prefix whose loss mask is finalized but whose tokens are not (yet)
     pool = None
     try:
-        for key, prefix in stats.output_prefixes.items():
-            builders[key] = IndexedDatasetBuilder(bin_path(prefix), dtype)
+        for key, (prefix, out_dtype) in targets.items():
+            builders[key] = IndexedDatasetBuilder(bin_path(prefix), out_dtype or dtype)
         if workers > 1:
             pool = _start_pool(workers, init_args)
             results = _ordered_async(pool, chunks, in_flight=4 * workers)
@@ -357,8 +417,11 @@ def preprocess(
                 stats.skipped_examples += errors[:room]
             for key, (flat, lengths) in out.items():
                 builders[key].add_documents(flat, lengths)
-                stats.tokens += int(flat.size)
-            stats.documents += len(out[keys[0]][1])
+                if key == _LOSS_MASK:
+                    stats.answer_tokens += int(np.count_nonzero(flat))
+                else:
+                    stats.tokens += int(flat.size)
+            stats.documents += len(next(iter(out.values()))[1])
             stats.input_bytes += nbytes
             if bar is not None:
                 bar.update(nbytes)
@@ -366,12 +429,23 @@ def preprocess(
                 bar.set_postfix(docs=stats.documents, docs_per_s=f"{stats.documents / elapsed:.0f}", refresh=False)
         if stats.documents == 0:
             raise DataError(f"{input_path}: no documents to write (all input records were empty or skipped).")
-        for key, prefix in stats.output_prefixes.items():
-            builders[key].finalize(idx_path(prefix), tokenizer_record=stats.tokenizer)
-            stats.output_bytes += os.path.getsize(bin_path(prefix))
+        # The loss mask is put in place before its tokens (whose .idx is renamed last), and a rewrite without
+        # masks drops an earlier run's mask first: a complete dataset is never seen with a stale mask.
+        if answer_masked:
+            builders[_LOSS_MASK].finalize(idx_path(targets[_LOSS_MASK][0]))
+            orphan_mask = targets[_DOCUMENT][0]  # until its tokens are in place too
+        for key, (prefix, _) in targets.items():
+            if key != _LOSS_MASK:
+                if not answer_masked:
+                    remove_loss_mask(prefix)
+                builders[key].finalize(idx_path(prefix), tokenizer_record=stats.tokenizer)
+                orphan_mask = None
+                stats.output_bytes += os.path.getsize(bin_path(prefix))
     except BaseException:
         for builder in builders.values():
             builder.abort()
+        if orphan_mask is not None:
+            remove_loss_mask(orphan_mask)
         raise
     finally:
         if pool is not None:

@@ -7,7 +7,8 @@ valid/test split of `data_path`). With an exit criterion (model/exit.py: kl, ent
 thresholds it also measures, per threshold, the mean loop iterations per token that the adaptive exit used
 and the loss at that average compute: the test-time compute curve, which `tools/evaluate.py --plot` draws
 beside the fixed-depth sweep (experiments/plots.py). Bits per byte count the UTF-8 bytes of the targets
-with the checkpoint's tokenizer (data/bpb.py). Single process, TP=1.
+with the checkpoint's tokenizer (data/bpb.py). Answer-masked sets (data/loss_mask.py) count only the targets
+their mask marks, in the loss, the token count and the bytes. Single process, TP=1.
 """
 from __future__ import annotations
 
@@ -47,9 +48,10 @@ def _batches(dataset, micro_batch_size: int, eval_iters: Optional[int]):
     n = len(dataset)
     if eval_iters is not None and eval_iters > 0:
         n = min(n, eval_iters * micro_batch_size)
+    from ..training.data import collate_tokens
+
     for start in range(0, n, micro_batch_size):
-        items = [dataset[i]["tokens"] for i in range(start, min(n, start + micro_batch_size))]
-        yield torch.stack([torch.as_tensor(t, dtype=torch.long) for t in items])
+        yield collate_tokens([dataset[i] for i in range(start, min(n, start + micro_batch_size))])
 
 
 @torch.no_grad()
@@ -57,11 +59,15 @@ def evaluate(model, dataset, micro_batch_size: int = 8, eval_iters: Optional[int
              num_loops: Optional[int] = None, exit_criterion: Optional[str] = None,
              exit_threshold: Optional[float] = None, byte_lengths=None, name: str = "valid") -> EvalResult:
     """Token-weighted mean cross-entropy over the first `eval_iters` micro-batches of `dataset` (all of it
-    when None). Items are {"tokens": [seq_length + 1]}: inputs tokens[:-1], labels tokens[1:].
+    when None). Items are {"tokens": [seq_length + 1]}: inputs tokens[:-1], labels tokens[1:]; items of
+    answer-masked data also carry "loss_mask" [seq_length], and then only targets it marks count (loss,
+    tokens, bits per byte over the answer tokens' bytes, mean iterations).
     `exit_criterion`/`exit_threshold`: adaptive per-token exit with `num_loops` as the cap (default: fixed
     depth). `byte_lengths` (the tokenizer's token_byte_lengths()) adds bits per byte (data/bpb.py)."""
     from ..data.bpb import bits_per_byte, bpb_sums
     from ..model.exit import ExitRule, ExitStats
+    from ..model.gpt import IGNORE_INDEX
+    from ..training.data import split_inputs
 
     device = next(model.parameters()).device
     lengths = None if byte_lengths is None else torch.as_tensor(byte_lengths, dtype=torch.long, device=device)
@@ -70,15 +76,15 @@ def evaluate(model, dataset, micro_batch_size: int = 8, eval_iters: Optional[int
     loops = num_loops or model.loop.num_loops
     criterion = exit_criterion or "none"
     rule = ExitRule(criterion, exit_threshold)
-    # nats, text nats, bytes, iterations: summed on the device, read once at the end
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    tokens, batches = 0, 0
+    # nats, text nats, bytes, iterations, counted targets: summed on the device, read once at the end
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    batches = 0
     try:
         for batch in _batches(dataset, micro_batch_size, eval_iters):
-            batch = batch.to(device)
-            labels = batch[:, 1:]
+            inputs, labels = split_inputs(batch, device)  # IGNORE_INDEX labels where a loss mask is 0
+            counted = labels != IGNORE_INDEX
             stats = ExitStats()
-            _, token_loss = model(batch[:, :-1], labels, depth=loops, exit_rule=rule, return_logits=False,
+            _, token_loss = model(inputs, labels, depth=loops, exit_rule=rule, return_logits=False,
                                   loss_reduction="none", exit_stats=stats)
             token_loss = token_loss.double()
             sums[0] += token_loss.sum()
@@ -86,14 +92,18 @@ def evaluate(model, dataset, micro_batch_size: int = 8, eval_iters: Optional[int
                 nats, nbytes = bpb_sums(token_loss, labels, lengths)
                 sums[1] += nats
                 sums[2] += nbytes
-            sums[3] += stats.iterations.sum() if stats.iterations is not None else loops * labels.numel()
-            tokens += labels.numel()
+            n = counted.sum()
+            sums[3] += (stats.iterations * counted).sum() if stats.iterations is not None else loops * n
+            sums[4] += n
             batches += 1
     finally:
         model.train(was_training)
-    if tokens == 0:
+    total, text_nats, nbytes, iterations, tokens = sums.tolist()
+    tokens = int(tokens)
+    if batches == 0:
         raise ValueError(f"the evaluation set {name!r} is empty.")
-    total, text_nats, nbytes, iterations = sums.tolist()
+    if tokens == 0:
+        raise ValueError(f"the evaluation set {name!r} has no target that its loss mask counts (no answer tokens).")
     loss = total / tokens
     bpb = bits_per_byte(text_nats, int(nbytes)) if lengths is not None else None
     return EvalResult(loops=loops, loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=tokens, batches=batches,

@@ -23,9 +23,21 @@ decided identically on every rank from the global gradient norm:
   torch optimizer's step into a no-op, raising DeepSpeed's own `optimizer.overflow` flag so the engine
   skips the LR-schedule step and counts the skip exactly as on the other layouts.
 DeepSpeed cannot undo an update after `engine.step()`, which is why the decision is taken before it.
+
+Answer-masked data (batches with a `loss_mask`, data/loss_mask.py). The step's loss is the mean over every
+counted target of the global batch (Megatron's sum(loss * loss_mask) / sum(loss_mask)), not the mean of
+micro-batch means, which would weigh a target of a micro-batch with few answer tokens more. The counted
+targets of this rank's micro-batches are summed, one all-reduce over the data-parallel group gives the
+global count N (on the device, no host sync), and micro-batch m's mean loss is scaled by
+n_m x accum x DP / N: DeepSpeed divides by accum and averages the gradients over DP, so the gradient is
+that of sum(per-target loss) / N, and the logged loss (the mean of the scaled losses over accum and ranks)
+is that mean too. A global batch with no counted target has loss 0 and zero gradients (N is clamped to 1),
+not NaN. Batches without a mask take the plain path, unchanged: the mean of micro-batch means (all
+micro-batches hold the same number of targets there, so the two agree).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
 
@@ -34,8 +46,10 @@ import torch.distributed as dist
 
 from ..errors import LoopMegatronError
 from ..model.depth import LoopDepth
-from ..parallel import get_tensor_model_parallel_group, get_tensor_model_parallel_world_size
-from .data import split_inputs
+from ..model.gpt import IGNORE_INDEX
+from ..parallel import (get_data_parallel_group, get_data_parallel_world_size, get_tensor_model_parallel_group,
+                        get_tensor_model_parallel_world_size)
+from .data import is_masked_batch, split_inputs
 from .ds_config import trainer_clips  # noqa: F401  (re-exported: where the trainer clips)
 
 
@@ -110,7 +124,8 @@ class StepStats(NamedTuple):
     """Host-side figures of one optimizer step."""
 
     loss: float
-    """Mean micro-batch loss over the accumulation steps and all ranks."""
+    """Mean micro-batch loss over the accumulation steps and all ranks (answer-masked data: the mean over the
+    global batch's counted targets, module docstring)."""
     grad_norm: Optional[float]
     """Global gradient norm before clipping (None where DeepSpeed reports none)."""
     stop: bool
@@ -119,6 +134,18 @@ class StepStats(NamedTuple):
     """The gradient norm was finite on every rank (False also where DeepSpeed skipped an overflow step)."""
     time_up: bool = False
     """Some rank's `time_up` said the run's time is up (training.exit_duration_in_mins)."""
+
+
+def target_weights(labels: Sequence[torch.Tensor], accum: int) -> torch.Tensor:
+    """Per micro-batch factor n_m x accum x DP / N turning its mean loss into its share of the global batch's
+    mean over counted targets (labels not IGNORE_INDEX): n_m counted in micro-batch m, N in the global batch
+    (one all-reduce over the data-parallel group). float32 [accum] on the labels' device; N = 0 gives 0s."""
+    counts = torch.stack([(y != IGNORE_INDEX).sum() for y in labels]).to(torch.float64)
+    total = counts.sum()
+    dp = get_data_parallel_world_size()
+    if dp > 1:
+        dist.all_reduce(total, group=get_data_parallel_group())
+    return (counts * (accum * dp) / total.clamp(min=1)).to(torch.float32)
 
 
 def train_step(engine, batches: Iterator[torch.Tensor], accum: int, device: torch.device,
@@ -140,9 +167,19 @@ def train_step(engine, batches: Iterator[torch.Tensor], accum: int, device: torc
     """
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     norm = None
+    first = next(batches)
+    weights = None
+    if is_masked_batch(first):  # answer-masked data: weigh micro-batches by their counted targets (docstring)
+        micro = [split_inputs(b, device) for b in [first] + [next(batches) for _ in range(accum - 1)]]
+        weights = target_weights([y for _, y in micro], accum)
+        micro = iter(micro)
+    else:
+        micro = (split_inputs(b, device) for b in itertools.chain([first], batches))
     for m in range(accum):
-        x, y = split_inputs(next(batches), device)
+        x, y = next(micro)
         _, loss = engine(x, labels=y, depth=None if depths is None else depths[m])
+        if weights is not None:
+            loss = loss * weights[m]
         if skip_nonfinite:
             loss = poison_nonfinite(loss)
         engine.backward(loss)

@@ -34,6 +34,7 @@ from ..config import (Config, ConfigError, accumulation_steps, eval_micro_batche
 from ..errors import LoopMegatronError
 from ..model import LoopGPT, load_full_state_dict, model_summary
 from ..model.exit import configure_exit_training
+from ..model.gpt import IGNORE_INDEX
 from ..parallel import (destroy_model_parallel, get_data_parallel_group, get_data_parallel_rank,
                         get_data_parallel_world_size, initialize_model_parallel, set_seed)
 from ..utils.distributed import rank, world_size
@@ -345,6 +346,11 @@ class Trainer:
         self.byte_lengths = byte_length_table(self.tokenizer, cfg.model.vocab_size, self.device)
         for note in self.checks["data_notes"]:
             self.log.print(f"note: {note}")
+        masked = [name for name, ds in [("train", self.train_ds), *self.valid_sets.items()]
+                  if getattr(ds, "has_loss_mask", False)]
+        if masked:
+            self.log.print(f"loss mask: the {', '.join(masked)} data is answer-masked (data/loss_mask.py); loss and "
+                           "bits per byte average over the targets its mask counts")
         self.model_info = model_summary(cfg.model, self.seq)
         self.engine = self._build_engine()
         if self.clipper is not None and t.skip_nonfinite_steps:  # DeepSpeed steps the torch optimizer directly
@@ -508,7 +514,8 @@ class Trainer:
                                         depth=self.depth_sampler.eval_loops())  # --eval-loops
             token_loss = token_loss.detach().double()
             nats, nbytes = bpb_sums(token_loss, y, self.byte_lengths)
-            total += torch.stack([token_loss.sum(), total.new_tensor(y.numel()), nats, nbytes.double()])
+            counted = (y != IGNORE_INDEX).sum().double()  # answer-masked data counts answer targets only
+            total += torch.stack([token_loss.sum(), counted, nats, nbytes.double()])
         self.engine.train()
         if dist.is_initialized():
             dist.all_reduce(total, group=get_data_parallel_group())
