@@ -15,9 +15,10 @@ Examples:
       --digits 2 --reverse-answer --train 20000 --seed 2
 """
 import argparse
+import os
 import sys
 
-import _bootstrap  # noqa: F401  (this checkout first on sys.path, before any installed copy)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from loop_megatron.data.tasks import LETTERS, level_name, make_splits, task_levels, write_task_files
 from loop_megatron.errors import LoopMegatronError
