@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--group-by", nargs="*", default=None, metavar="FIELD",
                    help="--task accuracy: metadata fields to report accuracy per value of (default: every field "
                         "but prompt and answer; none: only all records).")
+    p.add_argument("--prepend-eod", action="store_true",
+                   help="--task accuracy: start each prompt with the end-of-document token, as in data packed with "
+                        "preprocessing's --append-eod, where every document follows one.")
     p.add_argument("--data-path", nargs="+", default=None,
                    help="indexed-dataset prefix(es) without .bin/.idx, optionally weighted: 0.7 a 0.3 b "
                         "(default: the run's data path, or its named validation sets).")
@@ -95,8 +98,9 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.task == "accuracy":
         return accuracy_main(args, device)
-    if args.tasks_file or args.group_by is not None:
-        print("evaluate.py: error: --tasks-file and --group-by apply to --task accuracy.", file=sys.stderr)
+    if args.tasks_file or args.group_by is not None or args.prepend_eod:
+        print("evaluate.py: error: --tasks-file, --group-by and --prepend-eod apply to --task accuracy.",
+              file=sys.stderr)
         return 1
     named = args.test_data_path if args.eval_split == "test" else args.valid_data_path
     try:
@@ -173,7 +177,7 @@ def accuracy_main(args, device: str) -> int:
             args.load, args.tasks_file, tag=args.tag, loops=args.loops, exit_criterion=args.exit_criterion,
             exit_thresholds=args.exit_threshold, max_loops=args.max_loops, batch_size=args.micro_batch_size or 32,
             group_by=args.group_by, device=device, tokenizer_type=args.tokenizer_type,
-            tokenizer_model=args.tokenizer_model)
+            tokenizer_model=args.tokenizer_model, prepend_eod=args.prepend_eod)
     except (LoopMegatronError, ValueError) as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 1

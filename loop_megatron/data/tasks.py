@@ -189,8 +189,8 @@ def check_round_trip(tokenizer, records: Sequence[Dict[str, Any]], where: str = 
         text = rec["prompt"] + rec["answer"]
         try:
             ids = tokenizer.encode(text)
-        except Exception as err:  # tokenizers raises a bare Exception for a character outside the vocabulary
-            raise DataError(f"{where} record {n}: {text!r} cannot be encoded ({err}).") from None
+        except DataError:
+            raise DataError(f"{where} record {n}: {text!r} has a character outside the tokenizer's vocabulary.") from None
         if len(ids) != len(text) or tokenizer.decode(ids) != text:
             raise DataError(f"{where} record {n}: {text!r} does not round-trip through the tokenizer.")
 

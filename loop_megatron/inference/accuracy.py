@@ -84,10 +84,11 @@ def read_tasks(path: str) -> List[Dict[str, Any]]:
     return records
 
 
-def _encode(tokenizer, records, model) -> Tuple[List[List[int]], List[int]]:
+def _encode(tokenizer, records, model, prepend_eod: bool = False) -> Tuple[List[List[int]], List[int]]:
     """(prompt ids, answer token counts); ValueError for a record the model cannot be asked."""
     limit, vocab = model.cfg.max_position_embeddings, model.cfg.vocab_size
-    prompts = tokenizer.encode_batch([r["prompt"] for r in records])
+    start = [tokenizer.eod] if prepend_eod else []
+    prompts = [start + ids for ids in tokenizer.encode_batch([r["prompt"] for r in records])]
     answers = [len(ids) for ids in tokenizer.encode_batch([r["answer"] for r in records])]
     for n, (ids, want) in enumerate(zip(prompts, answers), 1):
         if not ids or want == 0:
@@ -104,11 +105,13 @@ def _encode(tokenizer, records, model) -> Tuple[List[List[int]], List[int]]:
 @torch.no_grad()
 def greedy_answers(model, tokenizer, records: Sequence[Dict[str, Any]], batch_size: int = 32,
                    num_loops: Optional[int] = None, exit_criterion: Optional[str] = None,
-                   exit_threshold: Optional[float] = None) -> List[Answer]:
-    """Each record's greedy answer (in record order), in batches of `batch_size` prompts of equal token length."""
+                   exit_threshold: Optional[float] = None, prepend_eod: bool = False) -> List[Answer]:
+    """Each record's greedy answer (in record order), in batches of `batch_size` prompts of equal token length.
+    `prepend_eod`: each prompt starts with the end-of-document token, as every document but the first does
+    in data packed with it (preprocessing's --append-eod); that position counts as a prompt position."""
     if batch_size < 1:
         raise ValueError(f"the batch size must be >= 1, got {batch_size}.")
-    prompts, wants = _encode(tokenizer, records, model)
+    prompts, wants = _encode(tokenizer, records, model, prepend_eod)
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]))  # stable: file order within a length
     batches, start = [], 0
     while start < len(order):
@@ -170,9 +173,11 @@ def group_results(records: Sequence[Dict[str, Any]], answers: Sequence[Answer], 
 
 def evaluate_accuracy(model, tokenizer, records: Sequence[Dict[str, Any]], loops: Sequence[int],
                       exit_criterion: str = "none", exit_thresholds: Sequence[float] = (), max_loops: int = 0,
-                      batch_size: int = 32, group_by: Optional[Sequence[str]] = None) -> List[AccuracyResult]:
+                      batch_size: int = 32, group_by: Optional[Sequence[str]] = None,
+                      prepend_eod: bool = False) -> List[AccuracyResult]:
     """Group results at every depth of `loops`, then (with an exit criterion) at every threshold with
-    `max_loops` (default: the largest of `loops`) as the cap. `group_by` default: `metadata_fields`."""
+    `max_loops` (default: the largest of `loops`) as the cap. `group_by` default: `metadata_fields`;
+    `prepend_eod`: see `greedy_answers`."""
     fields = metadata_fields(records)
     group_by = fields if group_by is None else list(group_by)
     for name in group_by:
@@ -180,13 +185,13 @@ def evaluate_accuracy(model, tokenizer, records: Sequence[Dict[str, Any]], loops
             raise ValueError(f"--group-by {name}: no record has that field (they have: {', '.join(fields) or 'none'}).")
     results = []
     for n in loops:
-        answers = greedy_answers(model, tokenizer, records, batch_size, num_loops=n)
+        answers = greedy_answers(model, tokenizer, records, batch_size, num_loops=n, prepend_eod=prepend_eod)
         results += group_results(records, answers, group_by, n)
     adaptive = bool(exit_criterion) and exit_criterion != "none"
     for threshold in (exit_thresholds if adaptive else ()):
         cap = max_loops or max(loops)
         answers = greedy_answers(model, tokenizer, records, batch_size, num_loops=cap,
-                                 exit_criterion=exit_criterion, exit_threshold=threshold)
+                                 exit_criterion=exit_criterion, exit_threshold=threshold, prepend_eod=prepend_eod)
         results += group_results(records, answers, group_by, cap, exit_criterion, threshold)
     return results
 
@@ -195,8 +200,8 @@ def evaluate_accuracy_checkpoint(load: str, tasks_file: str, tag: Optional[str] 
                                  loops: Optional[Sequence[int]] = None, exit_criterion: str = "none",
                                  exit_thresholds: Sequence[float] = (), max_loops: Optional[int] = None,
                                  batch_size: int = 32, group_by: Optional[Sequence[str]] = None, device: str = "cpu",
-                                 tokenizer_type: Optional[str] = None,
-                                 tokenizer_model: Optional[str] = None) -> Tuple[List[AccuracyResult], Dict[str, Any]]:
+                                 tokenizer_type: Optional[str] = None, tokenizer_model: Optional[str] = None,
+                                 prepend_eod: bool = False) -> Tuple[List[AccuracyResult], Dict[str, Any]]:
     """Load a checkpoint (and its tokenizer, or the one named) as tools/generate.py does and run
     `evaluate_accuracy` on `tasks_file`; loops default to the trained count. Returns (results, info)."""
     from ..checkpoint import load_model, resolve_checkpoint, tokenizer_for
@@ -209,9 +214,9 @@ def evaluate_accuracy_checkpoint(load: str, tasks_file: str, tag: Optional[str] 
     trained = model.loop.num_loops
     depths, _, cap = compute_settings(loops, trained, exit_criterion, exit_thresholds, max_loops)
     results = evaluate_accuracy(model, tokenizer, records, depths, exit_criterion, exit_thresholds, cap,
-                                batch_size, group_by)
+                                batch_size, group_by, prepend_eod)
     return results, {"checkpoint": path, "tasks_file": tasks_file, "records": len(records),
-                     "trained_loops": trained, "tokenizer": tokenizer.name}
+                     "trained_loops": trained, "tokenizer": tokenizer.name, "prepend_eod": prepend_eod}
 
 
 def _setting(r: AccuracyResult) -> str:

@@ -127,7 +127,9 @@ def test_tokenizer_round_trips_every_record(tmp_path):
             for rec in records[:5]:
                 ids = tok.encode(rec["prompt"])
                 assert len(ids) == len(rec["prompt"]) and tok.decode(ids) == rec["prompt"]
-    with pytest.raises(DataError, match="record 1: '1 \\+ 2=3' cannot be encoded"):
+    with pytest.raises(DataError, match="tokenizer.json: cannot encode the text"):  # no unknown token: one sentence
+        tok.encode_batch(["1+2=", "1 + 2="])
+    with pytest.raises(DataError, match="record 1: '1 \\+ 2=3' has a character outside the tokenizer's vocabulary"):
         check_round_trip(tok, [{"prompt": "1 + 2=", "answer": "3"}])
 
 

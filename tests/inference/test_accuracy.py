@@ -40,7 +40,7 @@ def replying(tok, replies, batches=None):
             batches.append(tuple(ids.shape))
         rows = []
         for row in ids.tolist():
-            reply = replies[tok.decode(row)]
+            reply = replies[tok.decode(row).removeprefix("<|endoftext|>")]
             new = [tok.eod] if reply is None else tok.encode(reply) + ([tok.eod] if reply == "2" else [])
             rows.append(row + (new + [tok.eod] * max_new_tokens)[:max_new_tokens])
         out = torch.tensor(rows)
@@ -73,6 +73,13 @@ def test_known_outputs_give_exact_counts_iterations_and_groups(tok, monkeypatch)
     for a, (rec, _), produced in zip(answers, records, [2, 2, 1, 2, 2]):
         assert (a.iterations, a.positions, a.answer_iterations, a.answer_positions) == \
             expect(len(rec["prompt"]), produced), rec
+
+    batches.clear()  # with an end-of-document token first: one more prompt position, the same answers
+    eod_first = greedy_answers(model, tok, [r for r, _ in records], batch_size=2, num_loops=1, prepend_eod=True)
+    assert batches == [(2, 7), (1, 7), (2, 10)] and [a.text for a in eod_first] == [a.text for a in answers]
+    for a, (rec, _), produced in zip(eod_first, records, [2, 2, 1, 2, 2]):
+        assert (a.iterations, a.positions, a.answer_iterations, a.answer_positions) == \
+            expect(len(rec["prompt"]) + 1, produced), rec
 
     rows = group_results([r for r, _ in records], answers, ["operands"], loops=1)
     assert [(r.group, r.correct, r.total) for r in rows] == [({"operands": 2}, 1, 2), ({"operands": 3}, 1, 3), ({}, 2, 5)]
@@ -129,13 +136,13 @@ def test_evaluate_task_accuracy_end_to_end(tmp_path, tok, capsys):
     main = tool_main("evaluate")
     argv = ["--load", save, "--task", "accuracy", "--tasks-file", tasks, "--tokenizer-model", tok.model_path,
             "--loops", "1", "2", "--exit-criterion", "entropy", "--exit-threshold", "3.0", "--max-loops", "4",
-            "--micro-batch-size", "6", "--group-by", "task", "--json", out, "--device", "cpu"]
+            "--micro-batch-size", "6", "--group-by", "task", "--prepend-eod", "--json", out, "--device", "cpu"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| task | records | 1 loops | 2 loops* | entropy < 3 (cap 4) |" in printed
     data = json.load(open(out))
-    assert data["records"] == 16 and data["trained_loops"] == 2
-    direct = evaluate_accuracy(model, tok, records, [1, 2], "entropy", [3.0], 4, 6, ["task"])
+    assert data["records"] == 16 and data["trained_loops"] == 2 and data["prepend_eod"] is True
+    direct = evaluate_accuracy(model, tok, records, [1, 2], "entropy", [3.0], 4, 6, ["task"], prepend_eod=True)
     assert [r["correct"] for r in data["results"]] == [r.correct for r in direct]
     assert [r["mean_iterations"] for r in data["results"]] == pytest.approx([r.mean_iterations for r in direct])
     assert [r["loops"] for r in data["results"]] == [1, 1, 1, 2, 2, 2, 4, 4, 4]
