@@ -19,8 +19,8 @@ Examples:
       --loops 1 2 4 8 --exit-criterion kl --exit-threshold 1e-3 1e-2 0.1 --max-loops 8 --plot curve.png
   python tools/evaluate.py --load checkpoints/tok8k --valid-data-path kjv=data/corpus8k/kjv_text_document \\
       sotu=data/corpus8k/sotu_text_document --eval-iters 20
-  python tools/evaluate.py --load checkpoints/phop --task accuracy --tasks-file data/tasks/phop/test.jsonl \
-      --loops 1 2 4 8 --exit-criterion kl --exit-threshold 0.01 --json results/phop_accuracy.json
+  python tools/evaluate.py --load checkpoints/phop --task accuracy --tasks-file data/tasks/phop/test.jsonl \\
+      --loops 1 2 4 8 --exit-criterion kl --exit-threshold 0.01 --prepend-eod --json results/phop_accuracy.json
 """
 import argparse
 import os

@@ -34,14 +34,18 @@ def parse_args(argv=None):
     phop.add_argument("--test-hops", type=int, nargs="+", default=None,
                       help="test hop counts (default: --hops, then 1.5x and 2x the largest).")
     phop.add_argument("--length", type=int, nargs="+", default=[64], help="trained sequence lengths (default 64).")
-    phop.add_argument("--test-length", type=int, nargs="+", default=None, help="test sequence lengths (default --length).")
-    phop.add_argument("--alphabet", type=int, default=4, help=f"letters in the alphabet, 3 to {len(LETTERS)} (default 4).")
+    phop.add_argument("--test-length", type=int, nargs="+", default=None,
+                      help="test sequence lengths (default --length).")
+    phop.add_argument("--alphabet", type=int, default=4,
+                      help=f"letters in the alphabet, 3 to {len(LETTERS)} (default 4).")
     add = sub.add_parser("addition", help="multi-operand addition of d-digit numbers.")
-    add.add_argument("--operands", type=int, nargs="+", default=[2, 3, 4], help="trained operand counts (default 2 3 4).")
+    add.add_argument("--operands", type=int, nargs="+", default=[2, 3, 4],
+                     help="trained operand counts (default 2 3 4).")
     add.add_argument("--test-operands", type=int, nargs="+", default=None,
                      help="test operand counts (default: --operands, then 1.5x and 2x the largest).")
     add.add_argument("--digits", type=int, nargs="+", default=[2], help="trained digits per operand (default 2).")
-    add.add_argument("--test-digits", type=int, nargs="+", default=None, help="test digits per operand (default --digits).")
+    add.add_argument("--test-digits", type=int, nargs="+", default=None,
+                     help="test digits per operand (default --digits).")
     add.add_argument("--reverse-answer", action="store_true",
                      help="write the sum least significant digit first (learnable by small models).")
     for s in (phop, add):
@@ -49,7 +53,8 @@ def parse_args(argv=None):
         s.add_argument("--train", type=int, default=10000, help="train records per trained level (default 10000).")
         s.add_argument("--valid", type=int, default=200, help="valid records per trained level (default 200).")
         s.add_argument("--test", type=int, default=200, help="test records per test level (default 200).")
-        s.add_argument("--seed", type=int, default=1, help="base seed; each split and level derives its own (default 1).")
+        s.add_argument("--seed", type=int, default=1,
+                       help="base seed; each split and level derives its own (default 1).")
     return p.parse_args(argv)
 
 

@@ -8,10 +8,10 @@ Two tasks, each with knobs that set its difficulty; a *level* is one setting of 
   is the symbol reached after ``hops`` hops. Prompt ``"{hops}:{sequence}="`` (the hop count is written so
   that one model can be trained on several), answer one letter, e.g. ``"2:abcabcb="`` -> ``"a"``: from the
   last ``b`` (position 6) the previous ``b`` is at 4, so hop 1 lands on 5 (``c``); the previous ``c`` is at
-  2, so hop 2 lands on 3 (``a``). Knobs: ``hops``, ``length`` (n), ``alphabet`` (k >= 3). Sequences never repeat a symbol
-  twice in a row (each symbol is uniform over the k - 1 others than its predecessor), so every hop moves to
-  a strictly earlier position (a repeat would make a hop land where it started) and p hops are p real
-  steps; sequences in which a hop finds no earlier occurrence are redrawn.
+  2, so hop 2 lands on 3 (``a``). Knobs: ``hops``, ``length`` (n), ``alphabet`` (k >= 3). Sequences never
+  repeat a symbol twice in a row (each symbol is uniform over the k - 1 others than its predecessor), so
+  every hop moves to a strictly earlier position (a repeat would make a hop land where it started) and p
+  hops are p real steps; sequences in which a hop finds no earlier occurrence are redrawn.
 * ``addition``, multi-operand addition (Saunshi et al. 2025): ``operands`` numbers of exactly ``digits``
   digits (0-9 for one digit), prompt ``"12+345+6="`` style, answer the decimal sum. With ``reverse`` the
   answer is written least significant digit first (``"363"`` for 363, ``"01"`` for 10), the order in which
@@ -190,7 +190,8 @@ def check_round_trip(tokenizer, records: Sequence[Dict[str, Any]], where: str = 
         try:
             ids = tokenizer.encode(text)
         except DataError:
-            raise DataError(f"{where} record {n}: {text!r} has a character outside the tokenizer's vocabulary.") from None
+            raise DataError(f"{where} record {n}: {text!r} has a character outside the tokenizer's "
+                            "vocabulary.") from None
         if len(ids) != len(text) or tokenizer.decode(ids) != text:
             raise DataError(f"{where} record {n}: {text!r} does not round-trip through the tokenizer.")
 

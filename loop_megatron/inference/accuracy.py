@@ -220,7 +220,9 @@ def evaluate_accuracy_checkpoint(load: str, tasks_file: str, tag: Optional[str] 
 
 
 def _setting(r: AccuracyResult) -> str:
-    return f"{r.loops} loops" if r.exit_criterion == "none" else f"{r.exit_criterion} < {r.exit_threshold:g} (cap {r.loops})"
+    if r.exit_criterion == "none":
+        return f"{r.loops} loops"
+    return f"{r.exit_criterion} < {r.exit_threshold:g} (cap {r.loops})"
 
 
 def accuracy_table(results: Sequence[AccuracyResult], trained_loops: Optional[int] = None) -> str:

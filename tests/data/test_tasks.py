@@ -143,7 +143,8 @@ def test_make_tasks_tool_writes_files_and_counts(tmp_path, capsys):
     lines = {s: (out / f"{s}.jsonl").read_text().splitlines() for s in ("train", "valid", "test")}
     assert [len(v) for v in lines.values()] == [60, 10, 28]
     rec = json.loads(lines["test"][-1])
-    assert rec["task"] == "phop" and rec["hops"] == 4 and isinstance(rec["prompt"], str) and isinstance(rec["answer"], str)
+    assert rec["task"] == "phop" and rec["hops"] == 4
+    assert isinstance(rec["prompt"], str) and isinstance(rec["answer"], str)
     manifest = json.loads((out / "tasks.json").read_text())
     assert manifest["seed"] == 4 and manifest["counts"]["test"]["hops=3,length=20,alphabet=4"] == 7
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()

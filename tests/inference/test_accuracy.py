@@ -82,8 +82,10 @@ def test_known_outputs_give_exact_counts_iterations_and_groups(tok, monkeypatch)
             expect(len(rec["prompt"]) + 1, produced), rec
 
     rows = group_results([r for r, _ in records], answers, ["operands"], loops=1)
-    assert [(r.group, r.correct, r.total) for r in rows] == [({"operands": 2}, 1, 2), ({"operands": 3}, 1, 3), ({}, 2, 5)]
-    assert rows[2].mean_iterations == pytest.approx(sum(a.iterations for a in answers) / sum(a.positions for a in answers))
+    assert [(r.group, r.correct, r.total) for r in rows] == \
+        [({"operands": 2}, 1, 2), ({"operands": 3}, 1, 3), ({}, 2, 5)]
+    total = sum(a.iterations for a in answers) / sum(a.positions for a in answers)
+    assert rows[2].mean_iterations == pytest.approx(total)
     assert rows[0].accuracy == 0.5
     table = accuracy_table(rows, trained_loops=1).splitlines()
     assert table[0] == "| operands | records | 1 loops* |"
