@@ -6,6 +6,9 @@ Evaluates what the run held out: by default its own data path (or named validati
 sequence length, micro batch size and index cache, read from the checkpoint's recorded config; a flag
 that overrides one is printed with the run's value. Named sets (--valid-data-path NAME=PREFIX ...) are
 each reported separately; bits per byte use the checkpoint's tokenizer (override: --tokenizer-type/-model).
+--task accuracy instead scores exact-match greedy answers on a prompt/answer JSONL file (--tasks-file, e.g.
+from tools/make_tasks.py) at each --loops count and exit threshold, per group of records with equal
+metadata (--group-by; default every field but prompt and answer), with mean loop iterations per token.
 
 Examples:
   python tools/evaluate.py --load checkpoints/loop-81m
@@ -16,6 +19,8 @@ Examples:
       --loops 1 2 4 8 --exit-criterion kl --exit-threshold 1e-3 1e-2 0.1 --max-loops 8 --plot curve.png
   python tools/evaluate.py --load checkpoints/tok8k --valid-data-path kjv=data/corpus8k/kjv_text_document \\
       sotu=data/corpus8k/sotu_text_document --eval-iters 20
+  python tools/evaluate.py --load checkpoints/phop --task accuracy --tasks-file data/tasks/phop/test.jsonl \\
+      --loops 1 2 4 8 --exit-criterion kl --exit-threshold 0.01 --prepend-eod --json results/phop_accuracy.json
 """
 import argparse
 import os
@@ -30,6 +35,17 @@ def parse_args(argv=None):
                                 epilog="Examples:" + __doc__.split("Examples:", 1)[1])
     p.add_argument("--load", required=True, metavar="CKPT_DIR", help="checkpoint: the --save folder or a tag folder.")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: 'latest').")
+    p.add_argument("--task", choices=("loss", "accuracy"), default="loss",
+                   help="loss: held-out loss, perplexity and bpb (default); accuracy: exact match of greedy "
+                        "answers on --tasks-file.")
+    p.add_argument("--tasks-file", default=None, metavar="JSONL",
+                   help="--task accuracy: records with string fields prompt and answer, plus metadata to group by.")
+    p.add_argument("--group-by", nargs="*", default=None, metavar="FIELD",
+                   help="--task accuracy: metadata fields to report accuracy per value of (default: every field "
+                        "but prompt and answer; none: only all records).")
+    p.add_argument("--prepend-eod", action="store_true",
+                   help="--task accuracy: start each prompt with the end-of-document token, as in data packed with "
+                        "preprocessing's --append-eod, where every document follows one.")
     p.add_argument("--data-path", nargs="+", default=None,
                    help="indexed-dataset prefix(es) without .bin/.idx, optionally weighted: 0.7 a 0.3 b "
                         "(default: the run's data path, or its named validation sets).")
@@ -45,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-split", choices=("valid", "test"), default="valid", help="split to evaluate (default valid).")
     p.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the checkpoint's).")
     p.add_argument("--micro-batch-size", type=int, default=None,
-                   help="samples per forward pass (default: the run's).")
+                   help="samples per forward pass (default: the run's; --task accuracy: prompts per batch, 32).")
     p.add_argument("--eval-iters", type=int, default=None,
                    help="micro-batches to evaluate (default: the whole split; the trainer's valid line is its "
                         "eval_iters global batches: eval_iters x global batch / micro batch micro-batches of the run's micro "
@@ -80,6 +96,12 @@ def main(argv=None) -> int:
                                                     write_json)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.task == "accuracy":
+        return accuracy_main(args, device)
+    if args.tasks_file or args.group_by is not None or args.prepend_eod:
+        print("evaluate.py: error: --tasks-file, --group-by and --prepend-eod apply to --task accuracy.",
+              file=sys.stderr)
+        return 1
     named = args.test_data_path if args.eval_split == "test" else args.valid_data_path
     try:
         if args.data_path and named:
@@ -131,6 +153,39 @@ def main(argv=None) -> int:
         plot_compute_curve(results, plot, title=f"{os.path.basename(os.path.normpath(args.load))}: "
                                                  f"{args.eval_split} loss vs test-time compute")
         print(f"wrote {plot}")
+    return 0
+
+
+# Flags of --task loss that --task accuracy does not read (it evaluates --tasks-file whole).
+LOSS_ONLY = ("data_path", "valid_data_path", "test_data_path", "split", "seq_length", "eval_iters", "plot", "seed",
+             "data_cache_path")
+
+
+def accuracy_main(args, device: str) -> int:
+    from loop_megatron.errors import LoopMegatronError
+    from loop_megatron.inference.accuracy import accuracy_table, evaluate_accuracy_checkpoint
+    from loop_megatron.inference.evaluation import write_json
+
+    try:
+        given = [f"--{k.replace('_', '-')}" for k in LOSS_ONLY if getattr(args, k) is not None]
+        if given or args.eval_split != "valid":
+            raise ValueError(f"{', '.join(given or ['--eval-split'])}: not used by --task accuracy "
+                             "(it evaluates --tasks-file whole).")
+        if not args.tasks_file:
+            raise ValueError("--task accuracy needs --tasks-file (JSONL records with prompt and answer).")
+        results, info = evaluate_accuracy_checkpoint(
+            args.load, args.tasks_file, tag=args.tag, loops=args.loops, exit_criterion=args.exit_criterion,
+            exit_thresholds=args.exit_threshold, max_loops=args.max_loops, batch_size=args.micro_batch_size or 32,
+            group_by=args.group_by, device=device, tokenizer_type=args.tokenizer_type,
+            tokenizer_model=args.tokenizer_model, prepend_eod=args.prepend_eod)
+    except (LoopMegatronError, ValueError) as exc:
+        print(f"evaluate.py: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{info['tasks_file']}: {info['records']} records, exact match of greedy answers in percent "
+          f"(* = trained loop count; exit columns: mean loop iterations per token)\n")
+    print(accuracy_table(results, trained_loops=info["trained_loops"]))
+    if args.json:
+        write_json(results, args.json, **info)
     return 0
 
 

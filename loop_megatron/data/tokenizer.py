@@ -269,15 +269,21 @@ class HuggingFaceTokenizer:
 
     def encode(self, text: str) -> List[int]:
         """Token ids of ``text`` (no EOD appended)."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self._encodings([text])[0].ids
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
         """Token ids of each text (tokenizers spreads a batch over its own Rayon threads)."""
-        return [e.ids for e in self.tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)]
+        return [e.ids for e in self._encodings(texts)]
 
     def encode_arrays(self, texts: Sequence[str]) -> List[np.ndarray]:
         """Token ids of each text as int64 numpy arrays (the preprocessing fast path)."""
-        return [np.array(e.ids, dtype=np.int64) for e in self.tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)]
+        return [np.array(e.ids, dtype=np.int64) for e in self._encodings(texts)]
+
+    def _encodings(self, texts: Sequence[str]):
+        try:
+            return self.tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
+        except Exception as err:  # a vocabulary without an unknown token meets a character outside it
+            raise DataError(f"{self.model_path}: cannot encode the text ({err}).") from None
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` (special tokens kept as their strings)."""

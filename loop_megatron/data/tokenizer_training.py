@@ -148,6 +148,14 @@ def train_bpe_tokenizer(
     if stats.documents == 0:
         raise DataError(f"{', '.join(inputs)}: no documents to train on.")
     stats.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    stats.path = write_tokenizer_folder(tok, output_dir)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def write_tokenizer_folder(tok, output_dir: str) -> str:
+    """Write a ``tokenizers.Tokenizer`` whose end-of-document token is ``<|endoftext|>`` as
+    ``output_dir/tokenizer.json`` plus ``tokenizer_config.json`` (each atomically); return the tokenizer.json."""
     os.makedirs(output_dir, exist_ok=True)
     config = {
         # Lets transformers' AutoTokenizer.from_pretrained(output_dir) load the tokenizer as-is.
@@ -158,8 +166,7 @@ def train_bpe_tokenizer(
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
     }
-    stats.path = os.path.join(output_dir, HF_TOKENIZER_FILE)
+    path = os.path.join(output_dir, HF_TOKENIZER_FILE)
     write_text(os.path.join(output_dir, "tokenizer_config.json"), json.dumps(config, indent=2, sort_keys=True) + "\n")
-    write_text(stats.path, tok.to_str(pretty=True))
-    stats.seconds = time.perf_counter() - start
-    return stats
+    write_text(path, tok.to_str(pretty=True))
+    return path

@@ -197,6 +197,24 @@ def describe_data(settings: Dict[str, Any], eval_split: str = "valid") -> str:
             f"{settings['micro_batch_size']}")
 
 
+def compute_settings(loops: Optional[Sequence[int]], default_loops: int, exit_criterion: Optional[str],
+                     exit_thresholds: Sequence[float], max_loops: Optional[int]) -> Tuple[List[int], bool, int]:
+    """(fixed depths, adaptive?, cap of the exit rows) of a test-time compute sweep: `loops` (default
+    [`default_loops`]), an exit criterion other than 'none' with at least one threshold, `max_loops`
+    (default: the largest depth). ValueError naming the flag for a value out of range."""
+    depths = list(loops) if loops else [default_loops]
+    for n in depths:
+        if n < 1:
+            raise ValueError(f"--loops values must be >= 1, got {n}.")
+    adaptive = bool(exit_criterion) and exit_criterion != "none"
+    if adaptive and not exit_thresholds:
+        raise ValueError(f"--exit-criterion {exit_criterion} needs at least one --exit-threshold.")
+    cap = max_loops or max(depths)
+    if cap < 1:
+        raise ValueError(f"--max-loops must be >= 1, got {cap}.")
+    return depths, adaptive, cap
+
+
 def evaluate_checkpoint(load: str, data_path: Optional[Sequence[str]] = None, split: Optional[str] = None,
                         eval_split: str = "valid", seq_length: Optional[int] = None,
                         micro_batch_size: Optional[int] = None, eval_iters: Optional[int] = None,
@@ -242,16 +260,8 @@ def evaluate_checkpoint(load: str, data_path: Optional[Sequence[str]] = None, sp
     meta = dict(meta, eval_data=settings, eval_notes=notes)
     sets = build_eval_sets(data_path, split, seq_length, eval_split, seed, cache_dir, named)
     lengths = tokenizer.token_byte_lengths()
-    depths = list(loops) if loops else [cfg.training.eval_loops or cfg.model.num_loops]
-    for n in depths:
-        if n < 1:
-            raise ValueError(f"--loops values must be >= 1, got {n}.")
-    adaptive = bool(exit_criterion) and exit_criterion != "none"
-    if adaptive and not exit_thresholds:
-        raise ValueError(f"--exit-criterion {exit_criterion} needs at least one --exit-threshold.")
-    cap = max_loops or max(depths)
-    if cap < 1:
-        raise ValueError(f"--max-loops must be >= 1, got {cap}.")
+    depths, adaptive, cap = compute_settings(loops, cfg.training.eval_loops or cfg.model.num_loops, exit_criterion,
+                                             exit_thresholds, max_loops)
     results = []
     for name, dataset in sets.items():
         for n in depths:
