@@ -90,13 +90,25 @@ def write_json(path: str, obj: Any, *, indent: Optional[int] = 2, trailing_newli
     return write_text(path, text, fsync=fsync, make_parent=make_parent)
 
 
-def torch_save(obj: Any, path: str) -> str:
-    """``torch.save(obj)`` to ``path`` atomically; return ``path``."""
+def torch_save(obj: Any, path: str, *, fsync: bool = False) -> str:
+    """``torch.save(obj)`` to ``path`` atomically; return ``path``. ``fsync`` forces the bytes to disk
+    before the rename."""
     import torch  # only the writers of tensors pay for importing torch
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+        if fsync:
+            fsync_path(tmp)
     return path
+
+
+def fsync_path(path: str) -> None:
+    """Force a written file's bytes (or a folder's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def temp_dir_beside(path: str) -> str:
