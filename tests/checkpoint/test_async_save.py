@@ -44,7 +44,11 @@ def test_one_copy_old_layout_resumes_and_async_matches_blocking(tmp_path, monkey
     size = info["size"]
     assert not info["engine_state"] and info["universal"]["complete"] and info["complete"]
     assert size["bytes"]["deepspeed"] == 0 and size["minimal_bytes_per_param"] == 16
-    assert abs(size["bytes_per_param"]["model.pt"] - 4) < 0.5 and abs(size["bytes_per_param"]["universal"] - 12) < 1.5
+    # 12 bytes per parameter in universal/, 4 in model.pt, plus torch.save's container (zip records and the
+    # pickle: under 4 KiB a file); at this size (~30K parameters) that overhead is still visible, at 6.9M not.
+    params, files = size["params"], len(os.listdir(tmp_path / "full_ck" / "iter_0000004" / "universal" / "params"))
+    assert 0 < size["bytes"]["universal"] - 12 * params < 4096 * (files + 1)
+    assert 0 < size["bytes"]["model.pt"] - 4 * params < 4096 * files
     assert "bytes/parameter" in format_text(info) and "same_layout" in info["resume"]
 
     # The layout written before (DeepSpeed's shards + universal/ + fp32 model.pt) resumes through the shards.
