@@ -1,25 +1,28 @@
-"""DeepSpeed engine checkpoints: collective save, resume, and consolidation of the weights to TP=1 fp32.
+"""Engine checkpoints: collective save, resume, and consolidation of the weights to TP=1 fp32.
 
-`save_engine_checkpoint` is called by every rank: each writes its DeepSpeed shards (optimizer, LR
-schedule, client_state with the data position) and its RNG state into `<save>/iter_XXXXXXX.tmp/`; rank 0
-adds the consolidated model.pt, meta.json (with the tokenizer record) and the
-tokenizer file (checkpoint/tokenizer.py); once every rank is done rank 0 renames the folder to its
-final tag, points `latest` at it and prunes beyond `keep_last`. A folder named iter_XXXXXXX is therefore
-always complete. The save folder must be shared by all nodes (as DeepSpeed's own checkpointing requires).
-`load_engine_checkpoint` restores the engine and this rank's RNG. Every save also writes the
-topology-free `universal/` state (`universal.py`) that resumes on another TP/DP/ZeRO layout. Names and
-files: `layout.py`.
+`save_engine_checkpoint` is called by every rank. It gathers every parameter's fp32 master and AdamW
+moments (universal.py) and writes them, once, into `<save>/iter_XXXXXXX.tmp/universal/`, with model.pt
+(the weights in the training dtype), meta.json (with the tokenizer record), the tokenizer file
+(checkpoint/tokenizer.py) and each rank's RNG state; then rank 0 renames the folder to its final tag,
+points `latest` at it and prunes beyond `keep_last`. A folder named iter_XXXXXXX is therefore always
+complete. With a `BackgroundWriter` (training.async_save) the gathering is the only blocking part and
+rank 0 writes in a thread (background.py). Why DeepSpeed's own shards are not written: DEEPSPEED_SHARDS
+below. The save folder must be shared by all nodes (as DeepSpeed's own checkpointing requires).
+`load_engine_checkpoint` restores the engine from DeepSpeed's shards (older checkpoints) and this rank's
+RNG. Names and files: `layout.py`.
 
 Write errors (disk full, I/O error, permission). Every write of a save goes through `_Writes.run`, which
 records this rank's first OSError (or torch's own write failures: "basic_ios::clear", "unexpected pos",
 "PytorchStreamWriter failed") instead of raising it, and skips the save's later writes; DeepSpeed's own
-writes are routed through it too (its checkpoint engine's `save`/`makedirs` and the recovery-script copy,
-for the duration of the save). So a rank whose write failed still takes part in every collective of the
+writes are routed through it too where it writes (its checkpoint engine's `save`/`makedirs` and the
+recovery-script copy, for the duration of the save). So a rank whose write failed still takes part in every collective of the
 save (DeepSpeed's barriers, the gathers of model.pt and universal/), and at three agreement points (after
 the folder is made, after the writes, after the rename) one all-reduce of an error flag tells every rank whether any rank failed.
 Then rank 0 deletes the temporary folder, `latest` stays on the last good checkpoint, and every rank
 raises the same `CheckpointWriteError`: one sentence naming the failed path (and rank), the reason and
-the last good checkpoint. Weights that are not finite are refused before anything is written.
+the last good checkpoint. (A background write has no agreement point after its writes: its failure
+reaches every rank through `wait_for_background`.) Weights that are not finite are refused, and the
+temporary folder removed, before model.pt, meta.json or any RNG file is written.
 """
 from __future__ import annotations
 
