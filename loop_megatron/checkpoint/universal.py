@@ -1,6 +1,7 @@
 """The topology-free training state written into every checkpoint, and resuming from it on any layout.
 
-Each checkpoint folder holds, beside DeepSpeed's layout-specific shards, a `universal/` folder:
+Each checkpoint folder holds a `universal/` folder, the checkpoint's one copy of the optimizer state
+(checkpoints written before it was also held DeepSpeed's layout-specific shards; engine.DEEPSPEED_SHARDS):
 
     universal/state.json           iteration, consumed samples, global batch size, optimizer step count,
                                    LR-schedule state, seed, AdamW hyperparameters per group, and the
@@ -23,13 +24,14 @@ parameter being written, plus the gather buffers of the tensor being merged (its
 the TP parts: about two more full copies), so at most ~5 x 4 bytes x the largest parameter's elements
 (for GPT-2 small's 50304 x 768 embedding: ~0.8 GB); never the whole model. Files go into the checkpoint's temporary folder, which is renamed only when whole.
 
-Reading on another layout (TP size, DP/world size, ZeRO stage, CPU offload or precision differ):
+Reading, on the saved layout or another (TP size, DP/world size, ZeRO stage, CPU offload or precision):
 `load_universal_weights` puts each rank's TP shard of the masters into the model before
 `deepspeed.initialize` (so DeepSpeed's fp32 masters start exact), and `load_universal_optimizer` then
 creates the optimizer state, sets every rank's ZeRO partition of master and moments from the full tensors
 (`safe_set_full_*`, or optimizer.state at ZeRO-0), the step count, the LR-schedule position and the
-engine counters, and reseeds the RNGs from (seed, iteration) because per-rank RNG states do not map
-across layouts.
+engine counters (and fp16's loss scale), and reseeds the RNGs from (seed, iteration) because per-rank RNG
+states do not map across layouts; on the saved layout the trainer then restores each rank's own RNG state,
+which makes that resume bit-exact (every value the optimizer holds is set exactly).
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ one filesystem, which is why the temporary name is always in the same folder as 
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -103,10 +104,14 @@ def torch_save(obj: Any, path: str, *, fsync: bool = False) -> str:
 
 
 def fsync_path(path: str) -> None:
-    """Force a written file's bytes (or a folder's entries) to disk."""
+    """Force a written file's bytes (or a folder's entries, e.g. after a rename in it) to disk. Filesystems
+    that cannot fsync a folder (EINVAL on some network filesystems) are let be: nothing more can be done."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if not (os.path.isdir(path) and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
     finally:
         os.close(fd)
 

@@ -127,3 +127,28 @@ def test_sigkill_during_a_background_write_leaves_no_complete_looking_checkpoint
     assert sorted(n for n in os.listdir(ck) if not n.startswith(".")) == ["iter_0000002", "iter_0000004", "latest"]
     assert checkpoint.read_latest(ck) == "iter_0000004"
     assert json.load(open(os.path.join(ck, "iter_0000004", "meta.json")))["iteration"] == 4
+
+
+def test_fp16_loss_scale_travels_in_the_universal_state():
+    """fp16's dynamic loss scaler (not runnable on CPU) is recorded and restored from state.json, since no
+    DeepSpeed optimizer file carries it any more."""
+    import torch
+
+    from loop_megatron.checkpoint.universal import _restore_loss_scaler, loss_scaler_state
+
+    class Scaler:
+        def __init__(self, scale, it, overflow, hysteresis):
+            self.cur_scale, self.cur_iter, self.last_overflow_iter = scale, it, overflow
+            self.cur_hysteresis, self.scale_window = hysteresis, 1000
+
+    class Engine:
+        def __init__(self, scaler):
+            self.optimizer = type("Opt", (), {"loss_scaler": scaler})()
+
+    saved = loss_scaler_state(Engine(Scaler(torch.tensor(2048.0), 37, 30, 1)))
+    assert saved == {"cur_scale": 2048.0, "cur_iter": 37, "last_overflow_iter": 30, "cur_hysteresis": 1}
+    fresh = Scaler(torch.tensor(65536.0), 0, -1, 2)
+    _restore_loss_scaler(Engine(fresh), json.loads(json.dumps(saved)))
+    assert float(fresh.cur_scale) == 2048.0 and isinstance(fresh.cur_scale, torch.Tensor)
+    assert (fresh.cur_iter, fresh.last_overflow_iter, fresh.cur_hysteresis) == (37, 30, 1)
+    assert loss_scaler_state(type("E", (), {"optimizer": object()})()) is None  # fp32/bf16: no scaler
