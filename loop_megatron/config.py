@@ -411,6 +411,14 @@ class TrainingConfig:
     keep_last: int = 3
     """Complete checkpoints to keep; older ones are deleted after a newer one is complete (0 = keep all)."""
 
+    async_save: bool = False
+    """Write checkpoints in the background (Megatron's --async-save): a save blocks training only while the
+    fp32 masters and AdamW moments are gathered into CPU memory (plus 12-16 bytes per parameter of host
+    memory on global rank 0 until the write ends); global rank 0 then writes the files in a thread,
+    fsyncs, renames the folder to its tag and only then moves `latest`. The next save and the end of the
+    run wait for it; a failed write stops the run with one sentence naming the path (checkpoint/background.py).
+    Saves whose optimizer state universal/ cannot hold are written blocking."""
+
     eval_interval: int = 100
     """Evaluate on the valid split every N steps (and at the end); 0 = only at the end."""
 

@@ -8,7 +8,7 @@
 Reports the model shape and parameter count, the layout it was saved on (TP, DP, ZeRO stage, CPU offload,
 precision), iteration, consumed samples, tokens seen, whether model.pt, DeepSpeed's shards and the
 topology-free universal/ state are present (and complete), whether the weights are all finite, the
-tokenizer, and how to resume. Exit status 1 when the weights hold NaN/inf (not a good checkpoint).
+tokenizer, the bytes per parameter of each part against the minimal state, and how to resume. Exit status 1 when the weights hold NaN/inf (not a good checkpoint).
 CONFIG.yaml in the commands is the run's config (saved in its run folder as config.yaml).
 """
 import argparse

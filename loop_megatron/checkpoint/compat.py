@@ -3,9 +3,9 @@
 `find_resume` (training.load) and `find_init_from` (training.init_from) are called by the trainer's
 preflight, before any process group, model or DeepSpeed engine exists, so a checkpoint that cannot be
 used stops the run at once. A resume needs the same model shape, tokenizer (where recorded) and global
-batch size (unless training.override_global_batch); on the saved layout it uses DeepSpeed's own shards,
-on another one (TP size, world size, ZeRO stage, CPU offload, precision) the checkpoint's universal/
-state, which must be complete. An initialisation from model.pt needs only the same model shape.
+batch size (unless training.override_global_batch); it uses the checkpoint's universal/ state (which
+must be complete), or DeepSpeed's own shards on the saved layout where the checkpoint holds them (older
+checkpoints, and runs whose optimizer state universal/ cannot hold). An initialisation from model.pt needs only the same model shape.
 """
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ def check_same_shape(meta: Dict[str, Any], cfg: Config, where: str) -> None:
 
 
 class Resume(NamedTuple):
-    """The checkpoint a run resumes from and how: "engine" (same layout: DeepSpeed's own shards and each
-    rank's RNG, bit-exact), "universal" (another layout: the topology-free universal/ state), "weights"
+    """The checkpoint a run resumes from and how: "engine" (same layout, a checkpoint holding DeepSpeed's
+    own shards: those and each rank's RNG, bit-exact), "universal" (the topology-free universal/ state: on
+    the same layout with each rank's RNG, bit-exact; on another layout with the RNG reseeded), "weights"
     (training.no_load_optim: the fp32 masters and the run's position, a fresh optimizer; any layout) or
     "finetune" (training.finetune: the weights only, iteration 0; see checkpoint/partial.py).
     `save_dir` is the folder holding the tag (training.load itself, or its parent when training.load
@@ -136,8 +137,12 @@ def check_compatible(meta: Dict[str, Any], cfg: Config, where: str, world: int, 
     check_same_tokenizer(meta, tokenizer_for(cfg), where)
     check_global_batch(meta, cfg, where, world)
     changes = layout_changes(meta, cfg, world, precision)
-    if not changes:
-        return "engine"
+    if not changes and has_engine_files(where):
+        return "engine"  # DeepSpeed's own shards (a checkpoint written before universal/ was the one copy)
+    if not changes and not universal.has_universal(where):
+        raise ConfigError(f"checkpoint {where} holds neither DeepSpeed's shards nor a universal/ state, so it has "
+                          "no optimizer state to resume; start from its weights with --init-from, or resume it with "
+                          "--no-load-optim.")
     if not universal.has_universal(where):
         raise ConfigError(f"checkpoint {where} was saved with another layout ({', '.join(changes)}) and holds no "
                           f"universal/ state ({_why_no_universal(meta)}), so DeepSpeed's shards cannot be resumed "
@@ -329,7 +334,8 @@ def find_resume(cfg: Config, world: int, precision: Optional[str] = None) -> Opt
                       same_layout=not layout_changes(meta, cfg, world, precision))
     mode = check_compatible(meta, cfg, folder, world, precision)
     notes = resolve_schedule(meta, cfg, folder)
-    return Resume(tag, meta, mode, save_dir, how, tuple(notes), same_layout=mode == "engine")
+    return Resume(tag, meta, mode, save_dir, how, tuple(notes),
+                  same_layout=not layout_changes(meta, cfg, world, precision))
 
 
 def find_init_from(cfg: Config) -> Optional[str]:

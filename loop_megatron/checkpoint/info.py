@@ -28,6 +28,65 @@ def weights_check(folder: str) -> Dict[str, Any]:
     return {"finite": not bad, "nonfinite": bad}
 
 
+FILE_CLASSES = ("model.pt", "universal", "deepspeed", "rng", "other")
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def file_class(relpath: str) -> str:
+    """Which part of a checkpoint a file (path relative to the tag folder) belongs to."""
+    top = relpath.split(os.sep)[0]
+    if relpath == "model.pt":
+        return "model.pt"
+    if top == "universal":
+        return "universal"
+    if top == "rng":
+        return "rng"
+    name = os.path.basename(relpath)
+    if name.endswith(".pt") and ("mp_rank_" in name or "zero_pp_rank_" in name or "optim_states" in name):
+        return "deepspeed"
+    return "other"
+
+
+def parameter_count(folder: str) -> int:
+    """Elements of the model's parameters: from universal/state.json when present, else model.pt's
+    tensors (memory-mapped; shared storage counted once)."""
+    if has_universal(folder):
+        try:
+            import math
+
+            from .universal import read_state
+
+            return sum(math.prod(e["shape"]) for e in read_state(folder)["params"])
+        except (UniversalError, KeyError, TypeError):
+            pass
+    sd = torch.load(model_path(folder), map_location="cpu", weights_only=True, mmap=True)
+    seen, total = set(), 0
+    for t in sd.values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel()
+    return total
+
+
+def size_record(folder: str, precision: Optional[str] = None) -> Dict[str, Any]:
+    """Bytes of a checkpoint folder per file class (FILE_CLASSES), per parameter, and against the minimal
+    state: one fp32 master and two AdamW moments (12 bytes per parameter) plus the weights in the
+    training dtype (`precision`: 2 bytes for bf16/fp16, 4 for fp32)."""
+    files = {c: 0 for c in FILE_CLASSES}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            full = os.path.join(root, name)
+            files[file_class(os.path.relpath(full, folder))] += os.path.getsize(full)
+    params = parameter_count(folder)
+    total = sum(files.values())
+    minimal = 12 + DTYPE_BYTES.get(precision or "fp32", 4)
+    per = {c: b / params for c, b in files.items()}
+    return {"params": params, "bytes": files, "total_bytes": total, "bytes_per_param": per,
+            "total_bytes_per_param": total / params, "minimal_bytes_per_param": minimal,
+            "vs_minimal": total / params / minimal}
+
+
 def describe(path: str, tag: Optional[str] = None) -> Dict[str, Any]:
     """A JSON-able record of the checkpoint at `path` (save dir or tag folder)."""
     folder = resolve_checkpoint(path, tag)
@@ -68,6 +127,7 @@ def describe(path: str, tag: Optional[str] = None) -> Dict[str, Any]:
         "tokenizer": meta.get("tokenizer") or {"type": cfg.data.tokenizer_type,
                                                "model": cfg.data.tokenizer_model or None, "recorded": False},
     }
+    record["size"] = size_record(folder, meta.get("precision"))
     # Complete = resumable as is: model.pt with finite weights, and engine or universal state.
     record["complete"] = bool(record["weights"]["finite"]) and (record["engine_state"] or bool(universal.get("complete")))
     record["resume"] = resume_commands(record) if record["weights"]["finite"] is not False else {}
@@ -80,7 +140,7 @@ def resume_commands(record: Dict[str, Any]) -> Dict[str, str]:
     gbs = f" --global-batch-size {record['global_batch_size']}" if record["global_batch_size"] else ""
     base = f"python -m loop_megatron.train --config CONFIG.yaml --load {save} --save {save}{gbs}"
     out = {}
-    if record["engine_state"]:
+    if record["engine_state"] or record["universal"].get("complete"):
         out["same_layout"] = (f"deepspeed --num_gpus {lay['world_size']} -m loop_megatron.train --config CONFIG.yaml "
                               f"--load {save} --save {save}{gbs} --tensor-model-parallel-size "
                               f"{lay['tensor_model_parallel_size']} --zero-stage {lay['zero_stage']}")
@@ -98,6 +158,13 @@ def _tokenizer_line(tok: Dict[str, Any]) -> str:
     model = f" ({tok['model']})" if tok.get("model") else ""
     sha = f", sha256 {tok['sha256'][:12]}" if tok.get("sha256") else ""
     return f"{name}{model}{sha}" + ("" if tok.get("recorded", True) else " (from the config; not recorded)")
+
+
+def _size_line(size: Dict[str, Any]) -> str:
+    parts = ", ".join(f"{c} {size['bytes_per_param'][c]:.2f}" for c in FILE_CLASSES if size["bytes"][c])
+    return (f"{size['total_bytes'] / 2 ** 20:,.1f} MiB = {size['total_bytes_per_param']:.2f} bytes/parameter "
+            f"({parts}); minimal {size['minimal_bytes_per_param']} (fp32 master + 2 moments + weights in the "
+            f"training dtype): {size['vs_minimal']:.2f}x")
 
 
 def _weights_line(w: Dict[str, Any]) -> str:
@@ -125,6 +192,7 @@ def format_text(record: Dict[str, Any]) -> str:
         f"contents     model.pt {'yes' if record['model_pt'] else 'no'}, DeepSpeed state "
         f"{'yes' if record['engine_state'] else 'no'}, universal state "
         + ("no" if not u["present"] else ("yes, complete" if u.get("complete") else f"INCOMPLETE ({u['problem']})")),
+        f"size         {_size_line(record['size'])}",
         f"tokenizer    {_tokenizer_line(record['tokenizer'])}",
         f"weights      {_weights_line(record['weights'])}",
     ]
@@ -138,4 +206,4 @@ def format_text(record: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["describe", "format_text", "resume_commands", "state_path"]
+__all__ = ["describe", "format_text", "resume_commands", "size_record", "state_path"]

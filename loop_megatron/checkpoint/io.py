@@ -72,7 +72,7 @@ def resolve_checkpoint(path: str, tag: Optional[str] = None) -> str:
 
 
 def load_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[Config, Dict[str, torch.Tensor], Dict[str, Any]]:
-    """(Config, TP=1 state dict on CPU, meta) of a checkpoint folder (save dir or tag folder)."""
+    """(Config, TP=1 fp32 state dict on CPU, meta) of a checkpoint folder (save dir or tag folder)."""
     folder = resolve_checkpoint(path, tag)
     meta = read_meta(folder)
     cfg = Config.from_dict(meta["config"], source=meta_path(folder))
@@ -81,6 +81,8 @@ def load_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[Config, Dict[
         sd = sd["model"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{model_path(folder)}: is not a state dict of tensors.")
+    # model.pt holds the weights in the training dtype (bf16 for a bf16 run); readers get fp32 as before.
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     meta = dict(meta, path=folder)
     return cfg, sd, meta
 

@@ -5,14 +5,18 @@ Face converter) goes through it::
 
     <save>/latest                  the tag of the newest complete checkpoint (written last, tmp + rename)
     <save>/iter_0000100/           tag = f"iter_{iteration:07d}"
-        model.pt                   consolidated TP=1 fp32 state dict of LoopGPT (global rank 0)
+        model.pt                   consolidated TP=1 state dict of LoopGPT in the training dtype (global rank 0;
+                                   fp32 for fp32 runs, bf16 for bf16 runs; io.load_checkpoint returns fp32)
         meta.json                  {"format": "loop_megatron", "version": 1, "iteration", "consumed_samples",
                                     "tensor_model_parallel_size", "zero_stage", "world_size", "config",
                                     "tokenizer": {type, model, name, vocab_size, eod, sha256}}
         tokenizer.json             a HuggingFaceTokenizer's definition (absent for GPT-2's bundled one)
         rng/rank_00000.pt ...      each rank's python/numpy/torch(/cuda) RNG state (trainer only)
-        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   DeepSpeed's engine files
-                                   (optimizer, LR schedule, client_state with the data position)
+        universal/                 fp32 masters + AdamW moments per parameter, step, schedule (universal.py):
+                                   the one copy of the optimizer state
+        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   DeepSpeed's engine files, only
+                                   in checkpoints written before universal/ was the one copy, and where it
+                                   cannot be (engine.DEEPSPEED_SHARDS)
 
 The trainer builds a checkpoint in `<save>/iter_XXXXXXX.tmp/` and renames it when whole, so a folder
 named iter_XXXXXXX is always complete. A folder written without an engine (e.g. imported from Hugging

@@ -28,11 +28,11 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_rng(folder: str, rank: int) -> None:
+def save_rng(folder: str, rank: int, fsync: bool = False) -> None:
     """Write this rank's RNG state into the checkpoint folder (rng/rank_XXXXX.pt)."""
     path = rng_path(folder, rank)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fs.torch_save(rng_state(), path)
+    fs.torch_save(rng_state(), path, fsync=fsync)
 
 
 def restore_rng(folder: str, rank: int) -> bool:

@@ -1,6 +1,7 @@
 """The topology-free training state written into every checkpoint, and resuming from it on any layout.
 
-Each checkpoint folder holds, beside DeepSpeed's layout-specific shards, a `universal/` folder:
+Each checkpoint folder holds a `universal/` folder, the checkpoint's one copy of the optimizer state
+(checkpoints written before it was also held DeepSpeed's layout-specific shards; engine.DEEPSPEED_SHARDS):
 
     universal/state.json           iteration, consumed samples, global batch size, optimizer step count,
                                    LR-schedule state, seed, AdamW hyperparameters per group, and the
@@ -23,18 +24,19 @@ parameter being written, plus the gather buffers of the tensor being merged (its
 the TP parts: about two more full copies), so at most ~5 x 4 bytes x the largest parameter's elements
 (for GPT-2 small's 50304 x 768 embedding: ~0.8 GB); never the whole model. Files go into the checkpoint's temporary folder, which is renamed only when whole.
 
-Reading on another layout (TP size, DP/world size, ZeRO stage, CPU offload or precision differ):
+Reading, on the saved layout or another (TP size, DP/world size, ZeRO stage, CPU offload or precision):
 `load_universal_weights` puts each rank's TP shard of the masters into the model before
 `deepspeed.initialize` (so DeepSpeed's fp32 masters start exact), and `load_universal_optimizer` then
 creates the optimizer state, sets every rank's ZeRO partition of master and moments from the full tensors
 (`safe_set_full_*`, or optimizer.state at ZeRO-0), the step count, the LR-schedule position and the
-engine counters, and reseeds the RNGs from (seed, iteration) because per-rank RNG states do not map
-across layouts.
+engine counters (and fp16's loss scale), and reseeds the RNGs from (seed, iteration) because per-rank RNG
+states do not map across layouts; on the saved layout the trainer then restores each rank's own RNG state,
+which makes that resume bit-exact (every value the optimizer holds is set exactly).
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -321,6 +323,81 @@ def _group_records(engine) -> List[Dict[str, Any]]:
              if k in ("lr", "weight_decay", "betas", "eps")} for g in groups]
 
 
+def gather_universal(engine) -> Iterator[Tuple[str, Dict[str, torch.Tensor]]]:
+    """(name, {"fp32", "exp_avg", "exp_avg_sq"} full TP=1 fp32 CPU tensors) of every parameter, one at a
+    time in the model's order. Collective over all ranks (every rank receives every tensor): iterate it
+    to the end on every rank. The caller must have checked `supported(engine)`."""
+    _link_fragments(engine)
+    for name, p in engine.module.named_parameters():  # one parameter at a time: bounded memory
+        yield name, gather_parameter(engine, p)
+
+
+LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def loss_scaler_state(engine) -> Optional[Dict[str, Any]]:
+    """fp16's dynamic loss scaler position (scale, iterations since the last overflow, hysteresis), which
+    DeepSpeed's own optimizer file would otherwise carry; None without a loss scaler (fp32, bf16)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is None:
+        return None
+    state = {}
+    for key in LOSS_SCALER_FIELDS:
+        value = getattr(scaler, key, None)
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        if isinstance(value, (int, float)):
+            state[key] = value
+    return state or None
+
+
+def _restore_loss_scaler(engine, state: Optional[Dict[str, Any]]) -> None:
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is None or not state:
+        return
+    for key, value in state.items():
+        if key in LOSS_SCALER_FIELDS and hasattr(scaler, key):
+            old = getattr(scaler, key)
+            setattr(scaler, key, torch.tensor(value, dtype=old.dtype, device=old.device)
+                    if isinstance(old, torch.Tensor) else type(old)(value))
+
+
+def universal_state(engine, *, iteration: int, consumed_samples: int, global_batch_size: int, seed: int,
+                    layout: Dict[str, Any], params: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The universal/state.json record of the engine's state now (a snapshot: later steps do not change
+    it). `params` is [{"name", "shape"}] in the model's order."""
+    import copy
+
+    scheduler = getattr(engine, "lr_scheduler", None)
+    return {
+        "format": FORMAT, "version": VERSION, "iteration": int(iteration),
+        "consumed_samples": int(consumed_samples), "global_batch_size": int(global_batch_size),
+        "optimizer_step": optimizer_step(engine),
+        "lr_scheduler": copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
+        "loss_scaler": loss_scaler_state(engine),
+        "skipped_steps": int(getattr(engine, "skipped_steps", 0) or 0),
+        "seed": int(seed),
+        "data_position": "sample index = consumed_samples; the loop-depth sampler is a function of "
+                         "(seed, iteration)",
+        "vocab_padding": "kept (tensors have model.padded_vocab_size rows, as in model.pt)",
+        "source_layout": layout,
+        "param_groups": _group_records(engine),
+        "params": params,
+    }
+
+
+def write_param(folder: str, name: str, full: Dict[str, torch.Tensor], fsync: bool = False) -> str:
+    """universal/params/<name>.pt of one parameter (its folder made when missing)."""
+    path = param_path(folder, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return fs.torch_save(full, path, fsync=fsync)
+
+
+def write_state(folder: str, state: Dict[str, Any], fsync: bool = False) -> str:
+    """universal/state.json."""
+    return fs.write_json(state_path(folder), state, indent=1, trailing_newline=True, fsync=fsync)
+
+
 def save_universal(engine, folder: str, *, iteration: int, consumed_samples: int, global_batch_size: int,
                    seed: int, layout: Dict[str, Any], run_write: Optional[Callable] = None) -> bool:
     """Write `folder/universal/` (collective; global rank 0 writes). False, and nothing written, when
@@ -330,34 +407,17 @@ def save_universal(engine, folder: str, *, iteration: int, consumed_samples: int
     if not supported(engine):
         return False
     run_write = run_write or (lambda _path, _fn, *args, **kwargs: _fn(*args, **kwargs))
-    _link_fragments(engine)
     is_writer = rank() == 0
-    params_dir = os.path.join(universal_dir(folder), PARAMS_DIR)
-    if is_writer:
-        run_write(params_dir, os.makedirs, params_dir, exist_ok=True)
     entries = []
-    for name, p in engine.module.named_parameters():  # one parameter at a time: bounded memory
-        full = gather_parameter(engine, p)
+    for name, full in gather_universal(engine):
         entries.append({"name": name, "shape": list(full[MASTER].shape)})
         if is_writer:
-            run_write(param_path(folder, name), fs.torch_save, full, param_path(folder, name))
+            run_write(param_path(folder, name), write_param, folder, name, full)
         del full
     if is_writer:
-        scheduler = getattr(engine, "lr_scheduler", None)
-        state = {
-            "format": FORMAT, "version": VERSION, "iteration": int(iteration),
-            "consumed_samples": int(consumed_samples), "global_batch_size": int(global_batch_size),
-            "optimizer_step": optimizer_step(engine),
-            "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "seed": int(seed),
-            "data_position": "sample index = consumed_samples; the loop-depth sampler is a function of "
-                             "(seed, iteration)",
-            "vocab_padding": "kept (tensors have model.padded_vocab_size rows, as in model.pt)",
-            "source_layout": layout,
-            "param_groups": _group_records(engine),
-            "params": entries,
-        }
-        run_write(state_path(folder), fs.write_json, state_path(folder), state, indent=1, trailing_newline=True)
+        state = universal_state(engine, iteration=iteration, consumed_samples=consumed_samples,
+                                global_batch_size=global_batch_size, seed=seed, layout=layout, params=entries)
+        run_write(state_path(folder), write_state, folder, state)
     barrier()
     return True
 
@@ -396,6 +456,9 @@ def load_universal_optimizer(engine, folder: str) -> Dict[str, Any]:
     scheduler = getattr(engine, "lr_scheduler", None)
     if scheduler is not None and state.get("lr_scheduler") is not None:
         scheduler.load_state_dict(state["lr_scheduler"])
+    _restore_loss_scaler(engine, state.get("loss_scaler"))
+    if "skipped_steps" in state and hasattr(engine, "skipped_steps"):
+        engine.skipped_steps = int(state["skipped_steps"])
     engine.global_steps = int(state["iteration"])
     engine.global_samples = int(state["consumed_samples"])
     reseed(int(state["seed"]), int(state["iteration"]))

@@ -99,6 +99,7 @@ CONFIG_FLAGS: List[Tuple[str, str]] = [
     ("--init-from", "training.init_from"),
     ("--save-interval", "training.save_interval"),
     ("--keep-last", "training.keep_last"),
+    ("--async-save", "training.async_save"),
     ("--eval-interval", "training.eval_interval"),
     ("--eval-iters", "training.eval_iters"),
     ("--log-interval", "training.log_interval"),
@@ -157,6 +158,8 @@ class RunOptions:
     explicit: Set[str] = dataclasses.field(default_factory=set)
     """Config keys set on purpose (by the file, a flag or an override) rather than by preset/default."""
     debug_sleep_per_iter: float = 0.0
+    debug_slow_save: float = 0.0
+    """A testing aid: seconds a background checkpoint write (--async-save) sleeps before each file."""
     local_rank: Optional[int] = None
     notes: List[str] = dataclasses.field(default_factory=list)
     """Lines the trainer logs at start: values the command line's settings displaced (resolve_lr_horizons)."""
@@ -246,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug-sleep-per-iter", type=float, default=0.0, metavar="SECONDS",
                         help="Make every step this much longer (a sleep before the step's all-reduce; testing aid: "
                              "a signal sent after step N is logged lands inside step N+1).")
+    parser.add_argument("--debug-slow-save", type=float, default=0.0, metavar="SECONDS",
+                        help="Make a background checkpoint write (--async-save) sleep this long before each file "
+                             "(testing aid: a process can be killed in the middle of one).")
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                         help="Set by the deepspeed/torch launchers; LOCAL_RANK in the environment is used instead "
                              "when present.")
@@ -284,9 +290,11 @@ def config_from_args(argv: Optional[List[str]] = None) -> Tuple[Config, RunOptio
     cfg.training.run_dir = run_folder(cfg, preset_name if isinstance(preset_name, str) else None)
     if args.debug_sleep_per_iter < 0:
         raise ConfigError(f"--debug-sleep-per-iter must be >= 0, got {args.debug_sleep_per_iter}.")
+    if args.debug_slow_save < 0:
+        raise ConfigError(f"--debug-slow-save must be >= 0, got {args.debug_slow_save}.")
     notes = resolve_lr_horizons(cfg, explicit)  # e.g. a preset's lr_warmup_iters under --train-samples
     opts = RunOptions(preset=preset_name, explicit=explicit, debug_sleep_per_iter=args.debug_sleep_per_iter,
-                      local_rank=args.local_rank, notes=notes)
+                      debug_slow_save=args.debug_slow_save, local_rank=args.local_rank, notes=notes)
     return cfg, opts
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -167,6 +168,10 @@ class Trainer:
         self.consecutive_skips = 0  # non-finite steps skipped in a row (training.max_skipped_steps)
         self.skip_guard: Optional[SkipGuard] = None
         self.save_lock: Optional[checkpoint.SaveLock] = None
+        # training.async_save: every rank holds one (the collective waits need all); rank 0's runs the writes
+        self.writer: Optional[checkpoint.BackgroundWriter] = (
+            checkpoint.BackgroundWriter(opts.debug_slow_save) if cfg.training.async_save else None)
+        self.reported_write: Optional[str] = None  # the background write whose end was logged
         self.watchdog = None  # utils.watchdog.RankWatchdog of a multi-rank job (setup)
         self.started = time.time()
 
@@ -184,6 +189,7 @@ class Trainer:
             self.iteration += 1
             self.check_finite(step)
             self.log_step(step, time.perf_counter() - t0)
+            self.poll_background_save()
             if step.nonfinite() and not step.skipped:
                 self.stop_nonfinite(step)  # raises before anything of this state is saved
             if 0 < t.max_skipped_steps <= self.consecutive_skips:
@@ -200,6 +206,8 @@ class Trainer:
         if not self.stopped and self.last_eval_iteration != self.iteration:
             self.evaluate()
         self.save()
+        checkpoint.wait_for_background(self.writer)  # the end of training waits for the pending write
+        self.poll_background_save()
         return self.summary()
 
     def train_step(self, micro_batches: Sequence[torch.Tensor], iteration: int) -> StepResult:
@@ -307,11 +315,33 @@ class Trainer:
         return {name: loss for name, (loss, _) in results.items()}
 
     def save(self) -> None:
-        """Checkpoint the current iteration on every rank (skipped without --save, or if just saved/loaded)."""
+        """Checkpoint the current iteration on every rank (skipped without --save, or if just saved/loaded);
+        with training.async_save the files are written in the background (checkpoint/background.py)."""
         if self.cfg.training.save and self.last_saved != self.iteration:
-            path = checkpoint.save_engine_checkpoint(self.engine, self.cfg, self.iteration, self.consumed_samples())
+            t0 = time.perf_counter()
+            path = checkpoint.save_engine_checkpoint(self.engine, self.cfg, self.iteration, self.consumed_samples(),
+                                                     writer=self.writer)
             self.last_saved = self.iteration
-            self.log.print(f"saved checkpoint {path}")
+            blocked = time.perf_counter() - t0
+            if self.writer is not None and self.writer.pending:
+                self.log.print(f"checkpoint {path}: snapshot taken (training blocked {blocked:.2f}s), writing in "
+                               "the background ('latest' moves when it is complete)")
+            else:
+                self.log.print(f"saved checkpoint {path} ({blocked:.2f}s)")
+
+    def poll_background_save(self) -> None:
+        """Rank 0, after each step: a background write that failed stops the run with its sentence; one that
+        completed is logged."""
+        if self.writer is None or not self.is_rank0:
+            return
+        failure = self.writer.poll()
+        if failure:
+            raise checkpoint.CheckpointWriteError(failure)
+        label = self.writer.label
+        if label and not self.writer.pending and self.writer.finished_s is not None and self.reported_write != label:
+            self.reported_write = label
+            self.log.print(f"checkpoint {os.path.join(self.cfg.training.save, label)} written in the background "
+                           f"({self.writer.finished_s:.2f}s); 'latest' names it")
 
     # ------------------------------------------------------------------------------------------------
     # Setup
@@ -430,9 +460,13 @@ class Trainer:
             folder = resume.folder
             rng = not t.no_load_rng
             if resume.mode == "universal":
-                client = checkpoint.load_universal_optimizer(self.engine, folder)
-                how = "universal state, new layout: " + "; ".join(checkpoint.layout_changes(
-                    resume.meta, self.cfg, world_size(), self.checks["precision"]))
+                client = checkpoint.load_universal_optimizer(self.engine, folder)  # reseeds the RNG
+                if resume.same_layout:
+                    how = "universal state, same layout; " + checkpoint.restore_rng_or_reseed(
+                        folder, rng, t.seed, int(client["iteration"])) + (" (--no-load-rng)" if not rng else "")
+                else:
+                    how = "universal state, new layout: " + "; ".join(checkpoint.layout_changes(
+                        resume.meta, self.cfg, world_size(), self.checks["precision"]))
             elif resume.mode == "engine":
                 client = checkpoint.load_engine_checkpoint(self.engine, resume.save_dir, resume.tag, rng=rng)
                 how = "DeepSpeed state, same layout"
@@ -733,6 +767,11 @@ class Trainer:
         if self.watchdog is not None:
             self.watchdog.stop()
             self.watchdog = None
+        if self.writer is not None:  # a pending background write ends before the lock is released
+            self.writer.join()
+            failure = self.writer.take_failure()
+            if failure:
+                print(f"error: {failure}", file=sys.stderr, flush=True)
         if self.save_lock is not None:
             self.save_lock.release()
             self.save_lock = None

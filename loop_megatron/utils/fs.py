@@ -15,6 +15,7 @@ one filesystem, which is why the temporary name is always in the same folder as 
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -90,13 +91,29 @@ def write_json(path: str, obj: Any, *, indent: Optional[int] = 2, trailing_newli
     return write_text(path, text, fsync=fsync, make_parent=make_parent)
 
 
-def torch_save(obj: Any, path: str) -> str:
-    """``torch.save(obj)`` to ``path`` atomically; return ``path``."""
+def torch_save(obj: Any, path: str, *, fsync: bool = False) -> str:
+    """``torch.save(obj)`` to ``path`` atomically; return ``path``. ``fsync`` forces the bytes to disk
+    before the rename."""
     import torch  # only the writers of tensors pay for importing torch
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+        if fsync:
+            fsync_path(tmp)
     return path
+
+
+def fsync_path(path: str) -> None:
+    """Force a written file's bytes (or a folder's entries, e.g. after a rename in it) to disk. Filesystems
+    that cannot fsync a folder (EINVAL on some network filesystems) are let be: nothing more can be done."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if not (os.path.isdir(path) and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)
 
 
 def temp_dir_beside(path: str) -> str:

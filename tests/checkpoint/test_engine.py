@@ -27,9 +27,12 @@ class _FailingEngine:
         raise OSError("No space left on device")
 
 
-def test_latest_only_after_a_complete_save(tmp_path):
+def test_latest_only_after_a_complete_save(tmp_path, monkeypatch):
     from loop_megatron.model import LoopGPT
     from loop_megatron import checkpoint
+    from loop_megatron.checkpoint import engine
+
+    monkeypatch.setattr(engine, "DEEPSPEED_SHARDS", True)  # the save of DeepSpeed's shards dies half-way
 
     prefix = write_corpus(str(tmp_path / "data"))
     ck = str(tmp_path / "ck")
@@ -52,12 +55,17 @@ def test_latest_only_after_a_complete_save(tmp_path):
     assert sorted(os.listdir(ck)) == ["iter_0000004", "latest"]
 
 
-def _save_errors(monkeypatch, ck, exc):
+def _save_errors(monkeypatch, ck, exc, background_only=False):
     """torch.save raises `exc` for every file under `ck` from now on (what a full disk does to DeepSpeed's
-    shards and our files alike)."""
+    shards and our files alike); with `background_only`, only in the background writer's thread (the
+    ranks' RNG files are written before it starts)."""
+    import threading
+
     real = torch.save
 
     def save(obj, f, *args, **kwargs):
+        if background_only and threading.current_thread() is threading.main_thread():
+            return real(obj, f, *args, **kwargs)
         if isinstance(f, str) and os.path.abspath(f).startswith(os.path.abspath(ck)):
             raise exc
         return real(obj, f, *args, **kwargs)
@@ -65,22 +73,29 @@ def _save_errors(monkeypatch, ck, exc):
     monkeypatch.setattr(torch, "save", save)
 
 
-@pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, "No space left on device"),
-                                 RuntimeError("basic_ios::clear: iostream error")], ids=["ENOSPC", "torch"])
-def test_write_error_at_save_stops_with_one_sentence_and_no_partial_folder(tmp_path, monkeypatch, exc):
+@pytest.mark.parametrize("exc,background", [(OSError(errno.ENOSPC, "No space left on device"), False),
+                                            (RuntimeError("basic_ios::clear: iostream error"), False),
+                                            (OSError(errno.ENOSPC, "No space left on device"), True)],
+                         ids=["ENOSPC", "torch", "ENOSPC-async-save"])
+def test_write_error_at_save_stops_with_one_sentence_and_no_partial_folder(tmp_path, monkeypatch, exc, background):
+    """Also with --async-save: the background write's failure stops the run at its end (the save of the last
+    iteration), with the same sentence saying it was written in the background."""
     from loop_megatron import checkpoint
     from loop_megatron.training import RunOptions, Trainer, preflight
 
     prefix = write_corpus(str(tmp_path / "data"))
     ck = str(tmp_path / "ck")
-    cfg = tiny_config(prefix, str(tmp_path / "run"), **{"training.save": ck, "training.save_interval": 2})
+    cfg = tiny_config(prefix, str(tmp_path / "run"), **{"training.save": ck, "training.save_interval": 2,
+                                                         "training.async_save": background})
     trainer = Trainer(cfg, RunOptions(), preflight(cfg, RunOptions()))
     real_save = trainer.save
 
     def save_then_fill_the_disk():
         real_save()
         if trainer.iteration == 2:
-            _save_errors(monkeypatch, ck, exc)
+            if trainer.writer is not None:
+                trainer.writer.join()  # iteration 2's background write completes before the disk fills
+            _save_errors(monkeypatch, ck, exc, background_only=background)
 
     trainer.save = save_then_fill_the_disk
     try:
@@ -90,7 +105,7 @@ def test_write_error_at_save_stops_with_one_sentence_and_no_partial_folder(tmp_p
     finally:
         trainer.close()
     msg = str(err.value)
-    assert msg.startswith("could not write the checkpoint of iteration 4 ("), msg
+    assert msg.startswith(f"could not write the checkpoint of iteration 4{' in the background' * background} ("), msg
     assert os.path.join(ck, "iter_0000004.tmp") in msg and os.path.join(ck, "iter_0000002") in msg, msg
     assert ("No space left on device" if isinstance(exc, OSError) else "basic_ios::clear") in msg
     assert "\n" not in msg

@@ -77,7 +77,7 @@ def test_no_load_optim_on_another_layout_restores_the_exact_fp32_masters(full, c
     assert "RNG reseeded from (seed, iteration) (another layout)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1])  # 0: DeepSpeed's shards (same layout); 1: universal/ (another)
+@pytest.mark.parametrize("zero_stage", [0, 1])  # universal/ both: 0 the same layout, 1 another
 def test_no_load_rng_reseeds_from_seed_and_iteration(full, zero_stage):
     from loop_megatron.checkpoint.rng import reseed
 
@@ -87,7 +87,8 @@ def test_no_load_rng_reseeds_from_seed_and_iteration(full, zero_stage):
                                                       "training.zero_stage": zero_stage})
         with _set_up(cfg) as trainer:
             states[flag] = torch.get_rng_state()
-            assert trainer.checks["resume"].mode == ("engine" if zero_stage == 0 else "universal")
+            assert trainer.checks["resume"].mode == "universal"
+            assert trainer.checks["resume"].same_layout == (zero_stage == 0)
     reseed(BASE.get("training.seed", 7), 3)
     assert torch.equal(states[True], torch.get_rng_state())
     saved = torch.load(os.path.join(full["tag3"], "rng", "rank_00000.pt"), weights_only=False)["torch"]

@@ -77,7 +77,7 @@ def test_resume_from_tag_folder_trains_on_and_says_what_it_loaded(run, tmp_path,
     assert [r["iteration"] for r in out["records"]] == [3, 4]
     text = capsys.readouterr().out
     assert (f"resumed from {os.path.join(ck, 'iter_0000002')} at iteration 2, sample 4 (save folder {ck}, tag "
-            "iter_0000002: the tag folder given; DeepSpeed state, same layout)") in text
+            "iter_0000002: the tag folder given; universal state, same layout; RNG from the checkpoint)") in text
     assert os.path.isdir(os.path.join(save, "iter_0000004"))
     empty = str(tmp_path / "fresh")
     os.makedirs(empty)

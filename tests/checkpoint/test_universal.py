@@ -12,7 +12,7 @@ universal/ state). The step-2 checkpoint is resumed on another layout twice:
   change can reproduce them to a relative bound.
   The bounds are about 10x the largest difference bench/layout_spread.py --suite universal measured over
   seeds 1-4: moments 3.5e-7, weights 1.1e-7, noise-level weights 1.6e-6 (absolute), loss 4.8e-7.
-One resumption stays on the saved layout (DeepSpeed's own shards) and must be bit-exact after its step.
+One resumption stays on the saved layout (universal/ with each rank's RNG) and must be bit-exact after its step.
 
 Layout pairs (2 gloo ranks: TP x DP = 2): every ZeRO stage is a source and a target, TP 1->2 and 2->1,
 DP 1->2 and 2->1.
@@ -39,7 +39,7 @@ RESUMES = [  # (source, target name, target layout)
     ("dp2_z1", "tp2_z2", {"training.zero_stage": 2, **TP2}),     # TP 1->2, DP 2->1, ZeRO 1->2
     ("dp2_z2", "dp2_z0", {"training.zero_stage": 0}),            # ZeRO 2->0 (DP 2 both)
     ("dp2_z3", "tp2_z1", {"training.zero_stage": 1, **TP2}),     # TP 1->2, DP 2->1, ZeRO 3->1
-    ("dp2_z2", "dp2_z2", {"training.zero_stage": 2}),            # same layout: DeepSpeed's own shards
+    ("dp2_z2", "dp2_z2", {"training.zero_stage": 2}),            # same layout: universal/ + per-rank RNG
 ]
 MOMENT_RTOL = 4e-6
 WEIGHT_RTOL = 1e-6
@@ -181,7 +181,7 @@ def test_refuses_truncated_universal_and_other_batch(runs, monkeypatch, tmp_path
         preflight(config(src, **{"training.global_batch_size": 8}), RunOptions())
     checks = preflight(config(src, **{"training.global_batch_size": 8, "training.override_global_batch": True,
                                        "training.zero_stage": 1}), RunOptions())
-    assert checks["resume"].mode == "engine"
+    assert checks["resume"].mode == "universal" and checks["resume"].same_layout
     assert preflight(config(src, **{"training.zero_stage": 3, **TP2}), RunOptions())["resume"].mode == "universal"
     # A truncated universal folder names the missing file.
     broken = str(tmp_path / "broken")
@@ -189,11 +189,13 @@ def test_refuses_truncated_universal_and_other_batch(runs, monkeypatch, tmp_path
     os.remove(os.path.join(broken, "iter_0000002", "universal", "params", "wpe.weight.pt"))
     with pytest.raises(ConfigError, match=r"universal/params/wpe\.weight\.pt: missing"):
         preflight(config(broken, **{"training.zero_stage": 3}), RunOptions())
-    # No universal state at all (an older checkpoint): another layout is refused, the same one resumes.
+    # No universal state at all: another layout is refused naming the change; the same one too, since the
+    # checkpoint holds no DeepSpeed shards either (universal/ is its one copy of the optimizer state).
     shutil.rmtree(os.path.join(broken, "iter_0000002", "universal"))
     with pytest.raises(ConfigError, match="zero_stage 1 there vs 3 here"):
         preflight(config(broken, **{"training.zero_stage": 3}), RunOptions())
-    assert preflight(config(broken, **{"training.zero_stage": 1}), RunOptions())["resume"].mode == "engine"
+    with pytest.raises(ConfigError, match="holds neither DeepSpeed's shards nor a universal/ state"):
+        preflight(config(broken, **{"training.zero_stage": 1}), RunOptions())
 
 
 def test_checkpoint_info_tool(runs, capsys):
@@ -212,7 +214,8 @@ def test_checkpoint_info_tool(runs, capsys):
     assert info["layout"] == {"tensor_model_parallel_size": 1, "data_parallel_size": 2, "world_size": 2,
                               "zero_stage": 1, "cpu_offload": False, "precision": "fp32"}
     assert info["universal"]["complete"] is True and info["universal"]["optimizer_step"] == 3
-    assert info["model_pt"] and info["engine_state"] and "any_layout" in info["resume"]
+    assert info["model_pt"] and not info["engine_state"] and "any_layout" in info["resume"]
+    assert "same_layout" in info["resume"] and info["size"]["bytes"]["deepspeed"] == 0
     text = subprocess.run([sys.executable, os.path.join(REPO, "tools", "checkpoint_info.py"),
                            os.path.join(save, "iter_0000002")], capture_output=True, text=True, env=cli_env(),
                           check=True).stdout
