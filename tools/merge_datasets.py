@@ -15,7 +15,7 @@ import sys
 import _bootstrap  # noqa: F401  (this checkout first on sys.path, before any installed copy)
 
 from loop_megatron.data.errors import DataError
-from loop_megatron.data.indexed_dataset import merge_datasets
+from loop_megatron.data.merge import merge_datasets
 from loop_megatron.data.loss_mask import LOSS_MASK_SUFFIX
 from loop_megatron.errors import LoopMegatronError
 

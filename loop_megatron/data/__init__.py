@@ -8,7 +8,7 @@ Typical use in the trainer::
         num_samples=(train_iters * global_batch, eval_samples, 0), cache_dir=cfg.data.data_cache_path or None)
     batch = next(iter(DataLoader(train, batch_size=8)))["tokens"]   # LongTensor [8, seq_length + 1]
     inputs, labels = batch[:, :-1], batch[:, 1:]
-    # answer-masked data (data/loss_mask.py) adds item["loss_mask"]; training/data.py split_inputs turns
+    # answer-masked data (data/loss_mask.py) adds item["loss_mask"]; model/inputs.py split_inputs turns
     # it into IGNORE_INDEX labels
 
 Tokenizers and the datasets they made (the trainer, inference and tools ask `checkpoint.tokenizer_for`,

@@ -48,7 +48,7 @@ def _batches(dataset, micro_batch_size: int, eval_iters: Optional[int]):
     n = len(dataset)
     if eval_iters is not None and eval_iters > 0:
         n = min(n, eval_iters * micro_batch_size)
-    from ..training.data import collate_tokens
+    from ..model.inputs import collate_tokens
 
     for start in range(0, n, micro_batch_size):
         yield collate_tokens([dataset[i] for i in range(start, min(n, start + micro_batch_size))])
@@ -67,7 +67,7 @@ def evaluate(model, dataset, micro_batch_size: int = 8, eval_iters: Optional[int
     from ..data.bpb import bits_per_byte, bpb_sums
     from ..model.exit import ExitRule, ExitStats
     from ..model.gpt import IGNORE_INDEX
-    from ..training.data import split_inputs
+    from ..model.inputs import split_inputs
 
     device = next(model.parameters()).device
     lengths = None if byte_lengths is None else torch.as_tensor(byte_lengths, dtype=torch.long, device=device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from ..data.errors import DataError
 from ..data.gpt_dataset import (build_named_eval_datasets, build_train_valid_test_datasets, parse_data_path,
                                 parse_named_data_paths, parse_split)
 from ..data.indexed_dataset import check_dataset_tokenizer
-from ..model.gpt import IGNORE_INDEX
+from ..model.inputs import collate_tokens
 
 
 def check_data_paths(data_path: Sequence[str]) -> None:
@@ -129,18 +129,6 @@ def build_datasets(cfg: Config, dp_size: int):
     return train, valid
 
 
-def collate_tokens(items) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Stack dataset items into a batch: a LongTensor [B, T+1] of tokens, or, when the items carry a
-    ``loss_mask`` (answer-masked data), ``{"tokens": [B, T+1], "loss_mask": float [B, T]}`` (an item
-    without one counts every target)."""
-    tokens = torch.from_numpy(np.stack([np.asarray(item["tokens"], dtype=np.int64) for item in items]))
-    if not any("loss_mask" in item for item in items):
-        return tokens
-    masks = [np.asarray(item["loss_mask"], np.float32) if "loss_mask" in item
-             else np.ones(tokens.shape[1] - 1, np.float32) for item in items]
-    return {"tokens": tokens, "loss_mask": torch.from_numpy(np.stack(masks))}
-
-
 def micro_batch_indices(consumed: int, micro: int, dp_size: int, dp_rank: int, m: int) -> List[int]:
     start = consumed + m * micro * dp_size + dp_rank * micro
     return list(range(start, start + micro))
@@ -187,26 +175,3 @@ def loader(dataset, batch_sampler, num_workers: int, generator: Optional[torch.G
     from it, and drawing from the global RNG would shift dropout masks between fresh and resumed runs."""
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_tokens,
                       generator=generator)
-
-
-def split_inputs(batch: Union[torch.Tensor, Dict[str, torch.Tensor]], device: torch.device
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """[B, T+1] window -> (input_ids [B, T], labels [B, T]). A batch with a ``loss_mask``
-    (`collate_tokens`) gets IGNORE_INDEX labels where the mask is 0, which the model's loss, evaluation
-    and bits per byte leave out."""
-    if isinstance(batch, dict):
-        tokens, mask = batch["tokens"], batch["loss_mask"]
-    else:
-        tokens, mask = batch, None
-    tokens = tokens.to(device, non_blocking=True)
-    if mask is None:
-        labels = tokens[:, 1:].contiguous()
-    else:  # out of place: with B = 1 the slice is already contiguous and shares storage with the inputs
-        labels = tokens[:, 1:].masked_fill(mask.to(device, non_blocking=True) == 0, IGNORE_INDEX)
-    return tokens[:, :-1].contiguous(), labels
-
-
-def is_masked_batch(batch) -> bool:
-    """The batch carries a loss mask (answer-masked data): the trainer then weights micro-batch losses by
-    their counted targets (training/step.py)."""
-    return isinstance(batch, dict) and "loss_mask" in batch

@@ -49,7 +49,7 @@ from ..model.depth import LoopDepth
 from ..model.gpt import IGNORE_INDEX
 from ..parallel import (get_data_parallel_group, get_data_parallel_world_size, get_tensor_model_parallel_group,
                         get_tensor_model_parallel_world_size)
-from .data import is_masked_batch, split_inputs
+from ..model.inputs import is_masked_batch, split_inputs
 from .ds_config import trainer_clips  # noqa: F401  (re-exported: where the trainer clips)
 
 

@@ -46,7 +46,8 @@ from .arguments import RunOptions
 from ..data.bpb import bits_per_byte, bpb_sums
 from ..data.tokenizer import HF_TYPE
 from .data import (EvalBatchSampler, TrainBatchSampler, build_datasets, build_eval_datasets, byte_length_table,
-                   check_data_paths, check_data_tokenizers, check_eval_data_paths, loader, split_inputs)
+                   check_data_paths, check_data_tokenizers, check_eval_data_paths, loader)
+from ..model.inputs import split_inputs
 from .diagnostics import gate_means
 from .distributed import device as current_device
 from .distributed import RankStopped, env_world_size, init_distributed, rank_report, start_watchdog

@@ -10,7 +10,8 @@ import pytest
 
 from loop_megatron.data import DataError, IndexedDataset, IndexedDatasetBuilder, build_tokenizer, preprocess
 from loop_megatron.data.dataset_meta import meta_path, read_dataset_meta
-from loop_megatron.data.indexed_dataset import check_dataset_tokenizer, merge_datasets, optimal_dtype
+from loop_megatron.data.indexed_dataset import check_dataset_tokenizer, optimal_dtype
+from loop_megatron.data.merge import merge_datasets
 
 from .conftest import MULTILINGUAL, write_jsonl
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from loop_megatron.data import DataError, IndexedDataset, IndexedDatasetBuilder
-from loop_megatron.data.indexed_dataset import merge_datasets
+from loop_megatron.data.merge import merge_datasets
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

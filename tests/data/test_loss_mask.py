@@ -14,7 +14,7 @@ import pytest
 
 from loop_megatron.data import (EOD_ID, BlendedDataset, DataError, GPT2Tokenizer, GPTDataset, IndexedDataset,
                                 build_train_valid_test_datasets, preprocess)
-from loop_megatron.data.indexed_dataset import merge_datasets
+from loop_megatron.data.merge import merge_datasets
 from loop_megatron.data.loss_mask import has_loss_mask, loss_mask_prefix, open_loss_mask
 
 RECORDS = [{"prompt": f"{a} + {b} =", "answer": f" {a + b}"} for a, b in [(2, 3), (17, 25), (100, 1), (7, 8)]] + [

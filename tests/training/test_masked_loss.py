@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loop_megatron.training.data import collate_tokens, split_inputs
+from loop_megatron.model.inputs import collate_tokens, split_inputs
 from tests.training.helpers import PYTHON, REPO, cli_env
 
 VOCAB = 100
