@@ -161,13 +161,19 @@ class LoopStack(nn.Module):
             return noise.to(e.device) * self.state_std
         return torch.zeros_like(e)
 
-    def _step(self, s: torch.Tensor, n: int, kv_cache: Optional[KVCache], e: Optional[torch.Tensor],
-              attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def advance(self, s: torch.Tensor, n: int, kv_cache=None, e: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None, running: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Iteration n of a batch some of whose positions may be done: s_{n+1} where `running` (a mask that
+        broadcasts against s: [B, 1, 1] for rows past their sampled depth, [B, T, 1] for positions that
+        exited; None = all run), the state s unchanged elsewhere. The one step both loops take (`forward`
+        below, model/exit.py `adaptive_loop`), with activation checkpointing when training."""
         if self.checkpointing == "per-iteration" and self._checkpoint_active(kv_cache):
             # Non-reentrant: the shared weights get one gradient per iteration, which the reentrant
             # variant (and deepspeed.checkpointing) mishandle under ZeRO-2/3.
-            return checkpoint(self.iteration, s, n, kv_cache, e, attn_mask, use_reentrant=False)
-        return self.iteration(s, n, kv_cache, e, attn_mask)
+            s_next = checkpoint(self.iteration, s, n, kv_cache, e, attn_mask, use_reentrant=False)
+        else:
+            s_next = self.iteration(s, n, kv_cache, e, attn_mask)
+        return s_next if running is None else torch.where(running, s_next, s)
 
     def forward(self, x: torch.Tensor, depth: LoopDepth, kv_cache: Optional[KVCache] = None,
                 attn_mask: Optional[torch.Tensor] = None, states: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
@@ -186,11 +192,9 @@ class LoopStack(nn.Module):
             if tracked and plan.cuts_rows(n):
                 # Rows whose own last k iterations start here are cut from their earlier graph.
                 s = torch.where((plan.row_starts == n).view(-1, 1, 1), s.detach(), s)
-            with torch.set_grad_enabled(tracked):
-                s_next = self._step(s, n, kv_cache, e, attn_mask)
-                if loop_depths is not None:  # rows past their depth keep their state: mask the update
-                    s_next = torch.where((loop_depths > n).view(-1, 1, 1), s_next, s)
-            s = s_next
+            with torch.set_grad_enabled(tracked):  # rows past their depth keep their state
+                s = self.advance(s, n, kv_cache, e, attn_mask,
+                                 None if loop_depths is None else (loop_depths > n).view(-1, 1, 1))
             if states is not None:
                 states.append(s)
         return s
