@@ -179,7 +179,19 @@ class LoopStack(nn.Module):
                 attn_mask: Optional[torch.Tensor] = None, states: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         """Run the loop on the prelude output `x` (= e) to the `depth` of this call and return the final state
         s_r. `states`, when given, receives s_1..s_r (the exit gate's training loss reads every iteration's
-        state). `attn_mask`: a padded batch's attention mask (model/attention.py), passed to every block."""
+        state). `attn_mask`: a padded batch's attention mask (model/attention.py), passed to every block.
+
+        Why this and model/exit.py `adaptive_loop` are two loops around one step (`advance`, which both call):
+        this one is what training runs, and it must stay a plain `for` over `advance`: per-iteration grad
+        tracking (truncated backprop), activation checkpointing (active only without a KV object, so it cannot
+        see adaptive_loop's IterationKV view, which also keeps an iteration's keys/values alive for the KV
+        rule) and no host synchronisation. adaptive_loop is inference only: the KV rule's view, the readouts,
+        the criteria, compaction of stopped rows (the batch changes between iterations, one host sync each)
+        and the early break. Running training through adaptive_loop with criterion 'none' would switch
+        checkpointing off and hold the view's tensors; running exits through this loop would put the host
+        syncs and compaction into the training step. Fixed depth with a KV cache already runs adaptive_loop
+        (criterion 'none'); tests/model/test_exit.py checks that adaptive_loop with a criterion that never
+        fires equals this loop bit for bit, and tests/inference that cached (adaptive) = recomputed."""
         e = x if self.injection_kind != "none" else None
         r, loop_depths, shallowest = depth.resolve(self.num_loops, x.shape[0], x.device)
         grad = torch.is_grad_enabled()
