@@ -275,7 +275,7 @@ def speed_table(label, model, cfg, hf, windows, args, exits, quality) -> List[st
         settings = [Setting(f"fixed {d}", num_loops=d, exit_criterion="none") for d in fixed_depths]
         keys = list(fixed_depths)
         for criterion, threshold in exits:
-            for prefill in ("exit", "full"):
+            for prefill in (("exit", "full") if args.prefill == "both" else (args.prefill,)):
                 settings.append(Setting(f"{criterion} < {threshold:g}, prefill {prefill}", num_loops=cap,
                                         exit_criterion=criterion, exit_threshold=threshold, prefill=prefill))
                 keys.append((criterion, threshold))
@@ -366,6 +366,9 @@ def main(argv=None) -> int:
     p.add_argument("--held-out", type=int, default=16,
                    help="held-out windows of --seq + 1 tokens (with --load: per held-out set)")
     p.add_argument("--no-peer", action="store_true", help="skip Hugging Face generate() of the export")
+    p.add_argument("--prefill", choices=("exit", "full", "both"), default="both",
+                   help="the exits' prefill policies to time (default both)")
+    p.add_argument("--no-kv", action="store_true", help="skip the KV-across-iterations table")
     p.add_argument("--quality-only", action="store_true", help="the held-out quality table only (no timing)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "loop_megatron_genbench"))
@@ -419,7 +422,7 @@ def main(argv=None) -> int:
         speed += speed_table(label, model, cfg, hf, windows, args, exits, quality)
         print("\n".join(speed[-4:]), file=sys.stderr, flush=True)
         kv_windows = windows[:8]
-        for share, budget in KV_OPTIONS:
+        for share, budget in (() if args.no_kv else KV_OPTIONS):
             stats = GenerationStats()
             generate(model, windows[:8, :args.prompt_len], max_new_tokens=args.new_tokens, temperature=0,
                      num_loops=cap, kv_share=share, kv_budget=budget, stats=stats)
