@@ -1,25 +1,31 @@
-"""Generation with test-time compute: does an exit save the time its iterations say it should?
+"""Generation with test-time compute: does an exit save the time its iterations say it should, at what quality?
 
-Trains (or reuses, from --cache-dir) a `tiny-recurrent` model in-process per vocabulary, on the bundled State of
-the Union corpus (GPT-2's 50257-token vocabulary, and a small byte-level BPE trained here on the same text),
-with the preset's sampled depth (Poisson-lognormal, mean 4, max 8, backprop through the last 2), then an exit
-gate on the frozen model (Ouro's second stage) so that every criterion has something to read. Then, in one
-process, on the same held-out prompts:
+The model: a trained checkpoint (--load CKPT: loaded as tools/evaluate.py loads it, with its held-out sets,
+the run's own or --valid-data-path), or else (--vocab) a `tiny-recurrent` model trained (or reused, from
+--cache-dir) in-process per vocabulary, on the bundled State of the Union corpus (GPT-2's 50257-token
+vocabulary, and a small byte-level BPE trained here on the same text), with the preset's sampled depth
+(Poisson-lognormal, mean 4, max 8, backprop through the last 2), then an exit gate on the frozen model (Ouro's
+second stage) so that every criterion has something to read. The cap (--cap) defaults to the deepest
+training depth (a sampled depth's max_loops). Then, in one process, on the same held-out windows:
 
-  speed    greedy generate() of --new-tokens after a --prompt-len prompt, batch 1 and 8, for fixed depths and
-           each exit criterion (prefill with exits and at full depth), beside Hugging Face generate() of the
-           exported model (the peer): ms per generated token (decode), prefill ms, tokens/s over the whole
-           call, mean iterations of the generated tokens, peak KV-cache memory. Each setting runs --repeats
-           times, interleaved, and its fastest run counts (the machine is shared: a ratio within one run is the
-           measurement, an absolute time is not). "vs fixed" = decode time / that of the fixed depth ceil(m).
-  quality  held-out bits per byte of the full-sequence forward at fixed depths and at each exit, and its
-           difference from the cap depth, in percent.
+  quality  held-out bits per byte of the full-sequence forward at every fixed depth 1..cap (and 2 x cap) and at
+           each exit, and its difference from the cap depth, in percent (lower bpb is better).
+  speed    greedy generate() of --new-tokens after a --prompt-len prompt (the held-out windows' first tokens),
+           batch 1 and 8, for every fixed depth 1..cap and each exit criterion (prefill with exits and at full
+           depth), beside Hugging Face generate() of the exported model (the peer): ms per generated token
+           (decode), prefill ms, tokens/s over the whole call, mean iterations of the generated tokens, peak
+           KV-cache memory. Each setting runs --repeats times, interleaved, and its fastest run counts (the
+           machine is shared: a ratio within one run is the measurement, an absolute time is not). "vs fixed"
+           = decode time / that of the fixed depth ceil(m); the quality columns repeat the setting's Δ bpb and
+           mark the exits within 1.25x of fixed ceil(m) and within +0.1% bpb of the cap (issue 27's bound).
   KV       for each KV option across iterations (all | first | last k), the cache's bytes after a generation
            and the held-out bpb of teacher-forced cached decoding at the cap (token by token, as generation
            reads the cache), beside 'all'.
 
-    python bench/generation_bench.py                     # both vocabularies, ~15 min on 2 free cores (cap 8 = the preset's max_loops)
+    python bench/generation_bench.py                     # both vocabularies, ~15 min on 2 free cores
     python bench/generation_bench.py --vocab small --quick
+    python bench/generation_bench.py --load checkpoints/study/rec-s1 --held-out 32 \\
+        --thresholds kl=0.001,0.0003 delta=0.05,0.02 entropy=none
 
 Prints Markdown tables. Timings use --threads intra-op threads (default 1: steadier on a loaded machine).
 """
@@ -257,110 +263,192 @@ def export_peer(model, cfg, tok, folder: str):
     return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
 
 
-def speed_table(vocab, model, cfg, tok, hf, windows, args, exits) -> List[str]:
-    """Markdown rows of the speed table for batch 1 and 8."""
+def speed_table(label, model, cfg, hf, windows, args, exits, quality) -> List[str]:
+    """Markdown rows of the speed table for batch 1 and 8; `quality` maps a setting's key (fixed depth d, or
+    (criterion, threshold)) to its held-out (bpb, mean iterations), the cap's under the key args.cap."""
     cap = args.cap
+    cap_bpb = quality[cap][0]
     lines = []
     for batch in (1, 8):
         prompts = windows[:batch, :args.prompt_len]
-        fixed_depths = sorted({1, 2, 3, 4, 6, cap})
+        fixed_depths = list(range(1, cap + 1))  # every depth, so that "vs fixed ceil(m)" is exactly that
         settings = [Setting(f"fixed {d}", num_loops=d, exit_criterion="none") for d in fixed_depths]
+        keys = list(fixed_depths)
         for criterion, threshold in exits:
-            for prefill in ("exit", "full"):
+            for prefill in (("exit", "full") if args.prefill == "both" else (args.prefill,)):
                 settings.append(Setting(f"{criterion} < {threshold:g}, prefill {prefill}", num_loops=cap,
                                         exit_criterion=criterion, exit_threshold=threshold, prefill=prefill))
-        peers = [PeerSetting(f"HF generate(), fixed {d}", num_loops=d) for d in (cfg.model.num_loops, cap)]
-        for _ in range(args.repeats):
+                keys.append((criterion, threshold))
+        peer_depths = sorted({cfg.model.num_loops, cap})
+        peers = [PeerSetting(f"HF generate(), fixed {d}", num_loops=d) for d in peer_depths] if hf else []
+        keys += peer_depths if hf else []
+        for _ in range(args.repeats):  # interleaved: every setting once per round, so load drifts hit all alike
             for s in settings:
                 s.run(model, prompts, args.new_tokens)
             for p in peers:
                 p.run(hf, prompts, args.new_tokens)
         by_depth = {d: s.best["decode_ms"] for d, s in zip(fixed_depths, settings)}
-        for s in settings + peers:
+        for s, key in zip(settings + peers, keys):
             b = s.best
             m = b["iterations"]
-            ref = min([d for d in by_depth if d >= math.ceil(m - 1e-9)] or [cap])
+            ref = min(cap, math.ceil(m - 1e-9))
             ratio = b["decode_ms"] / by_depth[ref]
             same = ""
             if isinstance(s, PeerSetting):
                 ours = next(x for x in settings if x.kw.get("num_loops") == s.kw["num_loops"]
                             and x.kw.get("exit_criterion") == "none")
-                same = "same tokens" if torch.equal(ours.tokens, s.tokens) else "tokens differ"
+                same = ", same tokens" if torch.equal(ours.tokens, s.tokens) else ", tokens differ"
+            delta = 100 * (quality[key][0] / cap_bpb - 1)
+            both = "yes" if ratio <= 1.25 and delta <= 0.1 and isinstance(key, tuple) else ""
             prefill_ms = "–" if math.isnan(b["prefill_ms"]) else f"{b['prefill_ms']:.1f}"
-            lines.append(f"| {vocab} | {batch} | {s.label} | {m:.2f} | {b['decode_ms']:.2f} | {prefill_ms} | "
-                         f"{b['tok_s']:.0f} | {b['kv_mib']:.2f} | {ratio:.2f} (fixed {ref}) {same} |")
+            lines.append(f"| {label} | {batch} | {s.label} | {m:.2f} | {b['decode_ms']:.2f} | {prefill_ms} | "
+                         f"{b['tok_s']:.0f} | {b['kv_mib']:.2f} | {ratio:.2f} (fixed {ref}{same}) | {delta:+.2f}% | "
+                         f"{both} |")
     return lines
+
+
+def parse_thresholds(items: List[str]) -> Dict[str, List[float]]:
+    """--thresholds CRITERION=T1,T2 ... -> {criterion: [T1, T2]} (the criteria not named keep THRESHOLDS')."""
+    out = dict(THRESHOLDS)
+    for item in items:
+        name, _, values = item.partition("=")
+        if name not in THRESHOLDS or not values:
+            raise SystemExit(f"generation_bench.py: error: --thresholds {item!r}: expected CRITERION=T1,T2,... with "
+                             f"CRITERION one of {', '.join(THRESHOLDS)}.")
+        try:
+            out[name] = [float(v) for v in values.split(",")] if values != "none" else []
+        except ValueError:
+            raise SystemExit(f"generation_bench.py: error: --thresholds {item!r}: thresholds must be numbers.")
+    return out
+
+
+def loaded_model(args):
+    """(label, tokenizer, config, model, held-out windows [N, seq + 1]) of the checkpoint --load: its held-out
+    sets as tools/evaluate.py reads them (the run's own, or --valid-data-path), the first --held-out windows
+    of each, interleaved (so that a batch of prompts mixes the sets)."""
+    from loop_megatron.inference.evaluation import describe_data, load_for_evaluation
+
+    ev = load_for_evaluation(args.load, tag=args.tag, named=args.valid_data_path, cache_dir=args.data_cache_path)
+    per_set = [[torch.as_tensor(ds[i]["tokens"], dtype=torch.long) for i in range(min(len(ds), args.held_out))]
+               for ds in ev.sets.values()]
+    rows = [w for group in zip(*per_set) for w in group]  # round robin (as many from each set)
+    print(f"{ev.meta['path']}: {describe_data(ev.meta['eval_data'])}; {len(rows)} windows "
+          f"({len(rows) // len(per_set)} per set)", file=sys.stderr, flush=True)
+    label = os.path.basename(os.path.normpath(args.load))
+    return label, ev.tokenizer, ev.cfg, ev.model, torch.stack(rows)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--vocab", nargs="+", default=["gpt2", "small"], choices=["gpt2", "small"])
+    p.add_argument("--vocab", nargs="+", default=None, choices=["gpt2", "small"],
+                   help="train tiny-recurrent here with these vocabularies (default: both; not with --load)")
+    p.add_argument("--load", default=None, metavar="CKPT",
+                   help="bench a trained checkpoint instead (the --save folder or a tag folder), on its held-out sets")
+    p.add_argument("--tag", default=None, help="--load's checkpoint tag (default: 'latest')")
+    p.add_argument("--valid-data-path", nargs="+", default=None, metavar="NAME=PREFIX",
+                   help="--load: the held-out sets (default: the run's own, as tools/evaluate.py)")
+    p.add_argument("--data-cache-path", default=None, help="--load: folder for cached sample indices")
     p.add_argument("--small-vocab", type=int, default=512)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--gate-steps", type=int, default=40)
-    p.add_argument("--seq", type=int, default=128, help="held-out window length")
+    p.add_argument("--seq", type=int, default=128, help="held-out window length (with --load: the run's)")
     p.add_argument("--train-seq", type=int, default=64)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--cap", type=int, default=8, help="loop cap of the exits (default: the preset's max_loops)")
+    p.add_argument("--cap", type=int, default=None,
+                   help="loop cap of the exits (default: the deepest training depth, e.g. a sampled depth's max_loops)")
+    p.add_argument("--thresholds", nargs="+", default=[], metavar="CRITERION=T1,T2",
+                   help="exit thresholds per criterion ('none' drops it; default: " +
+                        " ".join(f"{k}={','.join(map(str, v))}" for k, v in THRESHOLDS.items()) +
+                        "; entropy's are fractions of ln(vocabulary size))")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--held-out", type=int, default=16, help="held-out windows of --seq + 1 tokens")
+    p.add_argument("--held-out", type=int, default=16,
+                   help="held-out windows of --seq + 1 tokens (with --load: per held-out set)")
+    p.add_argument("--no-peer", action="store_true", help="skip Hugging Face generate() of the export")
+    p.add_argument("--prefill", choices=("exit", "full", "both"), default="both",
+                   help="the exits' prefill policies to time (default both)")
+    p.add_argument("--no-kv", action="store_true", help="skip the KV-across-iterations table")
+    p.add_argument("--quality-only", action="store_true", help="the held-out quality table only (no timing)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "loop_megatron_genbench"))
     p.add_argument("--quick", action="store_true", help="fewer settings and repeats (a smoke run)")
     args = p.parse_args(argv)
+    if args.load and args.vocab:
+        p.error("pass --load (a trained checkpoint) or --vocab (train one here), not both")
+    thresholds = parse_thresholds(args.thresholds)
     torch.set_num_threads(args.threads)
     if args.quick:
-        args.repeats, args.held_out, args.new_tokens = 1, 8, 32
-    train_docs, test_docs = corpus()
-    speed, quality, kv_rows = [], [], []
-    for vocab in args.vocab:
-        tok, cfg, model = load_or_train(vocab, args, train_docs)
+        args.repeats, args.new_tokens = 1, 32
+        args.held_out = min(args.held_out, 8)
+    from loop_megatron.config import training_depth_bound
+
+    if args.load:
+        models = [loaded_model(args)]
+    else:
+        train_docs, test_docs = corpus()
+        models = []
+        for vocab in args.vocab or ["gpt2", "small"]:
+            tok, cfg, model = load_or_train(vocab, args, train_docs)
+            models.append((vocab, tok, cfg, model, held_out(tok, test_docs, args.seq, args.held_out)))
+    cap_given = args.cap
+    speed, quality_rows, kv_rows, caps = [], [], [], []
+    for label, tok, cfg, model, windows in models:
+        args.cap = cap = cap_given or training_depth_bound(cfg)
+        caps.append(cap)
         lengths = tok.token_byte_lengths()
-        windows = held_out(tok, test_docs, args.seq, args.held_out)
-        cap = args.cap
-        cap_bpb, _ = bpb_of(model, windows, lengths, cap)
-        for d in sorted({1, 2, 3, 4, 6, 8, 2 * cap}):
-            b, _ = bpb_of(model, windows, lengths, d)
-            quality.append(f"| {vocab} | fixed {d} | {d} | {b:.4f} | {100 * (b / cap_bpb - 1):+.2f}% |")
+        quality: Dict[object, Tuple[float, float]] = {}
+        for d in list(range(1, cap + 1)) + [2 * cap]:
+            quality[d] = bpb_of(model, windows, lengths, d)
         exits = []
-        for criterion, thresholds in THRESHOLDS.items():
-            for t in (thresholds[:1] if args.quick else thresholds):
+        for criterion, values in thresholds.items():
+            if criterion == "gate" and getattr(model, "exit_gate", None) is None:
+                continue  # a model without the learned exit gate
+            for t in (values[:1] if args.quick else values):
                 if criterion == "entropy":
                     t = round(t * math.log(tok.vocab_size), 2)
-                b, m = bpb_of(model, windows, lengths, cap, criterion, t)
-                quality.append(f"| {vocab} | {criterion} < {t:g} | {m:.2f} | {b:.4f} | {100 * (b / cap_bpb - 1):+.2f}% |")
+                quality[(criterion, t)] = bpb_of(model, windows, lengths, cap, criterion, t)
                 exits.append((criterion, t))
-        print("\n".join(quality[-(len(exits) + 6):]), file=sys.stderr, flush=True)
-        hf = export_peer(model, cfg, tok, os.path.join(args.cache_dir, f"hf-{vocab}"))
-        speed += speed_table(vocab, model, cfg, tok, hf, windows, args, exits)
+        cap_bpb = quality[cap][0]
+        for key, (b, m) in quality.items():
+            name = f"fixed {key}" if isinstance(key, int) else f"{key[0]} < {key[1]:g}"
+            quality_rows.append(f"| {label} | {name} | {m:.2f} | {b:.4f} | {100 * (b / cap_bpb - 1):+.2f}% |")
+        print("\n".join(quality_rows[-len(quality):]), file=sys.stderr, flush=True)
+        if args.quality_only:
+            continue
+        hf = None if args.no_peer else export_peer(model, cfg, tok, os.path.join(args.cache_dir, f"hf-{label}"))
+        for d in ({cfg.model.num_loops, cap} if hf else ()):
+            quality.setdefault(d, bpb_of(model, windows, lengths, d))
+        speed += speed_table(label, model, cfg, hf, windows, args, exits, quality)
         print("\n".join(speed[-4:]), file=sys.stderr, flush=True)
         kv_windows = windows[:8]
-        for share, budget in KV_OPTIONS:
+        for share, budget in (() if args.no_kv else KV_OPTIONS):
             stats = GenerationStats()
             generate(model, windows[:8, :args.prompt_len], max_new_tokens=args.new_tokens, temperature=0,
                      num_loops=cap, kv_share=share, kv_budget=budget, stats=stats)
             b = cached_bpb(model, kv_windows, lengths, cap, share, budget, args.prompt_len)
             name = share if share != "last" else f"last {budget}"
-            kv_rows.append((vocab, name, stats.kv_cache_bytes, b))
-    print(f"\n### Generation speed (tiny-recurrent, cap {args.cap}, {args.prompt_len}-token prompts, "
-          f"{args.new_tokens} new tokens, greedy, {args.threads} thread(s), fastest of {args.repeats})\n")
-    print("| vocab | batch | setting | mean iterations | decode ms / token | prefill ms | tokens/s | KV MiB | "
-          "decode vs fixed ceil(m) |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---|")
-    print("\n".join(speed))
-    print(f"\n### Held-out quality (full-sequence forward, cap {args.cap}; Δ vs the cap depth)\n")
-    print("| vocab | setting | mean iterations | bpb | Δ bpb |")
+            kv_rows.append((label, name, stats.kv_cache_bytes, b))
+    caps_text = "/".join(str(c) for c in sorted(set(caps)))
+    if speed:
+        print(f"\n### Generation speed (cap {caps_text}, {args.prompt_len}-token prompts, {args.new_tokens} new tokens, "
+              f"greedy, {args.threads} thread(s), fastest of {args.repeats}; Δ bpb: held-out, vs the cap depth)\n")
+        print("| model | batch | setting | mean iterations | decode ms / token | prefill ms | tokens/s | KV MiB | "
+              "decode vs fixed ceil(m) | Δ bpb | ≤ 1.25x and ≤ +0.1% |")
+        print("|---|---:|---|---:|---:|---:|---:|---:|---|---:|---|")
+        print("\n".join(speed))
+    print(f"\n### Held-out quality (full-sequence forward, cap {caps_text}; Δ vs the cap depth)\n")
+    print("| model | setting | mean iterations | bpb | Δ bpb |")
     print("|---|---|---:|---:|---:|")
-    print("\n".join(quality))
-    print(f"\n### KV across iterations (batch 8, fixed depth {args.cap}; bpb of cached teacher-forced decoding)\n")
-    print("| vocab | KV option | KV MiB after generation | vs all | cached bpb | Δ bpb vs all |")
-    print("|---|---|---:|---:|---:|---:|")
-    for vocab, name, nbytes, b in kv_rows:
-        base = next(r for r in kv_rows if r[0] == vocab and r[1] == "all")
-        print(f"| {vocab} | {name} | {nbytes / 2 ** 20:.2f} | {nbytes / base[2]:.2f}x | {b:.4f} | "
-              f"{100 * (b / base[3] - 1):+.2f}% |")
+    print("\n".join(quality_rows))
+    if kv_rows:
+        print(f"\n### KV across iterations (batch 8, fixed depth = the cap; bpb of cached teacher-forced decoding)\n")
+        print("| model | KV option | KV MiB after generation | vs all | cached bpb | Δ bpb vs all |")
+        print("|---|---|---:|---:|---:|---:|")
+        for label, name, nbytes, b in kv_rows:
+            base = next(r for r in kv_rows if r[0] == label and r[1] == "all")
+            print(f"| {label} | {name} | {nbytes / 2 ** 20:.2f} | {nbytes / base[2]:.2f}x | {b:.4f} | "
+                  f"{100 * (b / base[3] - 1):+.2f}% |")
     return 0
 
 

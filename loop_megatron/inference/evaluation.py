@@ -215,22 +215,29 @@ def compute_settings(loops: Optional[Sequence[int]], default_loops: int, exit_cr
     return depths, adaptive, cap
 
 
-def evaluate_checkpoint(load: str, data_path: Optional[Sequence[str]] = None, split: Optional[str] = None,
+@dataclass
+class CheckpointEvaluation:
+    """A checkpoint made ready to evaluate (`load_for_evaluation`): the model (eval mode, on its device), its
+    config, meta (with "eval_data" = the data settings used and "eval_notes" = the ones overridden), the
+    tokenizer, its byte lengths, and the held-out sets (name -> dataset of {"tokens": [seq_length + 1]})."""
+
+    model: Any
+    cfg: Any
+    meta: Dict[str, Any]
+    tokenizer: Any
+    byte_lengths: Any
+    sets: Dict[str, Any]
+    micro_batch_size: int
+
+
+def load_for_evaluation(load: str, data_path: Optional[Sequence[str]] = None, split: Optional[str] = None,
                         eval_split: str = "valid", seq_length: Optional[int] = None,
-                        micro_batch_size: Optional[int] = None, eval_iters: Optional[int] = None,
-                        loops: Optional[Sequence[int]] = None, tag: Optional[str] = None, seed: Optional[int] = None,
+                        micro_batch_size: Optional[int] = None, tag: Optional[str] = None, seed: Optional[int] = None,
                         cache_dir: Optional[str] = None, device: str = "cpu", named: Optional[Sequence[str]] = None,
-                        exit_criterion: str = "none", exit_thresholds: Sequence[float] = (),
-                        max_loops: Optional[int] = None, tokenizer=None) -> Tuple[List[EvalResult], Dict[str, Any]]:
-    """Load a checkpoint and evaluate it on every set once per entry of `loops` (default: its
-    training.eval_loops, else its trained loop count), then, with an exit criterion, once per threshold
-    with `max_loops` (default: the largest of `loops`, or the trained count) as the cap; bits per byte from
-    `tokenizer` (default: the checkpoint's). Data settings left None are the run's own
-    (`run_data_settings`), so on the run's data the held-out samples are the trainer's: its valid line
-    over eval_iters x micro_batch_size x DP samples equals this with eval_iters = its eval_iters x DP.
-    The datasets are checked to be made by that tokenizer. Returns (results, checkpoint meta) with
-    meta["eval_data"] (the settings used), meta["eval_notes"] (settings overridden, with the run's
-    values); meta["config"]["model"]["num_loops"] is the trained count."""
+                        tokenizer=None) -> CheckpointEvaluation:
+    """Load a checkpoint and the held-out sets to evaluate it on (the arguments as for `evaluate_checkpoint`):
+    data settings left None are the run's own (`run_data_settings`); the datasets are checked to be made by
+    the tokenizer (default: the checkpoint's)."""
     from ..checkpoint import load_checkpoint, tokenizer_for
     from ..data.gpt_dataset import parse_data_path, parse_named_data_paths
     from ..data.indexed_dataset import check_dataset_tokenizer
@@ -259,11 +266,32 @@ def evaluate_checkpoint(load: str, data_path: Optional[Sequence[str]] = None, sp
                          f"({cfg.model.max_position_embeddings}).")
     meta = dict(meta, eval_data=settings, eval_notes=notes)
     sets = build_eval_sets(data_path, split, seq_length, eval_split, seed, cache_dir, named)
-    lengths = tokenizer.token_byte_lengths()
+    return CheckpointEvaluation(model, cfg, meta, tokenizer, tokenizer.token_byte_lengths(), sets, micro_batch_size)
+
+
+def evaluate_checkpoint(load: str, data_path: Optional[Sequence[str]] = None, split: Optional[str] = None,
+                        eval_split: str = "valid", seq_length: Optional[int] = None,
+                        micro_batch_size: Optional[int] = None, eval_iters: Optional[int] = None,
+                        loops: Optional[Sequence[int]] = None, tag: Optional[str] = None, seed: Optional[int] = None,
+                        cache_dir: Optional[str] = None, device: str = "cpu", named: Optional[Sequence[str]] = None,
+                        exit_criterion: str = "none", exit_thresholds: Sequence[float] = (),
+                        max_loops: Optional[int] = None, tokenizer=None) -> Tuple[List[EvalResult], Dict[str, Any]]:
+    """Load a checkpoint and evaluate it on every set once per entry of `loops` (default: its
+    training.eval_loops, else its trained loop count), then, with an exit criterion, once per threshold
+    with `max_loops` (default: the largest of `loops`, or the trained count) as the cap; bits per byte from
+    `tokenizer` (default: the checkpoint's). Data settings left None are the run's own
+    (`run_data_settings`), so on the run's data the held-out samples are the trainer's: its valid line
+    over eval_iters x micro_batch_size x DP samples equals this with eval_iters = its eval_iters x DP.
+    The datasets are checked to be made by that tokenizer. Returns (results, checkpoint meta) with
+    meta["eval_data"] (the settings used), meta["eval_notes"] (settings overridden, with the run's
+    values); meta["config"]["model"]["num_loops"] is the trained count."""
+    ev = load_for_evaluation(load, data_path, split, eval_split, seq_length, micro_batch_size, tag, seed, cache_dir,
+                             device, named, tokenizer)
+    cfg, model, lengths, micro_batch_size = ev.cfg, ev.model, ev.byte_lengths, ev.micro_batch_size
     depths, adaptive, cap = compute_settings(loops, cfg.training.eval_loops or cfg.model.num_loops, exit_criterion,
                                              exit_thresholds, max_loops)
     results = []
-    for name, dataset in sets.items():
+    for name, dataset in ev.sets.items():
         for n in depths:
             results.append(evaluate(model, dataset, micro_batch_size, eval_iters, num_loops=n, byte_lengths=lengths,
                                     name=name))
@@ -271,7 +299,7 @@ def evaluate_checkpoint(load: str, data_path: Optional[Sequence[str]] = None, sp
             results.append(evaluate(model, dataset, micro_batch_size, eval_iters, num_loops=cap,
                                     exit_criterion=exit_criterion, exit_threshold=threshold, byte_lengths=lengths,
                                     name=name))
-    return results, meta
+    return results, ev.meta
 
 
 def markdown_table(results: Sequence[EvalResult], trained_loops: Optional[int] = None) -> str:

@@ -324,9 +324,7 @@ def adaptive_loop(stack, x: torch.Tensor, num_loops: int, kv_cache, rule: ExitRu
         s_rows = pick(s)
         view.start_iteration(n, None if everyone else act, rows)
         mask_rows = pick(attn_mask)
-        s_new = stack.iteration(s_rows, n, view, pick(e), mask_rows)
-        if not everyone:
-            s_new = torch.where(act[..., None], s_new, s_rows)
+        s_new = stack.advance(s_rows, n, view, pick(e), mask_rows, None if everyone else act[..., None])
         iterations += active
         # The positions whose decision (or output logits) is needed after this iteration: `take` gathers theirs
         # from a computed-rows tensor, `get`/`put` read/write theirs in a full [B, T, ...] one. Dense case (every

@@ -161,19 +161,37 @@ class LoopStack(nn.Module):
             return noise.to(e.device) * self.state_std
         return torch.zeros_like(e)
 
-    def _step(self, s: torch.Tensor, n: int, kv_cache: Optional[KVCache], e: Optional[torch.Tensor],
-              attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def advance(self, s: torch.Tensor, n: int, kv_cache=None, e: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None, running: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Iteration n of a batch some of whose positions may be done: s_{n+1} where `running` (a mask that
+        broadcasts against s: [B, 1, 1] for rows past their sampled depth, [B, T, 1] for positions that
+        exited; None = all run), the state s unchanged elsewhere. The one step both loops take (`forward`
+        below, model/exit.py `adaptive_loop`), with activation checkpointing when training."""
         if self.checkpointing == "per-iteration" and self._checkpoint_active(kv_cache):
             # Non-reentrant: the shared weights get one gradient per iteration, which the reentrant
             # variant (and deepspeed.checkpointing) mishandle under ZeRO-2/3.
-            return checkpoint(self.iteration, s, n, kv_cache, e, attn_mask, use_reentrant=False)
-        return self.iteration(s, n, kv_cache, e, attn_mask)
+            s_next = checkpoint(self.iteration, s, n, kv_cache, e, attn_mask, use_reentrant=False)
+        else:
+            s_next = self.iteration(s, n, kv_cache, e, attn_mask)
+        return s_next if running is None else torch.where(running, s_next, s)
 
     def forward(self, x: torch.Tensor, depth: LoopDepth, kv_cache: Optional[KVCache] = None,
                 attn_mask: Optional[torch.Tensor] = None, states: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         """Run the loop on the prelude output `x` (= e) to the `depth` of this call and return the final state
         s_r. `states`, when given, receives s_1..s_r (the exit gate's training loss reads every iteration's
-        state). `attn_mask`: a padded batch's attention mask (model/attention.py), passed to every block."""
+        state). `attn_mask`: a padded batch's attention mask (model/attention.py), passed to every block.
+
+        Why this and model/exit.py `adaptive_loop` are two loops around one step (`advance`, which both call):
+        this one is what training runs, and it must stay a plain `for` over `advance`: per-iteration grad
+        tracking (truncated backprop), activation checkpointing (active only without a KV object, so it cannot
+        see adaptive_loop's IterationKV view, which also keeps an iteration's keys/values alive for the KV
+        rule) and no host synchronisation. adaptive_loop is inference only: the KV rule's view, the readouts,
+        the criteria, compaction of stopped rows (the batch changes between iterations, one host sync each)
+        and the early break. Running training through adaptive_loop with criterion 'none' would switch
+        checkpointing off and hold the view's tensors; running exits through this loop would put the host
+        syncs and compaction into the training step. Fixed depth with a KV cache already runs adaptive_loop
+        (criterion 'none'); tests/model/test_exit.py checks that adaptive_loop with a criterion that never
+        fires equals this loop bit for bit, and tests/inference that cached (adaptive) = recomputed."""
         e = x if self.injection_kind != "none" else None
         r, loop_depths, shallowest = depth.resolve(self.num_loops, x.shape[0], x.device)
         grad = torch.is_grad_enabled()
@@ -186,11 +204,9 @@ class LoopStack(nn.Module):
             if tracked and plan.cuts_rows(n):
                 # Rows whose own last k iterations start here are cut from their earlier graph.
                 s = torch.where((plan.row_starts == n).view(-1, 1, 1), s.detach(), s)
-            with torch.set_grad_enabled(tracked):
-                s_next = self._step(s, n, kv_cache, e, attn_mask)
-                if loop_depths is not None:  # rows past their depth keep their state: mask the update
-                    s_next = torch.where((loop_depths > n).view(-1, 1, 1), s_next, s)
-            s = s_next
+            with torch.set_grad_enabled(tracked):  # rows past their depth keep their state
+                s = self.advance(s, n, kv_cache, e, attn_mask,
+                                 None if loop_depths is None else (loop_depths > n).view(-1, 1, 1))
             if states is not None:
                 states.append(s)
         return s
