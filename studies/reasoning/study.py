@@ -35,7 +35,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from loop_megatron.errors import LoopMegatronError
-from loop_megatron.experiments.driver import StudyDriver
+from loop_megatron.experiments.driver import StudyDriver, StudyError
 from loop_megatron.utils.fs import write_json
 
 
@@ -59,21 +59,31 @@ class Arm:
     """KL thresholds (nats) of an adaptive-exit evaluation (empty: none); the cap is max(eval_loops)."""
 
 
+def make_arms(loops: int = 4) -> Tuple[Arm, ...]:
+    """The four arms for k = 1 and L = `loops` (the study's default is L = 4)."""
+    L = loops
+    sweep = tuple(sorted({1, 2, 3, 4, max(1, L // 2), L, L + L // 2, 2 * L}))
+    return (
+        Arm("1L", "tiny-1l", "k x 1", "1 layer (k x 1)"),
+        Arm(f"1Lx{L}", "tiny-1l-4loop", "k x L", f"1 shared layer x {L} loops (k x L)",
+            overrides=(f"model.num_loops={L}",), eval_loops=sweep),
+        Arm(f"{L}L", "tiny-4l", "kL x 1", f"{L} layers (kL x 1: the unshared model of the same depth)",
+            overrides=(f"model.num_layers={L}",)),
+        # The recurrent-depth recipe on the same single layer: depth r ~ 1 + Poisson-lognormal (mean L, cap
+        # 2L) per step, diagonal injection of the embeddings (2d extra parameters), a random initial state,
+        # and backprop through the last L iterations (all of them at the mean depth).
+        Arm("rec", "tiny-recurrent", "recurrent",
+            f"recurrent depth: 1 core layer x ~{L} sampled loops (cap {2 * L}, backprop {L}), diagonal injection",
+            overrides=("model.prelude_layers=0", "model.num_layers=1", "model.coda_layers=0",
+                       "model.loop_injection=diagonal", f"model.num_loops={L}", f"training.mean_loops={L}",
+                       f"training.max_loops={2 * L}", f"training.backprop_loops={L}"),
+            eval_loops=tuple(sorted(set(sweep) | {3 * L})), exit_thresholds=(0.1, 0.01)),
+    )
+
+
 # k = 1, L = 4: one layer cannot form an induction head (it needs two attention layers composed), four
 # can follow hops; the looped and recurrent arms have the 1-layer model's parameters (+ gates/injection).
-ARMS: Tuple[Arm, ...] = (
-    Arm("1L", "tiny-1l", "k x 1", "1 layer (k x 1)"),
-    Arm("1Lx4", "tiny-1l-4loop", "k x L", "1 shared layer x 4 loops (k x L)", eval_loops=(1, 2, 3, 4, 6, 8)),
-    Arm("4L", "tiny-4l", "kL x 1", "4 layers (kL x 1: the unshared model of the same depth)"),
-    # The recurrent-depth recipe on the same single layer: depth r ~ 1 + Poisson-lognormal (mean 4, cap 8)
-    # per step, diagonal injection of the embeddings (2d extra parameters), a random initial state, and
-    # backprop through the last 4 iterations (all of them at the mean depth).
-    Arm("rec", "tiny-recurrent", "recurrent",
-        "recurrent depth: 1 core layer x ~4 sampled loops (cap 8, backprop 4), diagonal injection",
-        overrides=("model.prelude_layers=0", "model.num_layers=1", "model.coda_layers=0",
-                   "model.loop_injection=diagonal", "training.backprop_loops=4"),
-        eval_loops=(1, 2, 3, 4, 6, 8, 12), exit_thresholds=(0.1, 0.01)),
-)
+ARMS: Tuple[Arm, ...] = make_arms(4)
 
 
 @dataclasses.dataclass
@@ -118,6 +128,8 @@ class ReasoningSettings:
     runs_dir: str = "runs/reasoning"
     ckpt_dir: str = "checkpoints/reasoning"
     out_dir: str = "results/reasoning"
+    overrides: Tuple[str, ...] = ()
+    """Trainer config overrides (SECTION.FIELD=VALUE) for every arm, before the arm's own (e.g. the width)."""
     quick: bool = False
     """The smoke configuration (one seed, one LR, fewer steps and records)."""
 
@@ -187,7 +199,7 @@ class ReasoningStudy(StudyDriver):
         return [self.python, "-m", "loop_megatron.train", "--preset", arm.preset,
                 "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", s.data_dir,
                 "--override", "model.vocab_size=40",
-                *[x for o in arm.overrides for x in ("--override", o)],
+                *[x for o in (*s.overrides, *arm.overrides) for x in ("--override", o)],
                 "--data-path", self.prefix("train"), "--split", "1,0,0",
                 "--valid-data-path", self.prefix("valid"),
                 "--seq-length", str(s.seq_length), "--micro-batch-size", str(s.micro_batch),
@@ -226,25 +238,32 @@ class ReasoningStudy(StudyDriver):
         self.log(f"        {name}: evaluated in {time.time() - t0:.0f} s")
 
     # ------------------------------------------------------------------------------------------- steps
-    def choose_lrs(self) -> Dict[str, float]:
-        """Per arm: train seeds[0] at each LR and keep the best valid accuracy (OUT/lr_sweep.json)."""
+    def choose_lrs(self, arms: Sequence[Arm]) -> Dict[str, float]:
+        """Per arm of `arms`: train seeds[0] at each LR and keep the best valid accuracy; OUT/lr_sweep.json
+        keeps the choices of arms swept earlier (a study run with --only adds to it)."""
+        from loop_megatron.experiments.records import read_json
+
         from .report import final_valid_loss, overall_accuracy
 
-        seed, sweep, chosen = self.s.seeds[0], {}, {}
-        for arm in self.arms:
+        path = os.path.join(self.s.out_dir, "lr_sweep.json")
+        earlier = read_json(path).get("arms", {}) if os.path.isfile(path) else {}
+        seed = self.s.seeds[0]
+        sweep = {a: e for a, e in earlier.items() if [r["lr"] for r in e["rows"]] == list(self.s.lr_grid)}
+        chosen = {a: e["chosen_lr"] for a, e in sweep.items()}
+        for arm in arms:
             rows = []
             for i, lr in enumerate(self.s.lr_grid):
                 name = lr_run_name(arm.name, seed, lr)
                 self.train_arm(arm, seed, lr, name, f"[lr {arm.name} {i + 1}/{len(self.s.lr_grid)}]")
-                path = self.accuracy(name, "valid", "valid")
-                rows.append({"lr": lr, "run": name, "valid_accuracy": overall_accuracy(path),
+                valid = self.accuracy(name, "valid", "valid")
+                rows.append({"lr": lr, "run": name, "valid_accuracy": overall_accuracy(valid),
                              "valid_loss": final_valid_loss(os.path.join(self.run_dir(name), "summary.json"))})
             best = choose(rows)
             sweep[arm.name] = {"rows": rows, "chosen_lr": best["lr"]}
             chosen[arm.name] = best["lr"]
             self.log(f"[lr] {arm.name}: " + ", ".join(f"{r['lr']:g}: {r['valid_accuracy']:.3f}" for r in rows)
                      + f" -> {best['lr']:g}")
-        write_json(os.path.join(self.s.out_dir, "lr_sweep.json"), make_parent=True, obj=
+        write_json(path, make_parent=True, obj=
                    {"seed": seed, "arms": sweep, "criterion": "exact-match accuracy on valid.jsonl at the trained "
                     "depth (all trained hop counts together); ties: the lower final valid loss"})
         return chosen
@@ -255,12 +274,12 @@ class ReasoningStudy(StudyDriver):
         os.makedirs(self.s.out_dir, exist_ok=True)
         if not report_only:
             self.prepare_data()
-            lrs = self.choose_lrs()
+            arms = [a for a in self.arms if not only or a.name in only]
+            lrs = self.choose_lrs(arms)
             write_json(os.path.join(self.s.out_dir, "settings.json"),
                        dict(self.s.as_dict(), lr=lrs, arms=[dataclasses.asdict(a) for a in self.arms],
-                            example_command=self.trainer_command(self.arms[0], self.s.seeds[0],
-                                                                 lrs[self.arms[0].name], "NAME")[1:]))
-            arms = [a for a in self.arms if not only or a.name in only]
+                            example_command=self.trainer_command(arms[0], self.s.seeds[0],
+                                                                 lrs[arms[0].name], "NAME")[1:]))
             plan = [(arm, seed) for seed in self.s.seeds for arm in arms]  # seed-major: partial = every arm
             for k, (arm, seed) in enumerate(plan):
                 name, lr = run_name(arm.name, seed), lrs[arm.name]
@@ -289,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", help="run folders (default runs/reasoning)")
     p.add_argument("--ckpt-dir", help="checkpoints (default checkpoints/reasoning)")
     p.add_argument("--data-dir", help="task files and datasets (default data/reasoning)")
+    p.add_argument("--loops", type=int, default=4, metavar="L",
+                   help="L of the arms: 1L, 1LxL, LL and rec (mean L loops); default 4")
+    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="study settings (ReasoningSettings fields, e.g. length=256 train_hops=32 "
+                        "test_hops=32,48,64 train_iters=20000; tuples comma-separated)")
+    p.add_argument("--override", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="trainer config overrides for every arm (e.g. model.hidden_size=256)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables and plots from disk")
     p.add_argument("--readme", metavar="README.md",
                    help="also replace the README block between '<!-- reasoning:begin -->' and "
@@ -296,9 +322,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def apply_settings(settings: ReasoningSettings, assignments: Sequence[str]) -> None:
+    """Set FIELD=VALUE assignments on settings, each converted to the field's type (tuples: comma-separated);
+    StudyError naming the assignment when the field is unknown or the value does not convert."""
+    fields = {f.name: f for f in dataclasses.fields(ReasoningSettings)}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise StudyError(f"--set {item}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}.")
+        current = getattr(settings, key)
+        try:
+            if isinstance(current, tuple):
+                kind = type(current[0]) if current else str
+                new = tuple(kind(v) for v in value.split(",") if v)
+            elif isinstance(current, bool):
+                new = value.lower() in ("1", "true", "yes", "on")
+            else:
+                new = type(current)(value)
+        except ValueError:
+            raise StudyError(f"--set {item}: {value!r} is not a {type(current).__name__}.") from None
+        setattr(settings, key, new)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     settings = ReasoningSettings.quick_settings() if args.quick else ReasoningSettings()
+    arms = make_arms(args.loops)
+    try:
+        apply_settings(settings, args.set)
+    except StudyError as exc:
+        print(f"study: error: {exc}", file=sys.stderr)
+        return 2
+    settings.overrides = tuple(settings.overrides) + tuple(args.override)
     if args.seeds:
         settings.seeds = tuple(args.seeds)
     if args.train_iters:
@@ -306,13 +361,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for flag, attr in (("out", "out_dir"), ("runs_dir", "runs_dir"), ("ckpt_dir", "ckpt_dir"), ("data_dir", "data_dir")):
         if getattr(args, flag):
             setattr(settings, attr, getattr(args, flag))
-    unknown = [a for a in args.only if a not in {arm.name for arm in ARMS}]
+    unknown = [a for a in args.only if a not in {arm.name for arm in arms}]
     if unknown:
-        print(f"study: error: --only {' '.join(unknown)}: unknown arm (known: {', '.join(a.name for a in ARMS)}).",
+        print(f"study: error: --only {' '.join(unknown)}: unknown arm (known: {', '.join(a.name for a in arms)}).",
               file=sys.stderr)
         return 2
     try:
-        ReasoningStudy(settings, log=lambda line: print(line, flush=True)).run_study(
+        ReasoningStudy(settings, arms, log=lambda line: print(line, flush=True)).run_study(
             args.only, args.report_only, args.readme)
     except LoopMegatronError as exc:  # a failed step (StudyError) or unreadable records (ExperimentError)
         print(f"study: error: {exc}", file=sys.stderr)

@@ -9,7 +9,8 @@ import pytest
 from loop_megatron.experiments.records import ExperimentError
 from loop_megatron.training.arguments import config_from_args
 from studies.reasoning.report import README_BEGIN, README_END, write_reasoning_report
-from studies.reasoning.study import ARMS, ReasoningSettings, ReasoningStudy, build_parser, choose
+from studies.reasoning.study import (ARMS, ReasoningSettings, ReasoningStudy, StudyError, apply_settings,
+                                     build_parser, choose, make_arms)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -33,6 +34,25 @@ def test_every_arm_builds_a_valid_trainer_config(tmp_path):
     assert (rec.prelude_layers, rec.num_layers, rec.coda_layers, rec.loop_injection) == (0, 1, 0, "diagonal")
     assert seen["recurrent"].training.backprop_loops == 4 and seen["recurrent"].training.mean_loops == 4
     assert len(settings.seeds) >= 3 and max(settings.test_hops) > max(settings.train_hops)
+
+
+def test_arms_for_another_loop_count_and_settings_from_the_command_line(tmp_path):
+    """--loops 8 --set ... --override ...: the paper-scale commands of the README build valid configs."""
+    settings = ReasoningSettings(data_dir=str(tmp_path / "data"))
+    apply_settings(settings, ["length=256", "train_hops=32", "test_hops=32,48", "train_iters=20000"])
+    assert (settings.length, settings.train_hops, settings.test_hops, settings.train_iters) == (256, (32,), (32, 48), 20000)
+    settings.overrides = ("model.hidden_size=256", "model.num_attention_heads=8", "model.max_position_embeddings=512")
+    settings.seq_length = 512
+    depth = {}
+    for arm in make_arms(8):
+        cfg, _ = config_from_args(ReasoningStudy(settings).trainer_command(arm, 1, 1e-3, "x")[3:])
+        cfg.validate(1)
+        assert cfg.model.hidden_size == 256
+        depth[arm.family] = (cfg.model.num_layers, cfg.model.num_loops)
+    assert depth["k x L"] == (1, 8) and depth["kL x 1"] == (8, 1) and depth["k x 1"] == (1, 1)
+    for bad, match in (("lenght=3", "FIELD one of"), ("length=x", "is not a int"), ("length", "FIELD=VALUE")):
+        with pytest.raises(StudyError, match=match):
+            apply_settings(settings, [bad])
 
 
 def test_quick_settings_and_cli():
