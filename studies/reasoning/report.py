@@ -255,7 +255,9 @@ def loops_table(results: Dict[str, List[RunAccuracy]], settings: Dict) -> str:
         for h in settings["test_hops"]:
             cells = []
             means = {L: mean_sd([r.fixed.get(h, {}).get(L) for r in runs])[0] for L in loops}
-            best = max((m for m in means.values() if m == m), default=None)
+            finite = [m for m in means.values() if m == m]
+            # bold marks a best loop count; when every count scores the same there is none
+            best = max(finite) if finite and max(finite) > min(finite) else None
             for L in loops:
                 vals = [r.fixed.get(h, {}).get(L) for r in runs]
                 if all(v is None for v in vals):
