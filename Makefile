@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-multinode bench bench-gpu clean-venv experiments
+.PHONY: venv demo test test-multinode bench bench-gpu clean-venv experiments reasoning
 
 $(STAMP): setup.py Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,10 +48,18 @@ bench: $(STAMP)
 bench-gpu: $(STAMP)
 	$(BIN)/python bench/gpu_bench.py
 
-## experiments: the "does looping pay?" study (110 min on 2 cores; QUICK=1: the smoke run, < 15 min).
-## Writes results/study/ and the README's Results tables (QUICK=1: results/study-quick/, README untouched).
+## experiments: both studies: "does looping pay?" (110 min on 2 cores; QUICK=1: the smoke run, < 15 min),
+## then the reasoning study (`make reasoning`). Writes results/study/ and the README's Results tables
+## (QUICK=1: results/study-quick/, README untouched), then results/reasoning/ and its README block.
 experiments: $(STAMP)
 	bash launch/run_small_experiments.sh
+	bash launch/run_reasoning_study.sh
+
+## reasoning: the reasoning study alone (p-hop induction, k x 1 / k x L / kL x 1 / recurrent depth; about 2 h
+## on 2 cores; QUICK=1: the smoke run into results/reasoning-quick/; REPORT_ONLY=1: tables, figures and the
+## README block rebuilt from the committed records in results/reasoning/).
+reasoning: $(STAMP)
+	bash launch/run_reasoning_study.sh
 
 clean-venv:
 	rm -rf $(VENV)

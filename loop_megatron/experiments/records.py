@@ -7,7 +7,8 @@ files under `tensorboard/` (scalars `train/loss`, `valid/loss`, ... against the 
 a `tools/evaluate.py --json` file (one checkpoint at several loop counts) into a `LoopEval`. The file
 readers underneath, `read_yaml`, `read_json` and `read_jsonl` (the run's `metrics.jsonl` records), are
 public for analyses of their own (studies/); the first two raise ExperimentError naming a file they
-cannot parse.
+cannot parse. `archive_run` copies a run's records, thinned, into a results folder, so that a study's
+report rebuilds from committed results alone.
 """
 from __future__ import annotations
 
@@ -316,3 +317,31 @@ def load_eval_json(path: str, name: Optional[str] = None) -> LoopEval:
     stem = os.path.splitext(os.path.basename(path))[0]
     return LoopEval(name=name or stem, trained_loops=int(trained) if trained is not None else None,
                     points=points, path=path)
+
+
+def _is_training_record(rec: Dict[str, Any]) -> bool:
+    return "loss" in rec and not any(k.startswith(("valid", "test")) for k in rec)
+
+
+def archive_run(run_dir: str, dest: str, every: int = 5) -> None:
+    """Copy a run's summary.json and config.yaml into dest, with a thinned metrics.jsonl (every `every`-th
+    training step, the first and last, every evaluation record) and the exact mean training FLOPs per
+    token added to the summary as `train_flops_per_token` (the thinned records would only approximate it)."""
+    from ..utils import fs
+
+    records = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    summary_path = os.path.join(run_dir, "summary.json")
+    summary = read_json(summary_path) if os.path.isfile(summary_path) else {}
+    flops = [r["flops_per_token"] for r in records if r.get("flops_per_token") is not None]
+    if flops:
+        summary["train_flops_per_token"] = sum(flops) / len(flops)
+    train_steps = [r.get("iteration") for r in records if _is_training_record(r)]
+    ends = {train_steps[0], train_steps[-1]} if train_steps else set()
+    kept = [r for r in records if not _is_training_record(r)
+            or r.get("iteration") in ends or (r.get("iteration") or 0) % every == 0]
+    fs.write_json(os.path.join(dest, "summary.json"), summary, make_parent=True)
+    fs.write_text(os.path.join(dest, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
+    config = os.path.join(run_dir, "config.yaml")
+    if os.path.isfile(config):
+        with open(config, encoding="utf-8") as f:
+            fs.write_text(os.path.join(dest, "config.yaml"), f.read())

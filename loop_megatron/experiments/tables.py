@@ -1,10 +1,14 @@
-"""Markdown tables: the results of training runs and held-out loss against the loop count, and
-`markdown_table`, a plain table of a header and rows (public, for tables of one's own: studies/)."""
+"""Markdown tables: the results of training runs and held-out loss against the loop count, and for tables
+of one's own (studies/): `markdown_table` (a header and rows), `mean_sd` / `mean_pm` (a mean over seeds
+with its sample standard deviation) and `splice_readme` (a generated block between two markers)."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+import math
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .records import ExperimentError, LoopEval, Run, format_params
+from ..utils import fs
 
 
 def baseline_run(runs: Sequence[Run], name: Optional[str] = None) -> Optional[Run]:
@@ -33,6 +37,38 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: 
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def mean_sd(values: Sequence[Optional[float]]) -> Tuple[float, float, int]:
+    """(mean, sample standard deviation (0 for one value), n) of the finite values; (nan, nan, 0) if none."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return float("nan"), float("nan"), 0
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return m, sd, len(vals)
+
+
+def mean_pm(values: Sequence[Optional[float]], spec: str = ".4f") -> str:
+    """'mean ± sd' of the finite values ('mean' alone for one, '–' for none)."""
+    m, sd, n = mean_sd(values)
+    if n == 0:
+        return "–"
+    return f"{m:{spec}} ± {sd:{spec}}" if n > 1 else f"{m:{spec}}"
+
+
+def splice_readme(readme: str, block: str, begin: str, end: str, required: bool = True) -> str:
+    """Replace the text between the begin and end markers in readme (atomically) by block. A README
+    without the markers is an ExperimentError when required, else left alone."""
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        if not required:
+            return readme
+        raise ExperimentError(f"{readme}: no '{begin}' ... '{end}' block to replace.")
+    new = pattern.sub(lambda _: f"{begin}\n{block}{end}", text, count=1)
+    return fs.write_text(readme, new)
 
 
 def _fmt(value: Optional[float], spec: str) -> str:

@@ -23,13 +23,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from loop_megatron.experiments.plots import pyplot, save_figure, smooth
 from loop_megatron.experiments.records import ExperimentError, read_json, read_jsonl, read_yaml
-from loop_megatron.experiments.tables import markdown_table
+from loop_megatron.experiments.records import archive_run as _archive_run
+from loop_megatron.experiments.tables import markdown_table, mean_pm, mean_sd
+from loop_megatron.experiments.tables import splice_readme as _splice_readme
 from loop_megatron.utils import fs
 
 README_BEGIN = "<!-- study:begin -->"
@@ -58,21 +59,8 @@ PAIRS: Tuple[Tuple[str, str, str, str], ...] = (
 
 
 # ------------------------------------------------------------------------------------------- numbers
-def mean_sd(values: Sequence[float]) -> Tuple[float, float, int]:
-    """(mean, sample standard deviation (0 for one value), n) of the finite values; (nan, nan, 0) if none."""
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return float("nan"), float("nan"), 0
-    m = sum(vals) / len(vals)
-    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return m, sd, len(vals)
-
-
 def _pm(values: Sequence[float], spec: str = ".4f") -> str:
-    m, sd, n = mean_sd(values)
-    if n == 0:
-        return "–"
-    return f"{m:{spec}} ± {sd:{spec}}" if n > 1 else f"{m:{spec}}"
+    return mean_pm(values, spec)
 
 
 def _eval_rows(path: str) -> List[Dict]:
@@ -146,30 +134,9 @@ def _macro(sweep_rows: Sequence[Dict], key) -> Dict:
             for k, rows in groups.items()}
 
 
-def _is_training_record(rec: Dict) -> bool:
-    return "loss" in rec and not any(k.startswith(("valid", "test")) for k in rec)
-
-
 def archive_run(run_dir: str, dest: str) -> None:
-    """Copy a run's summary.json and config.yaml into dest, with a thinned metrics.jsonl (every
-    ARCHIVE_EVERY-th training step, the first and last, every evaluation record) and the exact mean
-    training FLOPs per token added to the summary (the thinned records would only approximate it)."""
-    records = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-    summary_path = os.path.join(run_dir, "summary.json")
-    summary = read_json(summary_path) if os.path.isfile(summary_path) else {}
-    flops = [r["flops_per_token"] for r in records if r.get("flops_per_token") is not None]
-    if flops:
-        summary["train_flops_per_token"] = sum(flops) / len(flops)
-    train_steps = [r.get("iteration") for r in records if _is_training_record(r)]
-    ends = {train_steps[0], train_steps[-1]} if train_steps else set()
-    kept = [r for r in records if not _is_training_record(r)
-            or r.get("iteration") in ends or (r.get("iteration") or 0) % ARCHIVE_EVERY == 0]
-    fs.write_json(os.path.join(dest, "summary.json"), summary, make_parent=True)
-    fs.write_text(os.path.join(dest, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
-    config = os.path.join(run_dir, "config.yaml")
-    if os.path.isfile(config):
-        with open(config, encoding="utf-8") as f:
-            fs.write_text(os.path.join(dest, "config.yaml"), f.read())
+    """loop_megatron.experiments.records.archive_run, every ARCHIVE_EVERY-th training step kept."""
+    _archive_run(run_dir, dest, every=ARCHIVE_EVERY)
 
 
 def archive_runs(out_dir: str, runs_dir: str, names: Sequence[str]) -> None:
@@ -804,14 +771,5 @@ def write_study_report(out_dir: str, runs_dir: str, readme: Optional[str] = None
 
 def splice_readme(readme: str, block: str, begin: str = README_BEGIN, end: str = README_END,
                   required: bool = True) -> str:
-    """Replace the text between the begin and end markers in readme (atomically). A README without the
-    markers is an error when required, else left alone."""
-    with open(readme, encoding="utf-8") as f:
-        text = f.read()
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    if not pattern.search(text):
-        if not required:
-            return readme
-        raise ExperimentError(f"{readme}: no '{begin}' ... '{end}' block to replace.")
-    new = pattern.sub(lambda _: f"{begin}\n{block}{end}", text, count=1)
-    return fs.write_text(readme, new)
+    """loop_megatron.experiments.tables.splice_readme, with this study's markers by default."""
+    return _splice_readme(readme, block, begin, end, required)

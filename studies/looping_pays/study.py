@@ -37,14 +37,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from loop_megatron.experiments.driver import StudyDriver, StudyError
 from loop_megatron.utils.fs import write_json
 
 SOURCES = ("sotu", "kjv", "anarchist-faq", "jargon", "fortunes")
@@ -159,46 +157,24 @@ def run_name(arm: str, seed: int) -> str:
     return f"{arm}-s{seed}"
 
 
-class Study:
+class Study(StudyDriver):
     """Runs the steps of the module docstring; every output lands atomically, so a restart skips it."""
 
     def __init__(self, settings: StudySettings, arms: Sequence[Arm] = ARMS, python: Optional[str] = None,
                  log=print):
+        super().__init__(settings.runs_dir, settings.ckpt_dir, python=python, log=log)
         self.s = settings
         self.arms = list(arms)
-        self.python = python or sys.executable
-        self.log = log
-        self.repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        self.started = time.time()
 
     # ----------------------------------------------------------------------------------------- helpers
     def _path(self, *parts: str) -> str:
         return os.path.join(*parts)
 
-    def _elapsed(self) -> str:
-        m, s = divmod(int(time.time() - self.started), 60)
-        return f"{m}:{s:02d}"
-
     def _run(self, cmd: List[str], log_path: str, echo_prefix: str = "") -> None:
-        """Run cmd, its output to log_path; progress lines ('iter N/M | loss ...') are echoed."""
-        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
-        with open(log_path, "a", encoding="utf-8") as log_file:
-            log_file.write("$ " + " ".join(cmd) + "\n")
-            log_file.flush()
-            # Unbuffered children: their progress lines reach the log (and the console) as they are printed.
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    cwd=self.repo, bufsize=1, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-            for line in proc.stdout:
-                log_file.write(line)
-                log_file.flush()
-                if echo_prefix and line.startswith("iter ") and "| loss" in line:
-                    self.log(f"  {echo_prefix} {line.rstrip()}")
-            code = proc.wait()
-        if code != 0:
-            raise StudyError(f"{' '.join(cmd[:4])} ... failed (exit {code}); see {log_path}.")
+        self.run(cmd, log_path, echo_prefix)
 
     def _tool(self, name: str) -> List[str]:
-        return [self.python, os.path.join(self.repo, "tools", name)]
+        return self.tool(name)
 
     # -------------------------------------------------------------------------------------------- data
     @property
@@ -247,28 +223,9 @@ class Study:
         return out
 
     # ---------------------------------------------------------------------------------------- training
-    def run_dir(self, name: str) -> str:
-        return self._path(self.s.runs_dir, name)
-
-    def ckpt_dir(self, name: str) -> str:
-        return self._path(self.s.ckpt_dir, name)
-
     def is_trained(self, name: str, lr: Optional[float] = None) -> bool:
         """True when the run finished train_iters; a run made with another LR than `lr` is refused."""
-        run = self.run_dir(name)
-        config = self._path(run, "config.yaml")
-        if lr is not None and os.path.isfile(config):
-            from loop_megatron.experiments.records import read_yaml
-
-            used = (read_yaml(config).get("training") or {}).get("lr")
-            if used is not None and abs(float(used) - lr) > 1e-12 * lr:
-                raise StudyError(f"{run} was trained with lr {float(used):g} but the study now uses {lr:g}; "
-                                 f"delete {run} and {self.ckpt_dir(name)} (or the whole study folders) and start again.")
-        path = self._path(run, "summary.json")
-        if not os.path.isfile(path) or not os.path.isfile(self._path(self.ckpt_dir(name), "latest")):
-            return False
-        with open(path, encoding="utf-8") as f:
-            return int(json.load(f).get("iterations") or 0) >= self.s.train_iters
+        return super().is_trained(name, self.s.train_iters, lr)
 
     def trainer_command(self, arm: Arm, seed: int, lr: float, name: str) -> List[str]:
         s = self.s
@@ -291,19 +248,9 @@ class Study:
                 "--keep-last", "1", "--run-dir", self.run_dir(name)]
 
     def train(self, arm: Arm, seed: int, lr: float, name: str, label: str) -> None:
-        if self.is_trained(name, lr):
-            self.log(f"{label} {name}: trained already")
-            return
-        if os.path.isdir(self.run_dir(name)) and not os.path.isfile(self._path(self.ckpt_dir(name), "latest")):
-            # Interrupted before its first checkpoint: it starts again from step 0, so its old records go
-            # (metrics.jsonl would otherwise hold the first steps twice).
-            shutil.rmtree(self.run_dir(name))
-        t0 = time.time()
-        self.log(f"{label} {name}: training ({arm.description}, seed {seed}, lr {lr:g}, "
-                 f"{self.s.train_iters} steps x {self.s.tokens_per_step} tokens)  [study {self._elapsed()}]")
-        self._run(self.trainer_command(arm, seed, lr, name), self._path(self.run_dir(name), "train.log"),
-                  echo_prefix=name)
-        self.log(f"{label} {name}: done in {time.time() - t0:.0f} s")
+        super().train(name, self.trainer_command(arm, seed, lr, name), self.s.train_iters, lr, label,
+                      f"{arm.description}, seed {seed}, lr {lr:g}, "
+                      f"{self.s.train_iters} steps x {self.s.tokens_per_step} tokens")
 
     # -------------------------------------------------------------------------------------- evaluation
     def eval_path(self, name: str, kind: str) -> str:
@@ -312,14 +259,10 @@ class Study:
     def evaluate(self, name: str, kind: str, extra: Sequence[str], split: str = "valid") -> str:
         """tools/evaluate.py on the named sets; kind names the JSON (valid, test, loops, exit)."""
         out = self.eval_path(name, kind)
-        if os.path.isfile(out):
-            return out
-        os.makedirs(os.path.dirname(out), exist_ok=True)
         flag = "--valid-data-path" if split == "valid" else "--test-data-path"
         cmd = [*self._tool("evaluate.py"), "--load", self.ckpt_dir(name), flag, *self.named_sets(split),
                "--eval-split", split, "--micro-batch-size", str(self.s.micro_batch), *extra, "--json", out]
-        self._run(cmd, self._path(self.run_dir(name), f"evaluate.{kind}.log"))
-        return out
+        return self.once(out, cmd, self._path(self.run_dir(name), f"evaluate.{kind}.log"))
 
     def evaluate_run(self, arm: Arm, name: str) -> None:
         t0 = time.time()
@@ -379,24 +322,12 @@ class Study:
                 self.train(arm, seed, lr, name, f"[{k + 1}/{len(plan)}]")
                 self.evaluate_run(arm, name)
         written = write_study_report(self.s.out_dir, self.s.runs_dir, readme=readme)
-        self.log(f"[report] {', '.join(sorted(written.values()))}  [study {self._elapsed()}]")
+        self.log(f"[report] {', '.join(sorted(written.values()))}  [study {self.elapsed()}]")
         return written
 
     def _alias(self, source: str, target: str) -> None:
         """Point target's run and checkpoint folders at source's (same arm, seed and LR: the same run)."""
-        for root in (self.s.runs_dir, self.s.ckpt_dir):
-            dst = self._path(root, target)
-            if not os.path.lexists(dst):
-                os.symlink(source, dst)
-        src_eval = self.eval_path(source, "valid")
-        dst_eval = self.eval_path(target, "valid")
-        if os.path.isfile(src_eval) and not os.path.exists(dst_eval):
-            with open(src_eval, encoding="utf-8") as f:
-                write_json(dst_eval, json.load(f), make_parent=True)
-
-
-class StudyError(RuntimeError):
-    """A step of the study failed; the message names its log file."""
+        self.alias(source, target, [(self.eval_path(source, "valid"), self.eval_path(target, "valid"))])
 
 
 def build_parser() -> argparse.ArgumentParser:

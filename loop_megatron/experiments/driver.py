@@ -1,0 +1,134 @@
+"""Running a study's training and evaluation processes, resumably (public, for the studies in studies/).
+
+A study is a client of the package's command lines: every training run is `python -m loop_megatron.train`
+and every evaluation `tools/*.py`, each in its own subprocess, so that a run's failure, memory and global
+state stay in that process, its log is the process's output, and a study resumes by looking at what the
+finished processes left on disk. `StudyDriver` holds that machinery, shared by every study:
+
+* `run(cmd, log)`: one subprocess, its output appended to a log file, progress lines echoed;
+* `is_trained(name, iters, lr)`: a run counts as done when its summary says it reached `iters` and its
+  checkpoint exists; a run made with another learning rate is refused (the study changed under it);
+* `train(name, cmd, iters, lr, label)`: run the trainer unless done (a run interrupted before its first
+  checkpoint starts again from step 0, its old records removed);
+* `once(out, cmd, log)`: run a command that writes `out` unless `out` exists (evaluations);
+* `alias(source, target)`: the same run under a second name (a sweep's run reused as a seed's run).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Callable, List, Optional, Sequence
+
+from ..errors import LoopMegatronError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+"""The checkout the package lives in: subprocesses run there (tools/ and studies/ resolve from it)."""
+
+
+class StudyError(LoopMegatronError):
+    """A step of a study failed; the message names its log file."""
+
+
+class StudyDriver:
+    """Subprocess runs of one study, with run folders under `runs_dir` and checkpoints under `ckpt_dir`."""
+
+    def __init__(self, runs_dir: str, ckpt_dir: str, python: Optional[str] = None,
+                 log: Callable[[str], None] = print):
+        self.runs_root = runs_dir
+        self.ckpt_root = ckpt_dir
+        self.python = python or sys.executable
+        self.log = log
+        self.repo = REPO_ROOT
+        self.started = time.time()
+
+    def elapsed(self) -> str:
+        m, s = divmod(int(time.time() - self.started), 60)
+        return f"{m}:{s:02d}"
+
+    def tool(self, name: str) -> List[str]:
+        """The command prefix of tools/NAME."""
+        return [self.python, os.path.join(self.repo, "tools", name)]
+
+    def run_dir(self, name: str) -> str:
+        return os.path.join(self.runs_root, name)
+
+    def ckpt_dir(self, name: str) -> str:
+        return os.path.join(self.ckpt_root, name)
+
+    def run(self, cmd: List[str], log_path: str, echo_prefix: str = "") -> None:
+        """Run cmd, its output appended to log_path; progress lines ('iter N/M | loss ...') are echoed
+        with echo_prefix when one is given. StudyError naming the log when it fails."""
+        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as log_file:
+            log_file.write("$ " + " ".join(cmd) + "\n")
+            log_file.flush()
+            # Unbuffered children: their progress lines reach the log (and the console) as they are printed.
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    cwd=self.repo, bufsize=1, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            for line in proc.stdout:
+                log_file.write(line)
+                log_file.flush()
+                if echo_prefix and line.startswith("iter ") and "| loss" in line:
+                    self.log(f"  {echo_prefix} {line.rstrip()}")
+            code = proc.wait()
+        if code != 0:
+            raise StudyError(f"{' '.join(cmd[:4])} ... failed (exit {code}); see {log_path}.")
+
+    def is_trained(self, name: str, iters: int, lr: Optional[float] = None) -> bool:
+        """True when run `name` finished `iters` steps and left its checkpoint; StudyError when it was made
+        with another LR than `lr` (its records would silently mix two settings)."""
+        run = self.run_dir(name)
+        config = os.path.join(run, "config.yaml")
+        if lr is not None and os.path.isfile(config):
+            from .records import read_yaml
+
+            used = (read_yaml(config).get("training") or {}).get("lr")
+            if used is not None and abs(float(used) - lr) > 1e-12 * lr:
+                raise StudyError(f"{run} was trained with lr {float(used):g} but the study now uses {lr:g}; "
+                                 f"delete {run} and {self.ckpt_dir(name)} (or the whole study folders) and start again.")
+        path = os.path.join(run, "summary.json")
+        if not os.path.isfile(path) or not os.path.isfile(os.path.join(self.ckpt_dir(name), "latest")):
+            return False
+        with open(path, encoding="utf-8") as f:
+            return int(json.load(f).get("iterations") or 0) >= iters
+
+    def train(self, name: str, cmd: List[str], iters: int, lr: Optional[float], label: str,
+              describe: str = "") -> None:
+        """Run the trainer command `cmd` for run `name` unless it is trained already."""
+        if self.is_trained(name, iters, lr):
+            self.log(f"{label} {name}: trained already")
+            return
+        if os.path.isdir(self.run_dir(name)) and not os.path.isfile(os.path.join(self.ckpt_dir(name), "latest")):
+            # Interrupted before its first checkpoint: it starts again from step 0, so its old records go
+            # (metrics.jsonl would otherwise hold the first steps twice).
+            shutil.rmtree(self.run_dir(name))
+        t0 = time.time()
+        self.log(f"{label} {name}: training ({describe})  [study {self.elapsed()}]")
+        self.run(cmd, os.path.join(self.run_dir(name), "train.log"), echo_prefix=name)
+        self.log(f"{label} {name}: done in {time.time() - t0:.0f} s")
+
+    def once(self, out: str, cmd: Sequence[str], log_path: str) -> str:
+        """Run `cmd` (which writes `out`) unless `out` exists; return `out`."""
+        if not os.path.isfile(out):
+            os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+            self.run(list(cmd), log_path)
+        return out
+
+    def alias(self, source: str, target: str, files: Sequence[tuple] = ()) -> None:
+        """Point target's run and checkpoint folders at source's (the same run under a second name), and
+        copy each (source file, target file) of `files` that exists (e.g. its evaluation JSON)."""
+        for root in (self.runs_root, self.ckpt_root):
+            dst = os.path.join(root, target)
+            if not os.path.lexists(dst):
+                os.makedirs(root, exist_ok=True)
+                os.symlink(source, dst)
+        from ..utils.fs import write_json
+
+        for src, dst in files:
+            if os.path.isfile(src) and not os.path.exists(dst):
+                with open(src, encoding="utf-8") as f:
+                    write_json(dst, json.load(f), make_parent=True)

@@ -1,0 +1,382 @@
+"""Where looping pays: a seeded CPU-scale study of p-hop induction, a task that needs depth but few
+parameters, with the arms of Saunshi et al. (arXiv 2502.17416): a k-layer model (k x 1), the same k layers
+looped L times (k x L), the unshared model of the same depth (kL x 1), and the recurrent-depth recipe
+(sampled depth, injection, truncated backprop) on the same k layers; reported as exact-match test
+accuracy per difficulty (trained hop counts and harder ones) at every inference loop count.
+
+    python -m studies.reasoning.study                 # the full study (`make reasoning`)
+    python -m studies.reasoning.study --quick         # the smoke run (`QUICK=1 make reasoning`)
+    python -m studies.reasoning.study --report-only   # tables and plots from the records on disk
+
+Like studies/looping_pays (its sibling), it is a client of loop_megatron: every step is a public command
+line run in its own subprocess through loop_megatron.experiments.driver.StudyDriver (resumable: a step
+whose output exists is skipped), and its report (report.py beside this file) is built on the analysis API
+of loop_megatron.experiments. Steps:
+  1. data: tools/make_tasks.py phop (seeded; train and valid at the trained hop counts, test at those and
+     harder ones, all prompts distinct across splits) and answer-masked datasets of train and valid
+     (tools/preprocess_data.py --prompt-key prompt --answer-key answer --append-eod), so the loss counts
+     the answer letter and its end-of-document token only;
+  2. learning rate, per arm: seed `seeds[0]` trained at every LR of `lr_grid`; each run's exact-match
+     accuracy on valid.jsonl at its trained depth decides (ties: the lower final valid loss). Only the
+     validation split is looked at for any choice; the test split is read by the evaluation alone;
+  3. training: every arm x seed at its arm's LR (the sweep's run is reused for the first seed); a seed fixes
+     initialisation and data order, so arms with the same seed see the same batches;
+  4. evaluation (tools/evaluate.py --task accuracy --prepend-eod): test.jsonl at every loop count of the
+     arm's sweep (the trained depth only for unshared arms) and, for the recurrent arm, with the KL exit;
+  5. report: tables and figures in `out_dir`, optionally spliced into the README between the markers.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from loop_megatron.errors import LoopMegatronError
+from loop_megatron.experiments.driver import StudyDriver, StudyError
+from loop_megatron.utils.fs import write_json
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One configuration of the grid."""
+
+    name: str
+    """Short name used for folders, tables and legends."""
+    preset: str
+    """Trainer preset (loop_megatron/config.py PRESETS) it starts from."""
+    family: str
+    """'k x 1', 'k x L', 'kL x 1' or 'recurrent': the role the claims give it."""
+    description: str
+    """One line for the tables."""
+    overrides: Tuple[str, ...] = ()
+    """Config overrides (SECTION.FIELD=VALUE) on top of the preset and the study's common settings."""
+    eval_loops: Tuple[int, ...] = ()
+    """Inference loop counts the test set is evaluated at (empty: the trained depth only)."""
+    exit_thresholds: Tuple[float, ...] = ()
+    """KL thresholds (nats) of an adaptive-exit evaluation (empty: none); the cap is max(eval_loops)."""
+
+
+def make_arms(loops: int = 4) -> Tuple[Arm, ...]:
+    """The four arms for k = 1 and L = `loops` (the study's default is L = 4)."""
+    L = loops
+    sweep = tuple(sorted({1, 2, 3, 4, max(1, L // 2), L, L + L // 2, 2 * L}))
+    return (
+        Arm("1L", "tiny-1l", "k x 1", "1 layer (k x 1)"),
+        Arm(f"1Lx{L}", "tiny-1l-4loop", "k x L", f"1 shared layer x {L} loops (k x L)",
+            overrides=(f"model.num_loops={L}",), eval_loops=sweep),
+        Arm(f"{L}L", "tiny-4l", "kL x 1", f"{L} layers (kL x 1: the unshared model of the same depth)",
+            overrides=(f"model.num_layers={L}",)),
+        # The recurrent-depth recipe on the same single layer: depth r ~ 1 + Poisson-lognormal (mean L, cap
+        # 2L) per step, diagonal injection of the embeddings (2d extra parameters), a random initial state,
+        # and backprop through the last L iterations (all of them at the mean depth).
+        Arm("rec", "tiny-recurrent", "recurrent",
+            f"recurrent depth: 1 core layer x ~{L} sampled loops (cap {2 * L}, backprop {L}), diagonal injection",
+            overrides=("model.prelude_layers=0", "model.num_layers=1", "model.coda_layers=0",
+                       "model.loop_injection=diagonal", f"model.num_loops={L}", f"training.mean_loops={L}",
+                       f"training.max_loops={2 * L}", f"training.backprop_loops={L}"),
+            eval_loops=tuple(sorted(set(sweep) | {3 * L})), exit_thresholds=(0.1, 0.01)),
+    )
+
+
+# k = 1, L = 4: one layer cannot form an induction head (it needs two attention layers composed), four
+# can follow hops; the looped and recurrent arms have the 1-layer model's parameters (+ gates/injection).
+ARMS: Tuple[Arm, ...] = make_arms(4)
+
+
+@dataclasses.dataclass
+class ReasoningSettings:
+    """Everything that decides the study's numbers (written to OUT/settings.json)."""
+
+    train_hops: Tuple[int, ...] = (1, 2)
+    """Hop counts of the training and validation records."""
+    test_hops: Tuple[int, ...] = (1, 2, 3, 4)
+    """Hop counts of the test records: the trained ones and harder ones."""
+    length: int = 16
+    """Letters per p-hop sequence (the prompt is 'p:' + the sequence + '=')."""
+    alphabet: int = 4
+    """Letters the sequences draw from (Saunshi et al. use 4)."""
+    train_records: int = 20_000
+    """Training records per trained hop count."""
+    valid_records: int = 200
+    """Validation records per trained hop count (the LR choice reads these)."""
+    test_records: int = 200
+    """Test records per test hop count."""
+    task_seed: int = 1
+    """Base seed of tools/make_tasks.py (fixed: every run sees the same data)."""
+    seeds: Tuple[int, ...] = (1, 2, 3)
+    """Seeds per arm; each fixes initialisation and data order."""
+    lr_grid: Tuple[float, ...] = (1e-3, 3e-3)
+    """Peak learning rates tried per arm on seeds[0]; the best valid accuracy wins."""
+    train_iters: int = 800
+    """Optimizer steps per run."""
+    micro_batch: int = 32
+    """Sequences per step (one micro-batch, no accumulation)."""
+    seq_length: int = 64
+    """Tokens per training window (about three packed records of ~21 tokens)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of the peak LR."""
+    warmup_fraction: float = 0.05
+    """Linear warm-up, as a fraction of the training iterations."""
+    evals: int = 4
+    """Validation points (masked loss) during training."""
+    eval_iters: int = 4
+    """Micro-batches per validation point."""
+    data_dir: str = "data/reasoning"
+    runs_dir: str = "runs/reasoning"
+    ckpt_dir: str = "checkpoints/reasoning"
+    out_dir: str = "results/reasoning"
+    overrides: Tuple[str, ...] = ()
+    """Trainer config overrides (SECTION.FIELD=VALUE) for every arm, before the arm's own (e.g. the width)."""
+    quick: bool = False
+    """The smoke configuration (one seed, one LR, fewer steps and records)."""
+
+    @classmethod
+    def quick_settings(cls) -> "ReasoningSettings":
+        return cls(train_records=4000, valid_records=100, test_records=100, seeds=(1,), lr_grid=(3e-3,),
+                   train_iters=150, evals=2, data_dir="data/reasoning-quick", runs_dir="runs/reasoning-quick",
+                   ckpt_dir="checkpoints/reasoning-quick", out_dir="results/reasoning-quick", quick=True)
+
+    def as_dict(self) -> Dict:
+        return dataclasses.asdict(self)
+
+
+def run_name(arm: str, seed: int) -> str:
+    return f"{arm}-s{seed}"
+
+
+def lr_run_name(arm: str, seed: int, lr: float) -> str:
+    return f"lr{lr:g}-{run_name(arm, seed)}"
+
+
+def choose(rows: Sequence[Dict]) -> Dict:
+    """The row with the highest valid accuracy; ties go to the lower valid loss (a row without one last)."""
+    return max(rows, key=lambda r: (r["valid_accuracy"], -(r.get("valid_loss") if r.get("valid_loss") is not None
+                                                           else float("inf"))))
+
+
+class ReasoningStudy(StudyDriver):
+    """Runs the steps of the module docstring; every output lands atomically, so a restart skips it."""
+
+    def __init__(self, settings: ReasoningSettings, arms: Sequence[Arm] = ARMS, python: Optional[str] = None,
+                 log=print):
+        super().__init__(settings.runs_dir, settings.ckpt_dir, python=python, log=log)
+        self.s = settings
+        self.arms = list(arms)
+
+    # -------------------------------------------------------------------------------------------- data
+    def task_file(self, split: str) -> str:
+        return os.path.join(self.s.data_dir, f"{split}.jsonl")
+
+    def prefix(self, split: str) -> str:
+        return os.path.join(self.s.data_dir, f"{split}_prompt_answer_document")
+
+    def prepare_data(self) -> None:
+        """The task JSONL, its tokenizer and the answer-masked train and valid datasets."""
+        s, d = self.s, self.s.data_dir
+        if not os.path.isfile(os.path.join(d, "tasks.json")):
+            self.log(f"[data] p-hop (hops {s.train_hops}, test {s.test_hops}, length {s.length}, "
+                     f"alphabet {s.alphabet}) -> {d}")
+            self.run([*self.tool("make_tasks.py"), "phop", "--out", d, "--hops", *map(str, s.train_hops),
+                      "--test-hops", *map(str, s.test_hops), "--length", str(s.length),
+                      "--alphabet", str(s.alphabet), "--train", str(s.train_records),
+                      "--valid", str(s.valid_records), "--test", str(s.test_records), "--seed", str(s.task_seed)],
+                     os.path.join(self.s.runs_dir, "_data", "make_tasks.log"))
+        for split in ("train", "valid"):
+            if not os.path.isfile(self.prefix(split) + ".loss_mask.idx"):
+                self.run([*self.tool("preprocess_data.py"), "--input", self.task_file(split),
+                          "--prompt-key", "prompt", "--answer-key", "answer", "--append-eod",
+                          "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", d,
+                          "--output-prefix", os.path.join(d, split), "--no-progress"],
+                         os.path.join(self.s.runs_dir, "_data", f"preprocess_{split}.log"))
+
+    # ---------------------------------------------------------------------------------------- training
+    def trainer_command(self, arm: Arm, seed: int, lr: float, name: str) -> List[str]:
+        s = self.s
+        iters = s.train_iters
+        return [self.python, "-m", "loop_megatron.train", "--preset", arm.preset,
+                "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", s.data_dir,
+                "--override", "model.vocab_size=40",
+                *[x for o in (*s.overrides, *arm.overrides) for x in ("--override", o)],
+                "--data-path", self.prefix("train"), "--split", "1,0,0",
+                "--valid-data-path", self.prefix("valid"),
+                "--seq-length", str(s.seq_length), "--micro-batch-size", str(s.micro_batch),
+                "--global-batch-size", str(s.micro_batch), "--train-iters", str(iters),
+                "--lr", f"{lr:g}", "--min-lr", f"{lr * s.min_lr_ratio:g}",
+                "--lr-warmup-iters", str(max(1, int(iters * s.warmup_fraction))),
+                "--seed", str(seed), "--zero-stage", "0",
+                "--eval-interval", str(max(1, iters // max(1, s.evals))), "--eval-iters", str(s.eval_iters),
+                "--log-interval", str(max(1, iters // 5)),
+                "--save", self.ckpt_dir(name), "--load", self.ckpt_dir(name), "--save-interval", str(iters),
+                "--keep-last", "1", "--run-dir", self.run_dir(name)]
+
+    def train_arm(self, arm: Arm, seed: int, lr: float, name: str, label: str) -> None:
+        self.train(name, self.trainer_command(arm, seed, lr, name), self.s.train_iters, lr, label,
+                   f"{arm.description}, seed {seed}, lr {lr:g}, {self.s.train_iters} steps")
+
+    # -------------------------------------------------------------------------------------- evaluation
+    def eval_path(self, name: str, kind: str) -> str:
+        return os.path.join(self.s.out_dir, "eval", f"{name}.{kind}.json")
+
+    def accuracy(self, name: str, kind: str, split: str, extra: Sequence[str] = ()) -> str:
+        """tools/evaluate.py --task accuracy of run `name` on SPLIT.jsonl -> OUT/eval/NAME.KIND.json."""
+        out = self.eval_path(name, kind)
+        cmd = [*self.tool("evaluate.py"), "--load", self.ckpt_dir(name), "--task", "accuracy",
+               "--tasks-file", self.task_file(split), "--prepend-eod", "--group-by", "hops",
+               *extra, "--json", out]
+        return self.once(out, cmd, os.path.join(self.run_dir(name), f"evaluate.{kind}.log"))
+
+    def evaluate_run(self, arm: Arm, name: str) -> None:
+        t0 = time.time()
+        self.accuracy(name, "valid", "valid")
+        extra: List[str] = ["--loops", *map(str, arm.eval_loops)] if arm.eval_loops else []
+        if arm.exit_thresholds:
+            extra += ["--exit-criterion", "kl", "--exit-threshold", *map(str, arm.exit_thresholds)]
+        self.accuracy(name, "test", "test", extra)
+        self.log(f"        {name}: evaluated in {time.time() - t0:.0f} s")
+
+    # ------------------------------------------------------------------------------------------- steps
+    def choose_lrs(self, arms: Sequence[Arm]) -> Dict[str, float]:
+        """Per arm of `arms`: train seeds[0] at each LR and keep the best valid accuracy; OUT/lr_sweep.json
+        keeps the choices of arms swept earlier (a study run with --only adds to it)."""
+        from loop_megatron.experiments.records import read_json
+
+        from .report import final_valid_loss, overall_accuracy
+
+        path = os.path.join(self.s.out_dir, "lr_sweep.json")
+        earlier = read_json(path).get("arms", {}) if os.path.isfile(path) else {}
+        seed = self.s.seeds[0]
+        sweep = {a: e for a, e in earlier.items() if [r["lr"] for r in e["rows"]] == list(self.s.lr_grid)}
+        chosen = {a: e["chosen_lr"] for a, e in sweep.items()}
+        for arm in arms:
+            rows = []
+            for i, lr in enumerate(self.s.lr_grid):
+                name = lr_run_name(arm.name, seed, lr)
+                self.train_arm(arm, seed, lr, name, f"[lr {arm.name} {i + 1}/{len(self.s.lr_grid)}]")
+                valid = self.accuracy(name, "valid", "valid")
+                rows.append({"lr": lr, "run": name, "valid_accuracy": overall_accuracy(valid),
+                             "valid_loss": final_valid_loss(os.path.join(self.run_dir(name), "summary.json"))})
+            best = choose(rows)
+            sweep[arm.name] = {"rows": rows, "chosen_lr": best["lr"]}
+            chosen[arm.name] = best["lr"]
+            self.log(f"[lr] {arm.name}: " + ", ".join(f"{r['lr']:g}: {r['valid_accuracy']:.3f}" for r in rows)
+                     + f" -> {best['lr']:g}")
+        write_json(path, make_parent=True, obj=
+                   {"seed": seed, "arms": sweep, "criterion": "exact-match accuracy on valid.jsonl at the trained "
+                    "depth (all trained hop counts together); ties: the lower final valid loss"})
+        return chosen
+
+    def run_study(self, only: Sequence[str] = (), report_only: bool = False, readme: Optional[str] = None) -> Dict:
+        from .report import write_reasoning_report
+
+        os.makedirs(self.s.out_dir, exist_ok=True)
+        if not report_only:
+            self.prepare_data()
+            arms = [a for a in self.arms if not only or a.name in only]
+            lrs = self.choose_lrs(arms)
+            write_json(os.path.join(self.s.out_dir, "settings.json"),
+                       dict(self.s.as_dict(), lr=lrs, arms=[dataclasses.asdict(a) for a in self.arms],
+                            example_command=self.trainer_command(arms[0], self.s.seeds[0],
+                                                                 lrs[arms[0].name], "NAME")[1:]))
+            plan = [(arm, seed) for seed in self.s.seeds for arm in arms]  # seed-major: partial = every arm
+            for k, (arm, seed) in enumerate(plan):
+                name, lr = run_name(arm.name, seed), lrs[arm.name]
+                sweep_run = lr_run_name(arm.name, seed, lr)
+                if seed == self.s.seeds[0] and self.is_trained(sweep_run, self.s.train_iters, lr):
+                    self.alias(sweep_run, name, [(self.eval_path(sweep_run, "valid"), self.eval_path(name, "valid"))])
+                self.train_arm(arm, seed, lr, name, f"[{k + 1}/{len(plan)}]")
+                self.evaluate_run(arm, name)
+        written = write_reasoning_report(self.s.out_dir, self.s.runs_dir, readme=readme)
+        self.log(f"[report] {', '.join(sorted(written.values()))}  [study {self.elapsed()}]")
+        return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m studies.reasoning.study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1 seed, 1 LR, 150 steps, 4,000 records per level, into runs/reasoning-quick "
+                        "and results/reasoning-quick")
+    p.add_argument("--only", nargs="+", default=[], metavar="ARM",
+                   help=f"train and evaluate only these arms (of {', '.join(a.name for a in ARMS)}); the report "
+                        "covers every finished run")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 1 2 3; quick: 1)")
+    p.add_argument("--train-iters", type=int, help="steps per run (default 800; quick: 150)")
+    p.add_argument("--out", help="results folder (default results/reasoning; quick: results/reasoning-quick)")
+    p.add_argument("--runs-dir", help="run folders (default runs/reasoning)")
+    p.add_argument("--ckpt-dir", help="checkpoints (default checkpoints/reasoning)")
+    p.add_argument("--data-dir", help="task files and datasets (default data/reasoning)")
+    p.add_argument("--loops", type=int, default=4, metavar="L",
+                   help="L of the arms: 1L, 1LxL, LL and rec (mean L loops); default 4")
+    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="study settings (ReasoningSettings fields, e.g. length=256 train_hops=32 "
+                        "test_hops=32,48,64 train_iters=20000; tuples comma-separated)")
+    p.add_argument("--override", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="trainer config overrides for every arm (e.g. model.hidden_size=256)")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the tables and plots from disk")
+    p.add_argument("--readme", metavar="README.md",
+                   help="also replace the README block between '<!-- reasoning:begin -->' and "
+                        "'<!-- reasoning:end -->' with the generated tables and figures")
+    return p
+
+
+def apply_settings(settings: ReasoningSettings, assignments: Sequence[str]) -> None:
+    """Set FIELD=VALUE assignments on settings, each converted to the field's type (tuples: comma-separated);
+    StudyError naming the assignment when the field is unknown or the value does not convert."""
+    fields = {f.name: f for f in dataclasses.fields(ReasoningSettings)}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise StudyError(f"--set {item}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}.")
+        current = getattr(settings, key)
+        try:
+            if isinstance(current, tuple):
+                kind = type(current[0]) if current else str
+                new = tuple(kind(v) for v in value.split(",") if v)
+            elif isinstance(current, bool):
+                new = value.lower() in ("1", "true", "yes", "on")
+            else:
+                new = type(current)(value)
+        except ValueError:
+            raise StudyError(f"--set {item}: {value!r} is not a {type(current).__name__}.") from None
+        setattr(settings, key, new)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = ReasoningSettings.quick_settings() if args.quick else ReasoningSettings()
+    arms = make_arms(args.loops)
+    try:
+        apply_settings(settings, args.set)
+    except StudyError as exc:
+        print(f"study: error: {exc}", file=sys.stderr)
+        return 2
+    settings.overrides = tuple(settings.overrides) + tuple(args.override)
+    if args.seeds:
+        settings.seeds = tuple(args.seeds)
+    if args.train_iters:
+        settings.train_iters = args.train_iters
+    for flag, attr in (("out", "out_dir"), ("runs_dir", "runs_dir"), ("ckpt_dir", "ckpt_dir"), ("data_dir", "data_dir")):
+        if getattr(args, flag):
+            setattr(settings, attr, getattr(args, flag))
+    unknown = [a for a in args.only if a not in {arm.name for arm in arms}]
+    if unknown:
+        print(f"study: error: --only {' '.join(unknown)}: unknown arm (known: {', '.join(a.name for a in arms)}).",
+              file=sys.stderr)
+        return 2
+    try:
+        ReasoningStudy(settings, arms, log=lambda line: print(line, flush=True)).run_study(
+            args.only, args.report_only, args.readme)
+    except LoopMegatronError as exc:  # a failed step (StudyError) or unreadable records (ExperimentError)
+        print(f"study: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("study: interrupted; start it again to go on where it stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
