@@ -20,17 +20,9 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"
 cd "$REPO_ROOT"
 
-args=()
-if [ "${QUICK:-0}" = 1 ]; then
-    args+=(--quick)
-else
-    args+=(--readme README.md)
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_study.sh"
+args=("${STUDY_ARGS[@]}")
 if [ "${REPORT_ONLY:-0}" = 1 ]; then
     args+=(--report-only)
-fi
-if [ -n "${ONLY:-}" ]; then
-    # shellcheck disable=SC2206  # a list of arm names
-    args+=(--only $ONLY)
 fi
 exec "$PYTHON" -m studies.reasoning.study "${args[@]}" "$@"

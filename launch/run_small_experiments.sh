@@ -20,14 +20,6 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"
 cd "$REPO_ROOT"
 
-args=()
-if [ "${QUICK:-0}" = 1 ]; then
-    args+=(--quick)
-else
-    args+=(--readme README.md)
-fi
-if [ -n "${ONLY:-}" ]; then
-    # shellcheck disable=SC2206  # a list of arm names
-    args+=(--only $ONLY)
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_study.sh"
+args=("${STUDY_ARGS[@]}")
 exec "$PYTHON" -m studies.looping_pays.study "${args[@]}" "$@"
