@@ -1,22 +1,25 @@
-"""The reasoning study's format check: can the trainer teach a small model the task *format* at all?
+"""The reasoning study's calibration probes: can the trainer teach a small model the task at this budget?
 
-The task is the study's own p-hop prompts (same generator, length and alphabet) with the answer replaced by
-the last letter of the sequence, which a single attention step to the previous token solves. Each document
-setting is trained through the real trainer (`python -m loop_megatron.train`, the study's arm `4L` settings:
-tiny-4l, 32 x 64-token windows of packed records) with and without Megatron's `--reset-position-ids
---reset-attention-mask`, and the answer loss is tabulated every `--window` steps (mean over the window, from
-each run's metrics.jsonl). A setting under which even this does not leave the plateau in a few hundred steps
-cannot calibrate the p-hop study.
+Two tasks on the study's p-hop prompts ("p:" + sequence + "="): `last-letter` (the answer is the sequence's
+last letter: one attention step to the previous token, a check of the format and the data pipeline) and
+`phop` (the study's task itself, at chosen hops, length and alphabet). Each document setting is trained through
+the real trainer (`python -m loop_megatron.train`, the study's windows: 32 x 64 tokens of packed records,
+constant LR after 20 warm-up steps) with and without Megatron's `--reset-position-ids --reset-attention-mask`,
+and the answer loss is tabulated every `--window` steps (the mean over the window, from each run's
+metrics.jsonl). A setting under which a model does not leave the plateau within the study's step budget
+cannot calibrate the study.
 
-    python -m studies.reasoning.calibration --out results/reasoning/calibration        # ~6 CPU-minutes
+    python -m studies.reasoning.calibration                                   # last-letter, both settings
+    python -m studies.reasoning.calibration --task phop --hops 1 --steps 1000 --lr 2e-3 --settings apart
 
-Writes OUT/calibration.md (the table) and OUT/runs/<setting>/{metrics.jsonl,summary.json,config.yaml};
-the data and checkpoints go to --work (default data/reasoning-calibration).
+Writes OUT/<name>.md (the table; name from the arguments, or --name) and OUT/runs/<name>/<setting>/
+{metrics.jsonl,summary.json,config.yaml}; data and checkpoints go to --work/<name> (gitignored data/).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -28,18 +31,20 @@ from loop_megatron.experiments.driver import StudyDriver, StudyError
 from loop_megatron.utils.fs import write_text
 
 SETTINGS = {
-    "packed as one text": [],
-    "documents kept apart": ["--reset-position-ids", "--reset-attention-mask"],
+    "one-text": ("packed as one text", []),
+    "apart": ("documents kept apart", ["--reset-position-ids", "--reset-attention-mask"]),
 }
+"""Setting name -> (table heading, trainer flags)."""
 
 
-def last_letter_records(count: int, length: int, alphabet: int, seed: int) -> List[Dict]:
-    """p-hop prompts ("1:" + sequence + "=") whose answer is the sequence's last letter."""
-    rng = random.Random(f"calibration/{seed}")
+def probe_records(task: str, count: int, hops: Sequence[int], length: int, alphabet: int, seed: int) -> List[Dict]:
+    """p-hop records (hop counts drawn uniformly from `hops`), or with task 'last-letter' the same prompts
+    answered by the sequence's last letter."""
+    rng = random.Random(f"calibration/{task}/{seed}")
     out = []
     for _ in range(count):
-        rec = phop_example(rng, 1, length, alphabet)
-        out.append({"prompt": rec["prompt"], "answer": rec["prompt"][-2]})
+        rec = phop_example(rng, rng.choice(list(hops)), length, alphabet)
+        out.append({"prompt": rec["prompt"], "answer": rec["prompt"][-2] if task == "last-letter" else rec["answer"]})
     return out
 
 
@@ -58,58 +63,77 @@ def window_means(metrics_path: str, window: int) -> Dict[int, float]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="results/reasoning/calibration", help="table and run records")
-    p.add_argument("--work", default="data/reasoning-calibration", help="data, run folders, checkpoints")
+    p.add_argument("--task", choices=("last-letter", "phop"), default="last-letter")
+    p.add_argument("--hops", type=int, nargs="+", default=[1], help="p-hop counts of the records (default 1)")
+    p.add_argument("--length", type=int, default=16, help="letters per sequence (default 16, the study's)")
+    p.add_argument("--alphabet", type=int, default=4, help="letters drawn from (default 4, the study's)")
+    p.add_argument("--settings", choices=("both", *SETTINGS), default="both")
+    p.add_argument("--preset", default="tiny-4l", help="the model (default tiny-4l, the study's kL x 1 arm)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--window", type=int, default=50, help="steps per averaged table row")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--records", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--name", default="", help="output name (default: from the task and its knobs)")
+    p.add_argument("--out", default="results/reasoning/calibration", help="tables and run records")
+    p.add_argument("--work", default="data/reasoning-calibration", help="data, run folders, checkpoints")
     args = p.parse_args(argv)
-    driver = StudyDriver(os.path.join(args.work, "runs"), os.path.join(args.work, "checkpoints"))
-    data = os.path.join(args.work, "data")
+    knobs = f"h{'-'.join(map(str, args.hops))}-l{args.length}-a{args.alphabet}"
+    name = args.name or (f"{args.task}" + ("" if args.task == "last-letter" and knobs == "h1-l16-a4" else f"-{knobs}")
+                         + ("" if args.preset == "tiny-4l" else f"-{args.preset}")
+                         + ("" if (args.lr, args.steps) == (1e-3, 200) else f"-lr{args.lr:g}-{args.steps}"))
+    work = os.path.join(args.work, name)
+    driver = StudyDriver(os.path.join(work, "runs"), os.path.join(work, "checkpoints"))
+    data = os.path.join(work, "data")
+    settings = list(SETTINGS) if args.settings == "both" else [args.settings]
     try:
         if not os.path.isfile(os.path.join(data, "train_prompt_answer_document.loss_mask.idx")):
             os.makedirs(data, exist_ok=True)
             driver.run([*driver.tool("make_tasks.py"), "phop", "--out", os.path.join(data, "tok"), "--hops", "1",
                         "--length", "16", "--train", "10", "--valid", "1", "--test", "1"],
-                       os.path.join(args.work, "runs", "make_tasks.log"))  # only for its tokenizer
-            write_jsonl(os.path.join(data, "train.jsonl"), last_letter_records(args.records, 16, 4, args.seed))
+                       os.path.join(work, "runs", "make_tasks.log"))  # only for its tokenizer
+            write_jsonl(os.path.join(data, "train.jsonl"), probe_records(args.task, args.records, args.hops,
+                                                                         args.length, args.alphabet, args.seed))
             driver.run([*driver.tool("preprocess_data.py"), "--input", os.path.join(data, "train.jsonl"),
                         "--prompt-key", "prompt", "--answer-key", "answer", "--append-eod",
                         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", os.path.join(data, "tok"),
                         "--output-prefix", os.path.join(data, "train"), "--no-progress"],
-                       os.path.join(args.work, "runs", "preprocess.log"))
+                       os.path.join(work, "runs", "preprocess.log"))
         tables = {}
-        for setting, flags in SETTINGS.items():
-            name = "apart" if flags else "one-text"
-            cmd = [driver.python, "-m", "loop_megatron.train", "--preset", "tiny-4l", *flags,
+        for setting in settings:
+            heading, flags = SETTINGS[setting]
+            cmd = [driver.python, "-m", "loop_megatron.train", "--preset", args.preset, *flags,
                    "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", os.path.join(data, "tok"),
                    "--override", "model.vocab_size=40", "--data-path", os.path.join(data, "train_prompt_answer_document"),
                    "--split", "1,0,0", "--seq-length", "64", "--micro-batch-size", "32", "--global-batch-size", "32",
                    "--train-iters", str(args.steps), "--lr", f"{args.lr:g}", "--min-lr", f"{args.lr:g}",
                    "--lr-warmup-iters", "20", "--seed", str(args.seed), "--zero-stage", "0",
                    "--eval-interval", str(args.steps * 10), "--log-interval", str(args.window),
-                   "--save", driver.ckpt_dir(name), "--load", driver.ckpt_dir(name), "--save-interval", str(args.steps),
-                   "--keep-last", "1", "--run-dir", driver.run_dir(name)]
-            driver.train(name, cmd, args.steps, args.lr, f"[{name}]", setting)
-            tables[setting] = window_means(os.path.join(driver.run_dir(name), "metrics.jsonl"), args.window)
-            dest = os.path.join(args.out, "runs", name)
+                   "--save", driver.ckpt_dir(setting), "--load", driver.ckpt_dir(setting),
+                   "--save-interval", str(args.steps), "--keep-last", "1", "--run-dir", driver.run_dir(setting)]
+            driver.train(setting, cmd, args.steps, args.lr, f"[{name}]", heading)
+            tables[heading] = window_means(os.path.join(driver.run_dir(setting), "metrics.jsonl"), args.window)
+            dest = os.path.join(args.out, "runs", name, setting)
             os.makedirs(dest, exist_ok=True)
             for f in ("metrics.jsonl", "summary.json", "config.yaml"):
-                shutil.copyfile(os.path.join(driver.run_dir(name), f), os.path.join(dest, f))
+                shutil.copyfile(os.path.join(driver.run_dir(setting), f), os.path.join(dest, f))
     except StudyError as err:
         print(f"calibration: error: {err}", file=sys.stderr)
         return 1
     ends = sorted(set().union(*tables.values()))
-    lines = [f"Answer = the last letter of a p-hop prompt (length 16, alphabet 4); tiny-4l, 32 x 64-token windows, "
-             f"LR {args.lr:g} (20 warm-up steps, constant), seed {args.seed}; mean answer loss (the letter and its "
-             f"end-of-document token) per {args.window} steps. ln(4) / 2 = 0.693 is the letter guessed uniformly.",
-             "", "| steps | " + " | ".join(SETTINGS) + " |", "|---|" + "---:|" * len(SETTINGS)]
+    what = ("answer = the last letter of a p-hop prompt" if args.task == "last-letter" else
+            f"p-hop, hops {', '.join(map(str, args.hops))}")
+    chance = math.log(args.alphabet) / 2
+    lines = [f"{what} (length {args.length}, alphabet {args.alphabet}); {args.preset}, 32 x 64-token windows, LR "
+             f"{args.lr:g} (20 warm-up steps, constant), seed {args.seed}, {args.records:,} records; mean answer loss "
+             f"(the letter and its end-of-document token) per {args.window} steps. ln({args.alphabet}) / 2 = "
+             f"{chance:.3f} is the letter guessed uniformly. Command: `python -m studies.reasoning.calibration "
+             f"{' '.join(argv if argv is not None else sys.argv[1:])}`.",
+             "", "| steps | " + " | ".join(tables) + " |", "|---|" + "---:|" * len(tables)]
     for end in ends:
-        cells = [f"{tables[s][end]:.3f}" if end in tables[s] else "–" for s in SETTINGS]
+        cells = [f"{t[end]:.3f}" if end in t else "–" for t in tables.values()]
         lines.append(f"| {end - args.window + 1}-{end} | " + " | ".join(cells) + " |")
-    write_text(os.path.join(args.out, "calibration.md"), "\n".join(lines) + "\n", make_parent=True)
+    write_text(os.path.join(args.out, f"{name}.md"), "\n".join(lines) + "\n", make_parent=True)
     print("\n".join(lines))
     return 0
 
