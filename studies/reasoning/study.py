@@ -118,8 +118,8 @@ class ReasoningSettings:
     """Tokens per training window (about three packed records of ~21 tokens)."""
     keep_documents_apart: bool = True
     """Train with Megatron's --reset-position-ids --reset-attention-mask, so each packed record has the
-    positions and context it has alone (calibration.py: without them a 4-layer model does not even learn to
-    copy the last prompt letter in 200 steps)."""
+    positions and context it has alone (calibration.py, answer = the last prompt letter, 4 layers: answer
+    loss 0.149 with them against 0.689 without over steps 51-100, 0.028 against 0.359 over steps 151-200)."""
     min_lr_ratio: float = 0.1
     """Cosine decay floor as a fraction of the peak LR."""
     warmup_fraction: float = 0.05
