@@ -174,6 +174,18 @@ class DataConfig:
     seq_length: int = 1024
     """Tokens per training sample (must not exceed model.max_position_embeddings)."""
 
+    reset_position_ids: bool = False
+    """Megatron's --reset-position-ids: positions restart at 0 after each end-of-document token, so a
+    document packed anywhere in a window has the positions it would have alone (model/documents.py)."""
+
+    reset_attention_mask: bool = False
+    """Megatron's --reset-attention-mask: a token attends only to its own document's earlier tokens, not to
+    the documents packed before it in the window (attention then runs through SDPA with an explicit mask)."""
+
+    eod_mask_loss: bool = False
+    """Megatron's --eod-mask-loss: the target predicted from each end-of-document token (the next document's
+    first token) is left out of the loss and of bits per byte."""
+
     data_cache_path: str = ""
     """Folder for cached sample/shuffle indices; empty means next to the data."""
 

@@ -241,7 +241,7 @@ def test_trainer_flags_are_generated_from_the_field_docstrings():
     # existing fields (issue 24: model shape, init, dropouts, Adam, vocab, workers, GPT-2 files) + 3 W&B flags + 15 of
     # issue 24's schedules, planned exits and partial loading + --sequence-parallel + --distributed-timeout-minutes
     # (issue 25)
-    assert len(flag_table()) == len(CONFIG_FLAGS) == 93
+    assert len(flag_table()) == len(CONFIG_FLAGS) == 96
     cfg, opts = config_from_args(["--loops", "3", "--data-path", "a", "b", "--compile", "--lr", "2e-4",
                                   "--loop-schedule", "0:1,0.35:2"])
     assert (cfg.model.num_loops, cfg.data.data_path, cfg.training.compile, cfg.training.lr) == (3, ["a", "b"], True, 2e-4)

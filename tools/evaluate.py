@@ -181,6 +181,8 @@ def accuracy_main(args, device: str) -> int:
     except (LoopMegatronError, ValueError) as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 1
+    for note in info["notes"]:
+        print(f"note: {note}")
     print(f"{info['tasks_file']}: {info['records']} records, exact match of greedy answers in percent "
           f"(* = trained loop count; exit columns: mean loop iterations per token)\n")
     print(accuracy_table(results, trained_loops=info["trained_loops"]))

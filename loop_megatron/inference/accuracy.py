@@ -204,19 +204,39 @@ def evaluate_accuracy_checkpoint(load: str, tasks_file: str, tag: Optional[str] 
                                  prepend_eod: bool = False) -> Tuple[List[AccuracyResult], Dict[str, Any]]:
     """Load a checkpoint (and its tokenizer, or the one named) as tools/generate.py does and run
     `evaluate_accuracy` on `tasks_file`; loops default to the trained count. Returns (results, info)."""
-    from ..checkpoint import load_model, resolve_checkpoint, tokenizer_for
+    from ..checkpoint import load_model, read_meta, resolve_checkpoint, tokenizer_for
     from .evaluation import compute_settings
 
     records = read_tasks(tasks_file)
     path = resolve_checkpoint(load, tag)
     model = load_model(load, tag, device=device)
     tokenizer = tokenizer_for(checkpoint=path, tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model)
+    notes = []
+    if prepend_eod and documents_kept_apart(read_meta(path).get("config", {}).get("data", {}), path):
+        prepend_eod = False
+        notes.append("--prepend-eod left out: the run reset positions and attention at every end-of-document "
+                     "token, so its documents were seen as if each stood alone, as a prompt alone is")
     trained = model.loop.num_loops
     depths, _, cap = compute_settings(loops, trained, exit_criterion, exit_thresholds, max_loops)
     results = evaluate_accuracy(model, tokenizer, records, depths, exit_criterion, exit_thresholds, cap,
                                 batch_size, group_by, prepend_eod)
     return results, {"checkpoint": path, "tasks_file": tasks_file, "records": len(records),
-                     "trained_loops": trained, "tokenizer": tokenizer.name, "prepend_eod": prepend_eod}
+                     "trained_loops": trained, "tokenizer": tokenizer.name, "prepend_eod": prepend_eod,
+                     "notes": notes}
+
+
+def documents_kept_apart(data: Dict[str, Any], path: str = "the checkpoint") -> bool:
+    """True when a run's data settings (a config's data section) reset both positions and attention at each
+    end-of-document token (model/documents.py): a document was then seen exactly as it would be alone, so a
+    prompt needs no leading end-of-document token. ValueError when only one of the two was reset: greedy
+    decoding cannot reproduce that view of a prompt after an end-of-document token."""
+    positions, attention = bool(data.get("reset_position_ids")), bool(data.get("reset_attention_mask"))
+    if positions != attention:
+        done, other = ("reset_position_ids", "reset_attention_mask") if positions else \
+            ("reset_attention_mask", "reset_position_ids")
+        raise ValueError(f"{path} was trained with data.{done} but not data.{other}; --prepend-eod cannot "
+                         "reproduce what it saw after an end-of-document token: leave --prepend-eod out.")
+    return positions and attention
 
 
 def _setting(r: AccuracyResult) -> str:

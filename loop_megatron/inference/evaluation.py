@@ -57,17 +57,20 @@ def _batches(dataset, micro_batch_size: int, eval_iters: Optional[int]):
 @torch.no_grad()
 def evaluate(model, dataset, micro_batch_size: int = 8, eval_iters: Optional[int] = None,
              num_loops: Optional[int] = None, exit_criterion: Optional[str] = None,
-             exit_threshold: Optional[float] = None, byte_lengths=None, name: str = "valid") -> EvalResult:
+             exit_threshold: Optional[float] = None, byte_lengths=None, name: str = "valid",
+             layout=None) -> EvalResult:
     """Token-weighted mean cross-entropy over the first `eval_iters` micro-batches of `dataset` (all of it
     when None). Items are {"tokens": [seq_length + 1]}: inputs tokens[:-1], labels tokens[1:]; items of
     answer-masked data also carry "loss_mask" [seq_length], and then only targets it marks count (loss,
     tokens, bits per byte over the answer tokens' bytes, mean iterations).
     `exit_criterion`/`exit_threshold`: adaptive per-token exit with `num_loops` as the cap (default: fixed
-    depth). `byte_lengths` (the tokenizer's token_byte_lengths()) adds bits per byte (data/bpb.py)."""
+    depth). `byte_lengths` (the tokenizer's token_byte_lengths()) adds bits per byte (data/bpb.py).
+    `layout`: the run's DocumentLayout (model/documents.py; `load_for_evaluation` reads it from a checkpoint), so
+    positions, attention and counted targets are the trainer's."""
     from ..data.bpb import bits_per_byte, bpb_sums
     from ..model.exit import ExitRule, ExitStats
     from ..model.gpt import IGNORE_INDEX
-    from ..model.inputs import split_inputs
+    from ..model.inputs import prepare_inputs
 
     device = next(model.parameters()).device
     lengths = None if byte_lengths is None else torch.as_tensor(byte_lengths, dtype=torch.long, device=device)
@@ -81,11 +84,12 @@ def evaluate(model, dataset, micro_batch_size: int = 8, eval_iters: Optional[int
     batches = 0
     try:
         for batch in _batches(dataset, micro_batch_size, eval_iters):
-            inputs, labels = split_inputs(batch, device)  # IGNORE_INDEX labels where a loss mask is 0
+            # IGNORE_INDEX labels where a loss mask is 0 (and after an end-of-document input with eod_mask_loss)
+            inputs, labels, documents = prepare_inputs(batch, device, layout)
             counted = labels != IGNORE_INDEX
             stats = ExitStats()
             _, token_loss = model(inputs, labels, depth=loops, exit_rule=rule, return_logits=False,
-                                  loss_reduction="none", exit_stats=stats)
+                                  loss_reduction="none", exit_stats=stats, **documents)
             token_loss = token_loss.double()
             sums[0] += token_loss.sum()
             if lengths is not None:
@@ -228,6 +232,8 @@ class CheckpointEvaluation:
     byte_lengths: Any
     sets: Dict[str, Any]
     micro_batch_size: int
+    layout: Any = None
+    """The run's DocumentLayout (model/documents.py), None when it saw each window as one text."""
 
 
 def load_for_evaluation(load: str, data_path: Optional[Sequence[str]] = None, split: Optional[str] = None,
@@ -242,6 +248,7 @@ def load_for_evaluation(load: str, data_path: Optional[Sequence[str]] = None, sp
     from ..data.gpt_dataset import parse_data_path, parse_named_data_paths
     from ..data.indexed_dataset import check_dataset_tokenizer
     from ..model import LoopGPT, load_full_state_dict
+    from ..model.documents import DocumentLayout
 
     cfg, sd, meta = load_checkpoint(load, tag)
     from_run = not data_path and not named
@@ -266,7 +273,9 @@ def load_for_evaluation(load: str, data_path: Optional[Sequence[str]] = None, sp
                          f"({cfg.model.max_position_embeddings}).")
     meta = dict(meta, eval_data=settings, eval_notes=notes)
     sets = build_eval_sets(data_path, split, seq_length, eval_split, seed, cache_dir, named)
-    return CheckpointEvaluation(model, cfg, meta, tokenizer, tokenizer.token_byte_lengths(), sets, micro_batch_size)
+    layout = DocumentLayout.of(cfg.data, tokenizer.eod)
+    return CheckpointEvaluation(model, cfg, meta, tokenizer, tokenizer.token_byte_lengths(), sets, micro_batch_size,
+                                layout)
 
 
 def evaluate_checkpoint(load: str, data_path: Optional[Sequence[str]] = None, split: Optional[str] = None,
@@ -294,11 +303,11 @@ def evaluate_checkpoint(load: str, data_path: Optional[Sequence[str]] = None, sp
     for name, dataset in ev.sets.items():
         for n in depths:
             results.append(evaluate(model, dataset, micro_batch_size, eval_iters, num_loops=n, byte_lengths=lengths,
-                                    name=name))
+                                    name=name, layout=ev.layout))
         for threshold in (exit_thresholds if adaptive else ()):
             results.append(evaluate(model, dataset, micro_batch_size, eval_iters, num_loops=cap,
                                     exit_criterion=exit_criterion, exit_threshold=threshold, byte_lengths=lengths,
-                                    name=name))
+                                    name=name, layout=ev.layout))
     return results, ev.meta
 
 

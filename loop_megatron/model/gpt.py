@@ -15,6 +15,7 @@ from ..parallel import (VocabParallelEmbedding, dropout, enable_sequence_paralle
                         scatter_to_sequence_parallel_region, vocab_parallel_cross_entropy)
 from .block import Block
 from .depth import DepthLike, LoopDepth
+from .documents import DocumentMask
 from .exit import ExitGate, ExitRule, ExitStats, expected_exit_loss
 from .kv_cache import KVCache
 from .loop import LoopStack
@@ -69,6 +70,9 @@ class LoopGPT(nn.Module):
     `exit_rule`: per-position exits at inference (model/exit.py: criteria and the KV rule; None = the config's
     exit_criterion outside training, `ExitRule("none")` = fixed depth), the depth's iterations being the cap;
     an `ExitStats` passed as `exit_stats` receives the iterations each position used.
+    Packed documents: `attention_mask` may instead be a `DocumentMask` (model/documents.py, Megatron's
+    reset_position_ids / reset_attention_mask): positions restart and attention stops at each document's
+    start, for full-window forwards (no KV cache).
     Padding: `attention_mask` [B, S] (1 = real token) over every key position (cached ones + input_ids) runs
     a padded batch: pad keys are masked out, positions count real tokens only (see `padding_masks`), pad
     positions are exited from the start (0 iterations in exit_stats), and each real position's logits equal
@@ -111,6 +115,8 @@ class LoopGPT(nn.Module):
                attention_mask: Optional[torch.Tensor] = None):
         """Token + position embeddings and the prelude: (e, the loop's input; the attention mask; the real
         positions), the last two None without padding (`padding_masks`)."""
+        if isinstance(attention_mask, DocumentMask):  # packed documents kept apart (model/documents.py)
+            return self._embed_documents(input_ids, kv_cache, attention_mask)
         T = input_ids.shape[1]
         offset = 0
         if kv_cache is not None:
@@ -127,6 +133,30 @@ class LoopGPT(nn.Module):
                 raise ValueError(f"sequence of {offset + T} tokens exceeds model.max_position_embeddings "
                                  f"({self.cfg.max_position_embeddings}).")
             positions = torch.arange(offset, offset + T, device=input_ids.device)
+        return self._embed_positions(input_ids, positions, kv_cache, attn_mask), attn_mask, real
+
+    def _embed_documents(self, input_ids: torch.Tensor, kv_cache: Optional[KVCache], documents: DocumentMask):
+        """`_embed` for a DocumentMask: positions within each document, attention within each document."""
+        if kv_cache is not None:
+            raise ValueError("a DocumentMask (packed documents) is for full-window forwards; generation runs one "
+                             "document per row with a KV cache and a padding attention_mask instead.")
+        B, T = input_ids.shape
+        if T > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {T} tokens exceeds model.max_position_embeddings "
+                             f"({self.cfg.max_position_embeddings}).")
+        documents = documents.to(input_ids.device)
+        for name, t in (("position_ids", documents.position_ids), ("document_ids", documents.document_ids)):
+            if t is not None and tuple(t.shape) != (B, T):
+                raise ValueError(f"DocumentMask.{name} has shape {tuple(t.shape)}; input_ids have {(B, T)}.")
+        positions = documents.position_ids
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device)
+        attn_mask = documents.attention()
+        return self._embed_positions(input_ids, positions, None, attn_mask), attn_mask, None
+
+    def _embed_positions(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: Optional[KVCache],
+                         attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Token + position embeddings (sequence-sharded under sequence parallelism), dropout, the prelude."""
         x = self.wte(input_ids) + self.wpe(positions)
         sharded = self.sequence_parallel and self.training
         if sharded:  # from here to the LM head the residual stream is this TP rank's sequence shard
@@ -137,7 +167,7 @@ class LoopGPT(nn.Module):
         x = dropout(x, self.cfg.hidden_dropout, self.training, sharded)
         for block in self.prelude:
             x = block(x, kv_cache, attn_mask)
-        return x, attn_mask, real
+        return x
 
     def _coda(self, x: torch.Tensor, kv_cache, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         for block in self.coda:
@@ -243,7 +273,10 @@ class LoopGPT(nn.Module):
         states: List[torch.Tensor] = []
         self.hidden_states(input_ids, depth, None, attention_mask, states)
         T = input_ids.shape[1]  # the readout's coda runs without a cache: its keys are the T new ones
-        coda_mask = padding_masks(None if attention_mask is None else attention_mask[:, -T:], T)[0]
+        if isinstance(attention_mask, DocumentMask):
+            coda_mask = attention_mask.to(input_ids.device).attention()
+        else:
+            coda_mask = padding_masks(None if attention_mask is None else attention_mask[:, -T:], T)[0]
         keep = labels != IGNORE_INDEX
         safe_labels = labels.masked_fill(~keep, 0)
         losses, lambdas = [], []

@@ -4,13 +4,15 @@ A batch is a LongTensor [B, T+1] of token windows, or, for answer-masked data (d
 with the windows and a float ``loss_mask`` [B, T]; labels are the windows shifted by one, with
 IGNORE_INDEX (which the model's loss, evaluation and bits per byte leave out) where the mask is 0. Used by
 training (training/data.py, training/step.py) and evaluation (inference/evaluation.py) alike, so both count
-the same targets.
+the same targets. `prepare_inputs` adds the run's document layout (model/documents.py: Megatron's reset of
+positions and attention at each end-of-document token, and the loss left out after one), for both alike too.
 """
-from typing import Dict, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
+from .documents import DocumentLayout
 from .gpt import IGNORE_INDEX
 
 
@@ -47,3 +49,17 @@ def is_masked_batch(batch) -> bool:
     """The batch carries a loss mask (answer-masked data): the trainer then weights micro-batch losses by
     their counted targets (training/step.py)."""
     return isinstance(batch, dict) and "loss_mask" in batch
+
+
+def prepare_inputs(batch: Union[torch.Tensor, Dict[str, torch.Tensor]], device: torch.device,
+                   layout: Optional[DocumentLayout] = None) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
+    """`split_inputs`, then the run's document layout: (input_ids, labels, model keyword arguments), the
+    last ``{"attention_mask": DocumentMask}`` when the layout resets positions or attention at each
+    end-of-document token, else {}; with eod_mask_loss the targets after an end-of-document input are
+    IGNORE_INDEX. `layout` None (the default run) is `split_inputs` exactly."""
+    inputs, labels = split_inputs(batch, device)
+    if layout is None:
+        return inputs, labels, {}
+    labels = layout.labels(inputs, labels, IGNORE_INDEX)
+    mask = layout.mask(inputs)
+    return inputs, labels, ({} if mask is None else {"attention_mask": mask})

@@ -32,7 +32,8 @@ global count N (on the device, no host sync), and micro-batch m's mean loss is s
 n_m x accum x DP / N: DeepSpeed divides by accum and averages the gradients over DP, so the gradient is
 that of sum(per-target loss) / N, and the logged loss (the mean of the scaled losses over accum and ranks)
 is that mean too. A global batch with no counted target has loss 0 and zero gradients (N is clamped to 1),
-not NaN. Batches without a mask take the plain path, unchanged: the mean of micro-batch means (all
+not NaN. The same weighting applies when data.eod_mask_loss leaves end-of-document targets out (model/documents.py).
+Batches without a mask take the plain path, unchanged: the mean of micro-batch means (all
 micro-batches hold the same number of targets there, so the two agree).
 """
 from __future__ import annotations
@@ -49,7 +50,8 @@ from ..model.depth import LoopDepth
 from ..model.gpt import IGNORE_INDEX
 from ..parallel import (get_data_parallel_group, get_data_parallel_world_size, get_tensor_model_parallel_group,
                         get_tensor_model_parallel_world_size)
-from ..model.inputs import is_masked_batch, split_inputs
+from ..model.documents import DocumentLayout
+from ..model.inputs import is_masked_batch, prepare_inputs
 from .ds_config import trainer_clips  # noqa: F401  (re-exported: where the trainer clips)
 
 
@@ -151,12 +153,15 @@ def target_weights(labels: Sequence[torch.Tensor], accum: int) -> torch.Tensor:
 def train_step(engine, batches: Iterator[torch.Tensor], accum: int, device: torch.device,
                clipper: Optional[FusedClipper] = None, stop_requested: Union[bool, Callable[[], bool]] = False,
                depths: Optional[Sequence[LoopDepth]] = None, skip_nonfinite: bool = False,
-               skip_guard: Optional[SkipGuard] = None, time_up: Optional[Callable[[], bool]] = None) -> StepStats:
+               skip_guard: Optional[SkipGuard] = None, time_up: Optional[Callable[[], bool]] = None,
+               layout: Optional[DocumentLayout] = None) -> StepStats:
     """Forward/backward `accum` micro-batches from `batches` and take one optimizer step.
 
     `depths` (one LoopDepth per micro-batch, e.g. a sampled loop depth from training/loop_depth.py) go to the
     model's forward; None = the model's own depth. `skip_nonfinite` makes a step with a non-finite loss or
     gradient norm take no update (module docstring); `skip_guard` does that where the trainer clips.
+    `layout`: the run's document layout (model/documents.py: positions and attention reset at each
+    end-of-document token, the loss after one left out); None sees each window as one text.
 
     The losses stay on the device; after the step one all-reduce carries the loss sum and the stop flag,
     and one host transfer brings loss, grad norm and flag back together: one host sync per step.
@@ -169,15 +174,16 @@ def train_step(engine, batches: Iterator[torch.Tensor], accum: int, device: torc
     norm = None
     first = next(batches)
     weights = None
-    if is_masked_batch(first):  # answer-masked data: weigh micro-batches by their counted targets (docstring)
-        micro = [split_inputs(b, device) for b in [first] + [next(batches) for _ in range(accum - 1)]]
-        weights = target_weights([y for _, y in micro], accum)
+    # Answer-masked data, or end-of-document targets left out: weigh micro-batches by their counted targets
+    if is_masked_batch(first) or (layout is not None and layout.eod_mask_loss):
+        micro = [prepare_inputs(b, device, layout) for b in [first] + [next(batches) for _ in range(accum - 1)]]
+        weights = target_weights([y for _, y, _ in micro], accum)
         micro = iter(micro)
     else:
-        micro = (split_inputs(b, device) for b in itertools.chain([first], batches))
+        micro = (prepare_inputs(b, device, layout) for b in itertools.chain([first], batches))
     for m in range(accum):
-        x, y = next(micro)
-        _, loss = engine(x, labels=y, depth=None if depths is None else depths[m])
+        x, y, documents = next(micro)
+        _, loss = engine(x, labels=y, depth=None if depths is None else depths[m], **documents)
         if weights is not None:
             loss = loss * weights[m]
         if skip_nonfinite:

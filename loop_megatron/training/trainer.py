@@ -47,7 +47,8 @@ from ..data.bpb import bits_per_byte, bpb_sums
 from ..data.tokenizer import HF_TYPE
 from .data import (EvalBatchSampler, TrainBatchSampler, build_datasets, build_eval_datasets, byte_length_table,
                    check_data_paths, check_data_tokenizers, check_eval_data_paths, loader)
-from ..model.inputs import split_inputs
+from ..model.documents import DocumentLayout
+from ..model.inputs import prepare_inputs
 from .diagnostics import gate_means
 from .distributed import device as current_device
 from .distributed import RankStopped, env_world_size, init_distributed, rank_report, start_watchdog
@@ -225,7 +226,7 @@ class Trainer:
         # One host sync per step: loss, grad norm and the stop flag come back together (training/step.py).
         stats = train_step(self.engine, iter(micro_batches), len(micro_batches), self.device, self.clipper,
                            self._stop_requested, depths=depths, skip_nonfinite=self.cfg.training.skip_nonfinite_steps,
-                           skip_guard=self.skip_guard, time_up=self._time_up)
+                           skip_guard=self.skip_guard, time_up=self._time_up, layout=self.layout)
         return StepResult(loss=stats.loss, lr=lr, grad_norm=stats.grad_norm, stop=stats.stop,
                           loops=sum(d.num_loops for d in depths) / len(depths),
                           flops_per_token=step_flops_per_token(self.cfg.model, self.seq, depths),
@@ -375,6 +376,12 @@ class Trainer:
         self.primary_valid = next(iter(self.valid_sets), PRIMARY_VALID)
         self.tokenizer = self.checks["tokenizer"]
         self.byte_lengths = byte_length_table(self.tokenizer, cfg.model.vocab_size, self.device)
+        self.layout = DocumentLayout.of(cfg.data, self.tokenizer.eod)  # None: each window is one text
+        if self.layout is not None:
+            on = [name for name in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")
+                  if getattr(self.layout, name)]
+            self.log.print(f"documents: {', '.join(on)} at end-of-document token {self.layout.eod} "
+                           "(model/documents.py), in training and evaluation alike")
         for note in self.checks["data_notes"]:
             self.log.print(f"note: {note}")
         masked = [name for name, ds in [("train", self.train_ds), *self.valid_sets.items()]
@@ -544,9 +551,9 @@ class Trainer:
         for tokens in loader(dataset, EvalBatchSampler(eval_micro_batches(self.cfg, self.dp), t.micro_batch_size,
                                                        self.dp, self.dp_rank),
                              self.cfg.data.num_workers, generator=gen):
-            x, y = split_inputs(tokens, self.device)
+            x, y, documents = prepare_inputs(tokens, self.device, self.layout)
             _, token_loss = self.engine(x, labels=y, loss_reduction="none",
-                                        depth=self.depth_sampler.eval_loops())  # --eval-loops
+                                        depth=self.depth_sampler.eval_loops(), **documents)  # --eval-loops
             token_loss = token_loss.detach().double()
             nats, nbytes = bpb_sums(token_loss, y, self.byte_lengths)
             counted = (y != IGNORE_INDEX).sum().double()  # answer-masked data counts answer targets only

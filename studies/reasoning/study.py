@@ -116,6 +116,10 @@ class ReasoningSettings:
     """Sequences per step (one micro-batch, no accumulation)."""
     seq_length: int = 64
     """Tokens per training window (about three packed records of ~21 tokens)."""
+    keep_documents_apart: bool = True
+    """Train with Megatron's --reset-position-ids --reset-attention-mask, so each packed record has the
+    positions and context it has alone (calibration.py, answer = the last prompt letter, 4 layers: answer
+    loss 0.149 with them against 0.689 without over steps 51-100, 0.028 against 0.359 over steps 151-200)."""
     min_lr_ratio: float = 0.1
     """Cosine decay floor as a fraction of the peak LR."""
     warmup_fraction: float = 0.05
@@ -200,6 +204,7 @@ class ReasoningStudy(StudyDriver):
                 "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", s.data_dir,
                 "--override", "model.vocab_size=40",
                 *[x for o in (*s.overrides, *arm.overrides) for x in ("--override", o)],
+                *(["--reset-position-ids", "--reset-attention-mask"] if s.keep_documents_apart else []),
                 "--data-path", self.prefix("train"), "--split", "1,0,0",
                 "--valid-data-path", self.prefix("valid"),
                 "--seq-length", str(s.seq_length), "--micro-batch-size", str(s.micro_batch),

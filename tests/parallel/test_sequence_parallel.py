@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from loop_megatron.config import ModelConfig
 from loop_megatron.model import KVCache, LoopDepth, LoopGPT, full_state_dict
+from loop_megatron.model.documents import DocumentLayout
 from loop_megatron.parallel import (destroy_model_parallel, dropout, gather_from_sequence_parallel_region,
                                     get_tensor_model_parallel_group, initialize_model_parallel, merge_shards,
                                     randn_like, reduce_scatter_to_sequence_parallel_region,
@@ -44,7 +45,7 @@ def _grads(model):
     return full, replicated
 
 
-def _run(tp: int, sp: bool, cfg: ModelConfig, ids: torch.Tensor, depth=None):
+def _run(tp: int, sp: bool, cfg: ModelConfig, ids: torch.Tensor, depth=None, documents=False):
     destroy_model_parallel()
     initialize_model_parallel(tp)
     torch.manual_seed(7)
@@ -59,7 +60,9 @@ def _run(tp: int, sp: bool, cfg: ModelConfig, ids: torch.Tensor, depth=None):
             block.attn.proj.bias.uniform_(-0.1, 0.1)
     on_shards = model.enable_sequence_parallel() if sp else []
     torch.manual_seed(11)  # the random initial state's draw
-    logits, loss = model(ids[:, :-1], ids[:, 1:], return_logits=True, depth=depth)
+    # documents: the packed documents kept apart (model/documents.py): the full [T, T] mask on every rank
+    kwargs = {"attention_mask": DocumentLayout(0, True, True).mask(ids[:, :-1])} if documents else {}
+    logits, loss = model(ids[:, :-1], ids[:, 1:], return_logits=True, depth=depth, **kwargs)
     loss.backward()
     full, replicated = _grads(model)
     return {"loss": loss.detach(), "logits": logits.detach(), "grads": full, "replicated": replicated,
@@ -67,8 +70,8 @@ def _run(tp: int, sp: bool, cfg: ModelConfig, ids: torch.Tensor, depth=None):
 
 
 def _worker(rank, world_size, cases, ids):
-    out = {case: {"tp1": _run(1, False, cfg, ids, depth), "tp2": _run(2, False, cfg, ids, depth),
-                  "tp2_sp": _run(2, True, cfg, ids, depth)} for case, (cfg, depth) in cases.items()}
+    out = {case: {"tp1": _run(1, False, cfg, ids, depth, *docs), "tp2": _run(2, False, cfg, ids, depth, *docs),
+                  "tp2_sp": _run(2, True, cfg, ids, depth, *docs)} for case, (cfg, depth, *docs) in cases.items()}
     destroy_model_parallel()
     out["collectives"] = _collectives(rank)
     return out
@@ -99,6 +102,8 @@ CASES = {
                LoopDepth(backprop_loops=2, loop_depths=torch.tensor([4, 2]))),
     "diagonal": (_model_cfg(loop_injection="diagonal", loop_state_init="zeros", activation_checkpointing="none"),
                  None),
+    # packed documents kept apart (reset positions and attention at token 0, which the inputs below hold)
+    "documents": (_model_cfg(), None, True),
 }
 
 
@@ -106,13 +111,14 @@ CASES = {
 def results():
     """Every case (and the collectives) in one pair of processes: spawning costs more than the models."""
     torch.manual_seed(0)
-    ids = torch.randint(0, VOCAB, (2, 17))  # 16 positions: 8 per TP rank
+    ids = torch.randint(1, VOCAB, (2, 17))  # 16 positions: 8 per TP rank
+    ids[0, 5], ids[1, 9] = 0, 0  # an end-of-document token in each row, for the "documents" case
     return run_distributed(_worker, 2, CASES, ids)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_sequence_parallel_matches_tp2_and_tp1(results, case):
-    cfg, _ = CASES[case]
+    cfg = CASES[case][0]
     results = [r[case] for r in results]
     for r in results:
         _assert_same(r["tp2_sp"], r["tp1"], f"{case}: TP=2+SP vs TP=1")

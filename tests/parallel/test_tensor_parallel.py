@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from loop_megatron.config import ModelConfig
 from loop_megatron.model import LoopDepth, LoopGPT, full_state_dict
+from loop_megatron.model.documents import DocumentLayout
 from loop_megatron.parallel import (VocabParallelEmbedding, destroy_model_parallel, get_tensor_model_parallel_group,
                                     get_tensor_model_parallel_rank, initialize_model_parallel, merge_shards,
                                     vocab_parallel_cross_entropy)
@@ -34,21 +35,23 @@ def _gathered_grads(model):
     return grads
 
 
-def _run_model(tp: int, cfg: ModelConfig, ids: torch.Tensor):
+def _run_model(tp: int, cfg: ModelConfig, ids: torch.Tensor, eod=None):
     destroy_model_parallel()
     initialize_model_parallel(tp)
     torch.manual_seed(7)
     model = LoopGPT(cfg).train()
     with torch.no_grad():
         model.loop.gates.uniform_(0.5, 1.5)  # same on all ranks: gates are replicated, seeded alike
-    logits, loss = model(ids[:, :-1], ids[:, 1:], return_logits=True)
+    # eod: packed documents kept apart (model/documents.py), the mask broadcast over each rank's heads
+    kwargs = {} if eod is None else {"attention_mask": DocumentLayout(eod, True, True).mask(ids[:, :-1])}
+    logits, loss = model(ids[:, :-1], ids[:, 1:], return_logits=True, **kwargs)
     loss.backward()
     return {"logits": logits.detach(), "loss": loss.detach(), "grads": _gathered_grads(model),
             "weights": full_state_dict(model)}
 
 
-def _tp_worker(rank, world_size, cfg, ids):
-    return {"tp1": _run_model(1, cfg, ids), "tp2": _run_model(2, cfg, ids)}
+def _tp_worker(rank, world_size, cfg, ids, eod=None):
+    return {"tp1": _run_model(1, cfg, ids, eod), "tp2": _run_model(2, cfg, ids, eod)}
 
 
 def _assert_same(a, b, atol=1e-5):
@@ -77,6 +80,14 @@ def test_tp2_matches_tp1_with_dropout_and_per_block_checkpointing():
     # Residual dropout acts on replicated activations: it must draw the same masks as at TP=1.
     cfg = _model_cfg(hidden_dropout=0.1, activation_checkpointing="per-block", loop_gates="scalar")
     for r in run_distributed(_tp_worker, 2, cfg, ids):
+        _assert_same(r["tp1"], r["tp2"])
+
+
+def test_tp2_matches_tp1_with_packed_documents_kept_apart():
+    torch.manual_seed(3)
+    ids = torch.randint(1, 101, (2, 13))
+    ids[0, 4], ids[1, 8] = 0, 0  # one end-of-document token in each window
+    for r in run_distributed(_tp_worker, 2, _model_cfg(), ids, 0):
         _assert_same(r["tp1"], r["tp2"])
 
 

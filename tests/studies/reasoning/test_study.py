@@ -27,6 +27,7 @@ def test_every_arm_builds_a_valid_trainer_config(tmp_path):
         cfg.validate(1)
         assert (cfg.model.vocab_size, cfg.training.seed, cfg.training.lr) == (40, 2, 3e-3)
         assert cfg.training.train_iters == settings.train_iters and cfg.data.split == "1,0,0"
+        assert cfg.data.reset_position_ids and cfg.data.reset_attention_mask  # records kept apart in windows
         seen[arm.family] = cfg
     k1, kl, kL1, rec = (seen[f].model for f in ("k x 1", "k x L", "kL x 1", "recurrent"))
     # k x L and the recurrent arm spend k x 1's unique layers; kL x 1 is the unshared model of k x L's depth.
