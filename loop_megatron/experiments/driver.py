@@ -11,17 +11,22 @@ finished processes left on disk. `StudyDriver` holds that machinery, shared by e
 * `train(name, cmd, iters, lr, label)`: run the trainer unless done (a run interrupted before its first
   checkpoint starts again from step 0, its old records removed);
 * `once(out, cmd, log)`: run a command that writes `out` unless `out` exists (evaluations);
-* `alias(source, target)`: the same run under a second name (a sweep's run reused as a seed's run).
+* `alias(source, target)`: the same run under a second name (a sweep's run reused as a seed's run);
+* `sweep_learning_rates(arms, grid, ...)`: one grid of peak LRs for every arm, each arm's LR chosen on its
+  own validation scores, the sweep kept in a JSON file that a later partial run adds to.
+
+`StudyArm` is one configuration of a study's grid (both studies' arms).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import LoopMegatronError
 
@@ -31,6 +36,28 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 class StudyError(LoopMegatronError):
     """A step of a study failed; the message names its log file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyArm:
+    """One configuration of a study's grid."""
+
+    name: str
+    """Short name used for folders, tables and legends."""
+    preset: str
+    """Trainer preset (loop_megatron/config.py PRESETS) it starts from."""
+    family: str
+    """The role the study's comparisons and claims give it (e.g. 'unshared', 'looped'; 'k x 1', 'k x L')."""
+    description: str
+    """One line for the tables."""
+    overrides: Tuple[str, ...] = ()
+    """Config overrides (SECTION.FIELD=VALUE) on top of the preset and the study's common settings."""
+    sweep_loops: Tuple[int, ...] = ()
+    """Inference loop counts the checkpoint is also evaluated at (empty: the trained depth only)."""
+    exit_thresholds: Tuple[float, ...] = ()
+    """KL thresholds (nats) of an adaptive-exit evaluation (empty: none)."""
+    exit_max_loops: int = 0
+    """Loop cap of the adaptive-exit evaluation; 0 = the largest of sweep_loops."""
 
 
 class StudyDriver:
@@ -132,3 +159,32 @@ class StudyDriver:
             if os.path.isfile(src) and not os.path.exists(dst):
                 with open(src, encoding="utf-8") as f:
                     write_json(dst, json.load(f), make_parent=True)
+
+    def sweep_learning_rates(self, arms: Sequence[StudyArm], grid: Sequence[float], path: str,
+                             run_point: Callable[[StudyArm, float], Dict[str, Any]],
+                             pick: Callable[[List[Dict[str, Any]]], Dict[str, Any]],
+                             score: Callable[[Dict[str, Any]], str], header: Dict[str, Any]) -> Dict[str, float]:
+        """One grid of peak learning rates for every arm of `arms`, each arm's LR chosen on its own rows.
+
+        `run_point(arm, lr)` trains and evaluates one point (on the validation split only) and returns its row
+        (``{"lr": lr, "run": name, ...scores}``); `pick(rows)` is the chosen row; `score(row)` its score for the
+        log. `path` (a JSON file: `header`, the grid, and per arm its rows and chosen LR) keeps the arms swept
+        earlier on the same grid, so a study run on some arms adds to it, and a changed grid sweeps again.
+        Returns {arm name: chosen LR} for every arm in the file after this sweep."""
+        earlier: Dict[str, Any] = {}
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                earlier = json.load(f).get("arms", {})
+        sweep = {a: e for a, e in earlier.items() if [r["lr"] for r in e["rows"]] == list(grid)}
+        for arm in arms:
+            rows = [run_point(arm, lr) for lr in grid]
+            best = pick(rows)
+            sweep[arm.name] = {"rows": rows, "chosen_lr": best["lr"],
+                               "at_grid_edge": len(grid) > 1 and best["lr"] in (min(grid), max(grid))}
+            self.log(f"[lr] {arm.name}: " + ", ".join(f"{r['lr']:g}: {score(r)}" for r in rows)
+                     + f" -> {best['lr']:g}" + ("  (at the edge of the grid)" if sweep[arm.name]["at_grid_edge"] else ""))
+        from ..utils.fs import write_json
+
+        write_json(path, dict(header, grid=list(grid), arms=sweep), make_parent=True)
+        return {a: e["chosen_lr"] for a, e in sweep.items()}
+

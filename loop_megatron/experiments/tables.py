@@ -1,11 +1,12 @@
 """Markdown tables: the results of training runs and held-out loss against the loop count, and for tables
 of one's own (studies/): `markdown_table` (a header and rows), `mean_sd` / `mean_pm` (a mean over seeds
-with its sample standard deviation) and `splice_readme` (a generated block between two markers)."""
+with its sample standard deviation), `lr_sweep_table` (a per-arm learning-rate sweep) and `splice_readme`
+(a generated block between two markers)."""
 from __future__ import annotations
 
 import math
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .records import ExperimentError, LoopEval, Run, format_params
 from ..utils import fs
@@ -37,6 +38,20 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: 
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def lr_sweep_table(sweep: Dict[str, Any], columns: Sequence[Tuple[str, Callable[[Dict[str, Any]], str]]]) -> str:
+    """| arm | peak LR | <columns> | of a per-arm learning-rate sweep (the file StudyDriver.sweep_learning_rates
+    writes): a row per arm and LR, the chosen LR marked '(chosen)', or '(chosen, grid edge)' when it is the
+    grid's smallest or largest (the best LR may lie outside the grid). `columns`: (header, cell of a row)."""
+    rows = []
+    for arm, entry in sweep.get("arms", {}).items():
+        for r in entry["rows"]:
+            mark = ""
+            if r["lr"] == entry["chosen_lr"]:
+                mark = " (chosen, grid edge)" if entry.get("at_grid_edge") else " (chosen)"
+            rows.append([arm, f"{r['lr']:g}{mark}", *[cell(r) for _, cell in columns]])
+    return markdown_table(["arm", "peak LR", *[h for h, _ in columns]], rows)
 
 
 def mean_sd(values: Sequence[Optional[float]]) -> Tuple[float, float, int]:

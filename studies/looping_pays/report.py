@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from loop_megatron.experiments.plots import pyplot, save_figure, smooth
 from loop_megatron.experiments.records import ExperimentError, read_json, read_jsonl, read_yaml
 from loop_megatron.experiments.records import archive_run as _archive_run
-from loop_megatron.experiments.tables import markdown_table, mean_pm, mean_sd
+from loop_megatron.experiments.tables import lr_sweep_table, markdown_table, mean_pm, mean_sd
 from loop_megatron.experiments.tables import splice_readme as _splice_readme
 from loop_megatron.utils import fs
 
@@ -706,14 +706,20 @@ def write_study_report(out_dir: str, runs_dir: str, readme: Optional[str] = None
         parts = [
             f"Setup (from `{settings_path}`): {s['tokens_per_run']:,} training tokens per run "
             f"({s['train_iters']} steps of {s['micro_batch']} x {s['seq_length']} tokens), seeds "
-            f"{', '.join(map(str, s['seeds']))}, peak LR {s['lr']:g} (cosine to {s['min_lr_ratio']:g}x, "
+            f"{', '.join(map(str, s['seeds']))}, "
+            + (f"peak LR {s['lr']:g}" if not isinstance(s["lr"], dict) else "the peak LR chosen per arm (below)")
+            + f" (cosine to {s['min_lr_ratio']:g}x, "
             f"{s['warmup_fraction']:.0%} warm-up), d=128, 4 heads, a {s['vocab_size']:,}-token BPE trained on the "
             f"training documents; each source's held-out valid and test documents ({s['holdout']:.0%} each) "
             + ("are evaluated whole" if not s.get("final_eval_iters") else
                f"are evaluated on their first {s['final_eval_iters']} micro-batches (quick mode)")
             + ". `±` is the sample standard deviation over seeds.",
         ]
-        if lr:
+        if lr and "arms" in lr:  # one grid for every arm, each arm's LR chosen on its own valid BPB
+            parts += ["", "**Learning rate per arm**: every arm trained at each LR of one grid (seed "
+                      f"{lr['seed']}); its LR is the one with its lowest valid bpb ({lr['criterion']}; the validation "
+                      "split only):", "", lr_sweep_table(lr, [("valid bpb", lambda r: f"{r['valid_bpb']:.4f}")])]
+        elif lr:
             parts += ["", "**Learning rate**, chosen once on the validation split for the 1-layer baseline "
                       f"(seed {lr['seed']}; {lr['criterion']}) and used for every arm:", "",
                       markdown_table(["peak LR", "valid bpb"],

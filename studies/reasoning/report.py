@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 
 from loop_megatron.experiments.plots import pyplot, save_figure
 from loop_megatron.experiments.records import ExperimentError, archive_run, read_json, read_yaml
-from loop_megatron.experiments.tables import markdown_table, mean_pm, mean_sd, splice_readme
+from loop_megatron.experiments.tables import lr_sweep_table, markdown_table, mean_pm, mean_sd, splice_readme
 from loop_megatron.utils import fs
 
 README_BEGIN = "<!-- reasoning:begin -->"
@@ -282,13 +282,9 @@ def exit_table(results: Dict[str, List[RunAccuracy]], settings: Dict) -> str:
 
 
 def lr_table(lr_sweep: Dict) -> str:
-    rows = []
-    for arm, entry in lr_sweep.get("arms", {}).items():
-        for r in entry["rows"]:
-            loss = r.get("valid_loss")
-            rows.append([arm, f"{r['lr']:g}" + (" (chosen)" if r["lr"] == entry["chosen_lr"] else ""),
-                         f"{100 * r['valid_accuracy']:.1f}", "–" if loss is None else f"{loss:.4f}"])
-    return markdown_table(["arm", "peak LR", "valid accuracy %", "final valid loss"], rows)
+    return lr_sweep_table(lr_sweep, [
+        ("valid accuracy %", lambda r: f"{100 * r['valid_accuracy']:.1f}"),
+        ("final valid loss", lambda r: "–" if r.get("valid_loss") is None else f"{r['valid_loss']:.4f}")])
 
 
 def claims_table(rows: Sequence[Dict]) -> str:

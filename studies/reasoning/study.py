@@ -35,28 +35,14 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from loop_megatron.errors import LoopMegatronError
-from loop_megatron.experiments.driver import StudyDriver, StudyError
+from loop_megatron.experiments.driver import StudyArm, StudyDriver, StudyError
 from loop_megatron.utils.fs import write_json
 
 
-@dataclasses.dataclass(frozen=True)
-class Arm:
-    """One configuration of the grid."""
-
-    name: str
-    """Short name used for folders, tables and legends."""
-    preset: str
-    """Trainer preset (loop_megatron/config.py PRESETS) it starts from."""
-    family: str
-    """'k x 1', 'k x L', 'kL x 1' or 'recurrent': the role the claims give it."""
-    description: str
-    """One line for the tables."""
-    overrides: Tuple[str, ...] = ()
-    """Config overrides (SECTION.FIELD=VALUE) on top of the preset and the study's common settings."""
-    eval_loops: Tuple[int, ...] = ()
-    """Inference loop counts the test set is evaluated at (empty: the trained depth only)."""
-    exit_thresholds: Tuple[float, ...] = ()
-    """KL thresholds (nats) of an adaptive-exit evaluation (empty: none); the cap is max(eval_loops)."""
+Arm = StudyArm
+"""One configuration of the grid (loop_megatron.experiments.driver.StudyArm; `family` is 'k x 1', 'k x L',
+'kL x 1' or 'recurrent', the role the claims give it; `sweep_loops` the test set's inference loop counts,
+the exit's cap their largest)."""
 
 
 def make_arms(loops: int = 4) -> Tuple[Arm, ...]:
@@ -66,7 +52,7 @@ def make_arms(loops: int = 4) -> Tuple[Arm, ...]:
     return (
         Arm("1L", "tiny-1l", "k x 1", "1 layer (k x 1)"),
         Arm(f"1Lx{L}", "tiny-1l-4loop", "k x L", f"1 shared layer x {L} loops (k x L)",
-            overrides=(f"model.num_loops={L}",), eval_loops=sweep),
+            overrides=(f"model.num_loops={L}",), sweep_loops=sweep),
         Arm(f"{L}L", "tiny-4l", "kL x 1", f"{L} layers (kL x 1: the unshared model of the same depth)",
             overrides=(f"model.num_layers={L}",)),
         # The recurrent-depth recipe on the same single layer: depth r ~ 1 + Poisson-lognormal (mean L, cap
@@ -77,7 +63,7 @@ def make_arms(loops: int = 4) -> Tuple[Arm, ...]:
             overrides=("model.prelude_layers=0", "model.num_layers=1", "model.coda_layers=0",
                        "model.loop_injection=diagonal", f"model.num_loops={L}", f"training.mean_loops={L}",
                        f"training.max_loops={2 * L}", f"training.backprop_loops={L}"),
-            eval_loops=tuple(sorted(set(sweep) | {3 * L})), exit_thresholds=(0.1, 0.01)),
+            sweep_loops=tuple(sorted(set(sweep) | {3 * L})), exit_thresholds=(0.1, 0.01)),
     )
 
 
@@ -236,7 +222,7 @@ class ReasoningStudy(StudyDriver):
     def evaluate_run(self, arm: Arm, name: str) -> None:
         t0 = time.time()
         self.accuracy(name, "valid", "valid")
-        extra: List[str] = ["--loops", *map(str, arm.eval_loops)] if arm.eval_loops else []
+        extra: List[str] = ["--loops", *map(str, arm.sweep_loops)] if arm.sweep_loops else []
         if arm.exit_thresholds:
             extra += ["--exit-criterion", "kl", "--exit-threshold", *map(str, arm.exit_thresholds)]
         self.accuracy(name, "test", "test", extra)
@@ -246,32 +232,22 @@ class ReasoningStudy(StudyDriver):
     def choose_lrs(self, arms: Sequence[Arm]) -> Dict[str, float]:
         """Per arm of `arms`: train seeds[0] at each LR and keep the best valid accuracy; OUT/lr_sweep.json
         keeps the choices of arms swept earlier (a study run with --only adds to it)."""
-        from loop_megatron.experiments.records import read_json
-
         from .report import final_valid_loss, overall_accuracy
 
-        path = os.path.join(self.s.out_dir, "lr_sweep.json")
-        earlier = read_json(path).get("arms", {}) if os.path.isfile(path) else {}
         seed = self.s.seeds[0]
-        sweep = {a: e for a, e in earlier.items() if [r["lr"] for r in e["rows"]] == list(self.s.lr_grid)}
-        chosen = {a: e["chosen_lr"] for a, e in sweep.items()}
-        for arm in arms:
-            rows = []
-            for i, lr in enumerate(self.s.lr_grid):
-                name = lr_run_name(arm.name, seed, lr)
-                self.train_arm(arm, seed, lr, name, f"[lr {arm.name} {i + 1}/{len(self.s.lr_grid)}]")
-                valid = self.accuracy(name, "valid", "valid")
-                rows.append({"lr": lr, "run": name, "valid_accuracy": overall_accuracy(valid),
-                             "valid_loss": final_valid_loss(os.path.join(self.run_dir(name), "summary.json"))})
-            best = choose(rows)
-            sweep[arm.name] = {"rows": rows, "chosen_lr": best["lr"]}
-            chosen[arm.name] = best["lr"]
-            self.log(f"[lr] {arm.name}: " + ", ".join(f"{r['lr']:g}: {r['valid_accuracy']:.3f}" for r in rows)
-                     + f" -> {best['lr']:g}")
-        write_json(path, make_parent=True, obj=
-                   {"seed": seed, "arms": sweep, "criterion": "exact-match accuracy on valid.jsonl at the trained "
-                    "depth (all trained hop counts together); ties: the lower final valid loss"})
-        return chosen
+
+        def run_point(arm: Arm, lr: float) -> Dict:
+            name = lr_run_name(arm.name, seed, lr)
+            self.train_arm(arm, seed, lr, name, f"[lr {arm.name} {self.s.lr_grid.index(lr) + 1}/{len(self.s.lr_grid)}]")
+            valid = self.accuracy(name, "valid", "valid")
+            return {"lr": lr, "run": name, "valid_accuracy": overall_accuracy(valid),
+                    "valid_loss": final_valid_loss(os.path.join(self.run_dir(name), "summary.json"))}
+
+        return self.sweep_learning_rates(
+            arms, self.s.lr_grid, os.path.join(self.s.out_dir, "lr_sweep.json"), run_point, choose,
+            lambda r: f"{r['valid_accuracy']:.3f}",
+            {"seed": seed, "criterion": "exact-match accuracy on valid.jsonl at the trained depth (all trained hop "
+                                        "counts together); ties: the lower final valid loss"})
 
     def run_study(self, only: Sequence[str] = (), report_only: bool = False, readme: Optional[str] = None) -> Dict:
         from .report import write_reasoning_report

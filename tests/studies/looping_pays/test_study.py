@@ -9,6 +9,7 @@ import pytest
 from loop_megatron.data.corpus import split_holdout
 from loop_megatron.data.errors import DataError
 from loop_megatron.experiments.records import ExperimentError
+from loop_megatron.experiments.tables import lr_sweep_table
 from loop_megatron.training.arguments import config_from_args
 from studies.looping_pays import report as study_report
 from studies.looping_pays.report import (RunResult, cheapest_matching_exit, compare, compute_curve_block,
@@ -236,3 +237,53 @@ def test_report_refuses_an_evaluated_run_without_its_record(tmp_path):
     with pytest.raises(ExperimentError, match=r"1Lx2-s2/summary.json is missing: the evaluated run 1Lx2-s2 needs"):
         write_study_report(str(out), str(runs))
     assert (out / "results.md").read_text() == before  # nothing rewritten
+
+
+def test_each_arm_gets_its_own_lr_from_one_grid_on_valid_bpb(tmp_path, monkeypatch):
+    """The per-arm sweep: every arm at every grid LR (training and evaluation stubbed with known valid bpb),
+    each arm's lowest valid bpb chosen, a choice at the grid's edge marked, arms swept earlier kept by a
+    later run on other arms, and all of them forgotten when the grid changes."""
+    valid = {("1L", 5e-4): 2.6, ("1L", 1e-3): 2.4, ("1L", 2e-3): 2.5,
+             ("4L", 5e-4): 2.3, ("4L", 1e-3): 2.35, ("4L", 2e-3): 2.5}
+    trained = []
+    monkeypatch.setattr(Study, "train", lambda self, arm, seed, lr, name, label: trained.append((arm.name, seed, lr)))
+
+    def fake_evaluate(self, name, kind, extra, split="valid"):
+        arm, lr = name.split("-", 1)[1].rsplit("-s", 1)[0], float(name.split("-")[0][2:])
+        path = tmp_path / f"{name}.{kind}.json"
+        rows = [{"name": s, "loops": 1, "bpb": valid[(arm, lr)], "exit_criterion": "none"} for s in ("s1", "s2")]
+        path.write_text(json.dumps({"results": rows}))
+        return str(path)
+
+    monkeypatch.setattr(Study, "evaluate", fake_evaluate)
+    settings = StudySettings(out_dir=str(tmp_path / "out"), runs_dir=str(tmp_path / "runs"),
+                             ckpt_dir=str(tmp_path / "ck"))
+    arms = {a.name: a for a in ARMS}
+    study = Study(settings, log=lambda line: None)
+    assert study.choose_lrs([arms["1L"]]) == {"1L": 1e-3}
+    assert study.choose_lrs([arms["4L"]]) == {"1L": 1e-3, "4L": 5e-4}  # 1L kept from the first run
+    assert trained == [("1L", 1, lr) for lr in settings.lr_grid] + [("4L", 1, lr) for lr in settings.lr_grid]
+    sweep = json.loads((tmp_path / "out" / "lr_sweep.json").read_text())
+    assert sweep["grid"] == list(settings.lr_grid) and sweep["seed"] == 1
+    assert not sweep["arms"]["1L"]["at_grid_edge"] and sweep["arms"]["4L"]["at_grid_edge"]
+    assert [r["valid_bpb"] for r in sweep["arms"]["4L"]["rows"]] == [2.3, 2.35, 2.5]
+    # the report's table: one row per arm and LR, the choice marked
+    table = lr_sweep_table(sweep, [("valid bpb", lambda r: f"{r['valid_bpb']:.4f}")])
+    assert "| 4L | 0.0005 (chosen, grid edge) | 2.3000 |" in table and "| 1L | 0.001 (chosen) | 2.4000 |" in table
+    # another grid: the earlier choices no longer hold
+    study.s.lr_grid = (1e-3, 2e-3)
+    assert study.choose_lrs([arms["4L"]]) == {"4L": 1e-3}
+
+
+def test_report_of_a_per_arm_lr_study(tmp_path):
+    out, runs = _fake_study(tmp_path, {"1L": 3.0, "2L": 2.8})
+    settings = json.loads((out / "settings.json").read_text())
+    (out / "settings.json").write_text(json.dumps(dict(settings, lr={"1L": 1e-3, "2L": 5e-4})))
+    (out / "lr_sweep.json").write_text(json.dumps({"seed": 1, "criterion": "c", "grid": [5e-4, 1e-3], "arms": {
+        arm: {"chosen_lr": lr, "at_grid_edge": lr == 5e-4,
+              "rows": [{"lr": 5e-4, "valid_bpb": 3.1}, {"lr": 1e-3, "valid_bpb": 3.0}]}
+        for arm, lr in (("1L", 1e-3), ("2L", 5e-4))}}))
+    write_study_report(str(out), str(runs))
+    text = (out / "results.md").read_text()
+    assert "the peak LR chosen per arm (below)" in text and "**Learning rate per arm**" in text
+    assert "| 2L | 0.0005 (chosen, grid edge) | 3.1000 |" in text and "| 1L | 0.001 (chosen) | 3.0000 |" in text
