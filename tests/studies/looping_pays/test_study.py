@@ -287,3 +287,35 @@ def test_report_of_a_per_arm_lr_study(tmp_path):
     text = (out / "results.md").read_text()
     assert "the peak LR chosen per arm (below)" in text and "**Learning rate per arm**" in text
     assert "| 2L | 0.0005 (chosen, grid edge) | 3.1000 |" in text and "| 1L | 0.001 (chosen) | 3.0000 |" in text
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def _study_block(text: str) -> str:
+    begin, end = study_report.README_BEGIN, study_report.README_END
+    assert begin in text and end in text, "README.md has no study block"
+    return text[text.index(begin):text.index(end)]
+
+
+def test_committed_records_rebuild_the_readme_results_unchanged(tmp_path):
+    """The README's Results and results/study/results.md follow from the committed records alone: the
+    report, run on a copy of results/study with no runs/ folder beside it (as on a fresh clone), writes
+    them back unchanged. Fails when a record is missing, ignored by git, or edited without the report."""
+    src = os.path.join(REPO, "results", "study")
+    if os.path.isdir(os.path.join(REPO, ".git")) or os.path.isfile(os.path.join(REPO, ".git")):
+        import subprocess
+        probe = os.path.join("results", "study", "runs", "1L-s1", "summary.json")
+        ignored = subprocess.run(["git", "check-ignore", "-q", probe], cwd=REPO).returncode == 0
+        assert not ignored, f".gitignore hides {probe}: a fresh clone would not have the study's run records"
+    out = tmp_path / "results" / "study"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.png"))
+    readme = tmp_path / "README.md"
+    shutil.copy(os.path.join(REPO, "README.md"), readme)
+    write_study_report(str(out), str(tmp_path / "no-runs-here"), readme=str(readme))
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        committed = f.read()
+    assert _study_block(readme.read_text(encoding="utf-8")) == _study_block(committed)
+    assert readme.read_text(encoding="utf-8") == committed  # the compute-curve block too
+    with open(os.path.join(src, "results.md"), encoding="utf-8") as f:
+        assert (out / "results.md").read_text(encoding="utf-8") == f.read()
