@@ -298,7 +298,7 @@ def _study_block(text: str) -> str:
     return text[text.index(begin):text.index(end)]
 
 
-def test_committed_records_rebuild_the_readme_results_unchanged(tmp_path):
+def test_committed_records_rebuild_the_readme_results_unchanged(tmp_path, monkeypatch):
     """The README's Results and results/study/results.md follow from the committed records alone: the
     report, run on a copy of results/study with no runs/ folder beside it (as on a fresh clone), writes
     them back unchanged. Fails when a record is missing, ignored by git, or edited without the report."""
@@ -312,7 +312,8 @@ def test_committed_records_rebuild_the_readme_results_unchanged(tmp_path):
     shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.png"))
     readme = tmp_path / "README.md"
     shutil.copy(os.path.join(REPO, "README.md"), readme)
-    write_study_report(str(out), str(tmp_path / "no-runs-here"), readme=str(readme))
+    monkeypatch.chdir(tmp_path)  # the report names its inputs by the path it is given: the repository's relative one
+    write_study_report(os.path.join("results", "study"), "no-runs-here", readme="README.md")
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         committed = f.read()
     assert _study_block(readme.read_text(encoding="utf-8")) == _study_block(committed)
