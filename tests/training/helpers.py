@@ -62,6 +62,22 @@ def cli_env() -> Dict[str, str]:
 PYTHON = sys.executable
 
 
+def train_tiny_cli(prefix: str, tmp_path, *flags: str):
+    """Run `python -m loop_megatron.train` for 3 steps of a 1-layer d=32 model on `prefix` (split 70,30,0,
+    fp32, seq 16, eval 2 micro-batches), run folder tmp_path/run, checkpoints tmp_path/ck, index cache
+    tmp_path/cache, plus `flags`; assert it exits 0 and return the completed process."""
+    import subprocess
+
+    cmd = [PYTHON, "-m", "loop_megatron.train", "--preset", "tiny-2l-2loop", "--data-path", prefix, *flags,
+           "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+           "--micro-batch-size", "2", "--train-iters", "3", "--eval-iters", "2", "--precision", "fp32",
+           "--split", "70,30,0", "--run-dir", str(tmp_path / "run"), "--save", str(tmp_path / "ck"),
+           "--override", "model.max_position_embeddings=32", "--override", f"data.data_cache_path={tmp_path / 'cache'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
 def pretrain_in_process(cfg: Config, opts=None):
     """pretrain() in this process (a world of one), leaving no process group behind for the next test."""
     import torch.distributed as dist

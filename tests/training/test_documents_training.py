@@ -3,7 +3,6 @@ config, the run says so, its last valid loss is what evaluating the checkpoint g
 layout (read from the checkpoint), over the targets that do not follow an end-of-document token, and not what
 the same weights give when the documents see each other."""
 import json
-import subprocess
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 from loop_megatron.data import EOD_ID, build_train_valid_test_datasets, preprocess
 from loop_megatron.training.arguments import config_from_args
 from tests.data.test_loss_mask import RECORDS, write_records
-from tests.training.helpers import PYTHON, REPO, cli_env
+from tests.training.helpers import train_tiny_cli
 
 FLAGS = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]
 
@@ -29,13 +28,7 @@ def test_train_py_keeps_packed_documents_apart_and_evaluation_does_too(tmp_path)
     src = write_records(tmp_path / "docs.jsonl", [{"text": r["prompt"] + r["answer"]} for r in RECORDS * 2])
     preprocess(src, str(tmp_path / "docs"), append_eod=True, workers=1, progress=False)
     prefix = str(tmp_path / "docs_text_document")
-    cmd = [PYTHON, "-m", "loop_megatron.train", "--preset", "tiny-2l-2loop", "--data-path", prefix, *FLAGS,
-           "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
-           "--micro-batch-size", "2", "--train-iters", "3", "--eval-iters", "2", "--precision", "fp32",
-           "--split", "70,30,0", "--run-dir", str(tmp_path / "run"), "--save", str(tmp_path / "ck"),
-           "--override", "model.max_position_embeddings=32", "--override", f"data.data_cache_path={tmp_path / 'cache'}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    proc = train_tiny_cli(prefix, tmp_path, *FLAGS)
     assert "documents: reset_position_ids, reset_attention_mask, eod_mask_loss" in proc.stdout, proc.stdout[-2000:]
     summary = json.load(open(tmp_path / "run" / "summary.json"))
     results, meta = evaluate_checkpoint(str(tmp_path / "ck"), eval_iters=2)

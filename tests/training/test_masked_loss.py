@@ -5,7 +5,6 @@ train.py run end to end. Unmasked batches keep the old loss exactly."""
 import json
 import math
 import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from loop_megatron.model.inputs import collate_tokens, split_inputs
-from tests.training.helpers import PYTHON, REPO, cli_env
+from tests.training.helpers import train_tiny_cli
 
 VOCAB = 100
 
@@ -195,13 +194,7 @@ def test_train_py_on_masked_data_end_to_end(tmp_path):
     from tests.data.test_loss_mask import RECORDS, masked_prefix
 
     prefix, _ = masked_prefix(tmp_path, records=RECORDS * 2)
-    cmd = [PYTHON, "-m", "loop_megatron.train", "--preset", "tiny-2l-2loop", "--data-path", prefix,
-           "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
-           "--micro-batch-size", "2", "--train-iters", "3", "--eval-iters", "2", "--precision", "fp32",
-           "--split", "70,30,0", "--run-dir", str(tmp_path / "run"), "--save", str(tmp_path / "ck"),
-           "--override", "model.max_position_embeddings=32", "--override", f"data.data_cache_path={tmp_path / 'cache'}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    proc = train_tiny_cli(prefix, tmp_path)
     assert "loss mask" in proc.stdout, proc.stdout[-2000:]
     summary = json.load(open(tmp_path / "run" / "summary.json"))
     results, meta = evaluate_checkpoint(str(tmp_path / "ck"), eval_iters=2)
