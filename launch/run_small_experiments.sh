@@ -12,7 +12,7 @@
 # Then the tables and figures are written to results/study/ and into README.md between the
 # '<!-- study:begin -->' / '<!-- study:end -->' markers. An interrupted study resumes where it stopped.
 #
-#   QUICK=1   the smoke run: 200K tokens, 2 seeds, 2 LRs, into runs/study-quick and results/study-quick
+#   QUICK=1   the smoke run: 200K tokens, 2 seeds, 1 LR for every arm, into runs/study-quick and results/study-quick
 #             (README untouched; under 15 minutes)
 #   ONLY="1L rec"   train/evaluate only these arms (the report covers every finished run)
 # Further flags go to the study (python -m studies.looping_pays.study --help).

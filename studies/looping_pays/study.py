@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m studies.looping_pays.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 200K tokens per run, 2 seeds, 2 LRs, into runs/study-quick and "
+                   help="smoke run: 200K tokens per run, 2 seeds, 1 LR for every arm, into runs/study-quick and "
                         "results/study-quick (under 15 minutes on 2 cores)")
     p.add_argument("--only", nargs="+", default=[], metavar="ARM",
                    help=f"train and evaluate only these arms (of {', '.join(a.name for a in ARMS)}); the report "
