@@ -157,23 +157,13 @@ class Study(StudyDriver):
         self.s = settings
         self.arms = list(arms)
 
-    # ----------------------------------------------------------------------------------------- helpers
-    def _path(self, *parts: str) -> str:
-        return os.path.join(*parts)
-
-    def _run(self, cmd: List[str], log_path: str, echo_prefix: str = "") -> None:
-        self.run(cmd, log_path, echo_prefix)
-
-    def _tool(self, name: str) -> List[str]:
-        return self.tool(name)
-
     # -------------------------------------------------------------------------------------------- data
     @property
     def tokenizer_file(self) -> str:
-        return self._path(self.s.tokenizer_dir, "tokenizer.json")
+        return os.path.join(self.s.tokenizer_dir, "tokenizer.json")
 
     def prefix(self, source: str, part: str) -> str:
-        return self._path(self.s.data_dir, f"{source}_{part}_text_document")
+        return os.path.join(self.s.data_dir, f"{source}_{part}_text_document")
 
     def named_sets(self, part: str) -> List[str]:
         return [f"{source}={self.prefix(source, part)}" for source in SOURCES]
@@ -188,17 +178,17 @@ class Study(StudyDriver):
         holdout = ["--holdout", str(self.s.holdout), "--no-progress", "--sources", *SOURCES]
         if not os.path.exists(self.tokenizer_file):
             self.log(f"[data] corpus texts -> {d} (5 sources, {self.s.holdout:.0%} valid + test held out)")
-            self._run([*self._tool("prepare_corpus.py"), "--out-dir", d, "--jsonl-only", *holdout],
-                      self._path(d, "prepare.log"))
+            self.run([*self.tool("prepare_corpus.py"), "--out-dir", d, "--jsonl-only", *holdout],
+                      os.path.join(d, "prepare.log"))
             self.log(f"[data] a {self.s.vocab_size}-token BPE on the training documents -> {self.s.tokenizer_dir}")
-            self._run([*self._tool("train_tokenizer.py"), "--input",
-                       *[self._path(d, f"{src}_train.jsonl") for src in SOURCES],
+            self.run([*self.tool("train_tokenizer.py"), "--input",
+                       *[os.path.join(d, f"{src}_train.jsonl") for src in SOURCES],
                        "--vocab-size", str(self.s.vocab_size), "--output", self.s.tokenizer_dir],
-                      self._path(d, "tokenizer.log"))
+                      os.path.join(d, "tokenizer.log"))
         self.log("[data] tokenizing every part")
-        self._run([*self._tool("prepare_corpus.py"), "--out-dir", d, *holdout, "--workers", "2",
+        self.run([*self.tool("prepare_corpus.py"), "--out-dir", d, *holdout, "--workers", "2",
                    "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", self.s.tokenizer_dir],
-                  self._path(d, "prepare.log"))
+                  os.path.join(d, "prepare.log"))
 
     def train_blend(self) -> List[str]:
         """--data-path weights: each source's share of the training tokens."""
@@ -214,10 +204,6 @@ class Study(StudyDriver):
         return out
 
     # ---------------------------------------------------------------------------------------- training
-    def is_trained(self, name: str, lr: Optional[float] = None) -> bool:
-        """True when the run finished train_iters; a run made with another LR than `lr` is refused."""
-        return super().is_trained(name, self.s.train_iters, lr)
-
     def trainer_command(self, arm: Arm, seed: int, lr: float, name: str) -> List[str]:
         s = self.s
         iters = s.train_iters
@@ -238,22 +224,22 @@ class Study(StudyDriver):
                 "--save", self.ckpt_dir(name), "--load", self.ckpt_dir(name), "--save-interval", str(iters),
                 "--keep-last", "1", "--run-dir", self.run_dir(name)]
 
-    def train(self, arm: Arm, seed: int, lr: float, name: str, label: str) -> None:
-        super().train(name, self.trainer_command(arm, seed, lr, name), self.s.train_iters, lr, label,
+    def train_arm(self, arm: Arm, seed: int, lr: float, name: str, label: str) -> None:
+        self.train(name, self.trainer_command(arm, seed, lr, name), self.s.train_iters, lr, label,
                       f"{arm.description}, seed {seed}, lr {lr:g}, "
                       f"{self.s.train_iters} steps x {self.s.tokens_per_step} tokens")
 
     # -------------------------------------------------------------------------------------- evaluation
     def eval_path(self, name: str, kind: str) -> str:
-        return self._path(self.s.out_dir, "eval", f"{name}.{kind}.json")
+        return os.path.join(self.s.out_dir, "eval", f"{name}.{kind}.json")
 
     def evaluate(self, name: str, kind: str, extra: Sequence[str], split: str = "valid") -> str:
         """tools/evaluate.py on the named sets; kind names the JSON (valid, test, loops, exit)."""
         out = self.eval_path(name, kind)
         flag = "--valid-data-path" if split == "valid" else "--test-data-path"
-        cmd = [*self._tool("evaluate.py"), "--load", self.ckpt_dir(name), flag, *self.named_sets(split),
+        cmd = [*self.tool("evaluate.py"), "--load", self.ckpt_dir(name), flag, *self.named_sets(split),
                "--eval-split", split, "--micro-batch-size", str(self.s.micro_batch), *extra, "--json", out]
-        return self.once(out, cmd, self._path(self.run_dir(name), f"evaluate.{kind}.log"))
+        return self.once(out, cmd, os.path.join(self.run_dir(name), f"evaluate.{kind}.log"))
 
     def evaluate_run(self, arm: Arm, name: str) -> None:
         t0 = time.time()
@@ -278,16 +264,16 @@ class Study(StudyDriver):
 
         def run_point(arm: Arm, lr: float) -> Dict:
             name = lr_run_name(arm.name, seed, lr)
-            self.train(arm, seed, lr, name, f"[lr {arm.name} {self.s.lr_grid.index(lr) + 1}/{len(self.s.lr_grid)}]")
+            self.train_arm(arm, seed, lr, name, f"[lr {arm.name} {self.s.lr_grid.index(lr) + 1}/{len(self.s.lr_grid)}]")
             final = ["--eval-iters", str(self.s.final_eval_iters)] if self.s.final_eval_iters else []
             return {"lr": lr, "run": name, "valid_bpb": macro_bpb(self.evaluate(name, "valid", final))}
 
         return self.sweep_learning_rates(
-            arms, self.s.lr_grid, self._path(self.s.out_dir, "lr_sweep.json"), run_point,
+            arms, self.s.lr_grid, os.path.join(self.s.out_dir, "lr_sweep.json"), run_point,
             lambda rows: min(rows, key=lambda r: r["valid_bpb"]), lambda r: f"{r['valid_bpb']:.4f}",
             {"seed": seed, "criterion": "mean over sources of whole-valid-set bits per byte"})
 
-    def run(self, only: Sequence[str] = (), report_only: bool = False, readme: Optional[str] = None) -> Dict:
+    def run_study(self, only: Sequence[str] = (), report_only: bool = False, readme: Optional[str] = None) -> Dict:
         from .report import write_study_report
 
         os.makedirs(self.s.out_dir, exist_ok=True)
@@ -295,7 +281,7 @@ class Study(StudyDriver):
             self.prepare_data()
             arms = [a for a in self.arms if not only or a.name in only]
             lrs = self.choose_lrs(arms)
-            write_json(self._path(self.s.out_dir, "settings.json"),
+            write_json(os.path.join(self.s.out_dir, "settings.json"),
                        dict(self.s.as_dict(), lr=lrs, arms=[dataclasses.asdict(a) for a in self.arms],
                             sources=list(SOURCES),
                             example_command=self.trainer_command(arms[0], self.s.seeds[0], lrs[arms[0].name],
@@ -306,9 +292,9 @@ class Study(StudyDriver):
                 name, lr = run_name(arm.name, seed), lrs[arm.name]
                 # The first seed's run at the arm's chosen LR is its sweep's run: reuse it.
                 lr_run = lr_run_name(arm.name, seed, lr)
-                if seed == self.s.seeds[0] and self.is_trained(lr_run, lr):
+                if seed == self.s.seeds[0] and self.is_trained(lr_run, self.s.train_iters, lr):
                     self._alias(lr_run, name)
-                self.train(arm, seed, lr, name, f"[{k + 1}/{len(plan)}]")
+                self.train_arm(arm, seed, lr, name, f"[{k + 1}/{len(plan)}]")
                 self.evaluate_run(arm, name)
         written = write_study_report(self.s.out_dir, self.s.runs_dir, readme=readme)
         self.log(f"[report] {', '.join(sorted(written.values()))}  [study {self.elapsed()}]")
@@ -357,7 +343,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        Study(settings, log=lambda line: print(line, flush=True)).run(args.only, args.report_only, args.readme)
+        Study(settings, log=lambda line: print(line, flush=True)).run_study(args.only, args.report_only, args.readme)
     except StudyError as exc:
         print(f"study: error: {exc}", file=sys.stderr)
         return 1

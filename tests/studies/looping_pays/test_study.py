@@ -221,9 +221,9 @@ def test_a_run_made_with_another_lr_is_refused(tmp_path):
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("training:\n  lr: 0.002\n")
     study = Study(settings)
-    assert study.is_trained("1L-s1", 0.002) is False  # same LR, not finished
+    assert study.is_trained("1L-s1", settings.train_iters, 0.002) is False  # same LR, not finished
     with pytest.raises(StudyError, match="trained with lr 0.002 but the study now uses 0.001"):
-        study.is_trained("1L-s1", 0.001)
+        study.is_trained("1L-s1", settings.train_iters, 0.001)
 
 
 def test_report_refuses_an_evaluated_run_without_its_record(tmp_path):
@@ -246,7 +246,7 @@ def test_each_arm_gets_its_own_lr_from_one_grid_on_valid_bpb(tmp_path, monkeypat
     valid = {("1L", 5e-4): 2.6, ("1L", 1e-3): 2.4, ("1L", 2e-3): 2.5,
              ("4L", 5e-4): 2.3, ("4L", 1e-3): 2.35, ("4L", 2e-3): 2.5}
     trained = []
-    monkeypatch.setattr(Study, "train", lambda self, arm, seed, lr, name, label: trained.append((arm.name, seed, lr)))
+    monkeypatch.setattr(Study, "train_arm", lambda self, arm, seed, lr, name, label: trained.append((arm.name, seed, lr)))
 
     def fake_evaluate(self, name, kind, extra, split="valid"):
         arm, lr = name.split("-", 1)[1].rsplit("-s", 1)[0], float(name.split("-")[0][2:])
