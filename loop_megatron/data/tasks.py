@@ -1,6 +1,6 @@
 """Synthetic reasoning tasks that need depth but few parameters, as prompt/answer JSONL (`tools/make_tasks.py`).
 
-Two tasks, each with knobs that set its difficulty; a *level* is one setting of those knobs:
+Three tasks, each with knobs that set its difficulty; a *level* is one setting of those knobs:
 
 * ``phop``, p-hop induction (Sanford, Hsu & Telgarsky 2024; used for looped models by Saunshi et al. 2025).
   A sequence x_0..x_{n-1} over the first ``alphabet`` letters; from the last position, one hop goes to the
@@ -12,6 +12,17 @@ Two tasks, each with knobs that set its difficulty; a *level* is one setting of 
   repeat a symbol twice in a row (each symbol is uniform over the k - 1 others than its predecessor), so
   every hop moves to a strictly earlier position (a repeat would make a hop land where it started) and p
   hops are p real steps; sequences in which a hop finds no earlier occurrence are redrawn.
+* ``chain``, pointer chasing to a fixed point (the linked lists of looped-model work; unlike p-hop, every
+  lookup is by position and has exactly one answer). The prompt is ``nodes`` letters and ``"="``: letter i
+  names where position i points (``a`` = position 0, ``b`` = 1, ...). The pointers form disjoint chains,
+  each ending at a position that points to itself; the queried chain starts at position 0 and has ``hops``
+  hops, and the answer is its end, e.g. ``"cbbee="`` -> ``"b"`` (0 -> 2 -> 1, 1 -> 1; the other chain is
+  3 -> 4, 4 -> 4). The other chains (distractors) have 1 to ``hops`` hops each, so a level's prompts all
+  have the same length and the number of ends gives nothing away. One attention step can read the pointer
+  at a fixed position, not at a position named by what an earlier step read, so a model needs one layer (or
+  loop iteration) per hop; because an end points to itself, following more pointers than needed does not
+  move, and a model that applies one lookup per iteration can answer longer chains with more iterations
+  (the harder test levels). Knobs: ``hops``, ``nodes`` (hops + 3 to 26).
 * ``addition``, multi-operand addition (Saunshi et al. 2025): ``operands`` numbers of exactly ``digits``
   digits (0-9 for one digit), prompt ``"12+345+6="`` style, answer the decimal sum. With ``reverse`` the
   answer is written least significant digit first (``"363"`` for 363, ``"01"`` for 10), the order in which
@@ -41,7 +52,7 @@ from ..utils import fs
 from .errors import DataError
 from .tokenizer import EOD_TOKEN
 
-TASKS = ("phop", "addition")
+TASKS = ("phop", "chain", "addition")
 LETTERS = string.ascii_lowercase
 VOCAB = [EOD_TOKEN] + list(string.digits) + list("+:=") + list(LETTERS)
 """The task tokenizer's tokens, id = index."""
@@ -84,6 +95,55 @@ def phop_example(rng: random.Random, hops: int, length: int, alphabet: int) -> D
                     f"earlier occurrences before {hops} hops; use a longer length or fewer hops.")
 
 
+def chain_parts(rng: random.Random, hops: int, nodes: int) -> List[int]:
+    """Hop counts of the chains of one chain record: the queried one (`hops`) first, then distractors of
+    1..`hops` hops (a chain of h hops has h + 1 nodes) filling exactly `nodes` nodes."""
+    parts, left = [hops], nodes - (hops + 1)
+    while left:
+        # a distractor may not leave a single node over (a chain has at least two)
+        fits = [h for h in range(1, hops + 1) if h + 1 == left or left - (h + 1) >= 2]
+        h = rng.choice(fits) if fits else left - 1
+        parts.append(h)
+        left -= h + 1
+    return parts
+
+
+def chain_example(rng: random.Random, hops: int, nodes: int) -> Dict[str, Any]:
+    """One pointer-chasing record (see the module docstring)."""
+    if hops < 1 or not hops + 3 <= nodes <= len(LETTERS):
+        raise DataError(f"chain: need hops >= 1 and hops + 3 <= nodes <= {len(LETTERS)}, got hops {hops}, "
+                        f"nodes {nodes}.")
+    order = [0] + rng.sample(range(1, nodes), nodes - 1)  # the queried chain's head is position 0
+    points = [0] * nodes
+    for h in chain_parts(rng, hops, nodes):
+        chain, order = order[:h + 1], order[h + 1:]
+        for src, dst in zip(chain, chain[1:] + chain[-1:]):  # the end points to itself
+            points[src] = dst
+    answer = LETTERS[follow_chain(points)]
+    return {"task": "chain", "hops": hops, "nodes": nodes, "prompt": "".join(LETTERS[p] for p in points) + "=",
+            "answer": answer}
+
+
+def follow_chain(points: Sequence[int], start: int = 0) -> int:
+    """The end of the chain from `start` (the first position that points to itself)."""
+    node = start
+    while points[node] != node:
+        node = points[node]
+    return node
+
+
+def guess_chance(record: Dict[str, Any]) -> Optional[float]:
+    """The accuracy of a uniform guess among the answers the record's form allows, the floor a model
+    reaches without solving it: p-hop 1 / alphabet, chain 1 / (its number of chain ends, the positions
+    that point to themselves), addition None (no small candidate set)."""
+    if record.get("task") == "phop":
+        return 1.0 / record["alphabet"]
+    if record.get("task") == "chain":
+        pointers = record["prompt"][:-1]
+        return 1.0 / sum(c == LETTERS[i] for i, c in enumerate(pointers))
+    return None
+
+
 def addition_example(rng: random.Random, operands: int, digits: int, reverse: bool = False) -> Dict[str, Any]:
     """One multi-operand addition record (see the module docstring)."""
     if operands < 2 or digits < 1:
@@ -95,7 +155,8 @@ def addition_example(rng: random.Random, operands: int, digits: int, reverse: bo
             "prompt": "+".join(map(str, numbers)) + "=", "answer": total[::-1] if reverse else total}
 
 
-EXAMPLES: Dict[str, Callable[..., Dict[str, Any]]] = {"phop": phop_example, "addition": addition_example}
+EXAMPLES: Dict[str, Callable[..., Dict[str, Any]]] = {"phop": phop_example, "chain": chain_example,
+                                                      "addition": addition_example}
 
 
 def task_levels(task: str, **knobs: Sequence[int]) -> List[Dict[str, int]]:

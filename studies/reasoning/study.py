@@ -76,14 +76,24 @@ ARMS: Tuple[Arm, ...] = make_arms(4)
 class ReasoningSettings:
     """Everything that decides the study's numbers (written to OUT/settings.json)."""
 
-    train_hops: Tuple[int, ...] = (1, 2)
-    """Hop counts of the training and validation records."""
-    test_hops: Tuple[int, ...] = (1, 2, 3, 4)
+    task: str = "chain"
+    """'chain' (pointer chasing from position 0 to a chain's end: one lookup per hop, each with one answer)
+    or 'phop' (p-hop induction; on this budget no arm left chance, see README 'The setup checked')."""
+    train_hops: Tuple[int, ...] = (2, 3)
+    """Hop counts of the training and validation records. Not chain's 1: one read of the fixed position 0
+    answers it, so a 1-layer model solves it (100% in the calibration) and it tests no composition."""
+    test_hops: Tuple[int, ...] = (1, 2, 3, 4, 6, 8)
     """Hop counts of the test records: the trained ones and harder ones."""
+    nodes: int = 12
+    """chain: pointers per prompt (the prompt is those letters + '='), the same at every level. Calibration
+    (results/reasoning/calibration/, 1,500 steps, one seed): at 12 the 4-layer model reached 100% / 99.5% at
+    2 / 3 hops and one layer 59.5% / 33% (it reads a few fixed positions at once: a partial table, not a
+    lookup); at 20 one layer fell to 23.5% / 15.5% but the 4-layer model was still at valid loss 0.73 after
+    750 steps, too slow for this budget."""
     length: int = 16
-    """Letters per p-hop sequence (the prompt is 'p:' + the sequence + '=')."""
+    """phop: letters per sequence (the prompt is 'p:' + the sequence + '=')."""
     alphabet: int = 4
-    """Letters the sequences draw from (Saunshi et al. use 4)."""
+    """phop: letters the sequences draw from (Saunshi et al. use 4)."""
     train_records: int = 20_000
     """Training records per trained hop count."""
     valid_records: int = 200
@@ -94,14 +104,17 @@ class ReasoningSettings:
     """Base seed of tools/make_tasks.py (fixed: every run sees the same data)."""
     seeds: Tuple[int, ...] = (1, 2, 3)
     """Seeds per arm; each fixes initialisation and data order."""
-    lr_grid: Tuple[float, ...] = (1e-3, 3e-3)
+    lr_grid: Tuple[float, ...] = (1e-3, 2e-3)
     """Peak learning rates tried per arm on seeds[0]; the best valid accuracy wins."""
-    train_iters: int = 800
+    train_iters: int = 1500
     """Optimizer steps per run."""
     micro_batch: int = 32
     """Sequences per step (one micro-batch, no accumulation)."""
-    seq_length: int = 64
-    """Tokens per training window (about three packed records of ~21 tokens)."""
+    seq_length: int = 60
+    """Tokens per training window. For chain, a multiple of the record length (nodes + 3: the pointers, '=',
+    the answer and the end-of-document token; 4 x 15 = 60): every record then starts a window or follows a
+    whole one, so none is cut and each answer's positions are those of its record alone (a cut record's
+    pointers name the wrong positions, an unlearnable target)."""
     keep_documents_apart: bool = True
     """Train with Megatron's --reset-position-ids --reset-attention-mask, so each packed record has the
     positions and context it has alone (calibration.py, answer = the last prompt letter, 4 layers: answer
@@ -125,12 +138,20 @@ class ReasoningSettings:
 
     @classmethod
     def quick_settings(cls) -> "ReasoningSettings":
-        return cls(train_records=4000, valid_records=100, test_records=100, seeds=(1,), lr_grid=(3e-3,),
-                   train_iters=150, evals=2, data_dir="data/reasoning-quick", runs_dir="runs/reasoning-quick",
+        return cls(train_records=4000, valid_records=100, test_records=100, seeds=(1,), lr_grid=(2e-3,),
+                   train_iters=300, evals=2, data_dir="data/reasoning-quick", runs_dir="runs/reasoning-quick",
                    ckpt_dir="checkpoints/reasoning-quick", out_dir="results/reasoning-quick", quick=True)
 
     def as_dict(self) -> Dict:
         return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        """StudyError naming the field when the settings cannot give the study's numbers."""
+        if self.task not in ("chain", "phop"):
+            raise StudyError(f"task {self.task!r}: choose chain or phop.")
+        if self.task == "chain" and self.seq_length % (self.nodes + 3):
+            raise StudyError(f"seq_length {self.seq_length} is not a multiple of the chain record length "
+                             f"{self.nodes + 3} (nodes + 3): windows would cut records and shift their positions.")
 
 
 def run_name(arm: str, seed: int) -> str:
@@ -167,11 +188,11 @@ class ReasoningStudy(StudyDriver):
         """The task JSONL, its tokenizer and the answer-masked train and valid datasets."""
         s, d = self.s, self.s.data_dir
         if not os.path.isfile(os.path.join(d, "tasks.json")):
-            self.log(f"[data] p-hop (hops {s.train_hops}, test {s.test_hops}, length {s.length}, "
-                     f"alphabet {s.alphabet}) -> {d}")
-            self.run([*self.tool("make_tasks.py"), "phop", "--out", d, "--hops", *map(str, s.train_hops),
-                      "--test-hops", *map(str, s.test_hops), "--length", str(s.length),
-                      "--alphabet", str(s.alphabet), "--train", str(s.train_records),
+            knobs = (["--nodes", str(s.nodes)] if s.task == "chain" else
+                     ["--length", str(s.length), "--alphabet", str(s.alphabet)])
+            self.log(f"[data] {s.task} (hops {s.train_hops}, test {s.test_hops}, {' '.join(knobs)}) -> {d}")
+            self.run([*self.tool("make_tasks.py"), s.task, "--out", d, "--hops", *map(str, s.train_hops),
+                      "--test-hops", *map(str, s.test_hops), *knobs, "--train", str(s.train_records),
                       "--valid", str(s.valid_records), "--test", str(s.test_records), "--seed", str(s.task_seed)],
                      os.path.join(self.s.runs_dir, "_data", "make_tasks.log"))
         for split in ("train", "valid"):
@@ -249,16 +270,29 @@ class ReasoningStudy(StudyDriver):
             {"seed": seed, "criterion": "exact-match accuracy on valid.jsonl at the trained depth (all trained hop "
                                         "counts together); ties: the lower final valid loss"})
 
+    def guess_chance(self) -> Dict[str, float]:
+        """{hop count: mean accuracy of a uniform guess among the allowed answers} over test.jsonl (the
+        floor the report prints under each level; loop_megatron.data.tasks.guess_chance)."""
+        from loop_megatron.data.tasks import guess_chance
+        from loop_megatron.inference.accuracy import read_tasks
+
+        per: Dict[str, List[float]] = {}
+        for rec in read_tasks(self.task_file("test")):
+            per.setdefault(str(rec["hops"]), []).append(guess_chance(rec))
+        return {h: sum(v) / len(v) for h, v in per.items()}
+
     def run_study(self, only: Sequence[str] = (), report_only: bool = False, readme: Optional[str] = None) -> Dict:
         from .report import write_reasoning_report
 
         os.makedirs(self.s.out_dir, exist_ok=True)
         if not report_only:
+            self.s.check()
             self.prepare_data()
             arms = [a for a in self.arms if not only or a.name in only]
             lrs = self.choose_lrs(arms)
             write_json(os.path.join(self.s.out_dir, "settings.json"),
                        dict(self.s.as_dict(), lr=lrs, arms=[dataclasses.asdict(a) for a in self.arms],
+                            chance=self.guess_chance(),
                             example_command=self.trainer_command(arms[0], self.s.seeds[0],
                                                                  lrs[arms[0].name], "NAME")[1:]))
             plan = [(arm, seed) for seed in self.s.seeds for arm in arms]  # seed-major: partial = every arm

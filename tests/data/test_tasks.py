@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 
 from loop_megatron.data.errors import DataError
-from loop_megatron.data.tasks import (LETTERS, check_disjoint, check_round_trip, make_splits, task_levels,
-                                      write_task_tokenizer)
+from loop_megatron.data.tasks import (LETTERS, check_disjoint, check_round_trip, guess_chance, make_splits,
+                                      task_levels, write_task_tokenizer)
 from loop_megatron.data.tokenizer import build_tokenizer
 from tests.hf.helpers import tool_main
 
@@ -51,6 +51,35 @@ def check_phop(rec):
     return path
 
 
+def chain_splits(seed=1):
+    return make_splits("chain", task_levels("chain", hops=[1, 2, 3], nodes=[12]),
+                       task_levels("chain", hops=[1, 3, 6, 9], nodes=[12]), COUNTS, seed)
+
+
+def check_chain(rec):
+    """Pointers read from the prompt letters; walked independently: the answer is reached after exactly
+    `hops` moves and points to itself, every pointer chain ends in a self-loop (no cycle), and every chain
+    other than position 0's has 1 to `hops` hops."""
+    assert re.fullmatch(r"[a-z]+=", rec["prompt"]) and len(rec["prompt"]) == rec["nodes"] + 1, rec
+    points = [LETTERS.index(c) for c in rec["prompt"][:-1]]
+    assert max(points) < rec["nodes"]
+
+    def walk(i):
+        seen = [i]
+        while points[seen[-1]] != seen[-1]:
+            seen.append(points[seen[-1]])
+            assert len(seen) <= rec["nodes"], "a cycle"
+        return seen
+
+    path = walk(0)
+    assert len(path) - 1 == rec["hops"] and rec["answer"] == LETTERS[path[-1]]
+    targets = set(points)
+    heads = [i for i in range(rec["nodes"]) if i not in targets]
+    assert 0 in heads and all(1 <= len(walk(h)) - 1 <= rec["hops"] for h in heads)
+    assert sorted(i for h in heads for i in walk(h)) == list(range(rec["nodes"]))  # disjoint chains cover all
+    return len(heads)
+
+
 def check_addition(rec):
     assert re.fullmatch(r"\d+(\+\d+)+=", rec["prompt"]), rec
     numbers = rec["prompt"][:-1].split("+")
@@ -70,6 +99,26 @@ def test_phop_answers_match_brute_force_and_harder_levels_take_more_hops():
     assert max(lengths[("test", 5)]) == min(lengths[("test", 5)]) == 5  # held out: more hops than trained
     # answers are not constant: the task is not solvable by a prior
     assert len({r["answer"] for r in splits["test"]}) == 4
+    assert {guess_chance(r) for r in splits["test"]} == {0.25}
+
+
+def test_chain_answers_follow_the_pointers_and_ends_give_nothing_away():
+    splits = chain_splits()
+    chains = Counter()
+    for records in splits.values():
+        for rec in records:
+            n = check_chain(rec)
+            chains[n] += 1
+            assert guess_chance(rec) == pytest.approx(1 / n)  # one end per chain
+    assert {r["hops"] for r in splits["test"]} - {r["hops"] for r in splits["train"]} == {6, 9}
+    assert len(chains) > 2  # the number of distractor chains varies
+    # the answer is not a fixed position, and one lookup from position 0 is right only at one hop
+    for hops in (3, 9):
+        recs = [r for r in splits["test"] if r["hops"] == hops]
+        assert len({r["answer"] for r in recs}) > 3
+        assert not any(r["answer"] == r["prompt"][0] for r in recs)
+    with pytest.raises(DataError, match=r"hops \+ 3 <= nodes"):
+        make_splits("chain", [{"hops": 10, "nodes": 12}], [], {"train": 1}, 1)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -85,19 +134,22 @@ def test_addition_answers_match_the_sum(reverse):
 def test_same_seed_same_records_other_seed_other_records():
     assert phop_splits(1) == phop_splits(1)
     assert add_splits(3) == add_splits(3)
+    assert chain_splits(2) == chain_splits(2) and chain_splits(1)["train"] != chain_splits(2)["train"]
     assert phop_splits(1)["train"] != phop_splits(2)["train"]
     a, b = phop_splits(1), phop_splits(2)
     assert [r["prompt"] for r in a["test"]] != [r["prompt"] for r in b["test"]]
 
 
 def test_splits_are_disjoint_distinct_and_per_level():
-    for splits in (phop_splits(), add_splits()):
+    for splits in (phop_splits(), add_splits(), chain_splits()):
         train = {r["prompt"] for r in splits["train"]}
         valid = [r["prompt"] for r in splits["valid"]]
         test = [r["prompt"] for r in splits["test"]]
         assert len(set(valid)) == len(valid) and len(set(test)) == len(test)
         assert not train & set(valid) and not train & set(test) and not set(valid) & set(test)
-        for split, levels in (("train", 2), ("valid", 2), ("test", 6 if splits["test"][0]["task"] == "phop" else 4)):
+        task = splits["test"][0]["task"]
+        for split, levels in (("train", 3 if task == "chain" else 2), ("valid", 3 if task == "chain" else 2),
+                              ("test", {"phop": 6, "chain": 4, "addition": 4}[task])):
             per_level = Counter(tuple(v for k, v in r.items() if k not in ("prompt", "answer")) for r in splits[split])
             assert len(per_level) == levels and set(per_level.values()) == {COUNTS[split]}
     # small levels collide by chance, so the new-prompt rule is really exercised: 2 one-digit operands have 100 prompts
@@ -121,7 +173,7 @@ def test_check_disjoint_and_impossible_levels_are_one_sentence():
 def test_tokenizer_round_trips_every_record(tmp_path):
     tok = build_tokenizer("HuggingFaceTokenizer", write_task_tokenizer(str(tmp_path / "tok")))
     assert tok.eod == 0 and tok.vocab_size == 40
-    for splits in (phop_splits(), add_splits(reverse=True)):
+    for splits in (phop_splits(), add_splits(reverse=True), chain_splits()):
         for records in splits.values():
             check_round_trip(tok, records)
             for rec in records[:5]:
@@ -151,3 +203,10 @@ def test_make_tasks_tool_writes_files_and_counts(tmp_path, capsys):
     assert tool_main("make_tasks")(["addition", "--out", str(tmp_path / "a"), "--digits", "1", "--operands", "2",
                                     "--train", "50", "--valid", "80"]) == 1
     assert "only" in capsys.readouterr().err
+    assert tool_main("make_tasks")(["chain", "--out", str(tmp_path / "c"), "--hops", "2", "--test-hops", "2", "5",
+                                    "--nodes", "9", "--train", "20", "--valid", "4", "--test", "4"]) == 0
+    assert "| test | hops=5,nodes=9 (harder than trained) | 4 |" in capsys.readouterr().out
+    for line in (tmp_path / "c" / "test.jsonl").read_text().splitlines():
+        check_chain(json.loads(line))
+    assert tool_main("make_tasks")(["chain", "--out", str(tmp_path / "c2"), "--hops", "7", "--nodes", "9"]) == 1
+    assert "hops + 3 <= nodes" in capsys.readouterr().err

@@ -64,6 +64,24 @@ def test_quick_settings_and_cli():
     assert args.only == ["1L", "rec"] and args.train_iters == 20
 
 
+def test_settings_that_cannot_work_are_refused_and_the_chance_floor_comes_from_the_test_file(tmp_path):
+    ReasoningSettings().check()  # the defaults: 60-token windows hold four 15-token chain records exactly
+    with pytest.raises(StudyError, match="seq_length 64 is not a multiple of the chain record length 15"):
+        ReasoningSettings(seq_length=64).check()
+    with pytest.raises(StudyError, match="task 'pjop': choose chain or phop"):
+        ReasoningSettings(task="pjop").check()
+    ReasoningSettings(task="phop", seq_length=64).check()  # p-hop records vary in length: no rule
+    data = tmp_path / "data"
+    data.mkdir()
+    # chain ends are the positions that point to themselves: 2 in the first record, 5 in the second
+    recs = [{"task": "chain", "hops": 2, "nodes": 6, "prompt": "cbbeee=", "answer": "b"},
+            {"task": "chain", "hops": 2, "nodes": 6, "prompt": "cbcdef=", "answer": "c"},
+            {"task": "chain", "hops": 3, "nodes": 6, "prompt": "dbbbee=", "answer": "b"}]
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    chance = ReasoningStudy(ReasoningSettings(data_dir=str(data))).guess_chance()
+    assert chance == pytest.approx({"2": (1 / 2 + 1 / 5) / 2, "3": 1 / 2})
+
+
 def test_lr_choice_is_valid_accuracy_then_valid_loss():
     rows = [{"lr": 1e-3, "valid_accuracy": 0.5, "valid_loss": 0.3},
             {"lr": 3e-3, "valid_accuracy": 0.9, "valid_loss": 0.4},
@@ -77,7 +95,7 @@ def test_lr_choice_is_valid_accuracy_then_valid_loss():
 # Accuracy per (arm, hops, loops) for seed 1; seed s adds 0.01 * (s - 1) so the spread is known.
 ACC = {
     "1L": {1: {1: 0.40}, 2: {1: 0.30}, 3: {1: 0.28}},
-    "1Lx4": {1: {1: 0.50, 4: 0.99, 8: 0.99}, 2: {1: 0.30, 4: 0.95, 8: 0.97}, 3: {1: 0.25, 4: 0.40, 8: 0.70}},
+    "1Lx4": {1: {1: 0.50, 4: 0.99, 8: 0.99}, 2: {1: 0.30, 4: 0.95, 8: 0.97}, 3: {1: 0.25, 4: 0.40, 6: 0.80, 8: 0.70}},
     "4L": {1: {1: 1.00}, 2: {1: 0.97}, 3: {1: 0.50}},
 }
 
@@ -85,6 +103,7 @@ ACC = {
 def _settings(arms=("1L", "1Lx4", "4L")):
     fam = {"1L": "k x 1", "1Lx4": "k x L", "4L": "kL x 1"}
     return {"train_hops": [1, 2], "test_hops": [1, 2, 3], "length": 16, "alphabet": 4, "train_records": 100,
+            "chance": {"1": 0.25, "2": 0.25, "3": 0.25},
             "test_records": 10, "train_iters": 20, "micro_batch": 4, "seq_length": 64, "seeds": [1, 2, 3],
             "lr": {a: 3e-3 for a in arms},
             "arms": [{"name": a, "family": fam[a], "description": a} for a in arms]}
@@ -128,6 +147,7 @@ def test_report_tables_claims_figures_and_readme(tmp_path):
     md = (out / "results.md").read_text()
     # 4L at hops 1: seeds 1.00, 1.00 (capped), 1.00 -> 100.0 ± 0.0; 1L hops 2: 30, 31, 32 -> 31.0 ± 1.0.
     assert "100.0 ± 0.0" in md and "31.0 ± 1.0" in md
+    assert "| chance (a uniform guess among the allowed answers) |  |  |  |  | 25.0 | 25.0 | 25.0 |" in md
     assert "hops 3 (harder)" in md and "4 loops" in md and "**" in md
     summary = json.loads((out / "study.json").read_text())
     assert summary["arms"]["1Lx4"]["accuracy"]["3"]["8"] == pytest.approx([0.70, 0.71, 0.72])
@@ -138,7 +158,8 @@ def test_report_tables_claims_figures_and_readme(tmp_path):
     assert verdicts["1Lx4 nearly matches 4L (paired deficit <= 5%)"] == "holds"
     # Paired by seed the difference is about 62 points every seed (sd under one point): beats.
     assert verdicts["1Lx4 beats 1L"] == "holds"
-    # Harder level (hops 3): 8 loops 0.70 vs trained 4 loops 0.40: +30 points, every seed.
+    # Harder level (hops 3): 8 loops (twice the trained 4, fixed in advance; not the 6 that scores best on
+    # test) 0.70 vs trained 4 loops 0.40: +30 points, every seed.
     gain = [c for c in summary["claims"] if "harder instances" in c["claim"]][0]
     assert gain["verdict"] == "holds" and gain["numbers"].startswith("8 loops vs trained 4")
     text = readme.read_text()
