@@ -55,7 +55,7 @@ experiments: $(STAMP)
 	bash launch/run_small_experiments.sh
 	bash launch/run_reasoning_study.sh
 
-## reasoning: the reasoning study alone (p-hop induction, k x 1 / k x L / kL x 1 / recurrent depth; about 2 h
+## reasoning: the reasoning study alone (pointer chasing, k x 1 / k x L / kL x 1 / recurrent depth; about 2 h
 ## on 2 cores; QUICK=1: the smoke run into results/reasoning-quick/; REPORT_ONLY=1: tables, figures and the
 ## README block rebuilt from the committed records in results/reasoning/).
 reasoning: $(STAMP)

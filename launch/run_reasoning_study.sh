@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# "Where looping pays: reasoning tasks": the CPU-scale p-hop study behind the README's reasoning section
+# "Where looping pays: reasoning tasks": the CPU-scale pointer-chasing study behind the README's reasoning section
 # (`make reasoning`; studies/reasoning/study.py says every step):
 #
 #   1L     k x 1: one layer                    1Lx4   k x L: that layer looped 4 times
 #   4L     kL x 1: four unshared layers        rec    recurrent depth on the one layer (~4 sampled loops)
 #
-# p-hop induction (alphabet 4, length 16, trained on 1 and 2 hops, tested on 1-4 hops), answer-masked
-# loss, the LR chosen per arm on the validation split, 3 seeds; then tables and figures in
+# pointer chasing (12 positions, trained on 2 and 3 hops, tested on 1-8 hops), answer-masked loss, the LR
+# chosen per arm on the validation split, 3 seeds x 1,500 steps; then tables and figures in
 # results/reasoning/ and the README block between '<!-- reasoning:begin -->' and '<!-- reasoning:end -->'.
 # An interrupted study resumes where it stopped.
 #
-#   QUICK=1         the smoke run: 1 seed, 1 LR, 150 steps, into runs/reasoning-quick and
+#   QUICK=1         the smoke run: 1 seed, 1 LR, 300 steps, into runs/reasoning-quick and
 #                   results/reasoning-quick (README untouched)
 #   REPORT_ONLY=1   rebuild the tables, figures and README block from the records in results/reasoning
 #                   (what a fresh clone has)

@@ -1,5 +1,5 @@
-"""Where looping pays: a seeded CPU-scale study of p-hop induction, a task that needs depth but few
-parameters, with the arms of Saunshi et al. (arXiv 2502.17416): a k-layer model (k x 1), the same k layers
+"""Where looping pays: a seeded CPU-scale study of pointer chasing (or p-hop induction), tasks that need
+depth but few parameters, with the arms of Saunshi et al. (arXiv 2502.17416): a k-layer model (k x 1), the same k layers
 looped L times (k x L), the unshared model of the same depth (kL x 1), and the recurrent-depth recipe
 (sampled depth, injection, truncated backprop) on the same k layers; reported as exact-match test
 accuracy per difficulty (trained hop counts and harder ones) at every inference loop count.
@@ -12,10 +12,11 @@ Like studies/looping_pays (its sibling), it is a client of loop_megatron: every 
 line run in its own subprocess through loop_megatron.experiments.driver.StudyDriver (resumable: a step
 whose output exists is skipped), and its report (report.py beside this file) is built on the analysis API
 of loop_megatron.experiments. Steps:
-  1. data: tools/make_tasks.py phop (seeded; train and valid at the trained hop counts, test at those and
+  1. data: tools/make_tasks.py chain|phop (seeded; train and valid at the trained hop counts, test at those and
      harder ones, all prompts distinct across splits) and answer-masked datasets of train and valid
      (tools/preprocess_data.py --prompt-key prompt --answer-key answer --append-eod), so the loss counts
-     the answer letter and its end-of-document token only;
+     the answer letter and its end-of-document token only; the chance floor per test level (a uniform
+     guess among the answers each record allows) goes into settings.json;
   2. learning rate, per arm: seed `seeds[0]` trained at every LR of `lr_grid`; each run's exact-match
      accuracy on valid.jsonl at its trained depth decides (ties: the lower final valid loss). Only the
      validation split is looked at for any choice; the test split is read by the evaluation alone;
@@ -312,13 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m studies.reasoning.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 seed, 1 LR, 150 steps, 4,000 records per level, into runs/reasoning-quick "
+                   help="smoke run: 1 seed, 1 LR, 300 steps, 4,000 records per level, into runs/reasoning-quick "
                         "and results/reasoning-quick")
     p.add_argument("--only", nargs="+", default=[], metavar="ARM",
                    help=f"train and evaluate only these arms (of {', '.join(a.name for a in ARMS)}); the report "
                         "covers every finished run")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 1 2 3; quick: 1)")
-    p.add_argument("--train-iters", type=int, help="steps per run (default 800; quick: 150)")
+    p.add_argument("--train-iters", type=int, help="steps per run (default 1500; quick: 300)")
     p.add_argument("--out", help="results folder (default results/reasoning; quick: results/reasoning-quick)")
     p.add_argument("--runs-dir", help="run folders (default runs/reasoning)")
     p.add_argument("--ckpt-dir", help="checkpoints (default checkpoints/reasoning)")

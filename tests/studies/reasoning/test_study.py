@@ -51,6 +51,11 @@ def test_arms_for_another_loop_count_and_settings_from_the_command_line(tmp_path
         assert cfg.model.hidden_size == 256
         depth[arm.family] = (cfg.model.num_layers, cfg.model.num_loops)
     assert depth["k x L"] == (1, 8) and depth["kL x 1"] == (8, 1) and depth["k x 1"] == (1, 1)
+    chain = ReasoningSettings(data_dir=str(tmp_path / "data"))  # the README's GPU pointer-chasing command
+    apply_settings(chain, ["nodes=24", "seq_length=108", "train_hops=2,3,4,5,6", "test_hops=2,4,6,8,12,16"])
+    chain.check()
+    for arm in make_arms(8):
+        config_from_args(ReasoningStudy(chain).trainer_command(arm, 1, 1e-3, "x")[3:])[0].validate(1)
     for bad, match in (("lenght=3", "FIELD one of"), ("length=x", "is not a int"), ("length", "FIELD=VALUE")):
         with pytest.raises(StudyError, match=match):
             apply_settings(settings, [bad])
