@@ -14,6 +14,12 @@ finished processes left on disk. `StudyDriver` holds that machinery, shared by e
 * `alias(source, target)`: the same run under a second name (a sweep's run reused as a seed's run);
 * `sweep_learning_rates(arms, grid, ...)`: one grid of peak LRs for every arm, each arm's LR chosen on its
   own validation scores, the sweep kept in a JSON file that a later partial run adds to.
+* `train_plan(arms, seeds, lrs, iters)`: every arm x seed, seed-major (an interrupted study has every arm
+  at the first seeds), the first seed's sweep run reused, each trained (`train_arm`) and evaluated
+  (`evaluate_run`), the two steps a study defines.
+
+`run_name` / `lr_run_name` name the runs; `add_study_arguments`, `apply_study_arguments` and `run_study_main`
+are the command line both studies share (study_cli.py).
 
 `StudyArm` is one configuration of a study's grid (both studies' arms).
 """
@@ -32,6 +38,16 @@ from ..errors import LoopMegatronError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 """The checkout the package lives in: subprocesses run there (tools/ and studies/ resolve from it)."""
+
+
+def run_name(arm: str, seed: int) -> str:
+    """The run folder name of an arm's seed: '1L-s2'."""
+    return f"{arm}-s{seed}"
+
+
+def lr_run_name(arm: str, seed: int, lr: float) -> str:
+    """The run folder name of a learning-rate sweep point: 'lr0.001-1L-s1'."""
+    return f"lr{lr:g}-{run_name(arm, seed)}"
 
 
 class StudyError(LoopMegatronError):
@@ -159,6 +175,29 @@ class StudyDriver:
             if os.path.isfile(src) and not os.path.exists(dst):
                 with open(src, encoding="utf-8") as f:
                     write_json(dst, json.load(f), make_parent=True)
+
+    # A study defines these three: train one arm x seed at an LR under a run name, evaluate a trained run,
+    # and where an evaluation of a kind is written.
+    def train_arm(self, arm: StudyArm, seed: int, lr: float, name: str, label: str) -> None:
+        raise NotImplementedError
+
+    def evaluate_run(self, arm: StudyArm, name: str) -> None:
+        raise NotImplementedError
+
+    def eval_path(self, name: str, kind: str) -> str:
+        raise NotImplementedError
+
+    def train_plan(self, arms: Sequence[StudyArm], seeds: Sequence[int], lrs: Dict[str, float], iters: int) -> None:
+        """Train and evaluate every arm x seed at its arm's LR, seed-major; the first seed's run at the chosen
+        LR is its sweep's run (same arm, seed and LR), reused under the seed's name with its valid evaluation."""
+        plan = [(arm, seed) for seed in seeds for arm in arms]
+        for k, (arm, seed) in enumerate(plan):
+            name, lr = run_name(arm.name, seed), lrs[arm.name]
+            sweep_run = lr_run_name(arm.name, seed, lr)
+            if seed == seeds[0] and self.is_trained(sweep_run, iters, lr):
+                self.alias(sweep_run, name, [(self.eval_path(sweep_run, "valid"), self.eval_path(name, "valid"))])
+            self.train_arm(arm, seed, lr, name, f"[{k + 1}/{len(plan)}]")
+            self.evaluate_run(arm, name)
 
     def sweep_learning_rates(self, arms: Sequence[StudyArm], grid: Sequence[float], path: str,
                              run_point: Callable[[StudyArm, float], Dict[str, Any]],

@@ -20,7 +20,6 @@ weighs the same, whatever its size).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field

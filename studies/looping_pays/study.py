@@ -44,7 +44,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from loop_megatron.experiments.driver import StudyArm, StudyDriver, StudyError
+from loop_megatron.experiments.driver import StudyArm, StudyDriver, lr_run_name
+from loop_megatron.experiments.study_cli import add_study_arguments, apply_study_arguments, run_study_main
 from loop_megatron.utils.fs import write_json
 
 SOURCES = ("sotu", "kjv", "anarchist-faq", "jargon", "fortunes")
@@ -138,14 +139,6 @@ class StudySettings:
     def as_dict(self) -> Dict:
         return dict(dataclasses.asdict(self), train_iters=self.train_iters,
                     tokens_per_step=self.tokens_per_step)
-
-
-def lr_run_name(arm: str, seed: int, lr: float) -> str:
-    return f"lr{lr:g}-{run_name(arm, seed)}"
-
-
-def run_name(arm: str, seed: int) -> str:
-    return f"{arm}-s{seed}"
 
 
 class Study(StudyDriver):
@@ -286,72 +279,35 @@ class Study(StudyDriver):
                             sources=list(SOURCES),
                             example_command=self.trainer_command(arms[0], self.s.seeds[0], lrs[arms[0].name],
                                                                  "NAME")[1:]))
-            # Seed-major order: an interrupted or partial study has every arm at the first seeds.
-            plan = [(arm, seed) for seed in self.s.seeds for arm in arms]
-            for k, (arm, seed) in enumerate(plan):
-                name, lr = run_name(arm.name, seed), lrs[arm.name]
-                # The first seed's run at the arm's chosen LR is its sweep's run: reuse it.
-                lr_run = lr_run_name(arm.name, seed, lr)
-                if seed == self.s.seeds[0] and self.is_trained(lr_run, self.s.train_iters, lr):
-                    self._alias(lr_run, name)
-                self.train_arm(arm, seed, lr, name, f"[{k + 1}/{len(plan)}]")
-                self.evaluate_run(arm, name)
+            self.train_plan(arms, self.s.seeds, lrs, self.s.train_iters)
         written = write_study_report(self.s.out_dir, self.s.runs_dir, readme=readme)
         self.log(f"[report] {', '.join(sorted(written.values()))}  [study {self.elapsed()}]")
         return written
 
-    def _alias(self, source: str, target: str) -> None:
-        """Point target's run and checkpoint folders at source's (same arm, seed and LR: the same run)."""
-        self.alias(source, target, [(self.eval_path(source, "valid"), self.eval_path(target, "valid"))])
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m studies.looping_pays.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 200K tokens per run, 2 seeds, 1 LR for every arm, into runs/study-quick and "
-                        "results/study-quick (under 15 minutes on 2 cores)")
-    p.add_argument("--only", nargs="+", default=[], metavar="ARM",
-                   help=f"train and evaluate only these arms (of {', '.join(a.name for a in ARMS)}); the report "
-                        "covers every finished run")
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 1 2 3; quick: 1 2)")
+    add_study_arguments(
+        p, [a.name for a in ARMS], "smoke run: 200K tokens per run, 2 seeds, 1 LR for every arm, into "
+        "runs/study-quick and results/study-quick (under 15 minutes on 2 cores)",
+        {"seeds": "1 2 3; quick: 1 2", "out": "results/study; quick: results/study-quick",
+         "runs_dir": "runs/study; quick: runs/study-quick", "ckpt_dir": "checkpoints/study; quick: checkpoints/study-quick",
+         "data_dir": "data/study, shared by quick and full"}, "study")
     p.add_argument("--tokens", type=float, help="training tokens per run (default 2.5e6; quick: 2e5)")
-    p.add_argument("--out", help="results folder (default results/study; quick: results/study-quick)")
-    p.add_argument("--runs-dir", help="run folders (default runs/study; quick: runs/study-quick)")
-    p.add_argument("--ckpt-dir", help="checkpoints (default checkpoints/study; quick: checkpoints/study-quick)")
-    p.add_argument("--data-dir", help="corpus and datasets (default data/study, shared by quick and full)")
-    p.add_argument("--report-only", action="store_true", help="only rebuild the tables and plots from disk")
-    p.add_argument("--readme", metavar="README.md",
-                   help="also replace the README block between '<!-- study:begin -->' and '<!-- study:end -->' "
-                        "with the generated tables and figures")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     settings = StudySettings.quick_settings() if args.quick else StudySettings()
-    if args.seeds:
-        settings.seeds = tuple(args.seeds)
+    apply_study_arguments(args, settings)
     if args.tokens:
         settings.tokens_per_run = int(args.tokens)
-    for flag, attr in (("out", "out_dir"), ("runs_dir", "runs_dir"), ("ckpt_dir", "ckpt_dir"), ("data_dir", "data_dir")):
-        if getattr(args, flag):
-            setattr(settings, attr, getattr(args, flag))
-    unknown = [a for a in args.only if a not in {arm.name for arm in ARMS}]
-    if unknown:
-        print(f"study: error: --only {' '.join(unknown)}: unknown arm (known: {', '.join(a.name for a in ARMS)}).",
-              file=sys.stderr)
-        return 2
-    try:
-        Study(settings, log=lambda line: print(line, flush=True)).run_study(args.only, args.report_only, args.readme)
-    except StudyError as exc:
-        print(f"study: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("study: interrupted; start it again to go on where it stopped", file=sys.stderr)
-        return 130
-    return 0
-
+    study = Study(settings, log=lambda line: print(line, flush=True))
+    return run_study_main(lambda: study.run_study(args.only, args.report_only, args.readme), args.only,
+                          [a.name for a in ARMS])
 
 if __name__ == "__main__":
     sys.exit(main())

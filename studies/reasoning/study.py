@@ -35,8 +35,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from loop_megatron.errors import LoopMegatronError
-from loop_megatron.experiments.driver import StudyArm, StudyDriver, StudyError
+from loop_megatron.experiments.driver import StudyArm, StudyDriver, StudyError, lr_run_name
+from loop_megatron.experiments.study_cli import add_study_arguments, apply_study_arguments, run_study_main
 from loop_megatron.utils.fs import write_json
 
 
@@ -153,14 +153,6 @@ class ReasoningSettings:
         if self.task == "chain" and self.seq_length % (self.nodes + 3):
             raise StudyError(f"seq_length {self.seq_length} is not a multiple of the chain record length "
                              f"{self.nodes + 3} (nodes + 3): windows would cut records and shift their positions.")
-
-
-def run_name(arm: str, seed: int) -> str:
-    return f"{arm}-s{seed}"
-
-
-def lr_run_name(arm: str, seed: int, lr: float) -> str:
-    return f"lr{lr:g}-{run_name(arm, seed)}"
 
 
 def choose(rows: Sequence[Dict]) -> Dict:
@@ -296,14 +288,7 @@ class ReasoningStudy(StudyDriver):
                             chance=self.guess_chance(),
                             example_command=self.trainer_command(arms[0], self.s.seeds[0],
                                                                  lrs[arms[0].name], "NAME")[1:]))
-            plan = [(arm, seed) for seed in self.s.seeds for arm in arms]  # seed-major: partial = every arm
-            for k, (arm, seed) in enumerate(plan):
-                name, lr = run_name(arm.name, seed), lrs[arm.name]
-                sweep_run = lr_run_name(arm.name, seed, lr)
-                if seed == self.s.seeds[0] and self.is_trained(sweep_run, self.s.train_iters, lr):
-                    self.alias(sweep_run, name, [(self.eval_path(sweep_run, "valid"), self.eval_path(name, "valid"))])
-                self.train_arm(arm, seed, lr, name, f"[{k + 1}/{len(plan)}]")
-                self.evaluate_run(arm, name)
+            self.train_plan(arms, self.s.seeds, lrs, self.s.train_iters)
         written = write_reasoning_report(self.s.out_dir, self.s.runs_dir, readme=readme)
         self.log(f"[report] {', '.join(sorted(written.values()))}  [study {self.elapsed()}]")
         return written
@@ -312,18 +297,15 @@ class ReasoningStudy(StudyDriver):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m studies.reasoning.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 seed, 1 LR, 300 steps, 4,000 records per level, into runs/reasoning-quick "
-                        "and results/reasoning-quick")
-    p.add_argument("--only", nargs="+", default=[], metavar="ARM",
-                   help=f"train and evaluate only these arms (of {', '.join(a.name for a in ARMS)}); the report "
-                        "covers every finished run")
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 1 2 3; quick: 1)")
+    add_study_arguments(
+        p, [a.name for a in ARMS], "smoke run: 1 seed, 1 LR, 300 steps, 4,000 records per level, into "
+        "runs/reasoning-quick and results/reasoning-quick",
+        {"seeds": "1 2 3; quick: 1", "out": "results/reasoning; quick: results/reasoning-quick",
+         "runs_dir": "runs/reasoning; quick: runs/reasoning-quick",
+         "ckpt_dir": "checkpoints/reasoning; quick: checkpoints/reasoning-quick",
+         "data_dir": "data/reasoning; quick: data/reasoning-quick"},
+        "reasoning")
     p.add_argument("--train-iters", type=int, help="steps per run (default 1500; quick: 300)")
-    p.add_argument("--out", help="results folder (default results/reasoning; quick: results/reasoning-quick)")
-    p.add_argument("--runs-dir", help="run folders (default runs/reasoning)")
-    p.add_argument("--ckpt-dir", help="checkpoints (default checkpoints/reasoning)")
-    p.add_argument("--data-dir", help="task files and datasets (default data/reasoning)")
     p.add_argument("--loops", type=int, default=4, metavar="L",
                    help="L of the arms: 1L, 1LxL, LL and rec (mean L loops); default 4")
     p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
@@ -331,10 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "test_hops=32,48,64 train_iters=20000; tuples comma-separated)")
     p.add_argument("--override", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
                    help="trainer config overrides for every arm (e.g. model.hidden_size=256)")
-    p.add_argument("--report-only", action="store_true", help="only rebuild the tables and plots from disk")
-    p.add_argument("--readme", metavar="README.md",
-                   help="also replace the README block between '<!-- reasoning:begin -->' and "
-                        "'<!-- reasoning:end -->' with the generated tables and figures")
     return p
 
 
@@ -370,29 +348,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"study: error: {exc}", file=sys.stderr)
         return 2
     settings.overrides = tuple(settings.overrides) + tuple(args.override)
-    if args.seeds:
-        settings.seeds = tuple(args.seeds)
+    apply_study_arguments(args, settings)
     if args.train_iters:
         settings.train_iters = args.train_iters
-    for flag, attr in (("out", "out_dir"), ("runs_dir", "runs_dir"), ("ckpt_dir", "ckpt_dir"), ("data_dir", "data_dir")):
-        if getattr(args, flag):
-            setattr(settings, attr, getattr(args, flag))
-    unknown = [a for a in args.only if a not in {arm.name for arm in arms}]
-    if unknown:
-        print(f"study: error: --only {' '.join(unknown)}: unknown arm (known: {', '.join(a.name for a in arms)}).",
-              file=sys.stderr)
-        return 2
-    try:
-        ReasoningStudy(settings, arms, log=lambda line: print(line, flush=True)).run_study(
-            args.only, args.report_only, args.readme)
-    except LoopMegatronError as exc:  # a failed step (StudyError) or unreadable records (ExperimentError)
-        print(f"study: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("study: interrupted; start it again to go on where it stopped", file=sys.stderr)
-        return 130
-    return 0
-
+    study = ReasoningStudy(settings, arms, log=lambda line: print(line, flush=True))
+    return run_study_main(lambda: study.run_study(args.only, args.report_only, args.readme), args.only,
+                          [a.name for a in arms])
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,8 @@ from studies.looping_pays import report as study_report
 from studies.looping_pays.report import (RunResult, cheapest_matching_exit, compare, compute_curve_block,
                                          equivalent_layers, exit_advantage, fixed_depth_at, mean_sd, splice_readme,
                                          write_study_report)
-from studies.looping_pays.study import ARMS, SOURCES, Study, StudyError, StudySettings, build_parser
+from loop_megatron.experiments.driver import StudyError
+from studies.looping_pays.study import ARMS, SOURCES, Study, StudySettings, build_parser
 
 
 def test_split_holdout_is_disjoint_and_takes_the_end():
