@@ -242,7 +242,7 @@ def claims(results: Dict[str, List[RunAccuracy]], settings: Dict) -> List[Dict]:
 
 # ---------------------------------------------------------------------------------------------- tables
 def _hop_label(h, trained: Sequence[int]) -> str:
-    return f"hops {h}" + ("" if h in trained else " (harder)")
+    return f"hops {h}" + ("" if h in trained else " (easier)" if h < min(trained) else " (harder)")
 
 
 def accuracy_table(results: Dict[str, List[RunAccuracy]], settings: Dict) -> str:
