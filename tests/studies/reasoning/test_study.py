@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -199,6 +200,8 @@ def test_committed_records_rebuild_the_readme_block(tmp_path):
     committed = os.path.join(REPO, "results", "reasoning")
     if not os.path.isfile(os.path.join(committed, "settings.json")):
         pytest.skip("results/reasoning/ has no records yet: the full study has not been run (make reasoning)")
+    for probe in ("results/reasoning/runs/1L-s1/summary.json", "results/reasoning/eval/1L-s1.test.json"):
+        assert subprocess.run(["git", "check-ignore", "-q", probe], cwd=REPO).returncode != 0, f"git ignores {probe}"
     out = tmp_path / "results" / "reasoning"  # where the README's image links expect it
     shutil.copytree(committed, out)
     readme = tmp_path / "README.md"
