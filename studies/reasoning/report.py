@@ -359,6 +359,10 @@ def plot_accuracy_by_hops(results: Dict[str, List[RunAccuracy]], settings: Dict,
         per = [[r.at_trained(h) for r in runs if r.at_trained(h) is not None] for h in hops]
         xs = [h for h, v in zip(hops, per) if v]
         _band(ax, xs, [v for v in per if v], f"C{i}", arm)
+    chance = settings.get("chance") or {}
+    if chance:
+        ax.plot(hops, [100 * chance.get(str(h), float("nan")) for h in hops], color="black", linestyle=":",
+                linewidth=1, label="chance (a uniform guess)")
     ax.axvline(max(settings["train_hops"]) + 0.5, color="grey", linestyle="--", linewidth=1)
     ax.text(max(settings["train_hops"]) + 0.6, 2, "harder than trained", fontsize=7, color="grey")
     ax.set_xlabel("hops")
