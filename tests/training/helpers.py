@@ -78,6 +78,25 @@ def train_tiny_cli(prefix: str, tmp_path, *flags: str):
     return proc
 
 
+def evaluate_tiny_run(prefix: str, tmp_path):
+    """The checkpoint of `train_tiny_cli` evaluated on the run's own settings (`evaluate_checkpoint`, 2
+    micro-batches), asserted to equal the run's last valid loss; returns (that result, the valid split's
+    dataset exactly as the run served it)."""
+    import json
+
+    import pytest
+
+    from loop_megatron.data import build_train_valid_test_datasets
+    from loop_megatron.inference.evaluation import evaluate_checkpoint
+
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    results, meta = evaluate_checkpoint(str(tmp_path / "ck"), eval_iters=2)
+    assert results[0].loss == pytest.approx(summary["final_valid_loss"], rel=1e-5)
+    valid = build_train_valid_test_datasets([prefix], "70,30,0", 16, meta["eval_data"]["seed"], (0, None, 0),
+                                            str(tmp_path / "cache"))[1]
+    return results[0], valid
+
+
 def pretrain_in_process(cfg: Config, opts=None):
     """pretrain() in this process (a world of one), leaving no process group behind for the next test."""
     import torch.distributed as dist

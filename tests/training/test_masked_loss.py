@@ -2,9 +2,7 @@
 cross_entropy on the selected positions, at every layer: the model's loss, train_step over gradient
 accumulation and data-parallel ranks (DeepSpeed's own scaling), evaluation with bits per byte, and a
 train.py run end to end. Unmasked batches keep the old loss exactly."""
-import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from loop_megatron.model.inputs import collate_tokens, split_inputs
-from tests.training.helpers import train_tiny_cli
+from tests.training.helpers import evaluate_tiny_run, train_tiny_cli
 
 VOCAB = 100
 
@@ -189,17 +187,11 @@ def test_evaluate_masked_loss_and_bpb_equal_hand_computation(tmp_path):
 def test_train_py_on_masked_data_end_to_end(tmp_path):
     """train.py trains on answer-masked data; its last valid loss is the masked mean that evaluating the saved
     checkpoint gives over the same samples, whose token count is the answer targets of those samples."""
-    from loop_megatron.data import build_train_valid_test_datasets
-    from loop_megatron.inference.evaluation import evaluate_checkpoint
     from tests.data.test_loss_mask import RECORDS, masked_prefix
 
     prefix, _ = masked_prefix(tmp_path, records=RECORDS * 2)
     proc = train_tiny_cli(prefix, tmp_path)
     assert "loss mask" in proc.stdout, proc.stdout[-2000:]
-    summary = json.load(open(tmp_path / "run" / "summary.json"))
-    results, meta = evaluate_checkpoint(str(tmp_path / "ck"), eval_iters=2)
-    assert results[0].loss == pytest.approx(summary["final_valid_loss"], rel=1e-5)
-    valid = build_train_valid_test_datasets([prefix], "70,30,0", 16, meta["eval_data"]["seed"], (0, None, 0),
-                                            str(tmp_path / "cache"))[1]
+    result, valid = evaluate_tiny_run(prefix, tmp_path)
     counted = sum(int(valid[i]["loss_mask"].sum()) for i in range(4))
-    assert results[0].tokens == counted < 4 * 16
+    assert result.tokens == counted < 4 * 16
