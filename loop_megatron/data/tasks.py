@@ -132,6 +132,11 @@ def follow_chain(points: Sequence[int], start: int = 0) -> int:
     return node
 
 
+def chain_ends(prompt: str) -> int:
+    """The number of chains in a chain prompt: its positions that point to themselves (one end each)."""
+    return sum(c == LETTERS[i] for i, c in enumerate(prompt[:-1]))
+
+
 def guess_chance(record: Dict[str, Any]) -> Optional[float]:
     """The accuracy of a uniform guess among the answers the record's form allows, the floor a model
     reaches without solving it: p-hop 1 / alphabet, chain 1 / (its number of chain ends, the positions
@@ -139,8 +144,7 @@ def guess_chance(record: Dict[str, Any]) -> Optional[float]:
     if record.get("task") == "phop":
         return 1.0 / record["alphabet"]
     if record.get("task") == "chain":
-        pointers = record["prompt"][:-1]
-        return 1.0 / sum(c == LETTERS[i] for i, c in enumerate(pointers))
+        return 1.0 / chain_ends(record["prompt"])
     return None
 
 

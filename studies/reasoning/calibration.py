@@ -28,7 +28,7 @@ import shutil
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from loop_megatron.data.tasks import LETTERS, chain_example, phop_example, write_jsonl
+from loop_megatron.data.tasks import chain_ends, chain_example, phop_example, write_jsonl
 from loop_megatron.experiments.driver import StudyDriver, StudyError
 from loop_megatron.utils.fs import write_text
 
@@ -132,7 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ends = sorted(set().union(*tables.values()))
     if args.task == "chain":
         sample = probe_records("chain", 1000, args.hops, args.length, args.alphabet, args.seed, args.nodes)
-        chains = sum(sum(r["prompt"][i] == LETTERS[i] for i in range(args.nodes)) for r in sample) / len(sample)
+        chains = sum(chain_ends(r["prompt"]) for r in sample) / len(sample)
         what = f"chain, hops {', '.join(map(str, args.hops))} ({args.nodes} nodes)"
         chance = f"ln({chains:.2f}) / 2 = {math.log(chains) / 2:.3f} is a chain end guessed uniformly (mean chains per prompt)"
     else:
