@@ -33,7 +33,7 @@ def test_every_arm_builds_a_valid_trainer_config(tmp_path):
     k1, kl, kL1, rec = (seen[f].model for f in ("k x 1", "k x L", "kL x 1", "recurrent"))
     # k x L and the recurrent arm spend k x 1's unique layers; kL x 1 is the unshared model of k x L's depth.
     assert k1.num_layers == kl.num_layers == 1 and kl.num_loops == 4 and kL1.num_layers == 4 and kL1.num_loops == 1
-    assert (rec.prelude_layers, rec.num_layers, rec.coda_layers, rec.loop_injection) == (0, 1, 0, "diagonal")
+    assert (rec.prelude_layers, rec.num_layers, rec.coda_layers, rec.loop_injection) == (0, 1, 0, "add")
     assert seen["recurrent"].training.backprop_loops == 4 and seen["recurrent"].training.mean_loops == 4
     assert len(settings.seeds) >= 3 and max(settings.test_hops) > max(settings.train_hops)
 
@@ -43,6 +43,10 @@ def test_arms_for_another_loop_count_and_settings_from_the_command_line(tmp_path
     settings = ReasoningSettings(data_dir=str(tmp_path / "data"))
     apply_settings(settings, ["length=256", "train_hops=32", "test_hops=32,48", "train_iters=20000"])
     assert (settings.length, settings.train_hops, settings.test_hops, settings.train_iters) == (256, (32,), (32, 48), 20000)
+    with pytest.raises(StudyError, match="claim_hops 2,3 are not all trained hop counts"):
+        settings.check()  # the default claims (2 and 3 hops) name levels this run does not train
+    apply_settings(settings, ["claim_hops="])
+    assert settings.claim_hops == ()
     settings.overrides = ("model.hidden_size=256", "model.num_attention_heads=8", "model.max_position_embeddings=512")
     settings.seq_length = 512
     depth = {}
@@ -53,7 +57,8 @@ def test_arms_for_another_loop_count_and_settings_from_the_command_line(tmp_path
         depth[arm.family] = (cfg.model.num_layers, cfg.model.num_loops)
     assert depth["k x L"] == (1, 8) and depth["kL x 1"] == (8, 1) and depth["k x 1"] == (1, 1)
     chain = ReasoningSettings(data_dir=str(tmp_path / "data"))  # the README's GPU pointer-chasing command
-    apply_settings(chain, ["nodes=24", "seq_length=108", "train_hops=2,3,4,5,6", "test_hops=2,4,6,8,12,16"])
+    apply_settings(chain, ["nodes=24", "seq_length=108", "train_hops=1,2,3,4,5,6", "claim_hops=2,3,4,5,6",
+                           "test_hops=1,2,4,6,8,12,16"])
     chain.check()
     for arm in make_arms(8):
         config_from_args(ReasoningStudy(chain).trainer_command(arm, 1, 1e-3, "x")[3:])[0].validate(1)
@@ -158,7 +163,7 @@ def test_report_tables_claims_figures_and_readme(tmp_path):
     summary = json.loads((out / "study.json").read_text())
     assert summary["arms"]["1Lx4"]["accuracy"]["3"]["8"] == pytest.approx([0.70, 0.71, 0.72])
     verdicts = {c["claim"]: c["verdict"] for c in summary["claims"]}
-    assert verdicts["4L solves the trained hop counts (every seed >= 90%)"] == "holds"
+    assert verdicts["4L solves hops [1, 2] (every seed >= 90%)"] == "holds"
     assert verdicts["1L clearly does not (every seed <= 60%)"] == "holds"
     # 1Lx4 at its trained depth (4 loops): hops 1/2 = 0.99/0.95 against 4L's 1.00/0.97: a 1.5-point deficit.
     assert verdicts["1Lx4 nearly matches 4L (paired deficit <= 5%)"] == "holds"
@@ -171,6 +176,21 @@ def test_report_tables_claims_figures_and_readme(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n" + README_BEGIN) and text.endswith(README_END + "\noutro\n") and "\nold\n" not in text
     assert "](results/accuracy_vs_depth.png)" in text
+
+
+def test_claims_on_a_subset_of_the_trained_hop_counts(tmp_path):
+    """claim_hops [2]: the level and paired claims read hop 2 only (1 hop, trained, is left out of them)."""
+    from studies.reasoning.report import claims, load_results
+
+    out, runs = _write_fixture(tmp_path)
+    settings = dict(_settings(), claim_hops=[2])
+    (out / "settings.json").write_text(json.dumps(settings))
+    write_reasoning_report(str(out), str(runs))  # archives the run records load_results reads
+    rows = {c["claim"]: c for c in claims(load_results(str(out), ["1L", "1Lx4", "4L"], [1, 2, 3]), settings)}
+    # 1L at hop 2: 30, 31, 32 -> 31.0 ± 1.0 (over hops 1-2 it would be 36.0).
+    assert rows["1L clearly does not (every seed <= 60%)"]["numbers"] == "31.0 ± 1.0 % over hops [2]"
+    assert "4L solves hops [2] (every seed >= 90%)" in rows
+    assert rows["1Lx4 beats 1L"]["numbers"].endswith("(hops [2], paired by seed)")
 
 
 def test_report_rebuilds_from_the_archive_alone(tmp_path):
@@ -209,3 +229,19 @@ def test_committed_records_rebuild_the_readme_block(tmp_path):
     write_reasoning_report(str(out), str(tmp_path / "no-runs"), readme=str(readme))
     assert (out / "results.md").read_text() == open(os.path.join(committed, "results.md"), encoding="utf-8").read()
     assert readme.read_text() == open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+
+
+def test_a_probe_is_the_arms_study_command_with_its_overrides_winning(tmp_path, capsys, monkeypatch):
+    from studies.reasoning.probe import main as probe_main, probe_command
+
+    study = ReasoningStudy(ReasoningSettings(train_iters=400, data_dir=str(tmp_path / "data")))
+    cmd = probe_command(study, "rec", "p", 2e-3, ["model.loop_injection=linear"])
+    assert cmd[:len(cmd) - 4] == study.trainer_command([a for a in ARMS if a.name == "rec"][0], 1, 2e-3, "p")
+    cfg, _ = config_from_args(cmd[3:])
+    assert cfg.model.loop_injection == "linear" and cfg.training.loop_sampling == "poisson-lognormal"
+    with pytest.raises(StudyError, match="unknown arm 'rec2'"):
+        probe_command(study, "rec2", "p", 2e-3, [])
+    # Without the study's data: one sentence naming the missing dataset, exit 1, no record written.
+    monkeypatch.chdir(tmp_path)
+    assert probe_main(["rec", "--name", "p", "--out", str(tmp_path / "out")]) == 1
+    assert "the study's data is missing" in capsys.readouterr().err and not (tmp_path / "out").exists()
