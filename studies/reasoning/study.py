@@ -192,10 +192,34 @@ class ReasoningStudy(StudyDriver):
     def prefix(self, split: str) -> str:
         return os.path.join(self.s.data_dir, f"{split}_prompt_answer_document")
 
+    def wanted_tasks(self) -> Dict:
+        """What DATA_DIR/tasks.json (tools/make_tasks.py's record of its arguments) must say for these settings."""
+        s = self.s
+        knob = {"nodes": s.nodes} if s.task == "chain" else {"length": s.length}
+        return {"task": s.task, "seed": s.task_seed,
+                "train_levels": [dict(hops=h, **knob) for h in s.train_hops],
+                "test_levels": [dict(hops=h, **knob) for h in s.test_hops],
+                "per_level": {"train": s.train_records, "valid": s.valid_records, "test": s.test_records},
+                **({"alphabet": s.alphabet} if s.task == "phop" else {})}
+
+    def check_data(self) -> None:
+        """StudyError naming the first field where an existing DATA_DIR/tasks.json differs from the settings (a
+        study resumed with other settings would otherwise train and test on the old data, silently)."""
+        from loop_megatron.experiments.records import read_json
+
+        path = os.path.join(self.s.data_dir, "tasks.json")
+        have = read_json(path)
+        for key, want in self.wanted_tasks().items():
+            if have.get(key) != want:
+                raise StudyError(f"{path} was written for {key} {have.get(key)!r}, but the settings ask for {want!r}: "
+                                 f"remove {self.s.data_dir} (and the runs trained on it) or pass another --data-dir.")
+
     def prepare_data(self) -> None:
         """The task JSONL, its tokenizer and the answer-masked train and valid datasets."""
         s, d = self.s, self.s.data_dir
-        if not os.path.isfile(os.path.join(d, "tasks.json")):
+        if os.path.isfile(os.path.join(d, "tasks.json")):
+            self.check_data()
+        else:
             knobs = (["--nodes", str(s.nodes)] if s.task == "chain" else
                      ["--length", str(s.length), "--alphabet", str(s.alphabet)])
             self.log(f"[data] {s.task} (hops {s.train_hops}, test {s.test_hops}, {' '.join(knobs)}) -> {d}")

@@ -245,3 +245,23 @@ def test_a_probe_is_the_arms_study_command_with_its_overrides_winning(tmp_path, 
     monkeypatch.chdir(tmp_path)
     assert probe_main(["rec", "--name", "p", "--out", str(tmp_path / "out")]) == 1
     assert "the study's data is missing" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("task", ["chain", "phop"])
+def test_data_written_for_other_settings_is_refused_not_reused(tmp_path, task):
+    """tools/make_tasks.py's tasks.json for these settings passes; one knob changed names the field."""
+    data = tmp_path / "data"
+    settings = ReasoningSettings(task=task, data_dir=str(data), train_records=20, valid_records=5, test_records=5,
+                                 length=16, test_hops=(1, 2, 3, 4), runs_dir=str(tmp_path / "runs"))
+    study = ReasoningStudy(settings)
+    knobs = ["--nodes", "12"] if task == "chain" else ["--length", "16", "--alphabet", "4"]
+    subprocess.run([*study.tool("make_tasks.py"), task, "--out", str(data), "--hops", *map(str, settings.train_hops),
+                    "--test-hops", *map(str, settings.test_hops), *knobs, "--train", "20", "--valid", "5",
+                    "--test", "5", "--seed", "1"], check=True, cwd=REPO, capture_output=True)
+    study.check_data()  # the tool's own record of exactly these settings
+    settings.train_hops = (2, 3)
+    with pytest.raises(StudyError, match=r"tasks.json was written for train_levels .* remove .*data"):
+        study.check_data()
+    settings.train_hops, settings.train_records = ReasoningSettings().train_hops, 21
+    with pytest.raises(StudyError, match="per_level"):
+        study.prepare_data()  # the data step refuses before anything is trained on the old files
