@@ -316,9 +316,12 @@ class ReasoningStudy(StudyDriver):
     def run_study(self, only: Sequence[str] = (), report_only: bool = False, readme: Optional[str] = None) -> Dict:
         from .report import write_reasoning_report
 
+        if not report_only:  # settings that cannot work, or data from other settings: before anything is written
+            self.s.check()
+            if os.path.isfile(os.path.join(self.s.data_dir, "tasks.json")):
+                self.check_data()
         os.makedirs(self.s.out_dir, exist_ok=True)
         if not report_only:
-            self.s.check()
             self.prepare_data()
             arms = [a for a in self.arms if not only or a.name in only]
             lrs = self.choose_lrs(arms)
@@ -348,8 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loops", type=int, default=4, metavar="L",
                    help="L of the arms: 1L, 1LxL, LL and rec (mean L loops); default 4")
     p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
-                   help="study settings (ReasoningSettings fields, e.g. length=256 train_hops=32 "
-                        "test_hops=32,48,64 train_iters=20000; tuples comma-separated)")
+                   help="study settings (ReasoningSettings fields, e.g. task=phop length=256 train_hops=32 "
+                        "claim_hops= test_hops=32,48,64 train_iters=20000; tuples comma-separated, "
+                        "an empty value an empty tuple)")
     p.add_argument("--override", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
                    help="trainer config overrides for every arm (e.g. model.hidden_size=256)")
     return p
