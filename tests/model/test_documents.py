@@ -88,6 +88,26 @@ def test_each_packed_document_gets_the_logits_it_gets_alone(exit_rule):
     assert (packed - plain).abs().max().item() > 1e-2  # without the mask the documents do see each other
 
 
+@pytest.mark.parametrize("injection", ["add", "diagonal"])
+def test_packed_documents_in_training_with_truncated_backprop_match_each_document_alone(injection):
+    """The recurrent recipe's training forward (no prelude, injection, a zero first state so no noise is drawn,
+    1, 3 or 7 iterations with backprop through the last 4): each packed document's logits are its logits alone."""
+    from loop_megatron.model.depth import LoopDepth
+
+    torch.manual_seed(0)
+    model = LoopGPT(model_cfg(prelude_layers=0, coda_layers=0, loop_injection=injection, loop_state_init="zeros",
+                              loop_gates="none", num_loops=4)).train()
+    ids = windows()
+    mask = DocumentLayout(EOD, True, True).mask(ids)
+    for r in (1, 3, 7):
+        depth = LoopDepth(num_loops=r, backprop_loops=4)
+        packed, _ = model(ids, attention_mask=mask, depth=depth, return_logits=True)
+        for b in range(ids.shape[0]):
+            for start, end in documents_of(ids[b]):
+                alone, _ = model(ids[b:b + 1, start:end], depth=depth, return_logits=True)
+                assert (packed[b, start:end] - alone[0]).abs().max().item() < 2e-5, (r, b, start, end)
+
+
 def test_exit_gate_objective_with_documents_is_the_sum_over_documents_alone():
     torch.manual_seed(1)
     model = LoopGPT(model_cfg(exit_gate=True, num_loops=4)).train()
