@@ -44,7 +44,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from loop_megatron.experiments.driver import StudyArm, StudyDriver, lr_run_name
+from loop_megatron.experiments.driver import StudyArm, StudyDriver, StudyError, lr_run_name
 from loop_megatron.experiments.study_cli import add_study_arguments, apply_study_arguments, run_study_main
 from loop_megatron.utils.fs import write_json
 
@@ -166,6 +166,7 @@ class Study(StudyDriver):
         d = self.s.data_dir
         if all(os.path.exists(self.prefix(src, part) + ".idx") for src in SOURCES for part in ("train", "valid", "test")) \
                 and os.path.exists(self.tokenizer_file):
+            self.check_data()
             self.log(f"[data] {d} and {self.tokenizer_file} exist; reusing them")
             return
         holdout = ["--holdout", str(self.s.holdout), "--no-progress", "--sources", *SOURCES]
@@ -182,6 +183,31 @@ class Study(StudyDriver):
         self.run([*self.tool("prepare_corpus.py"), "--out-dir", d, *holdout, "--workers", "2",
                    "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", self.s.tokenizer_dir],
                   os.path.join(d, "prepare.log"))
+
+    def check_data(self) -> None:
+        """StudyError when the data and tokenizer on disk were made with other settings (a study resumed with
+        another vocab_size or holdout would otherwise train and evaluate on them, silently): the tokenizer's
+        vocabulary must be vocab_size, and each source's valid and test shares of its documents (from the
+        datasets' .meta.json) must be the holdout fraction to within a point."""
+        import json
+
+        with open(self.tokenizer_file, encoding="utf-8") as f:
+            vocab = len(json.load(f)["model"]["vocab"])
+        problems = [] if vocab == self.s.vocab_size else [
+            f"{self.tokenizer_file} has {vocab} tokens, the settings ask for vocab_size {self.s.vocab_size}"]
+        for src in SOURCES:
+            docs = {}
+            for part in ("train", "valid", "test"):
+                with open(self.prefix(src, part) + ".meta.json", encoding="utf-8") as f:
+                    docs[part] = json.load(f)["num_documents"]
+            for part in ("valid", "test"):
+                share = docs[part] / max(1, sum(docs.values()))
+                if abs(share - self.s.holdout) > 0.01:
+                    problems.append(f"{self.prefix(src, part)} holds {share:.1%} of {src}'s documents, the settings "
+                                    f"ask for holdout {self.s.holdout:g}")
+        if problems:
+            raise StudyError(f"{problems[0]}: remove {self.s.data_dir} and {self.s.tokenizer_dir} (and the runs "
+                             "trained on them) to have them prepared again.")
 
     def train_blend(self) -> List[str]:
         """--data-path weights: each source's share of the training tokens."""

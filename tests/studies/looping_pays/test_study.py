@@ -1,4 +1,5 @@
 """The "does looping pay?" study: holdout splits, every arm's trainer command, the statistics and the report."""
+import dataclasses
 import json
 import math
 import os
@@ -321,3 +322,23 @@ def test_committed_records_rebuild_the_readme_results_unchanged(tmp_path, monkey
     assert readme.read_text(encoding="utf-8") == committed  # the compute-curve block too
     with open(os.path.join(src, "results.md"), encoding="utf-8") as f:
         assert (out / "results.md").read_text(encoding="utf-8") == f.read()
+
+
+def test_data_made_with_another_vocab_or_holdout_is_refused_not_reused(tmp_path):
+    """The data step's reuse check: the tokenizer's vocabulary and each source's held-out document shares."""
+    settings = StudySettings(data_dir=str(tmp_path / "data"), tokenizer_dir=str(tmp_path / "tok"))
+    study = Study(settings)
+    os.makedirs(settings.tokenizer_dir)
+    with open(study.tokenizer_file, "w") as f:
+        json.dump({"model": {"vocab": {str(i): i for i in range(settings.vocab_size)}}}, f)
+    os.makedirs(settings.data_dir)
+    for src in SOURCES:
+        for part, docs in (("train", 90), ("valid", 5), ("test", 5)):  # 5% each, as the default holdout
+            with open(study.prefix(src, part) + ".meta.json", "w") as f:
+                json.dump({"num_documents": docs}, f)
+    study.check_data()
+    with pytest.raises(StudyError, match=r"has 2048 tokens, the settings ask for vocab_size 4096: remove"):
+        Study(dataclasses.replace(settings, vocab_size=4096)).check_data()
+    with pytest.raises(StudyError, match=r"sotu_valid_text_document holds 5.0% of sotu's documents, the settings ask "
+                                         r"for holdout 0.1"):
+        Study(dataclasses.replace(settings, holdout=0.1)).check_data()
