@@ -21,7 +21,8 @@ stay here and in report.py.
 Steps, each skipped when its output already exists (so an interrupted study is simply started again):
   1. data: the five corpus sources with 5% of each source's documents held out for validation and 5%
      for test (tools/prepare_corpus.py --holdout), a byte-level BPE of `vocab_size` tokens trained on
-     the training documents only (tools/train_tokenizer.py), every part tokenized with it;
+     the training documents only (tools/train_tokenizer.py), every part tokenized with it (data found on
+     disk is reused only when its tokenizer has vocab_size tokens and its held-out shares match holdout);
   2. learning rate, per arm: every arm trained once per LR of `lr_grid` (one grid for all arms, seed
      `seeds[0]`); each arm's LR is the one with its lowest mean valid bits per byte over the five sources
      (chosen on the validation split only; the test split is never looked at for any choice), so no arm is

@@ -15,7 +15,8 @@ of loop_megatron.experiments. Steps:
   1. data: tools/make_tasks.py chain|phop (seeded; train and valid at the trained hop counts, test at those and
      harder ones, all prompts distinct across splits) and answer-masked datasets of train and valid
      (tools/preprocess_data.py --prompt-key prompt --answer-key answer --append-eod), so the loss counts
-     the answer letter and its end-of-document token only; the chance floor per test level (a uniform
+     the answer letter and its end-of-document token only (a data folder found on disk is reused only when
+     its tasks.json matches the settings); the chance floor per test level (a uniform
      guess among the answers each record allows) goes into settings.json;
   2. learning rate, per arm: seed `seeds[0]` trained at every LR of `lr_grid`; each run's exact-match
      accuracy on valid.jsonl at its trained depth decides (ties: the lower final valid loss). Only the
