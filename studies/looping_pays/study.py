@@ -190,17 +190,14 @@ class Study(StudyDriver):
         another vocab_size or holdout would otherwise train and evaluate on them, silently): the tokenizer's
         vocabulary must be vocab_size, and each source's valid and test shares of its documents (from the
         datasets' .meta.json) must be the holdout fraction to within a point."""
-        import json
+        from loop_megatron.experiments.records import read_json
 
-        with open(self.tokenizer_file, encoding="utf-8") as f:
-            vocab = len(json.load(f)["model"]["vocab"])
+        vocab = len(read_json(self.tokenizer_file)["model"]["vocab"])
         problems = [] if vocab == self.s.vocab_size else [
             f"{self.tokenizer_file} has {vocab} tokens, the settings ask for vocab_size {self.s.vocab_size}"]
         for src in SOURCES:
-            docs = {}
-            for part in ("train", "valid", "test"):
-                with open(self.prefix(src, part) + ".meta.json", encoding="utf-8") as f:
-                    docs[part] = json.load(f)["num_documents"]
+            docs = {part: read_json(self.prefix(src, part) + ".meta.json")["num_documents"]
+                    for part in ("train", "valid", "test")}
             for part in ("valid", "test"):
                 share = docs[part] / max(1, sum(docs.values()))
                 if abs(share - self.s.holdout) > 0.01:

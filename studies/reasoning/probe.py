@@ -13,13 +13,13 @@ its validation losses.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 from typing import List, Optional, Sequence
 
 from loop_megatron.experiments.driver import StudyError
+from loop_megatron.experiments.records import read_jsonl
 from .study import ARMS, ReasoningSettings, ReasoningStudy
 
 
@@ -37,9 +37,7 @@ def probe_command(study: ReasoningStudy, arm_name: str, name: str, lr: float, ov
 
 def valid_losses(metrics_path: str) -> List[tuple]:
     """[(iteration, valid loss)] from a run's metrics.jsonl."""
-    with open(metrics_path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [(r["iteration"], r["valid_loss"]) for r in rows if "valid_loss" in r]
+    return [(r["iteration"], r["valid_loss"]) for r in read_jsonl(metrics_path) if "valid_loss" in r]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
